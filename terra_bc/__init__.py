@@ -1,0 +1,46 @@
+"""terra_bc: imperative-symbolic co-execution (Terra) for JAX at the CPython bytecode level.
+
+The pipeline, one module per stage: ``frames`` (which frames; the C hook in ``_hook.c``)
+-> ``rewrite`` (which call sites) -> runtime -> graph -> XLA.  See docs/architecture.md.
+"""
+from __future__ import annotations
+
+import contextlib
+
+from . import _hook, frames
+from .frames import disable, enable, enabled as is_enabled, set_scope
+
+__all__ = ["enable", "disable", "enabled", "function", "stats", "reset_stats", "set_scope"]
+
+
+@contextlib.contextmanager
+def enabled(scope: str | None = None):
+    """``with terra_bc.enabled():`` runs its body (this thread) with the hook enabled."""
+    was = is_enabled()
+    if scope is not None:
+        set_scope(scope)
+    enable()
+    try:
+        yield
+    finally:
+        if not was:
+            disable()
+
+
+def function(fn):
+    """Per-function opt-in: ``fn``'s own call sites are rewritten, with or without enable()."""
+    return frames.rewrite_function(fn)
+
+
+def stats() -> dict:
+    """Counters since start (or the last reset_stats()), as a plain dict."""
+    out = {k: 0 for k in ("code_objects_rewritten", "code_objects_refused",
+                          "code_objects_left_alone", "call_sites_rewritten")}
+    out.update(frames.counts)
+    out.update(_hook.counters())
+    return out
+
+
+def reset_stats():
+    frames.counts.clear()
+    _hook.reset_counters()

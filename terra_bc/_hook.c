@@ -1,0 +1,336 @@
+/* terra_bc._hook: the PEP 523 frame hook and the call-site dispatcher.
+ *
+ * Kept as small as it can be: every decision is made in Python.  The hook asks a Python
+ * callback once per code object whether to run other code in its place, caches the answer
+ * in a code extra, and runs that code by swapping it into the frame before evaluation.
+ * A Site is the constant that rewritten call sites call: it counts and forwards the call
+ * with no Python frame of its own, so tracebacks, inspect.stack() and zero-argument
+ * super() see exactly the frames they would see without terra_bc.
+ */
+#define PY_SSIZE_T_CLEAN
+#define Py_BUILD_CORE
+#include <Python.h>
+#include <structmember.h>
+#include <internal/pycore_frame.h>
+
+#if PY_VERSION_HEX < 0x030b0000 || PY_VERSION_HEX >= 0x030e0000
+#error "terra_bc._hook supports CPython 3.11 to 3.13"
+#endif
+
+#if PY_VERSION_HEX >= 0x030d0000
+#define FRAME_CODE(f) ((PyCodeObject *)(f)->f_executable)
+#define SET_FRAME_CODE(f, co) ((f)->f_executable = (PyObject *)(co))
+#define RESET_IP(f, co) ((f)->instr_ptr = _PyCode_CODE(co))
+#else
+#define FRAME_CODE(f) ((f)->f_code)
+#define SET_FRAME_CODE(f, co) ((f)->f_code = (co))
+#define RESET_IP(f, co) ((f)->prev_instr = _PyCode_CODE(co) - 1)
+#endif
+
+#if PY_VERSION_HEX >= 0x030c0000
+#define CODE_GET_EXTRA PyUnstable_Code_GetExtra
+#define CODE_SET_EXTRA PyUnstable_Code_SetExtra
+#define REQUEST_EXTRA_INDEX PyUnstable_Eval_RequestCodeExtraIndex
+#else
+#define CODE_GET_EXTRA _PyCode_GetExtra
+#define CODE_SET_EXTRA _PyCode_SetExtra
+#define REQUEST_EXTRA_INDEX _PyEval_RequestCodeExtraIndex
+#endif
+
+#define UNTOUCHABLE (CO_GENERATOR | CO_COROUTINE | CO_ASYNC_GENERATOR | CO_ITERABLE_COROUTINE)
+
+static Py_ssize_t extra_index = -1;
+static PyObject *callback = NULL;          /* code -> replacement code or None */
+static _PyFrameEvalFunction previous = NULL;
+static int enabled_threads = 0;            /* the hook is installed while > 0 */
+static _Thread_local int thread_enabled = 0;
+static _Thread_local int in_callback = 0;
+static unsigned long long sites_executed = 0;
+static unsigned long long frames_swapped = 0;
+
+/* ------------------------------------------------------------------ Site */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *key;
+    unsigned long long count;
+} SiteObject;
+
+static PyObject *
+site_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 1) {
+        PyErr_SetString(PyExc_TypeError, "a terra_bc site needs the callee as first argument");
+        return NULL;
+    }
+    self->count++;
+    sites_executed++;
+    /* Our args[0] slot may be borrowed by the callee only if our caller lent us args[-1]. */
+    size_t offset = nargsf & PY_VECTORCALL_ARGUMENTS_OFFSET;
+    return PyObject_Vectorcall(args[0], args + 1, (size_t)(nargs - 1) | offset, kwnames);
+}
+
+static PyObject *
+site_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *key;
+    if (!PyArg_ParseTuple(args, "O:Site", &key))
+        return NULL;
+    SiteObject *self = (SiteObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = (vectorcallfunc)site_vectorcall;
+    self->key = Py_NewRef(key);
+    self->count = 0;
+    return (PyObject *)self;
+}
+
+static void
+site_dealloc(SiteObject *self)
+{
+    Py_XDECREF(self->key);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+site_repr(SiteObject *self)
+{
+    return PyUnicode_FromFormat("<terra_bc site %R count=%llu>", self->key, self->count);
+}
+
+static PyMemberDef site_members[] = {
+    {"key", T_OBJECT, offsetof(SiteObject, key), READONLY,
+     "(filename, qualname, first line, offset of the call instruction)"},
+    {"count", T_ULONGLONG, offsetof(SiteObject, count), READONLY, "calls made through this site"},
+    {NULL},
+};
+
+static PyTypeObject SiteType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "terra_bc._hook.Site",
+    .tp_basicsize = sizeof(SiteObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "A rewritten call site: Site(key)(callee, *args, **kwargs) calls callee.",
+    .tp_new = site_new,
+    .tp_dealloc = (destructor)site_dealloc,
+    .tp_repr = (reprfunc)site_repr,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(SiteObject, vectorcall),
+    .tp_members = site_members,
+};
+
+/* ------------------------------------------------------------------ frame hook */
+
+static PyObject *
+run_previous(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
+{
+    return previous(ts, frame, throwflag);
+}
+
+static void
+free_extra(void *extra)
+{
+    Py_XDECREF((PyObject *)extra);
+}
+
+/* Ask the callback about `code` once; cache a strong reference to the answer. */
+static PyObject *
+decide(PyCodeObject *code)
+{
+    in_callback = 1;
+    PyObject *answer = PyObject_CallOneArg(callback, (PyObject *)code);
+    in_callback = 0;
+    if (answer == NULL) {
+        /* The Python side catches and logs its own errors; what reaches here is
+         * KeyboardInterrupt, MemoryError and the like.  Never raise from the hook (the
+         * frame must run); re-deliver an interrupt, decide again next time. */
+        int interrupted = PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
+        PyErr_Clear();
+        if (interrupted)
+            PyErr_SetInterrupt();
+        return Py_None;
+    }
+    if (answer != Py_None) {
+        PyCodeObject *new_code = (PyCodeObject *)answer;
+        /* The swap reuses the frame as allocated for `code`: same locals, no more room. */
+        if (!PyCode_Check(answer) || new_code->co_nlocalsplus != code->co_nlocalsplus
+            || new_code->co_stacksize > code->co_stacksize) {
+            Py_SETREF(answer, Py_NewRef(Py_None));
+        }
+        else if (CODE_SET_EXTRA(answer, extra_index, Py_NewRef(Py_None)) < 0) {
+            PyErr_Clear();
+        }
+    }
+    if (CODE_SET_EXTRA((PyObject *)code, extra_index, answer) < 0) {
+        PyErr_Clear();
+        Py_DECREF(answer);
+        return Py_None;
+    }
+    return answer; /* borrowed from the code extra */
+}
+
+static PyObject *
+hook(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
+{
+    if (!thread_enabled || in_callback || throwflag || callback == NULL
+        || ts->c_tracefunc != NULL)
+        return run_previous(ts, frame, throwflag);
+    PyCodeObject *code = FRAME_CODE(frame);
+    if (!PyCode_Check(code) || (code->co_flags & UNTOUCHABLE)
+        || frame->owner != FRAME_OWNED_BY_THREAD)
+        return run_previous(ts, frame, throwflag);
+    void *extra = NULL;
+    if (CODE_GET_EXTRA((PyObject *)code, extra_index, &extra) < 0) {
+        PyErr_Clear();
+        return run_previous(ts, frame, throwflag);
+    }
+    PyObject *replacement = extra ? (PyObject *)extra : decide(code);
+    if (replacement == Py_None)
+        return run_previous(ts, frame, throwflag);
+    /* No instruction of the frame has run yet: swap the code and start from its top.  The
+     * frame holds a strong reference to its code; the function keeps the original alive. */
+    SET_FRAME_CODE(frame, (PyCodeObject *)Py_NewRef(replacement));
+    RESET_IP(frame, (PyCodeObject *)replacement);
+    Py_DECREF(code);
+    frames_swapped++;
+    return run_previous(ts, frame, throwflag);
+}
+
+static void
+install(void)
+{
+    PyInterpreterState *interp = PyInterpreterState_Get();
+    _PyFrameEvalFunction current = _PyInterpreterState_GetEvalFrameFunc(interp);
+    if (current == hook)
+        return;
+    previous = current;
+    _PyInterpreterState_SetEvalFrameFunc(interp, hook);
+}
+
+static void
+uninstall(void)
+{
+    PyInterpreterState *interp = PyInterpreterState_Get();
+    /* If someone chained on top of us, stay installed: we pass through when disabled. */
+    if (_PyInterpreterState_GetEvalFrameFunc(interp) == hook)
+        _PyInterpreterState_SetEvalFrameFunc(interp, previous);
+}
+
+/* ------------------------------------------------------------------ module functions */
+
+static PyObject *
+set_callback(PyObject *mod, PyObject *fn)
+{
+    if (fn != Py_None && !PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "callback must be callable or None");
+        return NULL;
+    }
+    Py_XSETREF(callback, fn == Py_None ? NULL : Py_NewRef(fn));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+enable_thread(PyObject *mod, PyObject *unused)
+{
+    if (!thread_enabled) {
+        thread_enabled = 1;
+        if (enabled_threads++ == 0)
+            install();
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+disable_thread(PyObject *mod, PyObject *unused)
+{
+    if (thread_enabled) {
+        thread_enabled = 0;
+        if (--enabled_threads == 0)
+            uninstall();
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+is_thread_enabled(PyObject *mod, PyObject *unused)
+{
+    return PyBool_FromLong(thread_enabled);
+}
+
+static PyObject *
+is_installed(PyObject *mod, PyObject *unused)
+{
+    return PyBool_FromLong(_PyInterpreterState_GetEvalFrameFunc(PyInterpreterState_Get()) == hook);
+}
+
+static PyObject *
+cached_decision(PyObject *mod, PyObject *code)
+{
+    if (!PyCode_Check(code)) {
+        PyErr_SetString(PyExc_TypeError, "expected a code object");
+        return NULL;
+    }
+    void *extra = NULL;
+    if (CODE_GET_EXTRA(code, extra_index, &extra) < 0)
+        return NULL;
+    if (extra == NULL)
+        return Py_NewRef(Py_Ellipsis); /* not decided yet */
+    return Py_NewRef((PyObject *)extra);
+}
+
+static PyObject *
+counters(PyObject *mod, PyObject *unused)
+{
+    return Py_BuildValue("{sKsK}", "sites_executed", sites_executed,
+                         "frames_swapped", frames_swapped);
+}
+
+static PyObject *
+reset_counters(PyObject *mod, PyObject *unused)
+{
+    sites_executed = frames_swapped = 0;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"set_callback", set_callback, METH_O,
+     "set_callback(fn): fn(code) -> replacement code or None, asked once per code object."},
+    {"enable_thread", enable_thread, METH_NOARGS, "Enable the hook for the calling thread."},
+    {"disable_thread", disable_thread, METH_NOARGS, "Disable the hook for the calling thread."},
+    {"thread_enabled", is_thread_enabled, METH_NOARGS, "Is the hook enabled for this thread?"},
+    {"installed", is_installed, METH_NOARGS, "Is the hook the interpreter's eval function?"},
+    {"cached_decision", cached_decision, METH_O,
+     "The cached answer for a code object: replacement, None, or Ellipsis if undecided."},
+    {"counters", counters, METH_NOARGS, "C-side counters as a dict."},
+    {"reset_counters", reset_counters, METH_NOARGS, "Zero the C-side counters."},
+    {NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "terra_bc._hook", "PEP 523 frame hook and call-site dispatcher.",
+    -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__hook(void)
+{
+    if (PyType_Ready(&SiteType) < 0)
+        return NULL;
+    if (extra_index < 0) {
+        extra_index = REQUEST_EXTRA_INDEX(free_extra);
+        if (extra_index < 0) {
+            PyErr_SetString(PyExc_RuntimeError, "no code extra index left");
+            return NULL;
+        }
+    }
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Site", (PyObject *)&SiteType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

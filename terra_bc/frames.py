@@ -1,0 +1,122 @@
+"""Stage 1 of the pipeline: which frames run rewritten code.
+
+The C hook (``_hook.c``) asks ``choose(code)`` once per code object and caches the answer on
+the code object; everything decided here is plain Python.  Errors never reach the user's
+program: a code object we cannot rewrite runs as it is, and the reason is logged once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import site
+import sys
+import sysconfig
+import threading
+import weakref
+from collections import Counter
+
+from . import _hook
+from .rewrite import GENERATOR_FLAGS, Unsupported, rewrite
+
+log = logging.getLogger("terra_bc")
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+SCOPES = ("user", "all")
+
+counts = Counter()             # code objects rewritten / refused / out of scope, call sites
+_rewritten = weakref.WeakSet()  # code objects we made: never rewrite them again
+_state = threading.local()
+_scope = "user"
+
+
+def _library_dirs():
+    paths = sysconfig.get_paths()
+    dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    dirs.update(getattr(site, "getsitepackages", lambda: [])())
+    dirs.add(site.getusersitepackages() if hasattr(site, "getusersitepackages") else "")
+    return tuple(os.path.realpath(d) + os.sep for d in dirs if d)
+
+
+LIBRARY_DIRS = _library_dirs()
+
+
+def in_scope(code, scope):
+    """Is ``code`` eligible for rewriting under ``scope``?  terra_bc's own code never is."""
+    filename = code.co_filename
+    if filename.startswith(PACKAGE_DIR) or code in _rewritten:
+        return False
+    if scope == "all":
+        return True
+    if filename.startswith("<frozen "):
+        return False
+    if filename.startswith("<"):
+        return True  # <string>, <stdin>, notebooks' cells: user code
+    real = os.path.realpath(filename)
+    return not real.startswith(LIBRARY_DIRS)
+
+
+def transform(code):
+    """The rewritten code for ``code``, or None to leave it alone.  Never raises."""
+    try:
+        if code.co_flags & GENERATOR_FLAGS or not in_scope(code, _scope):
+            counts["code_objects_left_alone"] += 1
+            return None
+        result = rewrite(code)
+    except Unsupported as e:
+        counts["code_objects_refused"] += 1
+        log.debug("terra_bc leaves %s (%s:%d) unmodified: %s",
+                  code.co_qualname, code.co_filename, code.co_firstlineno, e)
+        return None
+    except Exception:  # a bug of ours must never break the user's program
+        counts["code_objects_refused"] += 1
+        log.warning("terra_bc could not rewrite %s (%s:%d); it runs unmodified",
+                    code.co_qualname, code.co_filename, code.co_firstlineno, exc_info=True)
+        return None
+    if result is None:
+        counts["code_objects_left_alone"] += 1
+        return None
+    _rewritten.add(result.code)
+    counts["code_objects_rewritten"] += 1
+    counts["call_sites_rewritten"] += len(result.sites)
+    return result.code
+
+
+_hook.set_callback(transform)
+
+
+def set_scope(scope):
+    """Choose the scope for code objects not yet seen (decisions are cached per code)."""
+    global _scope
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
+    _scope = scope
+
+
+def enable():
+    """Run rewritten code in the calling thread's frames from now on."""
+    _hook.enable_thread()
+
+
+def disable():
+    """Stop rewriting in the calling thread; the hook is uninstalled once no thread uses it."""
+    _hook.disable_thread()
+
+
+def enabled():
+    return _hook.thread_enabled()
+
+
+def rewrite_function(fn):
+    """A copy of ``fn`` whose own code is rewritten (``fn`` itself if that is not possible)."""
+    new_code = transform(fn.__code__) if in_scope(fn.__code__, "all") else None
+    if new_code is None:
+        return fn
+    new = type(fn)(new_code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__ = fn.__qualname__
+    new.__doc__ = fn.__doc__
+    new.__module__ = fn.__module__
+    new.__annotations__ = fn.__annotations__
+    new.__dict__.update(fn.__dict__)
+    new.__wrapped__ = fn
+    return new

@@ -1,0 +1,326 @@
+"""Stage 2 of the pipeline: rewrite the call sites of one code object.
+
+Every call ``f(a, b)`` becomes ``site(f, a, b)``, where ``site`` is a ``Site`` constant
+(a C object, see ``_hook.c``) that counts the call and forwards it with no Python frame
+of its own.  The trick that keeps the rewrite local and the stack depth unchanged: CPython
+3.11-3.13 push a pair before the arguments of a call, ``[NULL, callable]`` (3.11/3.12),
+``[callable, NULL]`` (3.13) or a method pair ``[method, self]``.  We find the instruction
+that pushes that pair and make it push ``[site, callable]`` instead; ``CALL`` then calls
+``site(callable, *args)``.  ``CALL_FUNCTION_EX`` ignores its NULL slot, so there we rebuild
+the positional tuple as ``[callable, *args]`` and put the site in the callable's slot.
+
+The result is checked against the original (exception table, positions, locals layout,
+stack size) and refused on any difference: a refused code object runs unmodified.
+"""
+from __future__ import annotations
+
+import dis
+import inspect
+import sys
+import types
+from dataclasses import dataclass
+
+from bytecode import Bytecode, Instr, Label, TryBegin
+from bytecode.concrete import _ConvertBytecodeToConcrete
+
+from ._hook import Site
+
+PY313 = sys.version_info >= (3, 13)
+PY311 = sys.version_info < (3, 12)
+# Consumers of a call pair; 3.11 reads its layout at PRECALL (CALL then only pops the pair).
+CALL_OPS = {"PRECALL"} if PY311 else {"CALL", "CALL_KW"}
+GENERATOR_FLAGS = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
+
+
+class Unsupported(Exception):
+    """This code object cannot be rewritten faithfully; it must run unmodified."""
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    code: types.CodeType
+    sites: tuple  # the Site objects, in bytecode order
+
+
+def rewrite(code: types.CodeType) -> Rewritten | None:
+    """Return the rewritten code, or None when ``code`` has no call site to rewrite.
+
+    Raises Unsupported when the code cannot be rewritten faithfully.
+    """
+    if code.co_flags & GENERATOR_FLAGS:
+        raise Unsupported("generator and coroutine frames are resumed: their code stays as is")
+    bc = Bytecode.from_code(code)
+    offsets = _instr_offsets(code, bc)
+    _restore_handler_depths(code, bc, offsets)
+    pairs = _pair_calls(bc)
+    if not pairs:
+        return None
+    new_bc, expansion, sites = _apply(code, bc, pairs, offsets)
+    new_code = _assemble(code, new_bc)
+    _verify(code, new_code, expansion)
+    return Rewritten(new_code, tuple(sites))
+
+
+# ---------------------------------------------------------------- analysis
+
+def _instr_offsets(code, bc):
+    """Byte offset of each abstract Instr of ``bc`` in ``code`` (aligned by opname)."""
+    real = [i for i in dis.get_instructions(code) if i.opname != "EXTENDED_ARG"]
+    instrs = [i for i in bc if isinstance(i, Instr)]
+    if [i.opname for i in real] != [i.name for i in instrs]:
+        raise Unsupported("bytecode's instruction list does not align with the code")
+    return {id(ins): r.offset for ins, r in zip(instrs, real)}
+
+
+def _restore_handler_depths(code, bc, offsets):
+    """Set each TryBegin's stack depth from the original exception table.
+
+    ``Bytecode.from_code`` leaves them unset, and recomputing them is not faithful for some
+    handlers (see DESIGN.md); our rewrite never changes a depth, so the original ones hold.
+    """
+    depth_at = {e.target: (e.depth, e.lasti) for e in dis._parse_exception_table(code)}
+    items = list(bc)
+    for n, item in enumerate(items):
+        if isinstance(item, TryBegin):
+            label = items.index(item.target)
+            target = next(i for i in items[label:] if isinstance(i, Instr))
+            depth, lasti = depth_at[offsets[id(target)]]
+            if bool(lasti) != bool(item.push_lasti):
+                raise Unsupported("handler lasti flag disagrees with the exception table")
+            item.stack_depth = depth
+
+
+def _null_slot_pushed(instr):
+    """How far below the top ``instr`` leaves a call pair's NULL/method slot (None: not a producer)."""
+    name, arg = instr.name, instr.arg
+    if name == "PUSH_NULL":
+        return 1
+    if name == "LOAD_METHOD":
+        return 2
+    if name in ("LOAD_GLOBAL", "LOAD_ATTR", "LOAD_SUPER_ATTR") and isinstance(arg, tuple) and arg[0]:
+        return 1 if PY313 else 2
+    return None
+
+
+def _null_slot_depth(instr):
+    """How far below the top a call consumer finds its NULL/method slot (None: not a consumer)."""
+    name, arg = instr.name, instr.arg
+    if name in CALL_OPS:
+        return arg + (2 if name == "CALL_KW" else 1) + (0 if PY313 else 1)
+    if name == "CALL_FUNCTION_EX":
+        return (2 if PY313 else 3) + (arg & 1)
+    return None
+
+
+def _pair_calls(bc):
+    """Map each call consumer to the instruction that pushed its NULL/method slot.
+
+    An abstract interpretation over the linear instruction list: the state is the stack
+    with each slot tagged by the instruction that pushed a call pair's NULL/method slot
+    (or None).  Consumers whose slot is not a single, well-known producer are left alone.
+    """
+    items = list(bc)
+    label_at = {id(x): n for n, x in enumerate(items) if isinstance(x, Label)}
+    states = {0: ()}
+    work = [0]
+    seen = {}   # consumer index -> producer Instr (None: ambiguous)
+    bad = set()
+
+    def flow(n, stack):
+        old = states.get(n)
+        if old is None:
+            states[n] = stack
+            work.append(n)
+        elif old != stack:
+            if len(old) != len(stack):
+                raise Unsupported("stack depth differs between paths")
+            merged = tuple(a if a is b else None for a, b in zip(old, stack))
+            bad.update(id(t) for a, b in zip(old, stack) if a is not b for t in (a, b) if t)
+            if merged != old:
+                states[n] = merged
+                work.append(n)
+
+    while work:
+        n = work.pop()
+        stack = list(states[n])
+        item = items[n]
+        if isinstance(item, TryBegin):
+            handler = stack[: item.stack_depth] + [None] * (1 + item.push_lasti)
+            flow(label_at[id(item.target)], tuple(handler))
+        if not isinstance(item, Instr):
+            if n + 1 < len(items):
+                flow(n + 1, tuple(stack))
+            continue
+        depth = _null_slot_depth(item)
+        if depth is not None:
+            producer = stack[-depth] if depth <= len(stack) else None
+            if n in seen and seen[n] is not producer:
+                producer = None
+            seen[n] = producer
+        if item.has_jump():
+            flow(label_at[id(item.arg)], tuple(_step(item, stack, jump=True)))
+        if not (item.is_uncond_jump() or item.is_final()) and n + 1 < len(items):
+            flow(n + 1, tuple(_step(item, stack, jump=False)))
+
+    consumers = {}  # producer id -> consumer indices
+    for n, producer in seen.items():
+        if producer is None or id(producer) in bad:
+            continue
+        if items[n].name == "CALL_FUNCTION_EX" and producer.name not in ("PUSH_NULL", "LOAD_GLOBAL"):
+            continue
+        consumers.setdefault(id(producer), (producer, []))[1].append(n)
+    # A producer feeding two consumers (never emitted by CPython) is left alone.
+    return {ns[0]: producer for producer, ns in consumers.values() if len(ns) == 1}
+
+
+def _step(instr, stack, jump):
+    name = instr.name
+    if name == "SWAP":
+        stack = list(stack)
+        stack[-1], stack[-instr.arg] = stack[-instr.arg], stack[-1]
+        return stack
+    if name == "COPY":
+        return list(stack) + [None]
+    stack = list(stack)
+    for effect in instr.pre_and_post_stack_effect(jump):  # applied in turn: pops < 0 < pushes
+        if -effect > len(stack):
+            raise Unsupported(f"stack underflow at {name}")
+        stack = stack[: len(stack) + effect] if effect < 0 else stack + [None] * effect
+    depth = _null_slot_pushed(instr)
+    if depth is not None:
+        stack[-depth] = instr
+    return stack
+
+
+# ---------------------------------------------------------------- transformation
+
+def _site_key(code, offset):
+    return (code.co_filename, code.co_qualname, code.co_firstlineno, offset)
+
+
+def _producer_replacement(instr, site):
+    """Instructions that push ``[site, callable]`` where ``instr`` pushed its call pair."""
+    loc = instr.location
+    load_site = [Instr("LOAD_CONST", site, location=loc), Instr("SWAP", 2, location=loc)]
+    name, arg = instr.name, instr.arg
+    if name == "PUSH_NULL":
+        # 3.11/3.12 push NULL before the callable, 3.13 after it.
+        return load_site if PY313 else [Instr("LOAD_CONST", site, location=loc)]
+    if name == "LOAD_METHOD":
+        plain = Instr("LOAD_ATTR", arg, location=loc)
+    else:
+        plain = Instr(name, (False,) + tuple(arg[1:]), location=loc)
+    return [plain] + load_site
+
+
+def _ex_replacement(instr, site):
+    """Before CALL_FUNCTION_EX: turn ``f, args`` into ``site, [f, *args]`` (NULL slot kept)."""
+    loc = instr.location
+    kw = instr.arg & 1
+    # Depth of the callable below the top: [.., f, (NULL,) args, (kw)].
+    f_depth = (3 if PY313 else 2) + kw
+    seq = [("SWAP", f_depth), ("BUILD_LIST", 1)]
+    if PY313 and not kw:
+        # [f, NULL, a] -> [a, NULL, [f]] -> [[f], NULL, a] -> LIST_EXTEND 2 -> [L, NULL]
+        seq += [("SWAP", 3), ("LIST_EXTEND", 2), ("LOAD_CONST", site), ("SWAP", 3)]
+    else:
+        # [.., a, [f]] -> [.., [f], a] -> LIST_EXTEND 1 -> [.., L] ; put the site where f was.
+        seq += [("SWAP", 2), ("LIST_EXTEND", 1), ("LOAD_CONST", site), ("SWAP", f_depth)]
+    return [Instr(op, a, location=loc) for op, a in seq] + [instr]
+
+
+def _apply(code, bc, pairs, offsets):
+    items = list(bc)
+    replace = {}
+    sites = []
+    for n, producer in sorted(pairs.items()):
+        consumer = items[n]
+        site = Site(_site_key(code, offsets[id(consumer)]))
+        sites.append(site)
+        if consumer.name == "CALL_FUNCTION_EX":
+            replace[id(consumer)] = _ex_replacement(consumer, site)
+        else:
+            replace[id(producer)] = _producer_replacement(producer, site)
+    new = bc.copy()
+    new.clear()
+    expansion = []  # for each original Instr, how many Instrs it became
+    for item in items:
+        out = replace.get(id(item), [item])
+        new.extend(out)
+        if isinstance(item, Instr):
+            expansion.append(len(out))
+    return new, expansion, sites
+
+
+def _assemble(code, bc):
+    """``bc.to_code()``, but keeping the original order of local names and the stack size.
+
+    bytecode numbers locals by first use; CPython by declaration.  The frame swap needs the
+    same locals layout, so we seed the converter with the original names.
+    """
+    converter = _ConvertBytecodeToConcrete(bc)
+    for name in code.co_varnames:
+        converter.add_varname(name)
+    concrete = converter.to_concrete_bytecode(compute_exception_stack_depths=False)
+    return concrete.to_code(stacksize=code.co_stacksize, compute_exception_stack_depths=False)
+
+
+# ---------------------------------------------------------------- verification
+
+_SAME = ("co_argcount", "co_posonlyargcount", "co_kwonlyargcount", "co_flags", "co_nlocals",
+         "co_varnames", "co_cellvars", "co_freevars", "co_name", "co_qualname",
+         "co_filename", "co_firstlineno", "co_stacksize")
+
+
+def _verify(old, new, expansion):
+    for attr in _SAME:
+        if getattr(old, attr) != getattr(new, attr):
+            raise Unsupported(f"{attr} changed")
+    old_units, new_units = _units(old), _units(new)
+    if len(old_units) != len(expansion) or len(new_units) != sum(expansion):
+        raise Unsupported("instruction count mismatch")
+    first_new = [0]
+    for k in expansion:
+        first_new.append(first_new[-1] + k)
+    old_handlers, new_handlers = _handlers(old, old_units), _handlers(new, new_units)
+    old_pos, new_pos = _positions(old, old_units), _positions(new, new_units)
+    for i, k in enumerate(expansion):
+        want = old_handlers[i]
+        if want is not None:
+            want = (first_new[want[0]],) + want[1:]
+        for j in range(first_new[i], first_new[i] + k):
+            if new_handlers[j] != want:
+                raise Unsupported(f"exception handler of instruction {i} changed")
+            if new_pos[j] != old_pos[i]:
+                raise Unsupported(f"position of instruction {i} changed")
+
+
+def _units(code):
+    """Offsets of the real instructions (no CACHE, no EXTENDED_ARG) of ``code``."""
+    return [i.offset for i in dis.get_instructions(code) if i.opname != "EXTENDED_ARG"]
+
+
+def _index_of_offset(units):
+    """Map any byte offset inside an instruction (or its EXTENDED_ARG prefix) to its index."""
+    index, k = {}, 0
+    for off in range(0, units[-1] + 2, 2):
+        while k < len(units) and units[k] < off:
+            k += 1
+        index[off] = k
+    return index
+
+
+def _handlers(code, units):
+    index = _index_of_offset(units)
+    out = [None] * len(units)
+    for e in dis._parse_exception_table(code):
+        for off in range(e.start, e.end, 2):
+            k = index.get(off)
+            if k is not None and k < len(units) and units[k] == off:
+                out[k] = (index[e.target], e.depth, e.lasti)
+    return out
+
+
+def _positions(code, units):
+    positions = list(code.co_positions())
+    return [positions[off // 2] for off in units]
