@@ -55,6 +55,7 @@ typedef struct {
     vectorcallfunc vectorcall;
     PyObject *key;
     unsigned long long count;
+    int unpacking; /* called as site(callee, args[, kwargs]) for f(*args, **kwargs) */
 } SiteObject;
 
 static PyObject *
@@ -72,16 +73,51 @@ site_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf, PyObject
     return PyObject_Vectorcall(args[0], args + 1, (size_t)(nargs - 1) | offset, kwnames);
 }
 
+/* The site of a call with * or ** arguments: site(callee, args_iterable[, kwargs_dict]).
+ * Raises what CALL_FUNCTION_EX raises for a non-iterable: "f() argument after * must be ...". */
+static PyObject *
+site_unpacking_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs < 2 || nargs > 3 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "a terra_bc unpacking site takes (callee, args[, kwargs])");
+        return NULL;
+    }
+    self->count++;
+    sites_executed++;
+    PyObject *callee = args[0], *positional = args[1], *keywords = nargs == 3 ? args[2] : NULL;
+    if (PyTuple_CheckExact(positional))
+        return PyObject_Call(callee, positional, keywords);
+    if (Py_TYPE(positional)->tp_iter == NULL && !PySequence_Check(positional)) {
+        PyObject *name = _PyObject_FunctionStr(callee);
+        if (name != NULL) {
+            PyErr_Format(PyExc_TypeError, "%U argument after * must be an iterable, not %.200s",
+                         name, Py_TYPE(positional)->tp_name);
+            Py_DECREF(name);
+        }
+        return NULL;
+    }
+    PyObject *tuple = PySequence_Tuple(positional);
+    if (tuple == NULL)
+        return NULL;
+    PyObject *result = PyObject_Call(callee, tuple, keywords);
+    Py_DECREF(tuple);
+    return result;
+}
+
 static PyObject *
 site_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
+    static char *kwlist[] = {"key", "unpacking", NULL};
     PyObject *key;
-    if (!PyArg_ParseTuple(args, "O:Site", &key))
+    int unpacking = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p:Site", kwlist, &key, &unpacking))
         return NULL;
     SiteObject *self = (SiteObject *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
-    self->vectorcall = (vectorcallfunc)site_vectorcall;
+    self->vectorcall = (vectorcallfunc)(unpacking ? site_unpacking_vectorcall : site_vectorcall);
+    self->unpacking = unpacking;
     self->key = Py_NewRef(key);
     self->count = 0;
     return (PyObject *)self;
@@ -104,6 +140,8 @@ static PyMemberDef site_members[] = {
     {"key", T_OBJECT, offsetof(SiteObject, key), READONLY,
      "(filename, qualname, first line, offset of the call instruction)"},
     {"count", T_ULONGLONG, offsetof(SiteObject, count), READONLY, "calls made through this site"},
+    {"unpacking", T_INT, offsetof(SiteObject, unpacking), READONLY,
+     "true for f(*args, **kwargs) sites, called as site(f, args[, kwargs])"},
     {NULL},
 };
 
@@ -112,7 +150,7 @@ static PyTypeObject SiteType = {
     .tp_name = "terra_bc._hook.Site",
     .tp_basicsize = sizeof(SiteObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_doc = "A rewritten call site: Site(key)(callee, *args, **kwargs) calls callee.",
+    .tp_doc = "A rewritten call site: Site(key)(callee, *args, **kwargs) calls callee(*args, **kwargs).",
     .tp_new = site_new,
     .tp_dealloc = (destructor)site_dealloc,
     .tp_repr = (reprfunc)site_repr,

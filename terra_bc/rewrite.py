@@ -6,8 +6,8 @@ of its own.  The trick that keeps the rewrite local and the stack depth unchange
 3.11-3.13 push a pair before the arguments of a call, ``[NULL, callable]`` (3.11/3.12),
 ``[callable, NULL]`` (3.13) or a method pair ``[method, self]``.  We find the instruction
 that pushes that pair and make it push ``[site, callable]`` instead; ``CALL`` then calls
-``site(callable, *args)``.  ``CALL_FUNCTION_EX`` ignores its NULL slot, so there we rebuild
-the positional tuple as ``[callable, *args]`` and put the site in the callable's slot.
+``site(callable, *args)``.  A call with ``*``/``**`` (``CALL_FUNCTION_EX``) gets an
+"unpacking" site and becomes the plain call ``site(callable, args[, kwargs])``.
 
 The result is checked against the original (exception table, positions, locals layout,
 stack size) and refused on any difference: a refused code object runs unmodified.
@@ -198,14 +198,20 @@ def _site_key(code, offset):
     return (code.co_filename, code.co_qualname, code.co_firstlineno, offset)
 
 
-def _producer_replacement(instr, site):
-    """Instructions that push ``[site, callable]`` where ``instr`` pushed its call pair."""
+def _producer_replacement(instr, site, unpacking):
+    """Instructions that push ``[site, callable]`` where ``instr`` pushed its call pair.
+
+    On 3.13 an unpacking site is pushed as ``[callable, site]`` and the two are exchanged
+    only at the call: DICT_MERGE finds the callable there to name it in its error message.
+    """
     loc = instr.location
-    load_site = [Instr("LOAD_CONST", site, location=loc), Instr("SWAP", 2, location=loc)]
+    load_site = [Instr("LOAD_CONST", site, location=loc)]
+    if not (unpacking and PY313):
+        load_site.append(Instr("SWAP", 2, location=loc))
     name, arg = instr.name, instr.arg
     if name == "PUSH_NULL":
         # 3.11/3.12 push NULL before the callable, 3.13 after it.
-        return load_site if PY313 else [Instr("LOAD_CONST", site, location=loc)]
+        return load_site if PY313 else load_site[:1]
     if name == "LOAD_METHOD":
         plain = Instr("LOAD_ATTR", arg, location=loc)
     else:
@@ -213,20 +219,16 @@ def _producer_replacement(instr, site):
     return [plain] + load_site
 
 
-def _ex_replacement(instr, site):
-    """Before CALL_FUNCTION_EX: turn ``f, args`` into ``site, [f, *args]`` (NULL slot kept)."""
+def _unpacking_call(instr):
+    """``CALL_FUNCTION_EX k`` becomes a plain call of the site: ``site(f, args[, kwargs])``."""
+    n = 1 + (instr.arg & 1)
     loc = instr.location
-    kw = instr.arg & 1
-    # Depth of the callable below the top: [.., f, (NULL,) args, (kw)].
-    f_depth = (3 if PY313 else 2) + kw
-    seq = [("SWAP", f_depth), ("BUILD_LIST", 1)]
-    if PY313 and not kw:
-        # [f, NULL, a] -> [a, NULL, [f]] -> [[f], NULL, a] -> LIST_EXTEND 2 -> [L, NULL]
-        seq += [("SWAP", 3), ("LIST_EXTEND", 2), ("LOAD_CONST", site), ("SWAP", 3)]
-    else:
-        # [.., a, [f]] -> [.., [f], a] -> LIST_EXTEND 1 -> [.., L] ; put the site where f was.
-        seq += [("SWAP", 2), ("LIST_EXTEND", 1), ("LOAD_CONST", site), ("SWAP", f_depth)]
-    return [Instr(op, a, location=loc) for op, a in seq] + [instr]
+    exchange = []
+    if PY313:  # [f, site, args(, kw)] -> [site, f, args(, kw)], three swaps through the top
+        exchange = [Instr("SWAP", n + 2, location=loc), Instr("SWAP", n + 1, location=loc),
+                    Instr("SWAP", n + 2, location=loc)]
+    call = [Instr("CALL", n, location=loc)]
+    return exchange + ([Instr("PRECALL", n, location=loc)] + call if PY311 else call)
 
 
 def _apply(code, bc, pairs, offsets):
@@ -235,12 +237,12 @@ def _apply(code, bc, pairs, offsets):
     sites = []
     for n, producer in sorted(pairs.items()):
         consumer = items[n]
-        site = Site(_site_key(code, offsets[id(consumer)]))
+        unpacking = consumer.name == "CALL_FUNCTION_EX"
+        site = Site(_site_key(code, offsets[id(consumer)]), unpacking=unpacking)
         sites.append(site)
-        if consumer.name == "CALL_FUNCTION_EX":
-            replace[id(consumer)] = _ex_replacement(consumer, site)
-        else:
-            replace[id(producer)] = _producer_replacement(producer, site)
+        replace[id(producer)] = _producer_replacement(producer, site, unpacking)
+        if unpacking:
+            replace[id(consumer)] = _unpacking_call(consumer)
     new = bc.copy()
     new.clear()
     expansion = []  # for each original Instr, how many Instrs it became

@@ -1,0 +1,122 @@
+"""``python -m terra_bc [--scope user|all] [--stats] [--off] (script.py | -m module) [args]``
+
+Behaves as ``python script.py`` / ``python -m module`` would: same ``sys.argv``,
+``sys.path[0]``, ``__main__`` module, exit codes and tracebacks (which start at the user's
+code, not here), with the frame hook enabled unless ``--off`` (for A/B comparisons).
+"""
+from __future__ import annotations
+
+import atexit
+import io
+import json
+import os
+import runpy
+import signal
+import sys
+import types
+
+USAGE = "usage: python -m terra_bc [--scope user|all] [--stats] [--off] (script.py | -m module) [args ...]"
+
+
+def parse(argv):
+    opts = {"scope": "user", "stats": False, "off": False}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(USAGE)
+            sys.exit(0)
+        if arg == "--stats":
+            opts["stats"] = True
+        elif arg == "--off":
+            opts["off"] = True
+        elif arg == "--scope" or arg.startswith("--scope="):
+            value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += "=" not in arg
+            if value not in ("user", "all"):
+                _usage_error(f"--scope must be 'user' or 'all', not {value!r}")
+            opts["scope"] = value
+        elif arg == "-m":
+            if i + 1 >= len(argv):
+                _usage_error("-m needs a module name")
+            return opts, ("module", argv[i + 1]), argv[i + 2:]
+        elif arg.startswith("-"):
+            _usage_error(f"unknown option {arg!r}")
+        else:
+            return opts, ("script", arg), argv[i + 1:]
+        i += 1
+    _usage_error("no script or -m module given")
+
+
+def _usage_error(message):
+    print(f"{USAGE}\nterra_bc: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_script(path, args):
+    """Run ``path`` as ``__main__`` the way the interpreter runs a script file."""
+    try:
+        with io.open_code(path) as f:
+            source = f.read()
+    except OSError as e:
+        print(f"{sys.executable}: can't open file {os.path.abspath(path)!r}: [Errno {e.errno}] {e.strerror}",
+              file=sys.stderr)
+        sys.exit(2)
+    sys.argv[:] = [path, *args]
+    sys.path[0] = os.path.dirname(os.path.realpath(path))
+    main = types.ModuleType("__main__")
+    main.__dict__.update(__file__=path, __cached__=None, __builtins__=__builtins__)
+    sys.modules["__main__"] = main
+    code = compile(source, path, "exec", dont_inherit=True)
+    return code, main.__dict__
+
+
+def print_stats():
+    import terra_bc
+    print("terra_bc stats: " + json.dumps(terra_bc.stats(), sort_keys=True), file=sys.stderr, flush=True)
+
+
+def _user_traceback(tb):
+    """Drop terra_bc's own frames from the front of a traceback, as if the user's code ran first."""
+    from terra_bc.frames import PACKAGE_DIR
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(PACKAGE_DIR):
+        tb = tb.tb_next
+    return tb
+
+
+def main(argv):
+    opts, (kind, target), args = parse(argv)
+    import terra_bc
+
+    if opts["stats"]:
+        atexit.register(print_stats)  # registered first, so it runs after the user's handlers
+    terra_bc.set_scope(opts["scope"])
+    if kind == "script":
+        code, namespace = run_script(target, args)
+    else:
+        sys.argv[:] = [target, *args]  # runpy puts the module's path in argv[0]
+        sys.path[0] = os.getcwd()
+    if not opts["off"]:
+        terra_bc.enable()
+    try:
+        if kind == "script":
+            exec(code, namespace)
+        else:
+            runpy._run_module_as_main(target, alter_argv=True)
+    except SystemExit:
+        raise
+    except BaseException as e:
+        terra_bc.disable()
+        e.__traceback__ = _user_traceback(e.__traceback__) or e.__traceback__
+        sys.excepthook(type(e), e, e.__traceback__)
+        if isinstance(e, KeyboardInterrupt):
+            # As the interpreter does: finish, then die of SIGINT so the parent sees it.
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
