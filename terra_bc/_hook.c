@@ -12,6 +12,7 @@
 #include <Python.h>
 #include <structmember.h>
 #include <internal/pycore_frame.h>
+#include <pthread.h>
 
 #if PY_VERSION_HEX < 0x030b0000 || PY_VERSION_HEX >= 0x030e0000
 #error "terra_bc._hook supports CPython 3.11 to 3.13"
@@ -161,10 +162,54 @@ static PyTypeObject SiteType = {
 
 /* ------------------------------------------------------------------ frame hook */
 
+/* With any eval hook installed, CPython stops inlining Python-to-Python calls: each call
+ * then enters the C evaluator, which 3.12+ charges as C recursion (2 units).  We refund
+ * those units so Python recursion reaches the same depth as without the hook, and guard
+ * the real C stack ourselves so a deep recursion raises RecursionError, never overflows. */
+#if PY_VERSION_HEX >= 0x030c0000
+#define EVAL_C_UNITS 2
+#else
+#define EVAL_C_UNITS 0 /* 3.11 counts Python frames and C calls in one counter: no change */
+#endif
+#define STACK_MARGIN (256 * 1024)
+static _Thread_local char *stack_low = NULL; /* lowest address of this thread's stack */
+
+static int
+stack_nearly_exhausted(void)
+{
+    char here;
+    if (stack_low == NULL) {
+        pthread_attr_t attr;
+        void *addr = NULL;
+        size_t size = 0;
+        stack_low = (char *)1; /* unknown bounds: never trip */
+        if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+            if (pthread_attr_getstack(&attr, &addr, &size) == 0 && addr != NULL)
+                stack_low = (char *)addr;
+            pthread_attr_destroy(&attr);
+        }
+    }
+    return &here > stack_low && (size_t)(&here - stack_low) < STACK_MARGIN;
+}
+
 static PyObject *
 run_previous(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
 {
+    if (!throwflag && stack_nearly_exhausted()) {
+        /* The frame must still be run (and so cleared) by the evaluator: enter it with
+         * throwflag set, as generator.throw() does, so it unwinds at once. */
+        PyErr_SetString(PyExc_RecursionError,
+                        "maximum recursion depth exceeded (C stack nearly exhausted)");
+        return previous(ts, frame, 1);
+    }
+#if EVAL_C_UNITS
+    ts->c_recursion_remaining += EVAL_C_UNITS;
+    PyObject *result = previous(ts, frame, throwflag);
+    ts->c_recursion_remaining -= EVAL_C_UNITS;
+    return result;
+#else
     return previous(ts, frame, throwflag);
+#endif
 }
 
 static void

@@ -49,7 +49,10 @@ def rewrite(code: types.CodeType) -> Rewritten | None:
     """
     if code.co_flags & GENERATOR_FLAGS:
         raise Unsupported("generator and coroutine frames are resumed: their code stays as is")
-    bc = Bytecode.from_code(code)
+    try:
+        bc = Bytecode.from_code(code)
+    except Exception as e:  # the bytecode package cannot read a few rare code objects
+        raise Unsupported(f"bytecode cannot disassemble it: {e!r}") from e
     offsets = _instr_offsets(code, bc)
     _restore_handler_depths(code, bc, offsets)
     pairs = _pair_calls(bc)
