@@ -1,0 +1,102 @@
+"""`python -m terra_bc` behaves exactly like `python` for scripts and modules."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent('''
+    import sys, os
+    def work(n):
+        return sum(abs(i - 2) for i in range(n)) + len(str(n))
+    print("argv", sys.argv[1:], "name", __name__, "path0", sys.path[0] == os.path.dirname(os.path.realpath(__file__)))
+    print("result", work(10))
+    if __name__ == "__main__":
+        mode = sys.argv[1] if len(sys.argv) > 1 else ""
+        if mode == "exit":
+            sys.exit(3)
+        if mode == "exitmsg":
+            sys.exit("bye")
+        if mode == "raise":
+            def inner():
+                return {}["missing"]
+            inner()
+        if mode == "interrupt":
+            raise KeyboardInterrupt
+''')
+
+
+def run(args, cwd):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def script(tmp_path):
+    path = tmp_path / "prog.py"
+    path.write_text(SCRIPT)
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "mod.py").write_text(SCRIPT)
+    return path
+
+
+def stats_of(stderr):
+    lines = [l for l in stderr.splitlines() if l.startswith("terra_bc stats: ")]
+    assert len(lines) == 1, stderr
+    return json.loads(lines[0][len("terra_bc stats: "):])
+
+
+def without_stats(stderr):
+    return "\n".join(l for l in stderr.splitlines() if not l.startswith("terra_bc stats: "))
+
+
+@pytest.mark.parametrize("mode", ["", "exit", "exitmsg", "raise", "interrupt"])
+def test_script_behaves_like_python(script, mode):
+    plain = run([str(script), mode, "x y"], cwd=script.parent)
+    hooked = run(["-m", "terra_bc", "--stats", str(script), mode, "x y"], cwd=script.parent)
+    assert hooked.returncode == plain.returncode
+    assert hooked.stdout == plain.stdout
+    assert without_stats(hooked.stderr) == plain.stderr.rstrip("\n")
+    stats = stats_of(hooked.stderr)
+    assert stats["code_objects_rewritten"] >= 2 and stats["sites_executed"] >= 5
+
+
+def test_expected_exit_codes(script):
+    assert run([str(script), "exit"], script.parent).returncode == 3
+    assert run([str(script), "raise"], script.parent).returncode == 1
+    assert run([str(script), "interrupt"], script.parent).returncode == -signal.SIGINT
+
+
+@pytest.mark.parametrize("mode", ["", "raise"])
+def test_module_behaves_like_python_m(script, mode):
+    env_cwd = script.parent
+    plain = run(["-m", "pkg.mod", mode], cwd=env_cwd)
+    hooked = run(["-m", "terra_bc", "--stats", "-m", "pkg.mod", mode], cwd=env_cwd)
+    assert (hooked.returncode, hooked.stdout) == (plain.returncode, plain.stdout)
+    assert without_stats(hooked.stderr) == plain.stderr.rstrip("\n")
+    assert stats_of(hooked.stderr)["sites_executed"] > 0
+
+
+def test_off_runs_without_rewriting(script):
+    out = run(["-m", "terra_bc", "--off", "--stats", str(script)], cwd=script.parent)
+    assert out.returncode == 0 and "result 33" in out.stdout
+    assert stats_of(out.stderr)["code_objects_rewritten"] == 0
+
+
+def test_scope_all_rewrites_library_code(script):
+    user = stats_of(run(["-m", "terra_bc", "--stats", str(script)], script.parent).stderr)
+    every = stats_of(run(["-m", "terra_bc", "--stats", "--scope", "all", str(script)], script.parent).stderr)
+    assert every["code_objects_rewritten"] > user["code_objects_rewritten"]
+
+
+def test_usage_errors(script):
+    for args in (["--scope", "some"], ["--bogus", str(script)], [], ["-m"]):
+        out = run(["-m", "terra_bc", *args], script.parent)
+        assert out.returncode == 2 and "usage:" in out.stderr
+    missing = run(["-m", "terra_bc", "nope.py"], script.parent)
+    plain = run(["nope.py"], script.parent)
+    assert missing.returncode == plain.returncode == 2 and "can't open file" in missing.stderr
