@@ -22,6 +22,7 @@ log = logging.getLogger("terra_bc")
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 SCOPES = ("user", "all")
+INTERACTIVE_FILES = ("<stdin>", "<ipython-input-")
 
 counts = Counter()             # code objects rewritten / refused / out of scope, call sites
 _rewritten = weakref.WeakSet()  # code objects we made: never rewrite them again
@@ -47,10 +48,10 @@ def in_scope(code, scope):
         return False
     if scope == "all":
         return True
-    if filename.startswith("<frozen "):
-        return False
     if filename.startswith("<"):
-        return True  # <string>, <stdin>, notebooks' cells: user code
+        # Typed-in code is the user's; other pseudo-files (<string> from exec, dataclass and
+        # namedtuple methods, <frozen ...>, <__array_function__ internals>) are libraries'.
+        return filename.startswith(INTERACTIVE_FILES)
     real = os.path.realpath(filename)
     return not real.startswith(LIBRARY_DIRS)
 

@@ -360,7 +360,7 @@ def test_intercepted_frames_leak_nothing():
 
 def test_rewritten_code_is_freed_with_its_original():
     ns = {}
-    exec("def temp(x):\n    return abs(x)\n", ns)
+    exec(compile("def temp(x):\n    return abs(x)\n", __file__, "exec"), ns)
     temp = ns.pop("temp")
     with terra_bc.enabled():
         assert temp(-2) == 2
@@ -403,7 +403,7 @@ def test_callback_errors_never_escape(monkeypatch, caplog):
         raise RuntimeError("rewriter bug")
     monkeypatch.setattr(frames, "rewrite", broken)
     ns = {}
-    exec("def g(x):\n    return helper(x) + 1\n", {"helper": helper}, ns)
+    exec(compile("def g(x):\n    return helper(x) + 1\n", __file__, "exec"), {"helper": helper}, ns)
     with caplog.at_level("WARNING", logger="terra_bc"):
         with terra_bc.enabled():
             assert ns["g"](1) == 3 and ns["g"](2) == 5
@@ -434,6 +434,9 @@ def test_scopes():
     assert frames.in_scope(stdlib_module.dumps.__code__, "all")
     assert not frames.in_scope(frames.transform.__code__, "all")
     assert not frames.in_scope(pytest.main.__code__, "user")  # site-packages
+    assert frames.in_scope(compile("f()", "<stdin>", "exec"), "user")
+    assert not frames.in_scope(compile("f()", "<string>", "exec"), "user")
+    assert frames.in_scope(compile("f()", "<string>", "exec"), "all")
     with pytest.raises(ValueError):
         terra_bc.set_scope("everything")
 

@@ -123,7 +123,7 @@ def test_refused_code_runs_unmodified(monkeypatch):
         raise Unsupported("test refusal")
     monkeypatch.setattr(rw, "_verify", refuse)
     ns = {}
-    exec("def h(x):\n    return abs(x) * 2\n", ns)
+    exec(compile("def h(x):\n    return abs(x) * 2\n", __file__, "exec"), ns)
     before = terra_bc.stats()["code_objects_refused"]
     with terra_bc.enabled():
         assert ns["h"](-3) == 6
