@@ -38,14 +38,22 @@
 #define REQUEST_EXTRA_INDEX _PyEval_RequestCodeExtraIndex
 #endif
 
+/* The layout CPython 3.11-3.13 give code->co_extra (codeobject.c, not in any header). */
+typedef struct {
+    Py_ssize_t ce_size;
+    void *ce_extras[1];
+} CodeExtras;
+
 #define UNTOUCHABLE (CO_GENERATOR | CO_COROUTINE | CO_ASYNC_GENERATOR | CO_ITERABLE_COROUTINE)
 
 static Py_ssize_t extra_index = -1;
 static PyObject *callback = NULL;          /* code -> replacement code or None */
 static _PyFrameEvalFunction previous = NULL;
 static int enabled_threads = 0;            /* the hook is installed while > 0 */
-static _Thread_local int thread_enabled = 0;
-static _Thread_local int in_callback = 0;
+/* initial-exec: a plain TLS load on the hook's fast path, not a __tls_get_addr call. */
+#define THREAD_LOCAL _Thread_local __attribute__((tls_model("initial-exec")))
+static THREAD_LOCAL int thread_enabled = 0;
+static THREAD_LOCAL int in_callback = 0;
 static unsigned long long sites_executed = 0;
 static unsigned long long frames_swapped = 0;
 
@@ -172,7 +180,7 @@ static PyTypeObject SiteType = {
 #define EVAL_C_UNITS 0 /* 3.11 counts Python frames and C calls in one counter: no change */
 #endif
 #define STACK_MARGIN (256 * 1024)
-static _Thread_local char *stack_low = NULL; /* lowest address of this thread's stack */
+static THREAD_LOCAL char *stack_low = NULL; /* lowest address of this thread's stack */
 
 static int
 stack_nearly_exhausted(void)
@@ -264,11 +272,9 @@ hook(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
     if (!PyCode_Check(code) || (code->co_flags & UNTOUCHABLE)
         || frame->owner != FRAME_OWNED_BY_THREAD)
         return run_previous(ts, frame, throwflag);
-    void *extra = NULL;
-    if (CODE_GET_EXTRA((PyObject *)code, extra_index, &extra) < 0) {
-        PyErr_Clear();
-        return run_previous(ts, frame, throwflag);
-    }
+    /* What CODE_GET_EXTRA does, inlined: this runs for every Python call. */
+    CodeExtras *extras = (CodeExtras *)code->co_extra;
+    void *extra = extras != NULL && extra_index < extras->ce_size ? extras->ce_extras[extra_index] : NULL;
     PyObject *replacement = extra ? (PyObject *)extra : decide(code);
     if (replacement == Py_None)
         return run_previous(ts, frame, throwflag);
