@@ -2,6 +2,8 @@
 
 Modes, interleaved round by round so machine noise hits them alike:
   off        the hook never installed (plain CPython)
+  bare_hook  a do-nothing PEP 523 hook (tests/support/other_hook.c): the floor any
+             eval-frame hook pays, since CPython stops inlining Python calls under one
   installed  the hook installed, rewriting nothing (every code object left alone)
   rewritten  the hook installed and the workload's call sites rewritten (Site dispatch)
   disabled   after terra_bc.disable(): the hook uninstalled again
@@ -11,9 +13,11 @@ Reports the median time of each mode and its ratio to `off`.
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 import terra_bc
@@ -69,6 +73,12 @@ def timed(fn, arg):
 def run_mode(mode, fn, arg):
     if mode == "off" or mode == "disabled":
         return timed(fn, arg)
+    if mode == "bare_hook":
+        _bare_hook.install()
+        try:
+            return timed(fn, arg)
+        finally:
+            _bare_hook.uninstall()
     callback = leave_everything_alone if mode == "installed" else frames.transform
     _hook.set_callback(callback)
     terra_bc.enable()
@@ -84,7 +94,7 @@ def measure(rounds):
     # code object, so give each mode its own copies of the workload functions.
     results = {}
     for name, (fn, arg) in WORKLOADS.items():
-        copies = {mode: _fresh_copy(fn) for mode in ("off", "installed", "rewritten", "disabled")}
+        copies = {mode: _fresh_copy(fn) for mode in MODES if mode != "bare_hook" or _bare_hook}
         times = {mode: [] for mode in copies}
         for _ in range(rounds):
             for mode, f in copies.items():
@@ -93,6 +103,19 @@ def measure(rounds):
         results[name] = {mode: {"median_s": med[mode], "ratio_to_off": med[mode] / med["off"]}
                          for mode in med}
     return results
+
+
+MODES = ("off", "bare_hook", "installed", "rewritten", "disabled")
+
+
+def _load_bare_hook():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from support.build import build_other_hook
+    try:
+        return build_other_hook(tempfile.mkdtemp())
+    except Exception as e:  # no compiler or headers: report without that column
+        print(f"bare_hook column skipped: {e}", file=sys.stderr)
+        return None
 
 
 def _fresh_copy(fn):
@@ -105,6 +128,7 @@ def _fresh_copy(fn):
 
 
 _copies = []
+_bare_hook = None
 
 
 def main():
@@ -112,15 +136,16 @@ def main():
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--json")
     args = p.parse_args()
+    global _bare_hook
+    _bare_hook = _load_bare_hook()
     results = measure(args.rounds)
     meta = {"python": sys.version.split()[0], "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(), "rounds": args.rounds}
     print(f"CPython {meta['python']} ({meta['machine']}), median of {args.rounds} rounds")
-    print(f"{'workload':15s} {'off':>9s} {'installed':>16s} {'rewritten':>16s} {'disabled':>16s}")
+    modes = [m for m in MODES if m in next(iter(results.values()))]
+    print(f"{'workload':15s} " + " ".join(f"{m:>16s}" for m in modes))
     for name, r in results.items():
-        cells = [f"{r['off']['median_s'] * 1e3:7.2f}ms"]
-        for mode in ("installed", "rewritten", "disabled"):
-            cells.append(f"{r[mode]['median_s'] * 1e3:7.2f}ms x{r[mode]['ratio_to_off']:.2f}")
+        cells = [f"{r[m]['median_s'] * 1e3:7.2f}ms x{r[m]['ratio_to_off']:.2f}" for m in modes]
         print(f"{name:15s} " + " ".join(f"{c:>16s}" for c in cells))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,31 +1,17 @@
 """terra_bc's hook chains to an eval-frame hook installed before it, and never clobbers one
 installed after it."""
-import importlib.util
-import os
-import shutil
-import subprocess
-import sys
-import sysconfig
-
 import pytest
 
 import terra_bc
 from terra_bc import _hook
+from support.build import build_other_hook
 
 
 @pytest.fixture(scope="module")
 def other_hook(tmp_path_factory):
-    cc = sysconfig.get_config_var("CC") or "cc"
-    if shutil.which(cc.split()[0]) is None:
+    module = build_other_hook(str(tmp_path_factory.mktemp("hook")))
+    if module is None:
         pytest.skip("no C compiler to build the second hook")
-    out = tmp_path_factory.mktemp("hook") / ("other_hook" + sysconfig.get_config_var("EXT_SUFFIX"))
-    source = os.path.join(os.path.dirname(__file__), "support", "other_hook.c")
-    include = sysconfig.get_paths()["include"]
-    subprocess.run([*cc.split(), "-shared", "-fPIC", "-O1", f"-I{include}", f"-I{include}/internal",
-                    source, "-o", str(out)], check=True)
-    spec = importlib.util.spec_from_file_location("other_hook", out)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     return module
 
 
