@@ -68,7 +68,7 @@ def rewrite(code: types.CodeType) -> Rewritten | None:
 
 def _instr_offsets(code, bc):
     """Byte offset of each abstract Instr of ``bc`` in ``code`` (aligned by opname)."""
-    real = [i for i in dis.get_instructions(code) if i.opname != "EXTENDED_ARG"]
+    real = _real_instructions(code)
     instrs = [i for i in bc if isinstance(i, Instr)]
     if [i.opname for i in real] != [i.name for i in instrs]:
         raise Unsupported("bytecode's instruction list does not align with the code")
@@ -83,9 +83,10 @@ def _restore_handler_depths(code, bc, offsets):
     """
     depth_at = {e.target: (e.depth, e.lasti) for e in dis._parse_exception_table(code)}
     items = list(bc)
-    for n, item in enumerate(items):
+    label_at = {id(x): n for n, x in enumerate(items) if isinstance(x, Label)}
+    for item in items:
         if isinstance(item, TryBegin):
-            label = items.index(item.target)
+            label = label_at[id(item.target)]
             target = next(i for i in items[label:] if isinstance(i, Instr))
             depth, lasti = depth_at[offsets[id(target)]]
             if bool(lasti) != bool(item.push_lasti):
@@ -300,9 +301,13 @@ def _verify(old, new, expansion):
                 raise Unsupported(f"position of instruction {i} changed")
 
 
+def _real_instructions(code):
+    """The instructions of ``code`` as ``dis`` lists them, without EXTENDED_ARG (nor CACHE)."""
+    return [i for i in dis.get_instructions(code) if i.opname != "EXTENDED_ARG"]
+
+
 def _units(code):
-    """Offsets of the real instructions (no CACHE, no EXTENDED_ARG) of ``code``."""
-    return [i.offset for i in dis.get_instructions(code) if i.opname != "EXTENDED_ARG"]
+    return [i.offset for i in _real_instructions(code)]
 
 
 def _index_of_offset(units):
