@@ -29,6 +29,8 @@ PY313 = sys.version_info >= (3, 13)
 PY311 = sys.version_info < (3, 12)
 # Consumers of a call pair; 3.11 reads its layout at PRECALL (CALL then only pops the pair).
 CALL_OPS = {"PRECALL"} if PY311 else {"CALL", "CALL_KW"}
+CALL_OPCODES = {dis.opmap[name] for name in ("CALL", "CALL_KW", "PRECALL", "CALL_FUNCTION_EX")
+                if name in dis.opmap}
 GENERATOR_FLAGS = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
 
 
@@ -49,6 +51,8 @@ def rewrite(code: types.CodeType) -> Rewritten | None:
     """
     if code.co_flags & GENERATOR_FLAGS:
         raise Unsupported("generator and coroutine frames are resumed: their code stays as is")
+    if not CALL_OPCODES.intersection(code.co_code[::2]):
+        return None  # no call at all: decided without disassembling (cheap, allocates nothing)
     try:
         bc = Bytecode.from_code(code)
     except Exception as e:  # the bytecode package cannot read a few rare code objects
