@@ -1,0 +1,727 @@
+"""The jaxpr builder: records DL ops as jaxpr equations while they run eagerly (tracing mode).
+
+``Recorder`` makes a custom JAX trace current for the dynamic extent of a ``with`` block.
+Every primitive bound while it is current runs *for real* under the previous (parent)
+trace, so Python sees real values, and is appended to a flat list of equations.  Transforms
+(``grad``, ``vjp``, ``jvp``, ``vmap``) run their own traces on top of ours and lower to
+primitives that reach us; higher-order primitives (``pjit``, ``cond``, ``while``, ``scan``,
+``custom_jvp_call``, ``custom_vjp_call``) are recorded as one equation carrying their
+sub-jaxpr.  ``Recorder.segment`` cuts a dead-code-eliminated ``ClosedJaxpr`` out of the
+recording and ``compile_segment`` turns it into a cached ``jax.jit`` executable that replays
+the recorded computation on new input values.
+
+Rules this module keeps (see docs/DESIGN "Facts already checked"):
+* ``RecTracer.to_concrete_value`` returns None: JAX would otherwise bake recording-time values
+  into the graph (integer_pow, fixed-trip fori_loop, ...).  Values reach Python only through
+  the explicit conversions (``bool``, ``float``, ``np.asarray``, ...), each reported to
+  ``on_fetch``.
+* Eager work runs with the parent trace current: JAX transforms bind on it while we are
+  current, and primitive impls re-bind internally.
+* Compiled segments are cached on a structural key (primitives, params, wiring, avals,
+  constants), never on ``str(jaxpr)``.
+"""
+from __future__ import annotations
+
+import gc
+import operator
+import types
+import weakref
+
+import numpy as np
+
+import jax
+from jax.core import Trace, Tracer
+from jax.extend.core import (ClosedJaxpr, DebugInfo, Jaxpr, Literal, Var, jaxpr_as_fun,
+                             new_jaxpr_eqn, set_current_trace, take_current_trace)
+
+__all__ = ["Recorder", "RecTracer", "Segment", "compile_segment", "compile_count",
+           "clear_compile_cache"]
+
+_no_effects = frozenset()
+_ArrayImpl = type(jax.numpy.zeros(()))   # the concrete jax.Array class; .aval is its type
+
+
+# ----------------------------------------------------------------------------- compat
+
+def _abstract_eval_effects(prim, avals, params):
+    # Effects of a first-order primitive.  Only consulted when a segment is built, so the
+    # per-op recording cost does not pay for shape rules.
+    try:
+        return prim.abstract_eval(*avals, **params)[1]
+    except Exception:  # a rule that wants more context than avals: assume pure
+        return _no_effects
+
+
+def _subjaxprs(params):
+    # jax.extend.core.jaxprs_in_params only yields Jaxpr (0.12) / ClosedJaxpr (0.10) found
+    # directly or in tuples; that is where JAX's own higher-order primitives keep them.
+    for v in params.values():
+        for x in (v if isinstance(v, (tuple, list)) else (v,)):
+            if isinstance(x, (Jaxpr, ClosedJaxpr)):
+                yield x
+
+
+def _inner(j):
+    # jax 0.10: ClosedJaxpr wraps a Jaxpr; jax 0.12: ClosedJaxpr *is* Jaxpr (.jaxpr is self).
+    return j.jaxpr if isinstance(j, ClosedJaxpr) else j
+
+
+def _closed(constvars, invars, outvars, eqns, effects, consts):
+    # The legacy two-argument ClosedJaxpr(jaxpr, consts) works on both versions.
+    dbg = DebugInfo("terra_bc segment", "<recorded>", None, None)
+    return ClosedJaxpr(Jaxpr(constvars, invars, outvars, eqns, effects, dbg), list(consts))
+
+
+# ----------------------------------------------------------------------------- tracer
+
+class _Const:
+    """A value that reached a primitive without being a RecTracer of this recording."""
+    __slots__ = ("val", "aval")
+
+    def __init__(self, val, aval=None):
+        self.val = val
+        self.aval = aval
+
+    def get_aval(self):
+        if self.aval is None:
+            self.aval = jax.typeof(self.val)
+        return self.aval
+
+    def __repr__(self):
+        return f"_Const({self.val!r})"
+
+
+class RecTracer(Tracer):
+    """A recorded value: ``id`` (stable within its Recorder), ``aval``, eager value ``val``.
+
+    Behaves like a jax.Array.  Conversions to Python/NumPy values return the real value
+    and are reported to the Recorder's ``on_fetch``.  After its Recorder's block has
+    exited it behaves as its concrete value (a plain constant to anything that uses it).
+    """
+    __slots__ = ("val", "id")
+
+    def __init__(self, trace, val, id, aval):
+        self._trace = trace
+        self.aval = aval
+        self.val = val
+        self.id = id
+
+    # Never advertise the value: JAX would specialise the graph on it (see module doc).
+    def to_concrete_value(self):
+        return None
+
+    # JAX lowers tracers through full_lower before eager evaluation (EvalTrace, jit's
+    # top-level path).  Once the Recorder's block has exited, this tracer lowers to its
+    # concrete value, so a tracer that escaped its block behaves as a plain jax.Array
+    # instead of raising UnexpectedTracerError.
+    def full_lower(self):
+        return self if self._trace.active else self.val
+
+    # -- fetches: each returns the real value and tells the Recorder.
+    def _fetch(self, kind, convert, *args):
+        out = convert(self.val, *args)
+        trace = self._trace
+        if trace.active and trace.on_fetch is not None:
+            trace.on_fetch(self, kind, out)
+        return out
+
+    def __bool__(self):
+        return self._fetch("bool", bool)
+
+    def __int__(self):
+        return self._fetch("int", int)
+
+    def __float__(self):
+        return self._fetch("float", float)
+
+    def __complex__(self):
+        return self._fetch("complex", complex)
+
+    def __index__(self):
+        return self._fetch("index", operator.index)
+
+    def __array__(self, dtype=None, copy=None):
+        return self._fetch("array", _to_numpy, dtype)
+
+    def item(self, *args):
+        return self._fetch("item", _item, *args)
+
+    def tolist(self):
+        return self._fetch("tolist", _tolist)
+
+    def tobytes(self, order="C"):
+        return self._fetch("tobytes", _tobytes, order)
+
+    def __format__(self, spec):
+        return self._fetch("format", _format, spec)
+
+    def __repr__(self):
+        return self._fetch("repr", repr)
+
+    def __str__(self):
+        return self._fetch("str", str)
+
+    # __hash__ stays None (inherited): unhashable, exactly like jax.Array.
+
+    # -- not value reads: synchronisation and placement come from the eager value.
+    def block_until_ready(self):
+        jax.block_until_ready(self.val)
+        return self
+
+    @property
+    def sharding(self):
+        return self.val.sharding
+
+    def devices(self):
+        return self.val.devices()
+
+
+def _to_numpy(v, dtype):
+    return np.asarray(v, dtype=dtype)
+
+
+def _item(v, *args):
+    return v.item(*args)
+
+
+def _tolist(v):
+    return v.tolist()
+
+
+def _tobytes(v, order):
+    return v.tobytes(order)
+
+
+def _format(v, spec):
+    return format(v, spec)
+
+
+# ----------------------------------------------------------------------------- trace
+
+class _RecordingTrace(Trace):
+    """Runs each primitive under ``parent`` and appends it to ``eqns``."""
+
+    def __init__(self, parent, on_fetch):
+        super().__init__()
+        self.parent = parent
+        self.on_fetch = on_fetch
+        self.active = False
+        # eqns[k] = (primitive, params, in_atoms, out_ids); an atom is an int id or _Const.
+        self.eqns = []
+        self.avals = []          # avals[id]
+
+    # -- helpers
+    def new(self, val, aval=None):
+        if aval is None:
+            aval = val.aval if type(val) is _ArrayImpl else jax.typeof(val)
+        i = len(self.avals)
+        self.avals.append(aval)
+        return RecTracer(self, val, i, aval)
+
+    def unwrap(self, xs):
+        vals, atoms = [], []
+        for x in xs:
+            if type(x) is RecTracer and x._trace is self:
+                vals.append(x.val)
+                atoms.append(x.id)
+            else:  # library constant, foreign/escaped tracer value, Python scalar
+                if type(x) is RecTracer:
+                    x = x.val
+                vals.append(x)
+                atoms.append(_Const(x))
+        return vals, tuple(atoms)
+
+    # -- Trace interface
+    def process_primitive(self, prim, tracers, params, /):
+        vals, atoms = self.unwrap(tracers)
+        parent = self.parent
+        with set_current_trace(parent):
+            out = parent.process_primitive(prim, vals, params)
+        if prim.multiple_results:
+            outs = [self.new(v) for v in out]
+            self.eqns.append((prim, params, atoms, tuple(t.id for t in outs)))
+            return outs
+        t = self.new(out)
+        self.eqns.append((prim, params, atoms, (t.id,)))
+        return t
+
+    def process_custom_jvp_call(self, prim, fun, jvp, tracers, /, *, symbolic_zeros):
+        return self.stage(tracers, lambda xs: prim.bind(
+            *xs, subfuns=(fun, jvp), symbolic_zeros=symbolic_zeros))
+
+    def process_custom_vjp_call(self, prim, fun, fwd, bwd, tracers, /, *, out_trees,
+                                symbolic_zeros):
+        return self.stage(tracers, lambda xs: prim.bind(
+            *xs, subfuns=(fun, fwd, bwd), out_trees=out_trees, symbolic_zeros=symbolic_zeros))
+
+    def process_call(self, prim, f, tracers, params, /):  # jax 0.10 only (core.call_p)
+        return self.stage(tracers, lambda xs: prim.bind(*xs, subfuns=(f,), **params))
+
+    def process_shard_map(self, prim, fun, tracers, /, **params):
+        # shard_map binds a callable and returns a FlatTree; stage the one shard_map
+        # equation like the custom rules, then put our tracers back into its tree.
+        trees = []
+
+        def bind(xs):
+            ft = prim.bind(*xs, subfuns=(fun,), **params)
+            trees.append(ft)
+            flat = []
+            ft.map(flat.append)
+            return flat
+
+        outs = iter(self.stage(tracers, bind))
+        return trees[0].map(lambda _: next(outs))
+
+    def stage_value(self, val):
+        if type(val) is RecTracer and val._trace is self:
+            return val
+        with set_current_trace(self.parent):
+            return self.parent.stage_value(val)
+
+    def cur_qdd(self, x):  # jax 0.10 only: quasi-dynamic data of mutable refs
+        if type(x) is RecTracer and x._trace is self:
+            x = x.val
+        with set_current_trace(self.parent):
+            return self.parent.cur_qdd(x)
+
+    # -- primitives that JAX binds with Python callables rather than jaxprs
+    def stage(self, tracers, bind):
+        """Stage ``bind`` into a small jaxpr (JAX's own staging rule makes the one
+        custom_jvp_call / custom_vjp_call equation), run it eagerly, record its equations."""
+        vals, atoms = self.unwrap(tracers)
+        closed = jax.make_jaxpr(lambda *xs: list(bind(xs)))(*vals)
+        env = {}
+        for v, a in zip(_inner(closed).invars, atoms):
+            env[v] = a
+        consts = []
+        for v, c in zip(_inner(closed).constvars, closed.consts):
+            if type(c) is RecTracer and c._trace is self:  # closed over a recorded value
+                env[v] = c.id
+                consts.append(c.val)
+            else:
+                env[v] = _Const(c.val if type(c) is RecTracer else c)
+                consts.append(env[v].val)
+        for e in _inner(closed).eqns:
+            ins = tuple(_Const(x.val, x.aval) if isinstance(x, Literal) else env[x]
+                        for x in e.invars)
+            outs = []
+            for o in e.outvars:
+                i = len(self.avals)
+                self.avals.append(o.aval)
+                env[o] = i
+                outs.append(i)
+            self.eqns.append((e.primitive, e.params, ins, tuple(outs)))
+        with set_current_trace(self.parent):
+            out_vals = jaxpr_as_fun(ClosedJaxpr(_inner(closed), consts))(*vals)
+        result = []
+        for o, val in zip(_inner(closed).outvars, out_vals):
+            a = o.val if isinstance(o, Literal) else env[o]
+            if isinstance(a, int):
+                result.append(RecTracer(self, val, a, self.avals[a]))
+            else:
+                result.append(val)
+        return result
+
+
+# ----------------------------------------------------------------------------- recorder
+
+class Recorder:
+    """Records the DL ops run inside ``with recorder:`` as jaxpr equations.
+
+    on_fetch(tracer, kind, value) is called whenever Python converts a recorded value into a
+    Python/NumPy value; ``value`` is the converted result that Python gets.
+    """
+
+    def __init__(self, on_fetch=None):
+        self.on_fetch = on_fetch
+        self._trace = None
+        self._ctx = None
+
+    def __enter__(self):
+        if self._trace is not None and self._trace.active:
+            raise RuntimeError("Recorder is already active")
+        with take_current_trace() as parent:
+            pass
+        if self._trace is None:
+            self._trace = _RecordingTrace(parent, self.on_fetch)
+        else:  # re-entered: keep recording into the same equation list
+            self._trace.parent = parent
+        self._ctx = set_current_trace(self._trace)
+        self._ctx.__enter__()
+        self._trace.active = True
+        return self
+
+    def __exit__(self, *exc):
+        self._trace.active = False
+        ctx, self._ctx = self._ctx, None
+        ctx.__exit__(*exc)
+        return False
+
+    def _live(self):
+        if self._trace is None:
+            with take_current_trace() as parent:
+                pass
+            self._trace = _RecordingTrace(parent, self.on_fetch)
+        return self._trace
+
+    def input(self, value) -> RecTracer:
+        """Register a concrete value as a graph input; returns a tracer carrying it."""
+        trace = self._live()
+        if isinstance(value, Tracer):
+            if type(value) is RecTracer and value._trace is trace:
+                return value
+            if type(value) is not RecTracer:
+                raise TypeError(f"Recorder.input wants a concrete value, got {type(value)}")
+            value = value.val
+        if not isinstance(value, jax.Array):
+            value = jax.numpy.asarray(value)   # Python scalars stay weakly typed
+        return trace.new(value)
+
+    def concrete(self, tracer):
+        """The eager value of a recorded tracer (records nothing, reports no fetch)."""
+        return tracer.val if type(tracer) is RecTracer else tracer
+
+    def mark(self) -> int:
+        """Number of equations recorded so far: a segment boundary."""
+        return 0 if self._trace is None else len(self._trace.eqns)
+
+    @property
+    def num_values(self) -> int:
+        return 0 if self._trace is None else len(self._trace.avals)
+
+    def segment(self, outputs, start=0, stop=None) -> "Segment":
+        """The equations of [start, stop) needed for ``outputs`` as a Segment (see module doc)."""
+        trace = self._live()
+        out_ids = []
+        for t in outputs:
+            if type(t) is not RecTracer or t._trace is not trace:
+                raise TypeError(f"segment outputs must be tracers of this Recorder, got {t!r:.60}")
+            out_ids.append(t.id)
+        return _build_segment(trace, out_ids, start, len(trace.eqns) if stop is None else stop)
+
+    def __repr__(self):
+        n = self.mark()
+        state = "recording" if self._trace is not None and self._trace.active else "idle"
+        return f"Recorder({state}, {n} equations)"
+
+
+# ----------------------------------------------------------------------------- segments
+
+class Segment:
+    """Plain data: ``jaxpr`` (ClosedJaxpr), ``inputs`` / ``outputs`` (value ids, in order),
+    ``key`` (structural cache key used by compile_segment)."""
+    __slots__ = ("jaxpr", "inputs", "outputs", "key")
+
+    def __init__(self, jaxpr, inputs, outputs, key):
+        self.jaxpr = jaxpr
+        self.inputs = inputs
+        self.outputs = outputs
+        self.key = key
+
+    def __repr__(self):
+        return (f"Segment(inputs={self.inputs}, outputs={self.outputs}, "
+                f"{len(_inner(self.jaxpr).eqns)} equations)\n{self.jaxpr}")
+
+
+def _effects(prim, params, avals, atoms):
+    subs = list(_subjaxprs(params))
+    if subs:
+        return frozenset().union(*(j.effects for j in subs))
+    return _abstract_eval_effects(prim, [_aval_of(a, avals) for a in atoms], params)
+
+
+def _aval_of(atom, avals):
+    return avals[atom] if isinstance(atom, int) else atom.get_aval()
+
+
+def _build_segment(trace, out_ids, start, stop):
+    # Building a key allocates many small tuples; in a process holding JAX's large heap,
+    # the cyclic GC they trigger costs more than the work itself (~4x measured).
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return _build_segment_nogc(trace, out_ids, start, stop)
+    finally:
+        if was:
+            gc.enable()
+
+
+def _build_segment_nogc(trace, out_ids, start, stop):
+    eqns, avals = trace.eqns, trace.avals
+    # Dead-code elimination, backwards: keep an equation if an output is needed or it
+    # has effects (a debug print or callback must still happen when replayed).
+    needed = set(out_ids)
+    kept = []
+    for k in range(stop - 1, start - 1, -1):
+        prim, params, atoms, outs = eqns[k]
+        effs = _effects(prim, params, avals, atoms)
+        if effs or any(o in needed for o in outs):
+            kept.append((prim, params, atoms, outs, effs))
+            needed.update(a for a in atoms if isinstance(a, int))
+    kept.reverse()
+
+    # Wire variables.  Value ids defined outside the kept equations become inputs, in order
+    # of first read (deterministic for identical programs).
+    var = {}
+    inputs, invars = [], []
+    consts, constvars, const_index = [], [], {}
+    key_consts = []
+    local = {}               # id -> small int, for the structural key
+
+    def read(a):
+        if isinstance(a, int):
+            v = var.get(a)
+            if v is None:
+                v = var[a] = Var(avals[a])
+                inputs.append(a)
+                invars.append(v)
+                local[a] = len(local)
+            return v, local[a]
+        val = a.val
+        if _is_scalar(val):
+            aval = a.get_aval()
+            return Literal(val, aval), ("lit", type(val), _scalar_key(val), aval)
+        j = const_index.get(id(val))
+        if j is None:
+            j = const_index[id(val)] = len(consts)
+            consts.append(val)
+            constvars.append(Var(a.get_aval()))
+            key_consts.append(_const_key(val))
+        return constvars[j], ("const", j)
+
+    jeqns, key_eqns = [], []
+    for prim, params, atoms, outs, effs in kept:
+        ins, ins_key = [], []
+        for a in atoms:
+            v, k = read(a)
+            ins.append(v)
+            ins_key.append(k)
+        outvars = []
+        for o in outs:
+            v = var[o] = Var(avals[o])
+            local[o] = len(local)
+            outvars.append(v)
+        jeqns.append(new_jaxpr_eqn(ins, outvars, prim, params, effs))
+        key_eqns.append((prim, _params_key(params, prim), tuple(ins_key),
+                         tuple(avals[o] for o in outs)))
+    outvars, key_outs = [], []
+    for o in out_ids:
+        v, k = read(o)
+        outvars.append(v)
+        key_outs.append(k)
+    effects = frozenset().union(*(e[4] for e in kept)) if kept else _no_effects
+    closed = _closed(constvars, invars, outvars, jeqns, effects, consts)
+    key = (tuple(avals[i] for i in inputs), tuple(key_consts), tuple(key_eqns),
+           tuple(key_outs))
+    return Segment(closed, inputs, list(out_ids), key)
+
+
+# ----------------------------------------------------------------------------- structural keys
+
+_SMALL = 64  # constants up to this many elements are keyed by value, larger by identity
+
+
+class _Id:
+    """Identity key that keeps its object alive (so the id cannot be reused while cached)."""
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+    def __eq__(self, other):
+        return type(other) is _Id and other.obj is self.obj
+
+
+_SCALARS = (bool, int, float, complex, np.generic)
+
+
+def _is_scalar(x):
+    return isinstance(x, _SCALARS)
+
+
+def _scalar_key(x):
+    if isinstance(x, float) and x != x:   # NaN != NaN would make every key distinct
+        return "nan"
+    if isinstance(x, np.generic):
+        return (x.dtype.str, x.tobytes())
+    return x
+
+
+def _const_key(c):
+    size = getattr(c, "size", None)
+    if _is_scalar(c):
+        return (type(c), _scalar_key(c))
+    if isinstance(c, np.ndarray) and c.size <= _SMALL:
+        return ("np", c.dtype.str, c.shape, c.tobytes())
+    if isinstance(c, jax.Array) and size is not None and size <= _SMALL:
+        try:
+            a = np.asarray(c)
+            return ("jax", a.dtype.str, a.shape, a.tobytes(), jax.typeof(c))
+        except Exception:  # e.g. PRNG key arrays: fall back to identity
+            pass
+    return _Id(c)
+
+
+_jaxpr_keys = {}   # id(jaxpr) -> (weakref, interned token)
+_interned = {}     # structural key -> small int
+
+
+def _jaxpr_key(j):
+    hit = _jaxpr_keys.get(id(j))
+    if hit is not None and hit[0]() is j:
+        return hit[1]
+    inner = _inner(j)
+    consts = getattr(j, "consts", ())
+    env = {}
+    for v in inner.constvars:
+        env[v] = len(env)
+    for v in inner.invars:
+        env[v] = len(env)
+
+    def atom(x):
+        if isinstance(x, Literal):
+            return ("lit", type(x.val), _lit_key(x.val), x.aval)
+        return env[x]
+
+    eqns = []
+    for e in inner.eqns:
+        ins = tuple(atom(x) for x in e.invars)
+        for o in e.outvars:
+            env[o] = len(env)
+        eqns.append((e.primitive, _params_key(e.params, e.primitive), ins,
+                     tuple(o.aval for o in e.outvars)))
+    key = (tuple(v.aval for v in inner.constvars), tuple(_const_key(c) for c in consts),
+           tuple(v.aval for v in inner.invars), tuple(eqns),
+           tuple(atom(x) for x in inner.outvars))
+    token = _interned.setdefault(key, len(_interned))
+    try:
+        ref = weakref.ref(j, lambda _, k=id(j): _jaxpr_keys.pop(k, None))
+        _jaxpr_keys[id(j)] = (ref, token)
+    except TypeError:
+        pass
+    return token
+
+
+def _lit_key(v):
+    if _is_scalar(v):
+        return _scalar_key(v)
+    return _const_key(v)
+
+
+# Params that only matter when an equation is *differentiated*.  Compiled segments are only
+# ever evaluated forward, and JAX makes these callables afresh on every trace, so keying on
+# their identity would miss the cache on every iteration.
+_AD_ONLY = {"custom_jvp_call": {"jvp_jaxpr_fun", "jvp_jaxpr_thunk"},
+            "custom_vjp_call": {"fwd_jaxpr_thunk", "bwd", "out_trees"}}
+
+
+_params_memo = {}   # id(params) -> (params, key): jit reuses one params dict per function
+
+
+def _params_key(p, prim=None):
+    hit = _params_memo.get(id(p))
+    if hit is not None and hit[0] is p:
+        return hit[1]
+    skip = _AD_ONLY.get(prim.name, ()) if prim is not None else ()
+    try:
+        items = sorted(p.items())
+    except TypeError:               # a nested dict with keys of mixed types
+        items = p.items()
+    key = tuple((k, _value_key(v)) for k, v in items if k not in skip)
+    if len(_params_memo) > 20000:   # holds the dicts alive (so ids stay unique): bound it
+        _params_memo.clear()
+    _params_memo[id(p)] = (p, key)
+    return key
+
+
+def _value_key(v):
+    t = type(v)
+    kind = _kinds.get(t)
+    if kind is None:
+        kind = _kinds[t] = _kind(t)
+    if kind == "hashable":
+        try:
+            hash(v)
+        except TypeError:       # e.g. a frozen dataclass holding an unhashable field
+            return _Id(v)
+        # Hashable values (ints, dtypes, shardings, named tuples, functions by identity).
+        # The type is part of the key: 1 == 1.0 == True must not collide.
+        return (t, v)
+    if kind == "seq":
+        return (t, tuple(_value_key(x) for x in v))
+    if kind == "jaxpr":
+        return ("jaxpr", _jaxpr_key(v))
+    if kind == "dict":
+        return (t, _params_key(v))
+    if kind == "function":
+        return _function_key(v)
+    return _const_key(v)        # "array"
+
+
+def _function_key(f):
+    # Callables are keyed by identity, so two recordings that pass different Python
+    # callbacks never share an executable.  Exception: closures JAX itself makes afresh on
+    # every call around a user callable (jax.debug.callback's _flat_callback).  JAX never
+    # rebinds their cells, so they are keyed by code plus the keys of what they close over
+    # (the user's callable, by identity); otherwise every iteration would recompile.
+    if not (f.__closure__ and f.__module__ and f.__module__.startswith("jax.")):
+        return (type(f), f)
+    cells = []
+    for c in f.__closure__:
+        try:
+            cells.append(_value_key(c.cell_contents))
+        except ValueError:      # empty cell
+            cells.append(_Id(c))
+    return ("jaxfn", f.__code__, _value_key(f.__defaults__), tuple(cells))
+
+
+_kinds = {}                     # type -> how _value_key keys its values (isinstance is slow)
+
+
+def _kind(t):
+    if t is tuple or t is list:
+        return "seq"
+    if t is dict:
+        return "dict"
+    if issubclass(t, (Jaxpr, ClosedJaxpr)):
+        return "jaxpr"
+    if issubclass(t, (np.ndarray, jax.Array)):
+        return "array"
+    if t is types.FunctionType:
+        return "function"
+    return "hashable"
+
+
+# ----------------------------------------------------------------------------- compile
+
+_compiled = {}
+_stats = {"compiles": 0, "hits": 0}
+
+
+def compile_segment(segment: Segment):
+    """A jitted executable for ``segment``: takes input values in ``segment.inputs`` order,
+    returns the output values as a list.  Structurally identical segments share one."""
+    fn = _compiled.get(segment.key)
+    if fn is not None:
+        _stats["hits"] += 1
+        return fn
+    fn = jax.jit(jaxpr_as_fun(segment.jaxpr))
+    _compiled[segment.key] = fn
+    _stats["compiles"] += 1
+    return fn
+
+
+def compile_count() -> int:
+    """Number of executables compile_segment has created (cache misses)."""
+    return _stats["compiles"]
+
+
+def clear_compile_cache():
+    """Drop every cached executable and structural key (they keep constants alive)."""
+    _compiled.clear()
+    _jaxpr_keys.clear()
+    _params_memo.clear()
+    _interned.clear()
