@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 
-from . import _hook, frames
+from . import _hook, frames, runtime
 from .frames import disable, enable, enabled as is_enabled, set_scope
+from .runtime import explain
 
-__all__ = ["enable", "disable", "enabled", "function", "stats", "reset_stats", "set_scope"]
+__all__ = ["enable", "disable", "enabled", "function", "stats", "reset_stats", "set_scope",
+           "explain"]
 
 
 @contextlib.contextmanager
@@ -28,8 +30,11 @@ def enabled(scope: str | None = None):
 
 
 def function(fn):
-    """Per-function opt-in: ``fn``'s own call sites are rewritten, with or without enable()."""
-    return frames.rewrite_function(fn)
+    """Per-function opt-in: each call of ``fn`` is an iteration of a co-executed unit.
+
+    ``fn``'s own call sites are rewritten now; functions it calls are rewritten by the frame
+    hook, which is enabled in this thread while an iteration runs."""
+    return runtime.function(frames.rewrite_function(fn))
 
 
 def stats() -> dict:
@@ -38,9 +43,11 @@ def stats() -> dict:
                           "code_objects_left_alone", "call_sites_rewritten")}
     out.update(frames.counts)
     out.update(_hook.counters())
+    out.update(runtime.stats())
     return out
 
 
 def reset_stats():
     frames.counts.clear()
+    runtime.counts.clear()
     _hook.reset_counters()

@@ -65,7 +65,77 @@ typedef struct {
     PyObject *key;
     unsigned long long count;
     int unpacking; /* called as site(callee, args[, kwargs]) for f(*args, **kwargs) */
+    PyObject *seen_key; /* the last callee's key and whether it is a DL op (a one-entry cache) */
+    int seen_dl;
 } SiteObject;
+
+/* The runtime's attach point: inside a unit iteration (per thread), calls of DL ops go to
+ * handler(site, callee, *args, **kwargs) instead of the callee.  classify(callee) -> bool
+ * decides what a DL op is, once per site for each new callee key. */
+static PyObject *route_handler = NULL;
+static PyObject *route_classify = NULL;
+static THREAD_LOCAL int routing = 0;
+
+/* What identifies a callee for classification: a function's code (closures of one code are
+ * one kind of callee), a bound method's function, the type of a bound builtin's receiver. */
+static PyObject *
+callee_key(PyObject *callee)
+{
+    if (PyMethod_Check(callee))
+        callee = PyMethod_GET_FUNCTION(callee);
+    if (PyFunction_Check(callee))
+        return PyFunction_GET_CODE(callee);
+    if (PyCFunction_Check(callee)) {
+        PyObject *self = PyCFunction_GET_SELF(callee);
+        if (self != NULL && !PyModule_Check(self))
+            return (PyObject *)Py_TYPE(self);
+    }
+    return callee;
+}
+
+/* 1: route this call to the handler, 0: call the callee, -1: error. */
+static int
+should_route(SiteObject *self, PyObject *callee)
+{
+    if (!routing || route_handler == NULL)
+        return 0;
+    PyObject *key = callee_key(callee);
+    if (key != self->seen_key) {
+        PyObject *verdict = PyObject_CallOneArg(route_classify, callee);
+        if (verdict == NULL)
+            return -1;
+        int dl = PyObject_IsTrue(verdict);
+        Py_DECREF(verdict);
+        if (dl < 0)
+            return -1;
+        Py_XSETREF(self->seen_key, Py_NewRef(key));
+        self->seen_dl = dl;
+    }
+    return self->seen_dl;
+}
+
+/* handler(site, *args) with args[0] the callee, borrowing args[-1] when the caller lent it. */
+static PyObject *
+route(SiteObject *self, PyObject *const *args, Py_ssize_t nargs, size_t nargsf, PyObject *kwnames)
+{
+    if (nargsf & PY_VECTORCALL_ARGUMENTS_OFFSET) {
+        PyObject **slot = (PyObject **)args - 1;
+        PyObject *saved = *slot;
+        *slot = (PyObject *)self;
+        PyObject *result = PyObject_Vectorcall(route_handler, slot, (size_t)(nargs + 1), kwnames);
+        *slot = saved;
+        return result;
+    }
+    Py_ssize_t total = nargs + (kwnames ? PyTuple_GET_SIZE(kwnames) : 0);
+    PyObject **copy = PyMem_Malloc((size_t)(total + 1) * sizeof(PyObject *));
+    if (copy == NULL)
+        return PyErr_NoMemory();
+    copy[0] = (PyObject *)self;
+    memcpy(copy + 1, args, (size_t)total * sizeof(PyObject *));
+    PyObject *result = PyObject_Vectorcall(route_handler, copy, (size_t)(nargs + 1), kwnames);
+    PyMem_Free(copy);
+    return result;
+}
 
 static PyObject *
 site_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
@@ -77,6 +147,9 @@ site_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf, PyObject
     }
     self->count++;
     sites_executed++;
+    int routed = should_route(self, args[0]);
+    if (routed)
+        return routed < 0 ? NULL : route(self, args, nargs, nargsf, kwnames);
     /* Our args[0] slot may be borrowed by the callee only if our caller lent us args[-1]. */
     size_t offset = nargsf & PY_VECTORCALL_ARGUMENTS_OFFSET;
     return PyObject_Vectorcall(args[0], args + 1, (size_t)(nargs - 1) | offset, kwnames);
@@ -95,7 +168,12 @@ site_unpacking_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf
     self->count++;
     sites_executed++;
     PyObject *callee = args[0], *positional = args[1], *keywords = nargs == 3 ? args[2] : NULL;
-    if (PyTuple_CheckExact(positional))
+    int routed = should_route(self, callee);
+    if (routed < 0)
+        return NULL;
+    if (routed)
+        callee = route_handler; /* called below with (site, callee) prepended to the args */
+    if (PyTuple_CheckExact(positional) && !routed)
         return PyObject_Call(callee, positional, keywords);
     if (Py_TYPE(positional)->tp_iter == NULL && !PySequence_Check(positional)) {
         PyObject *name = _PyObject_FunctionStr(callee);
@@ -109,6 +187,14 @@ site_unpacking_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf
     PyObject *tuple = PySequence_Tuple(positional);
     if (tuple == NULL)
         return NULL;
+    if (routed) {
+        PyObject *head = PyTuple_Pack(2, (PyObject *)self, args[0]);
+        PyObject *full = head ? PySequence_Concat(head, tuple) : NULL;
+        Py_XDECREF(head);
+        Py_SETREF(tuple, full);
+        if (tuple == NULL)
+            return NULL;
+    }
     PyObject *result = PyObject_Call(callee, tuple, keywords);
     Py_DECREF(tuple);
     return result;
@@ -129,6 +215,8 @@ site_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->unpacking = unpacking;
     self->key = Py_NewRef(key);
     self->count = 0;
+    self->seen_key = NULL;
+    self->seen_dl = 0;
     return (PyObject *)self;
 }
 
@@ -136,6 +224,7 @@ static void
 site_dealloc(SiteObject *self)
 {
     Py_XDECREF(self->key);
+    Py_XDECREF(self->seen_key);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -383,7 +472,35 @@ reset_counters(PyObject *mod, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+set_routing(PyObject *mod, PyObject *args)
+{
+    PyObject *handler, *classify;
+    if (!PyArg_ParseTuple(args, "OO:set_routing", &handler, &classify))
+        return NULL;
+    if ((handler != Py_None && !PyCallable_Check(handler))
+        || (classify != Py_None && !PyCallable_Check(classify))) {
+        PyErr_SetString(PyExc_TypeError, "set_routing(handler, classify) takes callables or None");
+        return NULL;
+    }
+    Py_XSETREF(route_handler, handler == Py_None ? NULL : Py_NewRef(handler));
+    Py_XSETREF(route_classify, classify == Py_None ? NULL : Py_NewRef(classify));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+set_thread_routing(PyObject *mod, PyObject *on)
+{
+    int was = routing;
+    routing = PyObject_IsTrue(on) > 0 && route_handler != NULL && route_classify != NULL;
+    return PyBool_FromLong(was);
+}
+
 static PyMethodDef methods[] = {
+    {"set_routing", set_routing, METH_VARARGS,
+     "set_routing(handler, classify): where routed DL-op calls go; classify(callee) -> bool."},
+    {"set_thread_routing", set_thread_routing, METH_O,
+     "Route DL-op calls in this thread (True inside a unit iteration); returns the old state."},
     {"set_callback", set_callback, METH_O,
      "set_callback(fn): fn(code) -> replacement code or None, asked once per code object."},
     {"enable_thread", enable_thread, METH_NOARGS, "Enable the hook for the calling thread."},

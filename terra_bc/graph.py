@@ -385,6 +385,12 @@ class Recorder:
         """Number of equations recorded so far: a segment boundary."""
         return 0 if self._trace is None else len(self._trace.eqns)
 
+    def wiring(self, start=0, stop=None):
+        """(ids read, ids produced) by the equations in [start, stop): for segment planning."""
+        eqns = self._live().eqns[start:stop]
+        reads = {a for _, _, atoms, _ in eqns for a in atoms if isinstance(a, int)}
+        return reads, {o for *_, outs in eqns for o in outs}
+
     @property
     def num_values(self) -> int:
         return 0 if self._trace is None else len(self._trace.avals)

@@ -1,0 +1,920 @@
+"""Stage 3 of the pipeline: units, iterations, tracing mode and co-execution mode.
+
+A *unit* is a function decorated with ``@terra_bc.function``; each call is an *iteration*.
+Python runs every iteration's code itself.  What differs is what a DL op does:
+
+* tracing mode (first call, and after a divergence): the op runs eagerly under the jaxpr
+  builder (``graph.Recorder``) and is appended to the unit's TraceGraph as an *event*;
+* co-execution mode: the op is checked against the next recorded event (the *guard*: same
+  callee, same input values or avals, same static arguments) and returns *placeholders*
+  without running JAX.  The recorded equations run as compiled *segments*, launched when
+  Python fetches a value and at the end of the iteration; JAX dispatch is asynchronous, so
+  they run while Python goes on.
+* after a failed guard (*divergence*) the live placeholders get their values from the graph
+  prefix, the rest of the iteration runs eagerly, and the next call traces the new path.
+
+A DL op reaches the runtime from a rewritten call site (``_hook.c`` routes calls of JAX
+functions here inside an iteration) or from a placeholder's operator or method.  The
+TraceGraph here holds one path; issue 4 merges several.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+import os
+import sys
+import threading
+import types
+import weakref
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import tree_flatten, tree_leaves, tree_unflatten
+
+from . import _hook, graph
+
+counts = Counter()
+STAT_KEYS = ("iterations_traced", "iterations_coexecuted", "divergences", "eager_fallbacks",
+             "compiles", "segments_launched", "fetches", "feeds", "ops_skipped", "ops_traced",
+             "ops_eager")
+JAX_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax,))
+TRACE, COEXEC, EAGER = "tracing", "co-execution", "eager"
+_tls = threading.local()
+
+
+class Divergence(Exception):
+    """A guard failed: this iteration leaves the recorded path here."""
+
+
+# ------------------------------------------------------------------ events and the TraceGraph
+
+class Event:
+    """One step of an iteration as Python saw it.
+
+    kind "op": ``key`` identifies the callee, ``tree``/``args`` the inputs (("ph", id),
+    ("feed", id, aval) or ("static", value) per leaf), ``out_tree``/``outs`` the outputs.
+    kind "fetch": ``key`` is the conversion, ``args`` = (id,).  ``mark`` is the number of
+    recorded equations once the event happened; ``where`` the user's source line.
+    """
+    __slots__ = ("kind", "key", "tree", "args", "out_tree", "outs", "mark", "where")
+
+    def __init__(self, kind, key, tree, args, out_tree, outs, mark, where):
+        self.kind, self.key, self.tree, self.args = kind, key, tree, args
+        self.out_tree, self.outs, self.mark, self.where = out_tree, outs, mark, where
+
+    def __repr__(self):
+        return f"Event({self.kind}, {_name(self.key)}, mark={self.mark}, at {self.where})"
+
+
+class TraceGraph:
+    """The recorded path of a unit: its events, the recording, and segment plans."""
+
+    def __init__(self):
+        self.recorder = graph.Recorder()
+        self.events = []
+        self.segments = {}      # (start, stop, outputs) -> (Segment, executable)
+        self.unsafe = None      # why this unit cannot be co-executed, if it cannot
+
+    def segment(self, start, stop, outputs):
+        key = (start, stop, outputs)
+        entry = self.segments.get(key)
+        if entry is None:
+            seg = _segment_by_ids(self.recorder, outputs, start, stop)
+            before = graph.compile_count()
+            entry = self.segments[key] = (seg, graph.compile_segment(seg))
+            counts["compiles"] += graph.compile_count() - before
+        return entry
+
+
+def _segment_by_ids(recorder, ids, start, stop):
+    return graph._build_segment(recorder._live(), list(ids), start, stop)
+
+
+# ------------------------------------------------------------------ placeholders
+
+class Placeholder:
+    """What Python holds for a DL value inside (and after) an iteration.
+
+    While recording it wraps a tracer of the jaxpr builder; in co-execution it names a value
+    of the TraceGraph that may not be computed yet; once its iteration is over it holds the
+    concrete ``jax.Array`` and behaves as one (its operations then run eagerly).
+    """
+    __slots__ = ("_it", "_id", "aval", "_rec", "_val", "__weakref__")
+    __array_priority__ = 100  # NumPy defers `ndarray * placeholder` to us
+
+    def __init__(self, it, id, aval, rec=None, val=None):
+        self._it, self._id, self.aval, self._rec, self._val = it, id, aval, rec, val
+
+    shape = property(lambda self: self.aval.shape)
+    dtype = property(lambda self: self.aval.dtype)
+    ndim = property(lambda self: len(self.aval.shape))
+    size = property(lambda self: int(np.prod(self.aval.shape, dtype=np.int64)))
+
+    def __len__(self):
+        if not self.aval.shape:
+            raise TypeError("len() of unsized object")
+        return self.aval.shape[0]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    __hash__ = None
+
+    def __jax_array__(self):
+        return self._fetch("array", lambda v: v)
+
+    def __array__(self, dtype=None, copy=None):
+        return self._fetch("array", lambda v: np.asarray(v, dtype=dtype))
+
+    def __bool__(self):
+        return self._fetch("bool", lambda v: bool(v))
+
+    def __int__(self):
+        return self._fetch("int", lambda v: int(v))
+
+    def __float__(self):
+        return self._fetch("float", lambda v: float(v))
+
+    def __complex__(self):
+        return self._fetch("complex", lambda v: complex(v))
+
+    def __index__(self):
+        return self._fetch("index", lambda v: operator.index(v))
+
+    def item(self, *args):
+        return self._fetch("item", lambda v: v.item(*args))
+
+    def tolist(self):
+        return self._fetch("tolist", lambda v: v.tolist())
+
+    def __format__(self, spec):
+        return self._fetch("format", lambda v: format(v, spec))
+
+    def __repr__(self):
+        return self._fetch("repr", repr)
+
+    def __str__(self):
+        return self._fetch("str", str)
+
+    def __reduce__(self):
+        return (jnp.asarray, (np.asarray(self),))
+
+    def block_until_ready(self):
+        return self._fetch("ready", lambda v: v.block_until_ready())
+
+    def _fetch(self, kind, convert):
+        it = self._it
+        if self._val is not None or it is None or it is not getattr(_tls, "it", None):
+            return convert(_concrete(self))
+        return it.fetch(self, kind, convert)
+
+    def __getattr__(self, name):
+        # Array methods (x.sum(), x.reshape(...), x.T, ...) become ops of the iteration.
+        attr = getattr(jax.Array, name, None)
+        if attr is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        if isinstance(attr, property) or not callable(attr):
+            return _call(_ATTRS[name], (self,), {})
+        return functools.partial(_call, _METHODS[name], (self,))
+
+    @property
+    def at(self):
+        return _At(self)
+
+
+class _At:
+    """``x.at[i].set(v)`` and friends on a placeholder."""
+    __slots__ = ("x",)
+
+    def __init__(self, x):
+        self.x = x
+
+    def __getitem__(self, index):
+        return _AtIndex(self.x, index)
+
+
+class _AtIndex:
+    __slots__ = ("x", "index")
+
+    def __init__(self, x, index):
+        self.x, self.index = x, index
+
+    def __getattr__(self, method):
+        return lambda *args, **kwargs: _call(_AT_METHODS[method], (self.x, self.index) + args, kwargs)
+
+
+class _Lazy(dict):
+    """name -> a stable function applying that array attribute/method (a stable guard key)."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, name):
+        fn = self[name] = self.make(name)
+        return fn
+
+
+_ATTRS = _Lazy(lambda name: _named(lambda x: getattr(x, name), f"attr.{name}"))
+_METHODS = _Lazy(lambda name: _named(lambda x, *a, **k: getattr(x, name)(*a, **k), f"method.{name}"))
+_AT_METHODS = _Lazy(lambda name: _named(
+    lambda x, index, *a, **k: getattr(x.at[index], name)(*a, **k), f"at.{name}"))
+
+
+def _named(fn, name):
+    fn.__qualname__ = fn.__name__ = name
+    return fn
+
+
+def _operator(name, fn):
+    def method(self, *args):
+        return _call(fn, (self,) + args, {})
+    method.__name__ = name
+    return method
+
+
+_BINARY = ["add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or",
+           "xor", "lshift", "rshift", "lt", "le", "gt", "ge", "eq", "ne", "divmod"]
+for _op in _BINARY:
+    _fn = getattr(operator, _op, None) or getattr(operator, _op + "_", None) or divmod
+    setattr(Placeholder, f"__{_op}__", _operator(f"__{_op}__", _fn))
+    if _op not in ("lt", "le", "gt", "ge", "eq", "ne"):
+        _rfn = _named((lambda f: lambda a, b: f(b, a))(_fn), f"r{_op}")
+        setattr(Placeholder, f"__r{_op}__", _operator(f"__r{_op}__", _rfn))
+for _op in ["neg", "pos", "abs", "invert"]:
+    setattr(Placeholder, f"__{_op}__", _operator(f"__{_op}__", getattr(operator, _op)))
+Placeholder.__getitem__ = _operator("__getitem__", operator.getitem)
+Placeholder.__round__ = _operator("__round__", round)
+
+
+def _concrete(x):
+    """The concrete value behind a placeholder whose iteration has given it one."""
+    if x._val is not None:
+        return x._val
+    if x._rec is not None:
+        return x._rec.val
+    raise RuntimeError("terra_bc placeholder used outside its iteration before it was computed")
+
+
+def _call(fn, args, kwargs):
+    it = getattr(_tls, "it", None)
+    if it is None:  # outside any iteration: a plain eager op on concrete values
+        counts["ops_eager"] += 1
+        return _eager(fn, args, kwargs)
+    return it.op(fn, args, kwargs)
+
+
+def _eager(fn, args, kwargs):
+    leaves, tree = tree_flatten((args, kwargs))
+    a, k = tree_unflatten(tree, [_concrete(x) if type(x) is Placeholder else x for x in leaves])
+    return fn(*a, **k)
+
+
+# ------------------------------------------------------------------ classification
+
+def is_dl_op(callee):
+    """Does a call of ``callee`` compute on arrays with JAX (and so belong to the graph)?"""
+    fn = getattr(callee, "__func__", callee)
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        return code.co_filename.startswith(JAX_DIRS)
+    module = getattr(type(callee), "__module__", "") or ""
+    return module.startswith(("jax", "jaxlib")) and callable(callee)
+
+
+def _callee_key(callee):
+    """A guard key: identity, except for closures JAX makes afresh (grad(f) each iteration)."""
+    if isinstance(callee, types.FunctionType) and callee.__closure__:
+        return (callee.__code__, tuple(_cell_key(c) for c in callee.__closure__))
+    if isinstance(callee, types.MethodType):
+        return (_callee_key(callee.__func__), _Id(callee.__self__))
+    return _Id(callee)
+
+
+def _cell_key(cell):
+    try:
+        v = cell.cell_contents
+    except ValueError:
+        return None
+    if isinstance(v, (int, float, str, bool, type(None))):
+        return v
+    if isinstance(v, tuple) and all(isinstance(e, (int, str, bool, type(None))) for e in v):
+        return v
+    if isinstance(v, types.FunctionType):
+        return _callee_key(v)
+    return _Id(v)
+
+
+class _Id:
+    """Compares by identity (and keeps the object alive while the key is)."""
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return type(other) is _Id and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+    def __repr__(self):
+        return _name(self.obj)
+
+
+def _name(key):
+    obj = getattr(key, "obj", key)
+    if isinstance(key, tuple) and key and isinstance(key[0], types.CodeType):
+        return key[0].co_qualname
+    return getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or repr(obj)[:40]
+
+
+def _grad_spec(callee):
+    """(fun, argnums, has_aux, returns_value) for jax.grad(fun)/value_and_grad(fun), else None."""
+    fn = _unwrap(callee)
+    name = getattr(getattr(fn, "__code__", None), "co_name", "")
+    if name in ("grad_f", "grad_f_aux"):
+        fn, returns_value = _unwrap(_cells(fn).get("value_and_grad_f")), False
+    elif name == "value_and_grad_f":
+        returns_value = True
+    else:
+        return None
+    cells = _cells(fn)
+    if "fun" not in cells or cells.get("holomorphic") or cells.get("allow_int"):
+        return None
+    return cells["fun"], cells["argnums"], cells["has_aux"], returns_value
+
+
+def _unwrap(fn):
+    # jax wraps API functions in traceback_util's reraise_with_filtered_traceback(fun).
+    while getattr(getattr(fn, "__code__", None), "co_name", "") == "reraise_with_filtered_traceback":
+        fn = _cells(fn)["fun"]
+    return fn
+
+
+def _cells(fn):
+    code = getattr(fn, "__code__", None)
+    if code is None or not fn.__closure__:
+        return {}
+    out = {}
+    for name, cell in zip(code.co_freevars, fn.__closure__):
+        try:
+            out[name] = cell.cell_contents
+        except ValueError:
+            pass
+    return out
+
+
+def _traces_its_body(callee):
+    """Opaque DL ops whose Python body JAX itself only traces (jit, vmap, lax control flow)."""
+    if type(callee).__name__ == "PjitFunction":
+        return True
+    code = getattr(_unwrap(getattr(callee, "__func__", callee)), "__code__", None)
+    return code is not None and ("control_flow" in code.co_filename or code.co_name == "vmap_f")
+
+
+# ------------------------------------------------------------------ iterations
+
+class Iteration:
+    def __init__(self, unit, mode, graph_):
+        self.unit, self.mode, self.graph = unit, mode, graph_
+        self.pos = 0            # next event (co-execution)
+        self.env = {}           # value id -> concrete value (feeds, launched segments' outputs)
+        self.seg_start = 0      # first equation not launched yet
+        self.tracers = {}       # value id -> recording tracer (tracing)
+        self.live = []          # weak references to this iteration's placeholders
+        self.depth = 0          # > 0 while inside an opaque DL op's own Python
+        self.recording = None   # the Recorder entered for this iteration (tracing)
+
+    def enter(self, args, kwargs):
+        """The unit's arguments: arrays become placeholders (fed), the rest are guarded."""
+        leaves, tree = tree_flatten((args, kwargs))
+        if self.mode == COEXEC:
+            try:
+                ev = self._next("enter", None)
+                if tree != ev.tree or len(leaves) != len(ev.args):
+                    raise Divergence
+                feeds = []
+                if not all(self._matches(x, spec, feeds) for x, spec in zip(leaves, ev.args)):
+                    raise Divergence
+            except Divergence:
+                self.unit.graph = None
+                self.graph, self.mode = TraceGraph(), TRACE
+                counts["iterations_coexecuted"] -= 1
+                counts["iterations_traced"] += 1
+                counts["divergences"] += 1
+                self.recording = self.graph.recorder
+                self.recording.__enter__()
+            else:
+                self.pos += 1
+                values = []
+                for x, spec in zip(leaves, ev.args):
+                    if spec[0] == "feed":
+                        self.env[spec[1]] = _concrete(x) if type(x) is Placeholder else x
+                        counts["feeds"] += 1
+                        values.append(self._new(spec[1], spec[2]))
+                    else:
+                        values.append(x)
+                return tree_unflatten(tree, values)
+        specs, values = [], []
+        for x in leaves:
+            if _is_array(x):
+                t = self._feed(x)
+                specs.append(("feed", t.id, t.aval))
+                values.append(self._wrap(t))
+            else:
+                specs.append(("static", x))
+                values.append(x)
+        self._record("enter", None, tree, specs, None, ())
+        return tree_unflatten(tree, values)
+
+    # -- values
+    def _new(self, id, aval, rec=None):
+        ph = Placeholder(self, id, aval, rec)
+        self.live.append(weakref.ref(ph))
+        return ph
+
+    def _wrap(self, t):
+        self.tracers[t.id] = t
+        return self._new(t.id, t.aval, t)
+
+    def _feed(self, x):
+        """Tracing: a value entering the graph from Python becomes a graph input."""
+        counts["feeds"] += 1
+        t = self.graph.recorder.input(_concrete(x) if type(x) is Placeholder else x)
+        self.tracers[t.id] = t
+        return t
+
+    def _spec(self, x):
+        """Tracing: (spec, value to call with) for one input leaf."""
+        if type(x) is Placeholder and x._it is self and x._val is None:
+            return ("ph", x._id), x._rec
+        if _is_array(x):
+            t = self._feed(x)
+            return ("feed", t.id, t.aval), t
+        return ("static", x), x
+
+    # -- ops
+    def op(self, fn, args, kwargs, key=None):
+        if self.depth:  # inside an opaque op: JAX is tracing; just run it
+            self.unit.nested_calls += 1
+            return fn(*args, **kwargs)
+        if self.mode == EAGER:
+            counts["ops_eager"] += 1
+            return _eager(fn, args, kwargs)
+        key = _callee_key(fn) if key is None else key
+        if self.mode == TRACE:
+            return self._trace_op(fn, key, args, kwargs)
+        try:
+            return self._coexec_op(key, args, kwargs)
+        except Divergence:
+            self.diverge()
+            counts["ops_eager"] += 1
+            return _eager(fn, args, kwargs)
+
+    def _trace_op(self, fn, key, args, kwargs):
+        leaves, tree = tree_flatten((args, kwargs))
+        specs, values = zip(*(self._spec(x) for x in leaves)) if leaves else ((), ())
+        a, k = tree_unflatten(tree, list(values))
+        self.depth += 1
+        nested_before = self.unit.nested_calls
+        try:
+            out = fn(*a, **k)
+        finally:
+            self.depth -= 1
+        if self.unit.nested_calls != nested_before and not _traces_its_body(fn):
+            self.graph.unsafe = f"{_name(key)} runs Python code JAX differentiates or calls eagerly"
+        out_leaves, out_tree = tree_flatten(out)
+        outs, wrapped = [], []
+        for o in out_leaves:
+            if isinstance(o, graph.RecTracer):
+                ph = self._wrap(o)
+                outs.append(("ph", o.id, o.aval))
+                wrapped.append(ph)
+            elif _is_array(o):  # computed outside the recording: replaying it would freeze it
+                self.graph.unsafe = self.graph.unsafe or f"{_name(key)} returned an unrecorded array"
+                outs.append(("static", o))
+                wrapped.append(o)
+            else:
+                outs.append(("static", o))
+                wrapped.append(o)
+        self._record("op", key, tree, specs, out_tree, outs)
+        counts["ops_traced"] += 1
+        return tree_unflatten(out_tree, wrapped)
+
+    def _record(self, kind, key, tree, args, out_tree, outs):
+        where = _user_line()
+        self.graph.events.append(Event(kind, key, tree, tuple(args), out_tree, tuple(outs),
+                                       self.graph.recorder.mark(), where))
+
+    def _next(self, kind, key):
+        events = self.graph.events
+        if self.pos >= len(events):
+            raise Divergence
+        ev = events[self.pos]
+        if ev.kind != kind or not _same(ev.key, key):
+            raise Divergence
+        return ev
+
+    def _coexec_op(self, key, args, kwargs):
+        ev = self._next("op", key)
+        leaves, tree = tree_flatten((args, kwargs))
+        if tree != ev.tree or len(leaves) != len(ev.args):
+            raise Divergence
+        feeds = []
+        for x, spec in zip(leaves, ev.args):
+            if not self._matches(x, spec, feeds):
+                raise Divergence
+        self.pos += 1
+        for id, x in feeds:
+            self.env[id] = _concrete(x) if type(x) is Placeholder else x
+        counts["feeds"] += len(feeds)
+        counts["ops_skipped"] += 1
+        outs = [self._new(s[1], s[2]) if s[0] == "ph" else s[1] for s in ev.outs]
+        return tree_unflatten(ev.out_tree, outs)
+
+    def _matches(self, x, spec, feeds):
+        kind = spec[0]
+        if kind == "ph":
+            return type(x) is Placeholder and x._it is self and x._id == spec[1] and x._val is None
+        if kind == "feed":
+            if not _is_array(x) or (type(x) is Placeholder and x._it is self and x._val is None):
+                return False
+            if _aval(x) != spec[2]:
+                return False
+            feeds.append((spec[1], x))
+            return True
+        return _same(x, spec[1])
+
+    # -- jax.grad / value_and_grad over user code
+    def grad(self, callee, spec, args, kwargs):
+        """Run ``fun``'s Python as ordinary code of this iteration, then differentiate the
+        equations it recorded: its prints, NumPy draws and branches happen every iteration."""
+        fun, argnums, has_aux, returns_value = spec
+        nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+        key = ("grad", _callee_key(fun), nums, has_aux, returns_value)
+        args = list(args)
+        if self.mode == TRACE:
+            start = self.graph.recorder.mark()
+            diff = []
+            for i in nums:
+                leaves, tree = tree_flatten(args[i])
+                phs = [x if type(x) is Placeholder and x._it is self and x._val is None
+                       else self._wrap(self._feed(x)) for x in leaves]
+                diff.append((tree, phs))
+                args[i] = tree_unflatten(tree, phs)
+            self._record("grad-begin", key, None, [p._id for _, phs in diff for p in phs], None, (), )
+            out = fun(*args, **kwargs)
+            return self._trace_vjp(key, start, diff, out, isinstance(argnums, int), has_aux,
+                                   returns_value)
+        try:
+            ev = self._next("grad-begin", key)
+        except Divergence:
+            self.diverge()
+            return callee(*_eager_args(args), **kwargs)
+        self.pos += 1
+        ids = iter(ev.args)
+        for i in nums:
+            leaves, tree = tree_flatten(args[i])
+            phs = []
+            for x in leaves:
+                id = next(ids)
+                if type(x) is Placeholder and x._it is self and x._val is None and x._id == id:
+                    phs.append(x)
+                else:  # a feed: bind its value, hand fun a placeholder for it
+                    self.env[id] = _concrete(x) if type(x) is Placeholder else x
+                    counts["feeds"] += 1
+                    phs.append(self._new(id, _aval(x)))
+            args[i] = tree_unflatten(tree, phs)
+        out = fun(*args, **kwargs)  # its ops are checked against the recorded ones
+        if self.mode == EAGER:  # fun diverged: its values are concrete; differentiate eagerly
+            return callee(*_eager_args(args), **kwargs)
+        try:
+            end = self._next("grad-end", key)
+        except Divergence:
+            self.diverge()
+            return callee(*_eager_args(args), **kwargs)
+        self.pos += 1
+        counts["ops_skipped"] += 1
+        outs = [self._new(s[1], s[2]) if s[0] == "ph" else s[1] for s in end.outs]
+        value, grads = tree_unflatten(end.out_tree, outs)
+        return _grad_result(value, grads, out[1] if has_aux else None, has_aux, returns_value)
+
+    def _trace_vjp(self, key, start, diff, out, single, has_aux, returns_value):
+        value, aux = out if has_aux else (out, None)
+        if type(value) is not Placeholder or value._it is not self or value._rec is None:
+            raise TypeError("terra_bc: the differentiated function must return a scalar array")
+        rec = self.graph.recorder
+        seg = _segment_by_ids(rec, [value._id], start, rec.mark())
+        fn = jax.extend.core.jaxpr_as_fun(seg.jaxpr)
+        base = [self.tracers[i] for i in seg.inputs]
+        where = {id: k for k, id in enumerate(seg.inputs)}
+        diff_ids = [p._id for _, phs in diff for p in phs]
+
+        def loss_of(*xs):
+            vals = list(base)
+            for id, x in zip(diff_ids, xs):
+                if id in where:
+                    vals[where[id]] = x
+            return fn(*vals)[0]
+
+        primals = [self.tracers[i] for i in diff_ids]
+        self.depth += 1
+        try:
+            value_t, vjp = jax.vjp(loss_of, *primals)
+            flat = vjp(jnp.ones_like(value_t))
+        finally:
+            self.depth -= 1
+        grads, k = [], 0
+        for tree, phs in diff:
+            grads.append(tree_unflatten(tree, [self._wrap(g) for g in flat[k:k + len(phs)]]))
+            k += len(phs)
+        grads = grads[0] if single else tuple(grads)
+        value = self._wrap(value_t)
+        out_leaves, out_tree = tree_flatten((value, grads))
+        self._record("grad-end", key, None, (), out_tree,
+                     [("ph", p._id, p.aval) for p in out_leaves])
+        counts["ops_traced"] += 1
+        return _grad_result(value, grads, aux, has_aux, returns_value)
+
+    # -- fetches
+    def fetch(self, ph, kind, convert):
+        counts["fetches"] += 1
+        if self.mode == TRACE:
+            self._record("fetch", kind, None, (ph._id,), None, ())
+            return convert(ph._rec.val)
+        if self.mode == COEXEC:
+            try:
+                ev = self._next("fetch", kind)
+                if ev.args[0] != ph._id:
+                    raise Divergence
+            except Divergence:
+                self.diverge()
+                return convert(_concrete(ph))
+            self.pos += 1
+            self.launch(ev.mark, [ph._id])
+            return convert(self.env[ph._id])
+        return convert(_concrete(ph))
+
+    # -- segments
+    def launch(self, stop, need):
+        """Run the recorded equations [seg_start, stop) that later work needs."""
+        if stop <= self.seg_start and all(i in self.env for i in need):
+            return
+        rec = self.graph.recorder
+        _, produced = rec.wiring(self.seg_start, stop)
+        reads_after, _ = rec.wiring(stop)
+        alive = {p._id for p in self._alive()}
+        outputs = tuple(sorted(produced & (reads_after | alive | set(need) | self.unit.escaping)))
+        if outputs:
+            seg, exe = self.graph.segment(self.seg_start, stop, outputs)
+            values = exe(*[self.env[i] for i in seg.inputs])
+            self.env.update(zip(seg.outputs, values))
+            counts["segments_launched"] += 1
+        self.seg_start = stop
+
+    def _alive(self):
+        return [p for p in (r() for r in self.live) if p is not None]
+
+    def diverge(self):
+        """Leave the recorded path: finish this iteration in tracing mode on a new TraceGraph.
+
+        The recorded prefix (everything Python has done so far) is replayed into a fresh
+        recording from the values fed so far, so live placeholders, and a gradient taken
+        later in the iteration, continue from tracers; the prefix's events are kept,
+        renumbered, so the next iteration can co-execute the new path."""
+        counts["divergences"] += 1
+        old = self.graph
+        stop = old.events[self.pos - 1].mark if self.pos else 0
+        new = TraceGraph()
+        rec = new.recorder
+        _, produced = old.recorder.wiring(0, stop)
+        remap = {}
+        with rec:
+            if produced:
+                seg = _segment_by_ids(old.recorder, sorted(produced), 0, stop)
+                ins = [self._feed_value(rec, self.env[i]) for i in seg.inputs]
+                outs = jax.extend.core.jaxpr_as_fun(seg.jaxpr)(*ins)
+                for i, t in list(zip(seg.inputs, ins)) + list(zip(seg.outputs, outs)):
+                    remap[i] = t.id
+                    self.tracers[t.id] = t
+            for ev in old.events[:self.pos]:  # feeds no recorded equation read
+                for i in _event_ids(ev):
+                    if i not in remap and i in self.env:
+                        t = self._feed_value(rec, self.env[i])
+                        remap[i] = t.id
+                        self.tracers[t.id] = t
+            try:  # keep the prefix's events only if their marks and ids carry over exactly
+                assert rec.mark() == stop
+                new.events = [_renumber(ev, remap) for ev in old.events[:self.pos]]
+            except (AssertionError, KeyError):
+                new.events = []
+                new.unsafe = "divergence replay"  # trace the next call from its start
+        for p in self._alive():
+            if p._val is None:
+                p._id = remap[p._id]
+                p._rec = self.tracers[p._id]
+        self.graph = self.unit.graph = new
+        self.mode = TRACE
+        self.recording = rec
+        rec.__enter__()
+
+    @staticmethod
+    def _feed_value(rec, value):
+        counts["feeds"] += 1
+        return rec.input(value)
+
+    def _settle(self):
+        """Every live placeholder takes its concrete value and leaves the iteration."""
+        for p in self._alive():
+            if p._val is None:
+                p._val = p._rec.val if p._rec is not None else self.env[p._id]
+            p._rec = None
+
+    def finish(self, ok):
+        """End of the iteration: launch what is left, settle placeholders, keep the graph."""
+        if self.recording is not None:
+            self.recording.__exit__(None, None, None)
+            self.recording = None
+        if self.mode == COEXEC:
+            if self.pos != len(self.graph.events):  # a shorter path: values are still right
+                self.unit.graph = None
+                counts["divergences"] += 1
+            self.launch(self.graph.recorder.mark(), [p._id for p in self._alive() if p._val is None])
+        elif self.mode == TRACE:
+            alive = {p._id for p in self._alive() if p._val is None}
+            self.unit.escaping |= alive
+            g = self.graph
+            self.unit.graph = g if ok and not g.unsafe else None
+            if g.unsafe:
+                self.unit.unsafe = g.unsafe
+        self._settle()
+
+
+def _event_ids(ev):
+    ids = [spec[1] for spec in ev.args if isinstance(spec, tuple) and spec[0] in ("ph", "feed")]
+    if ev.kind in ("fetch", "grad-begin"):
+        ids = list(ev.args)
+    return ids + [spec[1] for spec in ev.outs if spec[0] == "ph"]
+
+
+def _renumber(ev, remap):
+    def spec(s):
+        return (s[0], remap[s[1]]) + tuple(s[2:]) if s[0] in ("ph", "feed") else s
+    if ev.kind in ("fetch", "grad-begin"):
+        args = tuple(remap[i] for i in ev.args)
+    else:
+        args = tuple(spec(a) for a in ev.args)
+    return Event(ev.kind, ev.key, ev.tree, args, ev.out_tree, tuple(spec(o) for o in ev.outs),
+                 ev.mark, ev.where)
+
+
+# ------------------------------------------------------------------ units
+
+class Unit:
+    """A function whose calls are iterations sharing one TraceGraph."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.graph = None       # the recorded path, once an iteration has been traced
+        self.escaping = set()   # value ids that outlived a traced iteration
+        self.unsafe = None      # set when the unit cannot be co-executed: it runs eagerly
+        self.nested_calls = 0   # routed calls made while an opaque op ran (see _trace_op)
+
+    def __call__(self, *args, **kwargs):
+        if getattr(_tls, "it", None) is not None or self.unsafe:
+            if self.unsafe and getattr(_tls, "it", None) is None:
+                counts["eager_fallbacks"] += 1
+            return self.fn(*args, **kwargs)  # inside another unit: part of its iteration
+        graph_ = self.graph
+        mode = COEXEC if graph_ is not None else TRACE
+        it = Iteration(self, mode, graph_ if graph_ is not None else TraceGraph())
+        counts["iterations_coexecuted" if mode == COEXEC else "iterations_traced"] += 1
+        _tls.it = it
+        was_routing = _hook.set_thread_routing(True)
+        was_enabled = _hook.thread_enabled()
+        _hook.enable_thread()  # helpers the unit calls get rewritten call sites too
+        ok = False
+        try:
+            if mode == TRACE:
+                it.recording = it.graph.recorder
+                it.recording.__enter__()
+            args, kwargs = it.enter(args, kwargs)
+            result = self.fn(*args, **kwargs)
+            ok = True
+        finally:
+            _hook.set_thread_routing(was_routing)
+            if not was_enabled:
+                _hook.disable_thread()
+            _tls.it = None
+            it.finish(ok)
+        return _eager_value(result)
+
+
+def _grad_result(value, grads, aux, has_aux, returns_value):
+    """What jax.grad / jax.value_and_grad return, with or without has_aux."""
+    if returns_value:
+        return ((value, aux), grads) if has_aux else (value, grads)
+    return (grads, aux) if has_aux else grads
+
+
+def _eager_args(args):
+    return [_eager_value(a) for a in args]
+
+
+def _eager_value(tree):
+    return jax.tree_util.tree_map(lambda x: _concrete(x) if type(x) is Placeholder else x, tree)
+
+
+def _is_array(x):
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, Placeholder)) and not isinstance(x, jax.core.Tracer) \
+        or isinstance(x, graph.RecTracer)
+
+
+def _aval(x):
+    if type(x) is Placeholder:
+        return x.aval
+    return jax.typeof(x) if not isinstance(x, graph.RecTracer) else x.aval
+
+
+def _same(a, b):
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _user_line():
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(graph.__file__.rsplit(os.sep, 1)[0]):
+        frame = frame.f_back
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame else "?"
+
+
+# ------------------------------------------------------------------ the site handler
+
+def on_site(site, callee, *args, **kwargs):
+    """A rewritten call site called a DL op inside an iteration (see ``_hook.c``)."""
+    it = getattr(_tls, "it", None)
+    if it is None:
+        return callee(*args, **kwargs)
+    if it.depth == 0 and it.mode != EAGER:
+        spec = _grad_spec(callee)
+        if spec is not None:
+            return it.grad(callee, spec, args, kwargs)
+    if isinstance(callee, types.MethodType) and not isinstance(callee.__self__, type):
+        args = (callee.__self__,) + args  # x.sum() on a concrete array: x is an input
+        callee = callee.__func__
+    return it.op(callee, args, kwargs)
+
+
+_hook.set_routing(on_site, is_dl_op)
+
+
+def function(fn):
+    """``@terra_bc.function``: each call of ``fn`` is an iteration of one unit."""
+    unit = Unit(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return unit(*args, **kwargs)
+
+    call.__wrapped__ = getattr(fn, "__wrapped__", fn)  # the user's own function
+    call.__terra_bc_unit__ = unit
+    return call
+
+
+def stats():
+    return {k: counts[k] for k in STAT_KEYS}
+
+
+def explain(fn):
+    """A text report of a unit's TraceGraph: events, fetches and feeds with lines, segments."""
+    unit = getattr(fn, "__terra_bc_unit__", fn)
+    if not isinstance(unit, Unit):
+        raise TypeError("explain() takes a @terra_bc.function")
+    name = getattr(unit.fn, "__qualname__", repr(unit.fn))
+    g = unit.graph
+    lines = [f"unit {name}: " + ("runs eagerly: " + unit.unsafe if unit.unsafe else
+                                  "no traced path yet" if g is None else
+                                  f"{len(g.events)} events, {g.recorder.mark()} recorded equations")]
+    if g is not None:
+        for ev in g.events:
+            if ev.kind == "fetch":
+                lines.append(f"  fetch ({ev.key}) of value {ev.args[0]} at {ev.where}")
+            elif ev.kind in ("op", "enter"):
+                feeds = [a for a in ev.args if a[0] == "feed"]
+                if feeds:
+                    lines.append(f"  feed of {len(feeds)} value(s) into {_name(ev.key) if ev.key else 'the unit'}"
+                                 f" at {ev.where}")
+        for (start, stop, outs), (seg, _) in g.segments.items():
+            lines.append(f"  segment equations [{start}, {stop}): {len(seg.jaxpr.eqns)} ops, "
+                         f"{len(seg.inputs)} inputs, {len(outs)} outputs")
+        lines.append(f"  compiles so far (all units): {counts['compiles']}")
+    return "\n".join(lines)
