@@ -40,7 +40,7 @@ STAT_KEYS = ("iterations_traced", "iterations_coexecuted", "divergences", "eager
              "compiles", "segments_launched", "fetches", "feeds", "ops_skipped", "ops_traced",
              "ops_eager")
 JAX_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax,))
-TRACE, COEXEC, EAGER = "tracing", "co-execution", "eager"
+TRACE, COEXEC = "tracing", "co-execution"
 _tls = threading.local()
 
 
@@ -177,7 +177,8 @@ class Placeholder:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         if isinstance(attr, property) or not callable(attr):
             return _call(_ATTRS[name], (self,), {})
-        return functools.partial(_call, _METHODS[name], (self,))
+        method = _METHODS[name]
+        return lambda *args, **kwargs: _call(method, (self,) + args, kwargs)
 
     @property
     def at(self):
@@ -245,6 +246,9 @@ for _op in _BINARY:
         setattr(Placeholder, f"__r{_op}__", _operator(f"__r{_op}__", _rfn))
 for _op in ["neg", "pos", "abs", "invert"]:
     setattr(Placeholder, f"__{_op}__", _operator(f"__{_op}__", getattr(operator, _op)))
+OPERATORS = {getattr(Placeholder, name).__closure__[0].cell_contents
+             for name in dir(Placeholder) if name.startswith("__") and
+             getattr(getattr(Placeholder, name), "__closure__", None)}
 Placeholder.__getitem__ = _operator("__getitem__", operator.getitem)
 Placeholder.__round__ = _operator("__round__", round)
 
@@ -304,6 +308,8 @@ def _cell_key(cell):
         return v
     if isinstance(v, types.FunctionType):
         return _callee_key(v)
+    if type(v) is Placeholder and v._val is None:
+        return ("value", v._id)  # a closure over this iteration's value: its place in the graph
     return _Id(v)
 
 
@@ -397,7 +403,8 @@ class Iteration:
                 if tree != ev.tree or len(leaves) != len(ev.args):
                     raise Divergence
                 feeds = []
-                if not all(self._matches(x, spec, feeds) for x, spec in zip(leaves, ev.args)):
+                if not all(spec[0] == "static" or self._matches(x, spec, feeds)
+                           for x, spec in zip(leaves, ev.args)):
                     raise Divergence
             except Divergence:
                 self.unit.graph = None
@@ -443,15 +450,19 @@ class Iteration:
     def _feed(self, x):
         """Tracing: a value entering the graph from Python becomes a graph input."""
         counts["feeds"] += 1
-        t = self.graph.recorder.input(_concrete(x) if type(x) is Placeholder else x)
+        if type(x) is Placeholder:
+            x = _concrete(x)
+        elif isinstance(x, graph.RecTracer):  # made outside any event: fed like a concrete array
+            x = x.val
+        t = self.graph.recorder.input(x)
         self.tracers[t.id] = t
         return t
 
-    def _spec(self, x):
+    def _spec(self, x, numbers):
         """Tracing: (spec, value to call with) for one input leaf."""
         if type(x) is Placeholder and x._it is self and x._val is None:
             return ("ph", x._id), x._rec
-        if _is_array(x):
+        if _is_array(x) or numbers and _is_number(x):
             t = self._feed(x)
             return ("feed", t.id, t.aval), t
         return ("static", x), x
@@ -461,22 +472,23 @@ class Iteration:
         if self.depth:  # inside an opaque op: JAX is tracing; just run it
             self.unit.nested_calls += 1
             return fn(*args, **kwargs)
-        if self.mode == EAGER:
-            counts["ops_eager"] += 1
-            return _eager(fn, args, kwargs)
+        if not any(map(_is_array, tree_leaves((args, kwargs)))):
+            # No array in: a constructor (jnp.zeros, PRNGKey) or a transform being made
+            # (jax.grad(f)); run it.  An array it makes enters later ops as a feed.
+            return fn(*args, **kwargs)
         key = _callee_key(fn) if key is None else key
         if self.mode == TRACE:
             return self._trace_op(fn, key, args, kwargs)
         try:
-            return self._coexec_op(key, args, kwargs)
+            return self._coexec_op(key, args, kwargs, fn in OPERATORS)
         except Divergence:
             self.diverge()
-            counts["ops_eager"] += 1
-            return _eager(fn, args, kwargs)
+            return self._trace_op(fn, key, args, kwargs)
 
     def _trace_op(self, fn, key, args, kwargs):
         leaves, tree = tree_flatten((args, kwargs))
-        specs, values = zip(*(self._spec(x) for x in leaves)) if leaves else ((), ())
+        numbers = fn in OPERATORS
+        specs, values = zip(*(self._spec(x, numbers) for x in leaves)) if leaves else ((), ())
         a, k = tree_unflatten(tree, list(values))
         self.depth += 1
         nested_before = self.unit.nested_calls
@@ -518,14 +530,14 @@ class Iteration:
             raise Divergence
         return ev
 
-    def _coexec_op(self, key, args, kwargs):
+    def _coexec_op(self, key, args, kwargs, numbers):
         ev = self._next("op", key)
         leaves, tree = tree_flatten((args, kwargs))
         if tree != ev.tree or len(leaves) != len(ev.args):
             raise Divergence
         feeds = []
         for x, spec in zip(leaves, ev.args):
-            if not self._matches(x, spec, feeds):
+            if not self._matches(x, spec, feeds, numbers):
                 raise Divergence
         self.pos += 1
         for id, x in feeds:
@@ -535,12 +547,13 @@ class Iteration:
         outs = [self._new(s[1], s[2]) if s[0] == "ph" else s[1] for s in ev.outs]
         return tree_unflatten(ev.out_tree, outs)
 
-    def _matches(self, x, spec, feeds):
+    def _matches(self, x, spec, feeds, numbers=False):
         kind = spec[0]
         if kind == "ph":
             return type(x) is Placeholder and x._it is self and x._id == spec[1] and x._val is None
         if kind == "feed":
-            if not _is_array(x) or (type(x) is Placeholder and x._it is self and x._val is None):
+            if not (_is_array(x) or numbers and _is_number(x)) or (
+                    type(x) is Placeholder and x._it is self and x._val is None):
                 return False
             if _aval(x) != spec[2]:
                 return False
@@ -573,9 +586,11 @@ class Iteration:
             ev = self._next("grad-begin", key)
         except Divergence:
             self.diverge()
-            return callee(*_eager_args(args), **kwargs)
+            return self.grad(callee, spec, args, kwargs)
+        begin = self.pos
         self.pos += 1
         ids = iter(ev.args)
+        diff = []
         for i in nums:
             leaves, tree = tree_flatten(args[i])
             phs = []
@@ -587,15 +602,18 @@ class Iteration:
                     self.env[id] = _concrete(x) if type(x) is Placeholder else x
                     counts["feeds"] += 1
                     phs.append(self._new(id, _aval(x)))
+            diff.append((tree, phs))
             args[i] = tree_unflatten(tree, phs)
         out = fun(*args, **kwargs)  # its ops are checked against the recorded ones
-        if self.mode == EAGER:  # fun diverged: its values are concrete; differentiate eagerly
-            return callee(*_eager_args(args), **kwargs)
-        try:
-            end = self._next("grad-end", key)
-        except Divergence:
-            self.diverge()
-            return callee(*_eager_args(args), **kwargs)
+        if self.mode == COEXEC:
+            try:
+                end = self._next("grad-end", key)
+            except Divergence:
+                self.diverge()
+        if self.mode == TRACE:  # fun left the recorded path: differentiate its new recording
+            start = self.graph.events[begin].mark if begin < len(self.graph.events) else 0
+            return self._trace_vjp(key, start, diff, out, isinstance(argnums, int), has_aux,
+                                   returns_value)
         self.pos += 1
         counts["ops_skipped"] += 1
         outs = [self._new(s[1], s[2]) if s[0] == "ph" else s[1] for s in end.outs]
@@ -652,7 +670,8 @@ class Iteration:
                     raise Divergence
             except Divergence:
                 self.diverge()
-                return convert(_concrete(ph))
+                counts["fetches"] -= 1  # counted again by the retry, in tracing mode
+                return self.fetch(ph, kind, convert)
             self.pos += 1
             self.launch(ev.mark, [ph._id])
             return convert(self.env[ph._id])
@@ -820,12 +839,14 @@ def _grad_result(value, grads, aux, has_aux, returns_value):
     return (grads, aux) if has_aux else grads
 
 
-def _eager_args(args):
-    return [_eager_value(a) for a in args]
-
-
 def _eager_value(tree):
     return jax.tree_util.tree_map(lambda x: _concrete(x) if type(x) is Placeholder else x, tree)
+
+
+def _is_number(x):
+    # Python numbers given to an operator (x * lr) are fed, not baked: they change often,
+    # and operators never need them static.  Named functions keep them static (axis=1).
+    return type(x) in (int, float, complex)
 
 
 def _is_array(x):
@@ -864,7 +885,7 @@ def on_site(site, callee, *args, **kwargs):
     it = getattr(_tls, "it", None)
     if it is None:
         return callee(*args, **kwargs)
-    if it.depth == 0 and it.mode != EAGER:
+    if it.depth == 0:
         spec = _grad_spec(callee)
         if spec is not None:
             return it.grad(callee, spec, args, kwargs)
