@@ -44,6 +44,10 @@ TRACE, COEXEC = "tracing", "co-execution"
 _tls = threading.local()
 
 
+_MISS = object()
+_LIVE_REFS = 3  # sys.getrefcount(p) of a placeholder only self.live holds, inside _alive
+
+
 class Divergence(Exception):
     """A guard failed: this iteration leaves the recorded path here."""
 
@@ -58,11 +62,17 @@ class Event:
     kind "fetch": ``key`` is the conversion, ``args`` = (id,).  ``mark`` is the number of
     recorded equations once the event happened; ``where`` the user's source line.
     """
-    __slots__ = ("kind", "key", "tree", "args", "out_tree", "outs", "mark", "where")
+    __slots__ = ("kind", "key", "tree", "args", "out_tree", "outs", "mark", "where", "flat",
+                 "single")
 
-    def __init__(self, kind, key, tree, args, out_tree, outs, mark, where):
+    def __init__(self, kind, key, tree, args, out_tree, outs, mark, where, flat=None):
         self.kind, self.key, self.tree, self.args = kind, key, tree, args
         self.out_tree, self.outs, self.mark, self.where = out_tree, outs, mark, where
+        # For co-execution's fast path: called with `flat` positional leaves and no keywords;
+        # one placeholder out.
+        self.flat = flat
+        self.single = (out_tree is not None and out_tree.num_leaves == 1 and
+                       out_tree.num_nodes == 1 and bool(outs) and outs[0][0] == "ph")
 
     def __repr__(self):
         return f"Event({self.kind}, {_name(self.key)}, mark={self.mark}, at {self.where})"
@@ -294,7 +304,7 @@ def _callee_key(callee):
         return (callee.__code__, tuple(_cell_key(c) for c in callee.__closure__))
     if isinstance(callee, types.MethodType):
         return (_callee_key(callee.__func__), _Id(callee.__self__))
-    return _Id(callee)
+    return callee  # compared with `is` first (see _same)
 
 
 def _cell_key(cell):
@@ -390,7 +400,7 @@ class Iteration:
         self.env = {}           # value id -> concrete value (feeds, launched segments' outputs)
         self.seg_start = 0      # first equation not launched yet
         self.tracers = {}       # value id -> recording tracer (tracing)
-        self.live = []          # weak references to this iteration's placeholders
+        self.live = []          # this iteration's placeholders (see _alive)
         self.depth = 0          # > 0 while inside an opaque DL op's own Python
         self.recording = None   # the Recorder entered for this iteration (tracing)
 
@@ -440,7 +450,7 @@ class Iteration:
     # -- values
     def _new(self, id, aval, rec=None):
         ph = Placeholder(self, id, aval, rec)
-        self.live.append(weakref.ref(ph))
+        self.live.append(ph)
         return ph
 
     def _wrap(self, t):
@@ -464,7 +474,7 @@ class Iteration:
             return ("ph", x._id), x._rec
         if _is_array(x) or numbers and _is_number(x):
             t = self._feed(x)
-            return ("feed", t.id, t.aval), t
+            return ("feed", t.id, t.aval, type(x)), t
         return ("static", x), x
 
     # -- ops
@@ -472,6 +482,10 @@ class Iteration:
         if self.depth:  # inside an opaque op: JAX is tracing; just run it
             self.unit.nested_calls += 1
             return fn(*args, **kwargs)
+        if self.mode == COEXEC and not kwargs:
+            out = self._fast_op(fn, args)
+            if out is not _MISS:
+                return out
         if not any(map(_is_array, tree_leaves((args, kwargs)))):
             # No array in: a constructor (jnp.zeros, PRNGKey) or a transform being made
             # (jax.grad(f)); run it.  An array it makes enters later ops as a feed.
@@ -512,14 +526,16 @@ class Iteration:
             else:
                 outs.append(("static", o))
                 wrapped.append(o)
-        self._record("op", key, tree, specs, out_tree, outs)
+        flat = len(args) if not kwargs and len(leaves) == len(args) and all(
+            a is b for a, b in zip(leaves, args)) else None
+        self._record("op", key, tree, specs, out_tree, outs, flat)
         counts["ops_traced"] += 1
         return tree_unflatten(out_tree, wrapped)
 
-    def _record(self, kind, key, tree, args, out_tree, outs):
+    def _record(self, kind, key, tree, args, out_tree, outs, flat=None):
         where = _user_line()
         self.graph.events.append(Event(kind, key, tree, tuple(args), out_tree, tuple(outs),
-                                       self.graph.recorder.mark(), where))
+                                       self.graph.recorder.mark(), where, flat))
 
     def _next(self, kind, key):
         events = self.graph.events
@@ -529,6 +545,38 @@ class Iteration:
         if ev.kind != kind or not _same(ev.key, key):
             raise Divergence
         return ev
+
+    def _fast_op(self, fn, args):
+        """The common co-executed op, checked without flattening: positional leaves only.
+        Anything unusual returns _MISS and takes the general path, which re-checks."""
+        events = self.graph.events
+        pos = self.pos
+        if pos >= len(events):
+            return _MISS
+        ev = events[pos]
+        if ev.flat != len(args) or ev.kind != "op" or not (ev.key is fn or _same(ev.key, _callee_key(fn))):
+            return _MISS
+        for x, spec in zip(args, ev.args):
+            kind = spec[0]
+            if kind == "ph":
+                if type(x) is not Placeholder or x._id != spec[1] or x._it is not self or x._val is not None:
+                    return _MISS
+            elif kind == "static":
+                if not (x is spec[1] or _same(x, spec[1])):
+                    return _MISS
+            elif not (type(x) is spec[3] and type(x) in (int, float)):
+                return _MISS  # array feeds take the general path (their avals are checked)
+        self.pos = pos + 1
+        for x, spec in zip(args, ev.args):
+            if spec[0] == "feed":  # a Python number given to an operator
+                self.env[spec[1]] = x
+                counts["feeds"] += 1
+        counts["ops_skipped"] += 1
+        if ev.single:
+            out = ev.outs[0]
+            return self._new(out[1], out[2])
+        return tree_unflatten(ev.out_tree, [self._new(o[1], o[2]) if o[0] == "ph" else o[1]
+                                            for o in ev.outs])
 
     def _coexec_op(self, key, args, kwargs, numbers):
         ev = self._next("op", key)
@@ -695,7 +743,8 @@ class Iteration:
         self.seg_start = stop
 
     def _alive(self):
-        return [p for p in (r() for r in self.live) if p is not None]
+        # self.live holds each placeholder once; any other reference means Python kept it.
+        return [p for p in self.live if sys.getrefcount(p) > _LIVE_REFS]
 
     def diverge(self):
         """Leave the recorded path: finish this iteration in tracing mode on a new TraceGraph.
@@ -885,7 +934,8 @@ def on_site(site, callee, *args, **kwargs):
     it = getattr(_tls, "it", None)
     if it is None:
         return callee(*args, **kwargs)
-    if it.depth == 0:
+    code = getattr(callee, "__code__", None)
+    if it.depth == 0 and code is not None and code.co_name == "reraise_with_filtered_traceback":
         spec = _grad_spec(callee)
         if spec is not None:
             return it.grad(callee, spec, args, kwargs)
