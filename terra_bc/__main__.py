@@ -15,11 +15,13 @@ import signal
 import sys
 import types
 
-USAGE = "usage: python -m terra_bc [--scope user|all] [--stats] [--off] (script.py | -m module) [args ...]"
+USAGE = ("usage: python -m terra_bc [--scope user|all] [--stats] [--off] [--loops] "
+         "(script.py | -m module) [args ...]")
 
 
 def parse(argv):
-    opts = {"scope": "user", "stats": False, "off": False}
+    opts = {"scope": "user", "stats": False, "off": False,
+            "loops": os.environ.get("TERRA_BC_LOOPS", "") not in ("", "0")}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -30,6 +32,8 @@ def parse(argv):
             opts["stats"] = True
         elif arg == "--off":
             opts["off"] = True
+        elif arg == "--loops":
+            opts["loops"] = True
         elif arg == "--scope" or arg.startswith("--scope="):
             value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
             i += "=" not in arg
@@ -97,6 +101,7 @@ def main(argv):
         sys.argv[:] = [target, *args]  # runpy puts the module's path in argv[0]
         sys.path[0] = os.getcwd()
     if not opts["off"]:
+        terra_bc.set_loops(opts["loops"])
         terra_bc.enable()
     try:
         if kind == "script":

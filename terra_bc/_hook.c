@@ -75,6 +75,9 @@ typedef struct {
 static PyObject *route_handler = NULL;
 static PyObject *route_classify = NULL;
 static THREAD_LOCAL int routing = 0;
+static int route_always = 0;            /* also outside iterations (placeholders escaped) */
+static PyObject *loop_handler = NULL;   /* runtime.on_loop(iterator, exiting) */
+static THREAD_LOCAL unsigned long long dl_calls = 0; /* DL-op calls through sites */
 
 /* What identifies a callee for classification: a function's code (closures of one code are
  * one kind of callee), a bound method's function, the type of a bound builtin's receiver. */
@@ -97,7 +100,7 @@ callee_key(PyObject *callee)
 static int
 should_route(SiteObject *self, PyObject *callee)
 {
-    if (!routing || route_handler == NULL)
+    if (route_handler == NULL || !(routing || route_always || loop_handler != NULL))
         return 0;
     PyObject *key = callee_key(callee);
     if (key != self->seen_key) {
@@ -111,7 +114,10 @@ should_route(SiteObject *self, PyObject *callee)
         Py_XSETREF(self->seen_key, Py_NewRef(key));
         self->seen_dl = dl;
     }
-    return self->seen_dl;
+    if (!self->seen_dl)
+        return 0;
+    dl_calls++;
+    return routing || route_always;
 }
 
 /* handler(site, *args) with args[0] the callee, borrowing args[-1] when the caller lent it. */
@@ -255,6 +261,164 @@ static PyTypeObject SiteType = {
     .tp_call = PyVectorcall_Call,
     .tp_vectorcall_offset = offsetof(SiteObject, vectorcall),
     .tp_members = site_members,
+};
+
+/* ------------------------------------------------------------------ loops
+ *
+ * A rewritten `for` statement calls LoopMark(iterable) before GET_ITER.  While loop units
+ * are on and this loop is not known to be plain Python, the loop's iterator is wrapped in
+ * a LoopIter that tells the runtime when a turn begins (a turn that made DL-op calls),
+ * and when the loop is left: exhausted, or the iterator dropped (break, return, raise). */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *key;
+    int state;          /* 0 undecided, 1 a unit (set by the runtime), -1 plain Python */
+    int quiet_turns;    /* turns in a row without a DL-op call while undecided */
+} LoopMarkObject;
+
+typedef struct {
+    PyObject_HEAD
+    LoopMarkObject *mark;
+    PyObject *inner;
+    unsigned long long dl_at_turn;
+    int open;           /* the runtime has an iteration open for this loop */
+    int started;        /* next() has been called once */
+} LoopIterObject;
+
+static PyTypeObject LoopIterType;
+
+static PyObject *
+loopmark_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *key;
+    if (!PyArg_ParseTuple(args, "O:LoopMark", &key))
+        return NULL;
+    LoopMarkObject *self = (LoopMarkObject *)type->tp_alloc(type, 0);
+    if (self != NULL)
+        self->key = Py_NewRef(key);
+    return (PyObject *)self;
+}
+
+static void
+loopmark_dealloc(LoopMarkObject *self)
+{
+    Py_XDECREF(self->key);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+loopmark_call(LoopMarkObject *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *iterable;
+    if (!PyArg_ParseTuple(args, "O:LoopMark", &iterable))
+        return NULL;
+    PyObject *inner = PyObject_GetIter(iterable);
+    if (inner == NULL || loop_handler == NULL || self->state < 0 || in_callback)
+        return inner;
+    LoopIterObject *it = PyObject_New(LoopIterObject, &LoopIterType);
+    if (it == NULL) {
+        Py_DECREF(inner);
+        return NULL;
+    }
+    it->mark = (LoopMarkObject *)Py_NewRef(self);
+    it->inner = inner;
+    it->dl_at_turn = dl_calls;
+    it->open = 0;
+    it->started = 0;
+    return (PyObject *)it;
+}
+
+/* Tell the runtime handler(mark, token, exiting) -> is an iteration open for this loop
+ * now?  A failure there must not become the loop's exception. */
+static void
+notify_loop(LoopIterObject *it, int exiting)
+{
+    PyObject *r = PyObject_CallFunction(loop_handler, "OKi", (PyObject *)it->mark,
+                                        (unsigned long long)(uintptr_t)it, exiting);
+    if (r == NULL) {
+        PyErr_WriteUnraisable(loop_handler);
+        it->open = 0;
+        return;
+    }
+    it->open = PyObject_IsTrue(r) > 0;
+    Py_DECREF(r);
+}
+
+static PyObject *
+loopiter_next(LoopIterObject *it)
+{
+    LoopMarkObject *mark = it->mark;
+    PyObject *value = Py_TYPE(it->inner)->tp_iternext(it->inner);
+    if (loop_handler == NULL || mark->state < 0) {
+        /* nothing to tell */
+    }
+    else if (value == NULL) {
+        if (it->open) { /* the loop is exhausted (or its iterator raised): the turn ended */
+            PyObject *type, *val, *tb;
+            PyErr_Fetch(&type, &val, &tb);
+            int raised = type != NULL && !PyErr_GivenExceptionMatches(type, PyExc_StopIteration);
+            notify_loop(it, raised ? 2 : 1);
+            PyErr_Restore(type, val, tb);
+        }
+    }
+    else if (it->started) {
+        int busy = dl_calls != it->dl_at_turn; /* the turn that just ended called DL ops */
+        if (mark->state == 0 && !busy && !it->open) {
+            if (++mark->quiet_turns >= 3)
+                mark->state = -1; /* three quiet turns: plain Python, never wrapped again */
+        }
+        else if (PyErr_Occurred() == NULL) {
+            notify_loop(it, 0);
+        }
+    }
+    it->started = 1;
+    it->dl_at_turn = dl_calls;
+    return value;
+}
+
+static void
+loopiter_dealloc(LoopIterObject *it)
+{
+    if (it->open && loop_handler != NULL) {
+        PyObject *type, *val, *tb;
+        PyErr_Fetch(&type, &val, &tb);
+        /* passes our mark and address only: we are being freed.  2: an exception is
+         * unwinding the loop (the turn did not complete). */
+        notify_loop(it, type != NULL ? 2 : 1);
+        PyErr_Restore(type, val, tb);
+    }
+    Py_XDECREF(it->mark);
+    Py_XDECREF(it->inner);
+    PyObject_Free(it);
+}
+
+static PyMemberDef loopmark_members[] = {
+    {"key", T_OBJECT, offsetof(LoopMarkObject, key), READONLY, "(filename, qualname, line, offset)"},
+    {"state", T_INT, offsetof(LoopMarkObject, state), 0, "0 undecided, 1 unit, -1 plain Python"},
+    {NULL},
+};
+
+static PyTypeObject LoopMarkType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "terra_bc._hook.LoopMark",
+    .tp_basicsize = sizeof(LoopMarkObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Called with a for statement's iterable; returns its iterator (maybe watched).",
+    .tp_new = loopmark_new,
+    .tp_dealloc = (destructor)loopmark_dealloc,
+    .tp_call = (ternaryfunc)loopmark_call,
+    .tp_members = loopmark_members,
+};
+
+static PyTypeObject LoopIterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "terra_bc._hook.LoopIter",
+    .tp_basicsize = sizeof(LoopIterObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)loopiter_dealloc,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)loopiter_next,
 };
 
 /* ------------------------------------------------------------------ frame hook */
@@ -496,7 +660,29 @@ set_thread_routing(PyObject *mod, PyObject *on)
     return PyBool_FromLong(was);
 }
 
+static PyObject *
+set_loop_handler(PyObject *mod, PyObject *fn)
+{
+    if (fn != Py_None && !PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "set_loop_handler takes a callable or None");
+        return NULL;
+    }
+    Py_XSETREF(loop_handler, fn == Py_None ? NULL : Py_NewRef(fn));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+set_route_always(PyObject *mod, PyObject *on)
+{
+    route_always = PyObject_IsTrue(on) > 0;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"set_loop_handler", set_loop_handler, METH_O,
+     "set_loop_handler(fn): fn(mark, token, exiting) -> iteration open?, at loop turns and exits."},
+    {"set_route_always", set_route_always, METH_O,
+     "Route DL-op calls to the handler outside iterations too (escaped placeholders)."},
     {"set_routing", set_routing, METH_VARARGS,
      "set_routing(handler, classify): where routed DL-op calls go; classify(callee) -> bool."},
     {"set_thread_routing", set_thread_routing, METH_O,
@@ -534,6 +720,11 @@ PyInit__hook(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+    if (PyType_Ready(&LoopMarkType) < 0 || PyType_Ready(&LoopIterType) < 0
+        || PyModule_AddObjectRef(m, "LoopMark", (PyObject *)&LoopMarkType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     if (PyModule_AddObjectRef(m, "Site", (PyObject *)&SiteType) < 0) {
         Py_DECREF(m);
         return NULL;

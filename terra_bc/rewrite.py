@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from bytecode import Bytecode, Instr, Label, TryBegin
 from bytecode.concrete import _ConvertBytecodeToConcrete
 
-from ._hook import Site
+from ._hook import LoopMark, Site
 
 PY313 = sys.version_info >= (3, 13)
 PY311 = sys.version_info < (3, 12)
@@ -59,10 +59,11 @@ def rewrite(code: types.CodeType) -> Rewritten | None:
         raise Unsupported(f"bytecode cannot disassemble it: {e!r}") from e
     offsets = _instr_offsets(code, bc)
     _restore_handler_depths(code, bc, offsets)
-    pairs = _pair_calls(bc)
-    if not pairs:
+    pairs, stacks = _pair_calls(bc)
+    loops = _for_loops(bc, stacks, code.co_stacksize)
+    if not pairs and not loops:
         return None
-    new_bc, expansion, sites = _apply(code, bc, pairs, offsets)
+    new_bc, expansion, sites = _apply(code, bc, pairs, loops, offsets)
     new_code = _assemble(code, new_bc)
     _verify(code, new_code, expansion)
     return Rewritten(new_code, tuple(sites))
@@ -178,7 +179,21 @@ def _pair_calls(bc):
             continue
         consumers.setdefault(id(producer), (producer, []))[1].append(n)
     # A producer feeding two consumers (never emitted by CPython) is left alone.
-    return {ns[0]: producer for producer, ns in consumers.values() if len(ns) == 1}
+    return {ns[0]: producer for producer, ns in consumers.values() if len(ns) == 1}, states
+
+
+def _for_loops(bc, stacks, stacksize):
+    """Indices of the GET_ITER of each `for` statement (GET_ITER then, past labels, FOR_ITER)
+    with room on the stack for the LoopMark call (one more value)."""
+    items = list(bc)
+    loops = []
+    for n, item in enumerate(items):
+        if not (isinstance(item, Instr) and item.name == "GET_ITER") or n not in stacks:
+            continue
+        following = next((i for i in items[n + 1:] if isinstance(i, Instr)), None)
+        if following is not None and following.name == "FOR_ITER" and len(stacks[n]) + 1 <= stacksize:
+            loops.append(n)
+    return loops
 
 
 def _step(instr, stack, jump):
@@ -239,10 +254,22 @@ def _unpacking_call(instr):
     return exchange + ([Instr("PRECALL", n, location=loc)] + call if PY311 else call)
 
 
-def _apply(code, bc, pairs, offsets):
+def _loop_mark(instr, mark):
+    """``GET_ITER`` of a for statement becomes ``GET_ITER(mark(iterable))``."""
+    loc = instr.location
+    call = [Instr("PRECALL", 0, location=loc)] if PY311 else []
+    return ([Instr("LOAD_CONST", mark, location=loc), Instr("SWAP", 2, location=loc)] + call +
+            [Instr("CALL", 0, location=loc), instr])
+
+
+def _apply(code, bc, pairs, loops, offsets):
     items = list(bc)
     replace = {}
     sites = []
+    for n in loops:
+        mark = LoopMark(_site_key(code, offsets[id(items[n])]))
+        sites.append(mark)
+        replace[id(items[n])] = _loop_mark(items[n], mark)
     for n, producer in sorted(pairs.items()):
         consumer = items[n]
         unpacking = consumer.name == "CALL_FUNCTION_EX"

@@ -132,8 +132,8 @@ class Placeholder:
 
     __hash__ = None
 
-    def __jax_array__(self):
-        return self._fetch("array", lambda v: v)
+    # No __jax_array__: with it, `jax_array @ placeholder` would fetch instead of deferring
+    # to __rmatmul__ (and JAX no longer accepts it when abstractifying).
 
     def __array__(self, dtype=None, copy=None):
         return self._fetch("array", lambda v: np.asarray(v, dtype=dtype))
@@ -807,10 +807,12 @@ class Iteration:
             self.recording.__exit__(None, None, None)
             self.recording = None
         if self.mode == COEXEC:
-            if self.pos != len(self.graph.events):  # a shorter path: values are still right
+            stop = self.graph.recorder.mark()
+            if self.pos != len(self.graph.events):  # a shorter path: trace it next time
                 self.unit.graph = None
                 counts["divergences"] += 1
-            self.launch(self.graph.recorder.mark(), [p._id for p in self._alive() if p._val is None])
+                stop = self.graph.events[self.pos - 1].mark if self.pos else 0
+            self.launch(stop, [p._id for p in self._alive() if p._val is None])
         elif self.mode == TRACE:
             alive = {p._id for p in self._alive() if p._val is None}
             self.unit.escaping |= alive
@@ -856,29 +858,81 @@ class Unit:
             if self.unsafe and getattr(_tls, "it", None) is None:
                 counts["eager_fallbacks"] += 1
             return self.fn(*args, **kwargs)  # inside another unit: part of its iteration
+        it, (args, kwargs) = self.begin(args, kwargs)
+        ok = False
+        try:
+            result = self.fn(*args, **kwargs)
+            ok = True
+        finally:
+            self.end(it, ok)
+        return _eager_value(result)
+
+    def begin(self, args, kwargs):
+        """Open an iteration in this thread; returns it and the arguments to run it with."""
         graph_ = self.graph
         mode = COEXEC if graph_ is not None else TRACE
         it = Iteration(self, mode, graph_ if graph_ is not None else TraceGraph())
         counts["iterations_coexecuted" if mode == COEXEC else "iterations_traced"] += 1
         _tls.it = it
-        was_routing = _hook.set_thread_routing(True)
-        was_enabled = _hook.thread_enabled()
+        it.was_routing = _hook.set_thread_routing(True)
+        it.was_enabled = _hook.thread_enabled()
         _hook.enable_thread()  # helpers the unit calls get rewritten call sites too
-        ok = False
-        try:
-            if mode == TRACE:
-                it.recording = it.graph.recorder
-                it.recording.__enter__()
-            args, kwargs = it.enter(args, kwargs)
-            result = self.fn(*args, **kwargs)
-            ok = True
-        finally:
-            _hook.set_thread_routing(was_routing)
-            if not was_enabled:
-                _hook.disable_thread()
-            _tls.it = None
-            it.finish(ok)
-        return _eager_value(result)
+        if mode == TRACE:
+            it.recording = it.graph.recorder
+            it.recording.__enter__()
+        return it, it.enter(args, kwargs)
+
+    def end(self, it, ok):
+        _hook.set_thread_routing(it.was_routing)
+        if not it.was_enabled:
+            _hook.disable_thread()
+        _tls.it = None
+        it.finish(ok)
+        _hook.set_route_always(True)  # placeholders may have escaped: unwrap them at sites
+
+
+# ------------------------------------------------------------------ loop units
+
+_loop_units = {}      # LoopMark -> Unit
+INNER_TURNS = 16      # a loop nested in an open turn that turns more often becomes the unit
+
+
+def on_loop(mark, token, exiting):
+    """A watched ``for`` loop begins a turn (exiting=0) or is left (1; 2: by an exception).
+    Returns whether an iteration is open for this loop afterwards (see ``_hook.c``)."""
+    cur = getattr(_tls, "loop", None)
+    if exiting:
+        if cur is not None and cur[1] == token:
+            _end_turn(ok=exiting == 1)
+        return False
+    if cur is None and getattr(_tls, "it", None) is not None:
+        return False  # inside a function unit: the loop is part of its iteration
+    if cur is not None:
+        if cur[1] == token:
+            _end_turn(ok=True)
+        else:  # nested in another loop's turn: part of it, unless it turns often
+            cur[3][token] = cur[3].get(token, 0) + 1
+            if cur[3][token] <= INNER_TURNS:
+                return False
+            cur[0].state = -1  # the outer loop is not the repeating level
+            _end_turn(ok=True)
+    unit = _loop_units.get(mark)
+    if unit is None:
+        unit = _loop_units[mark] = Unit(None)
+        mark.state = 1
+    if unit.unsafe:
+        mark.state = -1
+        counts["eager_fallbacks"] += 1
+        return False
+    it, _ = unit.begin((), {})
+    _tls.loop = (mark, token, it, {})
+    return True
+
+
+def _end_turn(ok):
+    mark, token, it, _ = _tls.loop
+    _tls.loop = None
+    it.unit.end(it, ok)
 
 
 def _grad_result(value, grads, aux, has_aux, returns_value):
@@ -932,8 +986,9 @@ def _user_line():
 def on_site(site, callee, *args, **kwargs):
     """A rewritten call site called a DL op inside an iteration (see ``_hook.c``)."""
     it = getattr(_tls, "it", None)
-    if it is None:
-        return callee(*args, **kwargs)
+    if it is None:  # outside any iteration: values from past iterations are concrete
+        counts["ops_eager"] += 1
+        return _eager(callee, args, kwargs)
     code = getattr(callee, "__code__", None)
     if it.depth == 0 and code is not None and code.co_name == "reraise_with_filtered_traceback":
         spec = _grad_spec(callee)
@@ -946,6 +1001,11 @@ def on_site(site, callee, *args, **kwargs):
 
 
 _hook.set_routing(on_site, is_dl_op)
+
+
+def set_loops(on):
+    """Co-execute the turns of repeating ``for`` loops (units found without decoration)."""
+    _hook.set_loop_handler(on_loop if on else None)
 
 
 def function(fn):
