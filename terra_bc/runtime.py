@@ -132,8 +132,16 @@ class Placeholder:
 
     __hash__ = None
 
-    # No __jax_array__: with it, `jax_array @ placeholder` would fetch instead of deferring
-    # to __rmatmul__ (and JAX no longer accepts it when abstractifying).
+    def __jax_array__(self):
+        # JAX's binary operators (array_methods._operator_*) convert an unrecognised operand
+        # through __jax_array__: handing ourselves back makes them return NotImplemented, so
+        # `jax_array @ placeholder` reaches our __rmatmul__ and is recorded as an op.
+        if sys._getframe(1).f_code.co_name.startswith("_operator_"):
+            return self
+        it = self._it
+        if self._val is None and it is getattr(_tls, "it", None) and it.mode == TRACE:
+            return self._rec  # JAX computes on the recorded value: it stays in the graph
+        return self._fetch("array", lambda v: v)
 
     def __array__(self, dtype=None, copy=None):
         return self._fetch("array", lambda v: np.asarray(v, dtype=dtype))
@@ -261,6 +269,14 @@ OPERATORS = {getattr(Placeholder, name).__closure__[0].cell_contents
              getattr(getattr(Placeholder, name), "__closure__", None)}
 Placeholder.__getitem__ = _operator("__getitem__", operator.getitem)
 Placeholder.__round__ = _operator("__round__", round)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 def _concrete(x):
@@ -472,6 +488,11 @@ class Iteration:
         """Tracing: (spec, value to call with) for one input leaf."""
         if type(x) is Placeholder and x._it is self and x._val is None:
             return ("ph", x._id), x._rec
+        if isinstance(x, graph.RecTracer) and x._trace is self.graph.recorder._trace:
+            # computed by JAX code we did not see op by op (a library, jax_array[placeholder]):
+            # keep it connected; co-execution cannot reproduce it and will diverge here.
+            self.tracers[x.id] = x
+            return ("ph", x.id), x
         if _is_array(x) or numbers and _is_number(x):
             t = self._feed(x)
             return ("feed", t.id, t.aval, type(x)), t
@@ -508,6 +529,11 @@ class Iteration:
         nested_before = self.unit.nested_calls
         try:
             out = fn(*a, **k)
+        except Exception as e:
+            # Maybe our unwrapping, not the user's code: run the op as plain JAX would. If
+            # that works, this unit is not one we can record; if not, it is the user's error.
+            self.graph.unsafe = f"{_name(key)} failed under recording ({type(e).__name__})"
+            return self._settled_eager(fn, args, kwargs)
         finally:
             self.depth -= 1
         if self.unit.nested_calls != nested_before and not _traces_its_body(fn):
@@ -531,6 +557,13 @@ class Iteration:
         self._record("op", key, tree, specs, out_tree, outs, flat)
         counts["ops_traced"] += 1
         return tree_unflatten(out_tree, wrapped)
+
+    def _settled_eager(self, fn, args, kwargs):
+        """Run ``fn`` on concrete values, outside the recording (the unit will run eagerly)."""
+        counts["ops_eager"] += 1
+        rec = self.recording
+        with jax.extend.core.set_current_trace(rec._trace.parent) if rec is not None else _nothing():
+            return _eager(fn, args, kwargs)
 
     def _record(self, kind, key, tree, args, out_tree, outs, flat=None):
         where = _user_line()
@@ -907,6 +940,8 @@ def on_loop(mark, token, exiting):
         return False
     if cur is None and getattr(_tls, "it", None) is not None:
         return False  # inside a function unit: the loop is part of its iteration
+    if getattr(_tls, "opaque", 0) or not _plain_trace(cur):
+        return False  # JAX is tracing user code (grad, jit, vmap): its loops are its own
     if cur is not None:
         if cur[1] == token:
             _end_turn(ok=True)
@@ -927,6 +962,15 @@ def on_loop(mark, token, exiting):
     it, _ = unit.begin((), {})
     _tls.loop = (mark, token, it, {})
     return True
+
+
+def _plain_trace(cur):
+    """Is the current JAX trace the eager one (or, inside a turn, its recorder)?"""
+    with jax.extend.core.take_current_trace() as trace:
+        pass
+    if cur is not None and cur[2].recording is not None:
+        return trace is cur[2].recording._trace
+    return type(trace).__name__ == "EvalTrace"
 
 
 def _end_turn(ok):
@@ -988,7 +1032,11 @@ def on_site(site, callee, *args, **kwargs):
     it = getattr(_tls, "it", None)
     if it is None:  # outside any iteration: values from past iterations are concrete
         counts["ops_eager"] += 1
-        return _eager(callee, args, kwargs)
+        _tls.opaque = getattr(_tls, "opaque", 0) + 1  # no loop unit opens inside the op
+        try:
+            return _eager(callee, args, kwargs)
+        finally:
+            _tls.opaque -= 1
     code = getattr(callee, "__code__", None)
     if it.depth == 0 and code is not None and code.co_name == "reraise_with_filtered_traceback":
         spec = _grad_spec(callee)
