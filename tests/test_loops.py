@@ -1,0 +1,133 @@
+"""Loop units (opt-in): a training loop written inline co-executes turn by turn, and every
+way of leaving a loop closes its iteration.  Each case runs the same code eagerly first."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import terra_bc
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture(autouse=True)
+def loops_on():
+    terra_bc.set_loops(True)
+    terra_bc.reset_stats()
+    yield
+    terra_bc.set_loops(False)
+
+
+def hooked(fn, *args):
+    with terra_bc.enabled():
+        return fn(*args)
+
+
+def init(seed=0):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    return [(jax.random.normal(k1, (8, 16)) / 3.0, jnp.zeros(16)),
+            (jax.random.normal(k2, (16, 1)) / 4.0, jnp.zeros(1))]
+
+
+def train(steps, stop_at=None, fail_at=None, log=None):
+    """An imperative training loop: NumPy dropout mask inside the loss, float(loss) logged."""
+    data = np.random.default_rng(1)
+    x = jnp.asarray(data.normal(size=(32, 8)), jnp.float32)
+    y = jnp.sin(x.sum(axis=1, keepdims=True))
+    masks = np.random.default_rng(2)
+
+    def loss_fn(params, x, y):
+        (w1, b1), (w2, b2) = params
+        h = jnp.tanh(x @ w1 + b1)
+        h = h * jnp.asarray(masks.random(h.shape) > 0.2) / 0.8
+        return jnp.mean((h @ w2 + b2 - y) ** 2)
+
+    params, losses = init(), []
+    for step in range(steps):
+        if fail_at is not None and step == fail_at:
+            raise ValueError(f"stop at {step}")
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        params = [(w - 0.1 * gw, b - 0.1 * gb) for (w, b), (gw, gb) in zip(params, grads)]
+        losses.append(float(loss))
+        if log is not None:
+            log.append(step)
+        if stop_at is not None and step == stop_at:
+            break
+    return losses, float(jnp.sum(params[0][0])), params
+
+
+def test_inline_training_loop_coexecutes_turn_by_turn():
+    want = train(12)
+    got = hooked(train, 12)
+    np.testing.assert_allclose(got[0], want[0], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(got[1], want[1], rtol=RTOL, atol=ATOL)
+    s = terra_bc.stats()
+    assert s["iterations_coexecuted"] >= 9, s   # turn 1 eager, turn 2 traced, then co-executed
+    assert s["iterations_traced"] <= 2 and s["compiles"] <= 2, s
+    assert s["ops_skipped"] > 0 and s["fetches"] >= 9, s
+
+
+def test_break_closes_the_iteration_and_values_stay_usable():
+    want = train(12, stop_at=7)
+    got = hooked(train, 12, 7)
+    np.testing.assert_allclose(got[0], want[0], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(got[1], want[1], rtol=RTOL, atol=ATOL)
+    # the parameters left by the last turn behave as arrays outside any unit
+    np.testing.assert_allclose(np.asarray(got[2][1][0]), np.asarray(want[2][1][0]), rtol=RTOL, atol=ATOL)
+    assert len(got[0]) == 8
+
+
+def test_exception_in_a_turn_propagates_and_later_loops_work():
+    log_e, log_t = [], []
+    with pytest.raises(ValueError, match="stop at 6"):
+        train(12, fail_at=6, log=log_e)
+    with pytest.raises(ValueError, match="stop at 6"):
+        hooked(train, 12, None, 6, log_t)
+    assert log_t == log_e == list(range(6))
+    want = train(5)
+    got = hooked(train, 5)
+    np.testing.assert_allclose(got[0], want[0], rtol=RTOL, atol=ATOL)
+
+
+def test_short_inner_loop_stays_inside_the_turn():
+    def run(steps):
+        params, out = init(), []
+        x = jnp.ones((4, 8))
+        for step in range(steps):
+            h = x
+            for w, b in params[:-1]:          # a loop over layers: part of each turn
+                h = jnp.tanh(h @ w + b)
+            out.append(float(jnp.sum(h @ params[-1][0])))
+            x = x * 0.9
+        return out
+    want = run(8)
+    got = hooked(run, 8)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    assert terra_bc.stats()["iterations_coexecuted"] >= 5
+
+
+def test_plain_python_loops_are_left_alone():
+    def count(n):
+        total = 0
+        for i in range(n):
+            total += i * i
+        return total
+    assert hooked(count, 1000) == count(1000)
+    s = terra_bc.stats()
+    assert s["iterations_traced"] == s["iterations_coexecuted"] == 0
+
+
+def test_loops_off_by_default_in_the_cli(tmp_path):
+    import subprocess, sys, json
+    script = tmp_path / "loop.py"
+    script.write_text("import jax.numpy as jnp\nx = jnp.ones(3)\nfor i in range(6):\n"
+                      "    x = jnp.sin(x) + 1.0\nprint(float(x.sum()))\n")
+    outs = {}
+    for flags in ([], ["--loops"]):
+        r = subprocess.run([sys.executable, "-m", "terra_bc", "--stats", *flags, str(script)],
+                           capture_output=True, text=True, timeout=120)
+        stats = json.loads(r.stderr.strip().splitlines()[-1].split(": ", 1)[1])
+        outs[bool(flags)] = (r.stdout, stats["iterations_coexecuted"])
+    assert outs[False][0] == outs[True][0]
+    assert outs[False][1] == 0 and outs[True][1] >= 3
