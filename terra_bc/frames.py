@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import site
-import sys
 import sysconfig
 import threading
 import weakref

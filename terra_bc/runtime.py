@@ -25,7 +25,6 @@ import os
 import sys
 import threading
 import types
-import weakref
 from collections import Counter
 
 import jax

@@ -1,6 +1,5 @@
 """`python -m terra_bc` behaves exactly like `python` for scripts and modules."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -8,7 +8,6 @@ import types
 import pytest
 
 import terra_bc
-from terra_bc import frames
 from terra_bc.rewrite import GENERATOR_FLAGS, Unsupported, rewrite
 from terra_bc._hook import Site
 
