@@ -221,6 +221,8 @@ class _RecordingTrace(Trace):
     def unwrap(self, xs):
         vals, atoms = [], []
         for x in xs:
+            if type(x) is not RecTracer and isinstance(x, Tracer) and hasattr(x, "full_lower"):
+                x = x.full_lower()  # a stand-in tracer of a later stage (a placeholder)
             if type(x) is RecTracer and x._trace is self:
                 vals.append(x.val)
                 atoms.append(x.id)

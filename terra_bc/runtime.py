@@ -103,18 +103,40 @@ def _segment_by_ids(recorder, ids, start, stop):
 
 # ------------------------------------------------------------------ placeholders
 
-class Placeholder:
+class _StandIn(jax.core.Trace):
+    """The trace a placeholder claims: JAX asks a tracer it does not own to ``full_lower``."""
+
+
+_STAND_IN = _StandIn()
+
+
+class Placeholder(jax.core.Tracer):
     """What Python holds for a DL value inside (and after) an iteration.
 
     While recording it wraps a tracer of the jaxpr builder; in co-execution it names a value
     of the TraceGraph that may not be computed yet; once its iteration is over it holds the
-    concrete ``jax.Array`` and behaves as one (its operations then run eagerly).
+    concrete ``jax.Array`` and behaves as one (its operations then run eagerly).  It is a JAX
+    ``Tracer`` so that JAX accepts it anywhere (``isinstance(x, jax.Array)``, ``jit``,
+    indexing a ``jax.Array`` with it): JAX lowers a tracer it does not own with
+    ``full_lower``, which gives the value (or, while recording, the recorded tracer).
     """
-    __slots__ = ("_it", "_id", "aval", "_rec", "_val", "__weakref__")
+    __slots__ = ("_it", "_id", "_rec", "_val")
     __array_priority__ = 100  # NumPy defers `ndarray * placeholder` to us
 
     def __init__(self, it, id, aval, rec=None, val=None):
-        self._it, self._id, self.aval, self._rec, self._val = it, id, aval, rec, val
+        self._trace, self.aval = _STAND_IN, aval  # Tracer.__init__ would record line info
+        self._it, self._id, self._rec, self._val = it, id, rec, val
+
+    def full_lower(self):
+        if self._val is not None:
+            return self._val
+        it = self._it
+        if it is getattr(_tls, "it", None) and it.mode == TRACE:
+            return self._rec  # JAX computes on the recorded value: it stays in the graph
+        return self._fetch("array", lambda v: v)
+
+    def to_concrete_value(self):
+        return None  # never let JAX bake a value in (DESIGN.md)
 
     shape = property(lambda self: self.aval.shape)
     dtype = property(lambda self: self.aval.dtype)
@@ -132,15 +154,13 @@ class Placeholder:
     __hash__ = None
 
     def __jax_array__(self):
-        # JAX's binary operators (array_methods._operator_*) convert an unrecognised operand
-        # through __jax_array__: handing ourselves back makes them return NotImplemented, so
-        # `jax_array @ placeholder` reaches our __rmatmul__ and is recorded as an op.
+        # JAX's binary operators (array_methods._operator_*) convert the other operand
+        # through __jax_array__ first: handing back something they do not accept makes them
+        # return NotImplemented, so `jax_array @ placeholder` reaches our __rmatmul__ and is
+        # an op of the iteration.
         if sys._getframe(1).f_code.co_name.startswith("_operator_"):
-            return self
-        it = self._it
-        if self._val is None and it is getattr(_tls, "it", None) and it.mode == TRACE:
-            return self._rec  # JAX computes on the recorded value: it stays in the graph
-        return self._fetch("array", lambda v: v)
+            return _DEFER
+        return self.full_lower()
 
     def __array__(self, dtype=None, copy=None):
         return self._fetch("array", lambda v: np.asarray(v, dtype=dtype))
@@ -235,6 +255,7 @@ class _Lazy(dict):
         return fn
 
 
+_DEFER = object()
 _ATTRS = _Lazy(lambda name: _named(lambda x: getattr(x, name), f"attr.{name}"))
 _METHODS = _Lazy(lambda name: _named(lambda x, *a, **k: getattr(x, name)(*a, **k), f"method.{name}"))
 _AT_METHODS = _Lazy(lambda name: _named(
@@ -996,8 +1017,8 @@ def _is_number(x):
 
 
 def _is_array(x):
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, Placeholder)) and not isinstance(x, jax.core.Tracer) \
-        or isinstance(x, graph.RecTracer)
+    return type(x) is Placeholder or isinstance(x, graph.RecTracer) or isinstance(
+        x, (jax.Array, np.ndarray, np.generic)) and not isinstance(x, jax.core.Tracer)
 
 
 def _aval(x):

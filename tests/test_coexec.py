@@ -486,9 +486,6 @@ def run_escaping(decorate):
     return snaps, esc
 
 
-@pytest.mark.xfail(strict=True, reason="an array stored into a container during a co-executed "
-                   "iteration stays a terra_bc Placeholder: NumPy, float, operators and methods "
-                   "work on it, but jax.numpy functions outside a unit reject it")
 def test_escaped_values_behave_like_arrays():
     want, want_esc = run_escaping(None)
     terra_bc.reset_stats()
@@ -511,8 +508,6 @@ def test_escaped_values_behave_like_arrays():
     assert_coexecuted(stats())
 
 
-@pytest.mark.xfail(strict=True, reason="escaped Placeholders are not jax.Array instances "
-                   "(only a unit's return value is converted)")
 def test_escaped_values_are_jax_arrays():
     got, got_esc = run_escaping(terra_bc.function)
     for snap in got:
