@@ -398,14 +398,30 @@ class Recorder:
         return 0 if self._trace is None else len(self._trace.avals)
 
     def segment(self, outputs, start=0, stop=None) -> "Segment":
-        """The equations of [start, stop) needed for ``outputs`` as a Segment (see module doc)."""
+        """The equations of [start, stop) needed for ``outputs`` (tracers of this Recorder,
+        or their ids) as a Segment (see module doc)."""
         trace = self._live()
         out_ids = []
         for t in outputs:
-            if type(t) is not RecTracer or t._trace is not trace:
+            if isinstance(t, int) and 0 <= t < len(trace.avals):
+                out_ids.append(t)
+            elif type(t) is RecTracer and t._trace is trace:
+                out_ids.append(t.id)
+            else:
                 raise TypeError(f"segment outputs must be tracers of this Recorder, got {t!r:.60}")
-            out_ids.append(t.id)
         return _build_segment(trace, out_ids, start, len(trace.eqns) if stop is None else stop)
+
+    def owns(self, tracer) -> bool:
+        """Is ``tracer`` one of this Recorder's?"""
+        return type(tracer) is RecTracer and self._trace is not None and tracer._trace is self._trace
+
+    def owns_trace(self, trace) -> bool:
+        """Is ``trace`` this Recorder's recording trace?"""
+        return self._trace is not None and trace is self._trace
+
+    def parent_trace(self):
+        """The trace this Recorder runs eager work under (the one current when it was entered)."""
+        return self._live().parent
 
     def __repr__(self):
         n = self.mark()

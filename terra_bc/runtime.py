@@ -90,15 +90,11 @@ class TraceGraph:
         key = (start, stop, outputs)
         entry = self.segments.get(key)
         if entry is None:
-            seg = _segment_by_ids(self.recorder, outputs, start, stop)
+            seg = self.recorder.segment(outputs, start, stop)
             before = graph.compile_count()
             entry = self.segments[key] = (seg, graph.compile_segment(seg))
             counts["compiles"] += graph.compile_count() - before
         return entry
-
-
-def _segment_by_ids(recorder, ids, start, stop):
-    return graph._build_segment(recorder._live(), list(ids), start, stop)
 
 
 # ------------------------------------------------------------------ placeholders
@@ -508,7 +504,7 @@ class Iteration:
         """Tracing: (spec, value to call with) for one input leaf."""
         if type(x) is Placeholder and x._it is self and x._val is None:
             return ("ph", x._id), x._rec
-        if isinstance(x, graph.RecTracer) and x._trace is self.graph.recorder._trace:
+        if self.graph.recorder.owns(x):
             # computed by JAX code we did not see op by op (a library, jax_array[placeholder]):
             # keep it connected; co-execution cannot reproduce it and will diverge here.
             self.tracers[x.id] = x
@@ -582,7 +578,7 @@ class Iteration:
         """Run ``fn`` on concrete values, outside the recording (the unit will run eagerly)."""
         counts["ops_eager"] += 1
         rec = self.recording
-        with jax.extend.core.set_current_trace(rec._trace.parent) if rec is not None else _nothing():
+        with jax.extend.core.set_current_trace(rec.parent_trace()) if rec is not None else _nothing():
             return _eager(fn, args, kwargs)
 
     def _record(self, kind, key, tree, args, out_tree, outs, flat=None):
@@ -726,7 +722,7 @@ class Iteration:
         if type(value) is not Placeholder or value._it is not self or value._rec is None:
             raise TypeError("terra_bc: the differentiated function must return a scalar array")
         rec = self.graph.recorder
-        seg = _segment_by_ids(rec, [value._id], start, rec.mark())
+        seg = rec.segment([value._id], start, rec.mark())
         fn = jax.extend.core.jaxpr_as_fun(seg.jaxpr)
         base = [self.tracers[i] for i in seg.inputs]
         where = {id: k for k, id in enumerate(seg.inputs)}
@@ -815,7 +811,7 @@ class Iteration:
         remap = {}
         with rec:
             if produced:
-                seg = _segment_by_ids(old.recorder, sorted(produced), 0, stop)
+                seg = old.recorder.segment(sorted(produced), 0, stop)
                 ins = [self._feed_value(rec, self.env[i]) for i in seg.inputs]
                 outs = jax.extend.core.jaxpr_as_fun(seg.jaxpr)(*ins)
                 for i, t in list(zip(seg.inputs, ins)) + list(zip(seg.outputs, outs)):
@@ -989,7 +985,7 @@ def _plain_trace(cur):
     with jax.extend.core.take_current_trace() as trace:
         pass
     if cur is not None and cur[2].recording is not None:
-        return trace is cur[2].recording._trace
+        return cur[2].recording.owns_trace(trace)
     return type(trace).__name__ == "EvalTrace"
 
 
