@@ -320,12 +320,19 @@ def _eager(fn, args, kwargs):
 
 # ------------------------------------------------------------------ classification
 
+# JAX functions that are Python-level utilities, not ops: tree_map(f, ...) must run f as
+# the iteration's own code (its ops are events), block_until_ready/device_get fetch.
+NOT_OPS_FILES = (os.sep + "tree_util.py", os.sep + "tree.py")
+NOT_OPS_NAMES = {"block_until_ready", "device_get"}
+
+
 def is_dl_op(callee):
     """Does a call of ``callee`` compute on arrays with JAX (and so belong to the graph)?"""
     fn = getattr(callee, "__func__", callee)
     code = getattr(fn, "__code__", None)
     if code is not None:
-        return code.co_filename.startswith(JAX_DIRS)
+        return (code.co_filename.startswith(JAX_DIRS) and not code.co_filename.endswith(NOT_OPS_FILES)
+                and code.co_name not in NOT_OPS_NAMES)
     module = getattr(type(callee), "__module__", "") or ""
     return module.startswith(("jax", "jaxlib")) and callable(callee)
 
