@@ -127,9 +127,9 @@ class Placeholder(jax.core.Tracer):
         if self._val is not None:
             return self._val
         it = self._it
-        if it is getattr(_tls, "it", None) and it.mode == TRACE:
-            return self._rec  # JAX computes on the recorded value: it stays in the graph
-        return self._fetch("array", lambda v: v)
+        if it is not getattr(_tls, "it", None):
+            return _concrete(self)
+        return it.lower(self)
 
     def to_concrete_value(self):
         return None  # never let JAX bake a value in (DESIGN.md)
@@ -284,6 +284,16 @@ OPERATORS = {getattr(Placeholder, name).__closure__[0].cell_contents
              for name in dir(Placeholder) if name.startswith("__") and
              getattr(getattr(Placeholder, name), "__closure__", None)}
 Placeholder.__getitem__ = _operator("__getitem__", operator.getitem)
+# jax.core.Tracer defines the array methods and properties itself; as a Tracer subclass a
+# placeholder must override them, or x.sum() / x.T would run JAX on it without an event.
+for _name in ("T", "mT", "real", "imag"):
+    setattr(Placeholder, _name, property((lambda f: lambda self: _call(f, (self,), {}))(_ATTRS[_name])))
+for _name in ("all", "any", "argmax", "argmin", "argpartition", "argsort", "astype", "byteswap",
+              "choose", "clip", "compress", "conj", "conjugate", "copy", "cumprod", "cumsum",
+              "diagonal", "dot", "flatten", "max", "mean", "min", "nonzero", "prod", "ptp",
+              "ravel", "repeat", "reshape", "round", "searchsorted", "sort", "squeeze", "std",
+              "sum", "swapaxes", "take", "trace", "transpose", "var", "view"):
+    setattr(Placeholder, _name, (lambda f: lambda self, *a, **k: _call(f, (self,) + a, k))(_METHODS[_name]))
 Placeholder.__round__ = _operator("__round__", round)
 
 
@@ -442,6 +452,7 @@ class Iteration:
         self.live = []          # this iteration's placeholders (see _alive)
         self.depth = 0          # > 0 while inside an opaque DL op's own Python
         self.recording = None   # the Recorder entered for this iteration (tracing)
+        self.grad_depth = 0     # > 0 while a differentiated function's Python runs
 
     def enter(self, args, kwargs):
         """The unit's arguments: arrays become placeholders (fed), the rest are guarded."""
@@ -683,7 +694,7 @@ class Iteration:
                 diff.append((tree, phs))
                 args[i] = tree_unflatten(tree, phs)
             self._record("grad-begin", key, None, [p._id for _, phs in diff for p in phs], None, (), )
-            out = fun(*args, **kwargs)
+            out = self._run_differentiated(fun, args, kwargs)
             return self._trace_vjp(key, start, diff, out, isinstance(argnums, int), has_aux,
                                    returns_value)
         try:
@@ -708,7 +719,7 @@ class Iteration:
                     phs.append(self._new(id, _aval(x)))
             diff.append((tree, phs))
             args[i] = tree_unflatten(tree, phs)
-        out = fun(*args, **kwargs)  # its ops are checked against the recorded ones
+        out = self._run_differentiated(fun, args, kwargs)  # its ops are checked as usual
         if self.mode == COEXEC:
             try:
                 end = self._next("grad-end", key)
@@ -723,6 +734,13 @@ class Iteration:
         outs = [self._new(s[1], s[2]) if s[0] == "ph" else s[1] for s in end.outs]
         value, grads = tree_unflatten(end.out_tree, outs)
         return _grad_result(value, grads, out[1] if has_aux else None, has_aux, returns_value)
+
+    def _run_differentiated(self, fun, args, kwargs):
+        self.grad_depth += 1
+        try:
+            return fun(*args, **kwargs)
+        finally:
+            self.grad_depth -= 1
 
     def _trace_vjp(self, key, start, diff, out, single, has_aux, returns_value):
         value, aux = out if has_aux else (out, None)
@@ -760,6 +778,24 @@ class Iteration:
                      [("ph", p._id, p.aval) for p in out_leaves])
         counts["ops_traced"] += 1
         return _grad_result(value, grads, aux, has_aux, returns_value)
+
+    def lower(self, ph):
+        """JAX code we do not see op by op (a library, ``jax_array[placeholder]``) wants this
+        value.  While tracing it computes on the recorded tracer, so the result is right and
+        a gradient flows through it; but co-execution could not reproduce that op, so the
+        unit will run eagerly from then on.  In co-execution (a path not seen while tracing)
+        it gets the value: right, except for a gradient through it, which we refuse."""
+        if self.mode == TRACE:
+            self.graph.unsafe = self.graph.unsafe or (
+                "JAX code outside the recorded ops (a library, jax_array[placeholder]) used a value")
+            return ph._rec
+        if self.grad_depth:
+            raise RuntimeError(
+                "terra_bc: JAX code it does not record (a library function or jax_array[x]) "
+                "received a value inside a differentiated function on a path not seen while "
+                "tracing; its gradient cannot be computed. Run this function without terra_bc.")
+        self.launch(self.graph.events[self.pos - 1].mark if self.pos else 0, [ph._id])
+        return self.env[ph._id]
 
     # -- fetches
     def fetch(self, ph, kind, convert):

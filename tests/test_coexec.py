@@ -901,3 +901,39 @@ def test_stats_reset_and_explain():
     assert "segment" in report.lower()
     terra_bc.reset_stats()
     assert all(terra_bc.stats()[k] == 0 for k in STAT_KEYS)
+
+
+# ----------------------------------------------------------------------------- library code
+
+LIBRARY = {}
+exec(compile("import jax.numpy as jnp\n"
+             "def dense(w, h):\n"
+             "    return jnp.tanh(h @ w)\n", "<library>", "exec"), LIBRARY)
+
+
+def test_library_code_inside_grad_keeps_the_gradient_connected():
+    """JAX code terra_bc does not rewrite (a library) gets placeholders: it must compute on
+    the recorded values so the gradient flows through it, in every iteration."""
+    def make():
+        def loss_fn(w, x):
+            return jnp.mean(LIBRARY["dense"](w, x) ** 2)
+
+        def step(w, x):
+            loss, g = jax.value_and_grad(loss_fn)(w, x)
+            return w - 0.1 * g, loss
+        return step
+
+    r = np.random.default_rng(31)
+    w0, xs = randn(r, 4, 3), [randn(r, 5, 4) for _ in range(N)]
+
+    def run(step):
+        w, out = w0, []
+        for x in xs:
+            w, loss = step(w, x)
+            out.append((w, loss))
+        return out
+
+    want = run(make())
+    terra_bc.reset_stats()
+    got = run(terra_bc.function(make()))
+    assert_close(got, want, "w, loss")
