@@ -15,13 +15,13 @@ import signal
 import sys
 import types
 
-USAGE = ("usage: python -m terra_bc [--scope user|all] [--stats] [--off] [--loops] "
+USAGE = ("usage: python -m terra_bc [--scope user|all] [--stats] [--off] [--no-loops] "
          "(script.py | -m module) [args ...]")
 
 
 def parse(argv):
     opts = {"scope": "user", "stats": False, "off": False,
-            "loops": os.environ.get("TERRA_BC_LOOPS", "") not in ("", "0")}
+            "loops": os.environ.get("TERRA_BC_LOOPS", "1") != "0"}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -32,8 +32,8 @@ def parse(argv):
             opts["stats"] = True
         elif arg == "--off":
             opts["off"] = True
-        elif arg == "--loops":
-            opts["loops"] = True
+        elif arg in ("--loops", "--no-loops"):
+            opts["loops"] = arg == "--loops"
         elif arg == "--scope" or arg.startswith("--scope="):
             value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
             i += "=" not in arg

@@ -19,6 +19,7 @@ TraceGraph here holds one path; issue 4 merges several.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import operator
 import os
@@ -944,6 +945,7 @@ class Unit:
         self.escaping = set()   # value ids that outlived a traced iteration
         self.unsafe = None      # set when the unit cannot be co-executed: it runs eagerly
         self.nested_calls = 0   # routed calls made while an opaque op ran (see _trace_op)
+        self.recent = collections.deque(maxlen=RETRACE_WINDOW)  # did each recent call trace?
 
     def __call__(self, *args, **kwargs):
         if getattr(_tls, "it", None) is not None or self.unsafe:
@@ -980,11 +982,17 @@ class Unit:
             _hook.disable_thread()
         _tls.it = None
         it.finish(ok)
+        # Tracing costs more than eager: a unit whose path keeps changing runs eagerly.
+        self.recent.append(it.mode == TRACE or self.graph is None)
+        if len(self.recent) == RETRACE_WINDOW and sum(self.recent) > RETRACE_WINDOW // 2:
+            self.unsafe = self.unsafe or (f"re-traced {sum(self.recent)} of its last "
+                                          f"{RETRACE_WINDOW} calls (its path or shapes change)")
         _hook.set_route_always(True)  # placeholders may have escaped: unwrap them at sites
 
 
 # ------------------------------------------------------------------ loop units
 
+RETRACE_WINDOW = 6    # a unit re-tracing in more than half its last 6 calls runs eagerly
 _loop_units = {}      # LoopMark -> Unit
 INNER_TURNS = 16      # a loop nested in an open turn that turns more often becomes the unit
 

@@ -2,9 +2,10 @@
 
 Every program runs in quick mode in its own process, eagerly and under
 ``python -m terra_bc --stats``; the checksums must agree and the stats line
-must show that terra_bc really ran its sites. A strict-xfail test asks for
-co-execution (iterations co-executed, ops skipped): it starts failing, and so
-forces removal of its marker, the day the engine makes it pass.
+must show that terra_bc really ran its sites. A test asks for co-execution
+(iterations co-executed, ops skipped) of every program; where the engine cannot yet
+co-execute a program it is a strict xfail, which starts failing, and so forces removal of
+its marker, the day the engine makes it pass.
 
 Speed: the runs go two at a time, and the children share a throw-away JAX
 persistent compilation cache so the terra_bc run reuses the eager run's
@@ -111,8 +112,14 @@ def test_terra_bc_matches_eager(runs, program, terra_bc_available):
     assert terra["stats"].get("sites_executed", 0) > 0, terra["stats"]
 
 
-@pytest.mark.xfail(strict=True, reason="co-execution engine (issue 3) not landed yet")
-@pytest.mark.parametrize("program", PROGRAMS)
+NOT_COEXECUTED_YET = {
+    "faster_rcnn": "JAX code outside the recorded ops uses its values: the loop runs eagerly",
+}
+
+
+@pytest.mark.parametrize("program", [
+    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=NOT_COEXECUTED_YET[p]))
+    if p in NOT_COEXECUTED_YET else p for p in PROGRAMS])
 def test_terra_bc_coexecutes(runs, program, terra_bc_available):
     """Matching eager is not enough: terra_bc must not silently run eagerly."""
     if not terra_bc_available:

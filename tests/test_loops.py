@@ -118,16 +118,16 @@ def test_plain_python_loops_are_left_alone():
     assert s["iterations_traced"] == s["iterations_coexecuted"] == 0
 
 
-def test_loops_off_by_default_in_the_cli(tmp_path):
+def test_loops_on_by_default_in_the_cli(tmp_path):
     import subprocess, sys, json
     script = tmp_path / "loop.py"
     script.write_text("import jax.numpy as jnp\nx = jnp.ones(3)\nfor i in range(6):\n"
                       "    x = jnp.sin(x) + 1.0\nprint(float(x.sum()))\n")
     outs = {}
-    for flags in ([], ["--loops"]):
+    for flags in (["--no-loops"], []):
         r = subprocess.run([sys.executable, "-m", "terra_bc", "--stats", *flags, str(script)],
                            capture_output=True, text=True, timeout=120)
         stats = json.loads(r.stderr.strip().splitlines()[-1].split(": ", 1)[1])
-        outs[bool(flags)] = (r.stdout, stats["iterations_coexecuted"])
+        outs[not flags] = (r.stdout, stats["iterations_coexecuted"])
     assert outs[False][0] == outs[True][0]
     assert outs[False][1] == 0 and outs[True][1] >= 3
