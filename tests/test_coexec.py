@@ -911,20 +911,13 @@ exec(compile("import jax.numpy as jnp\n"
              "    return jnp.tanh(h @ w)\n", "<library>", "exec"), LIBRARY)
 
 
-def test_library_code_inside_grad_keeps_the_gradient_connected():
-    """JAX code terra_bc does not rewrite (a library) gets placeholders: it must compute on
-    the recorded values so the gradient flows through it, in every iteration."""
+def sgd_eager_and_unit(loss_fn, w0, xs, lr):
+    """(eager, terra_bc) results of an SGD step on loss_fn(w, x) chained over xs."""
     def make():
-        def loss_fn(w, x):
-            return jnp.mean(LIBRARY["dense"](w, x) ** 2)
-
         def step(w, x):
             loss, g = jax.value_and_grad(loss_fn)(w, x)
-            return w - 0.1 * g, loss
+            return w - lr * g, loss
         return step
-
-    r = np.random.default_rng(31)
-    w0, xs = randn(r, 4, 3), [randn(r, 5, 4) for _ in range(N)]
 
     def run(step):
         w, out = w0, []
@@ -935,36 +928,27 @@ def test_library_code_inside_grad_keeps_the_gradient_connected():
 
     want = run(make())
     terra_bc.reset_stats()
-    got = run(terra_bc.function(make()))
+    return want, run(terra_bc.function(make()))
+
+
+def test_library_code_inside_grad_keeps_the_gradient_connected():
+    """JAX code terra_bc does not rewrite (a library) gets placeholders: it must compute on
+    the recorded values so the gradient flows through it, in every iteration."""
+    r = np.random.default_rng(31)
+    want, got = sgd_eager_and_unit(lambda w, x: jnp.mean(LIBRARY["dense"](w, x) ** 2),
+                                   randn(r, 4, 3), [randn(r, 5, 4) for _ in range(N)], 0.1)
     assert_close(got, want, "w, loss")
 
 
 def test_array_methods_and_properties_are_ops_of_the_iteration():
     """x.T, x.sum(...), x.var(...), x.reshape(...) inside a differentiated function are
     guarded ops (no divergence), and the gradient through them equals eager's."""
-    def make():
-        def loss_fn(w, x):
-            h = (x @ w.T).reshape(-1, 2)
-            return h.var(-1, keepdims=True).sum() + w.mT.mean() + jnp.abs(h).max()
-
-        def step(w, x):
-            loss, g = jax.value_and_grad(loss_fn)(w, x)
-            return w - 0.05 * g, loss
-        return step
+    def loss_fn(w, x):
+        h = (x @ w.T).reshape(-1, 2)
+        return h.var(-1, keepdims=True).sum() + w.mT.mean() + jnp.abs(h).max()
 
     r = np.random.default_rng(37)
-    w0, xs = randn(r, 4, 6), [randn(r, 3, 6) for _ in range(N)]
-
-    def run(step):
-        w, out = w0, []
-        for x in xs:
-            w, loss = step(w, x)
-            out.append((w, loss))
-        return out
-
-    want = run(make())
-    terra_bc.reset_stats()
-    got = run(terra_bc.function(make()))
+    want, got = sgd_eager_and_unit(loss_fn, randn(r, 4, 6), [randn(r, 3, 6) for _ in range(N)], 0.05)
     assert_close(got, want, "w, loss")
     s = stats()
     assert s["divergences"] == 0 and s["iterations_coexecuted"] == N - 1, s
