@@ -105,12 +105,14 @@ should_route(SiteObject *self, PyObject *callee)
     PyObject *key = callee_key(callee);
     if (key != self->seen_key) {
         PyObject *verdict = PyObject_CallOneArg(route_classify, callee);
-        if (verdict == NULL)
-            return -1;
-        int dl = PyObject_IsTrue(verdict);
-        Py_DECREF(verdict);
-        if (dl < 0)
-            return -1;
+        int dl = verdict == NULL ? -1 : PyObject_IsTrue(verdict);
+        Py_XDECREF(verdict);
+        if (dl < 0) {
+            /* classify never raises by design; should it, the user's call must not see it
+             * (nor an unraisable hook, which may call back into here): a plain callee. */
+            PyErr_Clear();
+            dl = 0;
+        }
         Py_XSETREF(self->seen_key, Py_NewRef(key));
         self->seen_dl = dl;
     }

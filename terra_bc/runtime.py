@@ -339,9 +339,16 @@ NOT_OPS_NAMES = {"block_until_ready", "device_get"}
 
 def is_dl_op(callee):
     """Does a call of ``callee`` compute on arrays with JAX (and so belong to the graph)?"""
+    try:
+        return _is_dl_op(callee)
+    except Exception:  # an object whose attribute lookup raises: not one of JAX's
+        return False
+
+
+def _is_dl_op(callee):
     fn = getattr(callee, "__func__", callee)
     code = getattr(fn, "__code__", None)
-    if code is not None:
+    if isinstance(code, types.CodeType):  # (a class's __code__ may be a descriptor)
         return (code.co_filename.startswith(JAX_DIRS) and not code.co_filename.endswith(NOT_OPS_FILES)
                 and code.co_name not in NOT_OPS_NAMES)
     module = getattr(type(callee), "__module__", "") or ""
