@@ -79,8 +79,10 @@ static int route_always = 0;            /* also outside iterations (placeholders
 static PyObject *loop_handler = NULL;   /* runtime.on_loop(iterator, exiting) */
 static THREAD_LOCAL unsigned long long dl_calls = 0; /* DL-op calls through sites */
 
-/* What identifies a callee for classification: a function's code (closures of one code are
- * one kind of callee), a bound method's function, the type of a bound builtin's receiver. */
+/* What identifies a callee for classification, held by the site's one-entry cache: a
+ * function's code (closures of one code are one kind of callee), a bound method's function,
+ * a module-level builtin itself, otherwise the callee's type.  Never the callee object
+ * itself: the cache would keep it (a class, a closure and all it holds) alive. */
 static PyObject *
 callee_key(PyObject *callee)
 {
@@ -90,10 +92,10 @@ callee_key(PyObject *callee)
         return PyFunction_GET_CODE(callee);
     if (PyCFunction_Check(callee)) {
         PyObject *self = PyCFunction_GET_SELF(callee);
-        if (self != NULL && !PyModule_Check(self))
-            return (PyObject *)Py_TYPE(self);
+        if (self == NULL || PyModule_Check(self))
+            return callee;
     }
-    return callee;
+    return (PyObject *)Py_TYPE(callee);
 }
 
 /* 1: route this call to the handler, 0: call the callee, -1: error. */
