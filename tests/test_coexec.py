@@ -682,10 +682,9 @@ def make_scheduled_step():
     return step
 
 
-def test_python_scalar_learning_rate_changes():
-    r = np.random.default_rng(16)
-    w0 = randn(r, 4, 2)
-    batches = data(17, dout=2)
+def scheduled_eager_and_unit(seed, batches):
+    """(eager, terra_bc) results of make_scheduled_step chained over batches."""
+    w0 = randn(np.random.default_rng(seed), 4, 2)
 
     def run(step):
         w, out = w0, []
@@ -696,7 +695,11 @@ def test_python_scalar_learning_rate_changes():
 
     want = run(make_scheduled_step())
     terra_bc.reset_stats()
-    got = run(terra_bc.function(make_scheduled_step()))
+    return want, run(terra_bc.function(make_scheduled_step()))
+
+
+def test_python_scalar_learning_rate_changes():
+    want, got = scheduled_eager_and_unit(16, data(17, dout=2))
     assert_close(got, want, "w, loss")
     s = stats()
     assert s["compiles"] <= N, s
@@ -706,21 +709,8 @@ def test_python_scalar_learning_rate_changes():
 def test_python_scalar_learning_rate_is_learned_as_a_feed():
     """The stricter reading of DESIGN.md ("learn which is which per site"): a Python number
     that changes every iteration must become a feed, not a reason to re-trace forever."""
-    r = np.random.default_rng(23)
-    w0 = randn(r, 4, 2)
     n = 10
-    batches = data(24, n=n, dout=2)
-
-    def run(step):
-        w, out = w0, []
-        for k, (x, y) in enumerate(batches):
-            w, loss = step(k, w, x, y)
-            out.append((w, loss))
-        return out
-
-    want = run(make_scheduled_step())
-    terra_bc.reset_stats()
-    got = run(terra_bc.function(make_scheduled_step()))
+    want, got = scheduled_eager_and_unit(23, data(24, n=n, dout=2))
     assert_close(got, want, "w, loss")
     s = stats()
     assert s["iterations_coexecuted"] >= n // 2, s
