@@ -9,10 +9,10 @@ import contextlib
 
 from . import _hook, frames, runtime
 from .frames import disable, enable, enabled as is_enabled, set_scope
-from .runtime import explain, set_loops
+from .runtime import config, explain, set_loops
 
 __all__ = ["enable", "disable", "enabled", "function", "stats", "reset_stats", "set_scope",
-           "explain", "set_loops"]
+           "explain", "set_loops", "config"]
 
 
 @contextlib.contextmanager

@@ -379,6 +379,23 @@ class Recorder:
             value = jax.numpy.asarray(value)   # Python scalars stay weakly typed
         return trace.new(value)
 
+    def fork(self, stop, num_values) -> "Recorder":
+        """A new Recorder whose recording begins as this one's first ``stop`` equations over
+        its first ``num_values`` values, with the same ids: a new path of a TraceGraph shares
+        its prefix with the path it left.  Values of the prefix get tracers through
+        ``adopt``; values recorded afterwards get ids from ``num_values`` on."""
+        trace = self._live()
+        new = Recorder(self.on_fetch)
+        copy = new._live()
+        copy.eqns = trace.eqns[:stop]
+        copy.avals = trace.avals[:num_values]
+        return new
+
+    def adopt(self, id, value) -> RecTracer:
+        """A tracer for value ``id`` of a forked prefix, carrying its concrete ``value``."""
+        trace = self._live()
+        return RecTracer(trace, value, id, trace.avals[id])
+
     def concrete(self, tracer):
         """The eager value of a recorded tracer (records nothing, reports no fetch)."""
         return tracer.val if type(tracer) is RecTracer else tracer

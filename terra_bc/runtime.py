@@ -40,10 +40,25 @@ STAT_KEYS = ("iterations_traced", "iterations_coexecuted", "divergences", "eager
              "compiles", "segments_launched", "fetches", "feeds", "ops_skipped", "ops_traced",
              "ops_eager")
 JAX_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax,))
-TRACE, COEXEC = "tracing", "co-execution"
+TRACE, COEXEC, EAGER = "tracing", "co-execution", "eager"
 _tls = threading.local()
 
 
+def _env_int(name, default):
+    value = os.environ.get(name)
+    try:
+        return default if value in (None, "") else int(value)
+    except ValueError:
+        raise ValueError(f"terra_bc: {name}={value!r} is not an integer") from None
+
+
+# terra_bc.config(...) changes these; each has an environment variable (docs/control-flow.md).
+settings = {
+    "max_paths": _env_int("TERRA_BC_MAX_PATHS", 16),     # recorded paths (variants) per unit
+    "warmup": _env_int("TERRA_BC_WARMUP", 0),            # first calls of a unit run plainly
+    "inner_turns": _env_int("TERRA_BC_INNER_TURNS", 16),  # see on_loop
+    "dynamic_numbers": os.environ.get("TERRA_BC_DYNAMIC_NUMBERS", "1") != "0",
+}
 _MISS = object()
 _LIVE_REFS = 3  # sys.getrefcount(p) of a placeholder only self.live holds, inside _alive
 
@@ -60,14 +75,16 @@ class Event:
     kind "op": ``key`` identifies the callee, ``tree``/``args`` the inputs (("ph", id),
     ("feed", id, aval) or ("static", value) per leaf), ``out_tree``/``outs`` the outputs.
     kind "fetch": ``key`` is the conversion, ``args`` = (id,).  ``mark`` is the number of
-    recorded equations once the event happened; ``where`` the user's source line.
+    recorded equations once the event happened; ``where`` the user's source line.  Paths of
+    a unit share the Event objects of their common prefix (see ``Iteration._next``).
     """
-    __slots__ = ("kind", "key", "tree", "args", "out_tree", "outs", "mark", "where", "flat",
-                 "single")
+    __slots__ = ("kind", "key", "tree", "args", "out_tree", "outs", "mark", "nvals", "where",
+                 "flat", "single")
 
-    def __init__(self, kind, key, tree, args, out_tree, outs, mark, where, flat=None):
+    def __init__(self, kind, key, tree, args, out_tree, outs, mark, nvals, where, flat=None):
         self.kind, self.key, self.tree, self.args = kind, key, tree, args
         self.out_tree, self.outs, self.mark, self.where = out_tree, outs, mark, where
+        self.nvals = nvals  # values recorded once the event happened: the fork point's ids
         # For co-execution's fast path: called with `flat` positional leaves and no keywords;
         # one placeholder out.
         self.flat = flat
@@ -79,11 +96,16 @@ class Event:
 
 
 class TraceGraph:
-    """The recorded path of a unit: its events, the recording, and segment plans."""
+    """One recorded path of a unit: its events, the recording, and segment plans.
 
-    def __init__(self):
-        self.recorder = graph.Recorder()
-        self.events = []
+    A unit keeps several paths (``Unit.paths``); a path made by leaving another one at event
+    k shares that path's first k events (the same objects) and its recording up to there
+    (``Recorder.fork``: same equations, same value ids), so an iteration can move between
+    paths at any branch point without recomputing anything."""
+
+    def __init__(self, recorder=None, events=()):
+        self.recorder = recorder if recorder is not None else graph.Recorder()
+        self.events = list(events)
         self.segments = {}      # (start, stop, outputs) -> (Segment, executable)
         self.unsafe = None      # why this unit cannot be co-executed, if it cannot
 
@@ -454,6 +476,7 @@ class Iteration:
     def __init__(self, unit, mode, graph_):
         self.unit, self.mode, self.graph = unit, mode, graph_
         self.pos = 0            # next event (co-execution)
+        self.fork_stop = 0      # equations co-executed before a divergence
         self.env = {}           # value id -> concrete value (feeds, launched segments' outputs)
         self.seg_start = 0      # first equation not launched yet
         self.tracers = {}       # value id -> recording tracer (tracing)
@@ -463,36 +486,28 @@ class Iteration:
         self.grad_depth = 0     # > 0 while a differentiated function's Python runs
 
     def enter(self, args, kwargs):
-        """The unit's arguments: arrays become placeholders (fed), the rest are guarded."""
+        """The unit's arguments: arrays become placeholders (fed), the rest are Python's own."""
         leaves, tree = tree_flatten((args, kwargs))
         if self.mode == COEXEC:
+            feeds = []
+
+            def check(ev):
+                feeds.clear()
+                return tree == ev.tree and len(leaves) == len(ev.args) and all(
+                    spec[0] == "static" or self._matches(x, spec, feeds)
+                    for x, spec in zip(leaves, ev.args))
             try:
-                ev = self._next("enter", None)
-                if tree != ev.tree or len(leaves) != len(ev.args):
-                    raise Divergence
-                feeds = []
-                if not all(spec[0] == "static" or self._matches(x, spec, feeds)
-                           for x, spec in zip(leaves, ev.args)):
-                    raise Divergence
+                ev = self._next("enter", None, check)
             except Divergence:
-                self.unit.graph = None
-                self.graph, self.mode = TraceGraph(), TRACE
-                counts["iterations_coexecuted"] -= 1
-                counts["iterations_traced"] += 1
-                counts["divergences"] += 1
-                self.recording = self.graph.recorder
-                self.recording.__enter__()
+                self.diverge()
             else:
                 self.pos += 1
-                values = []
-                for x, spec in zip(leaves, ev.args):
-                    if spec[0] == "feed":
-                        self.env[spec[1]] = _concrete(x) if type(x) is Placeholder else x
-                        counts["feeds"] += 1
-                        values.append(self._new(spec[1], spec[2]))
-                    else:
-                        values.append(x)
-                return tree_unflatten(tree, values)
+                self._bind(feeds)
+                values = iter(self._new(spec[1], spec[2]) for spec in ev.args if spec[0] == "feed")
+                return tree_unflatten(tree, [next(values) if spec[0] == "feed" else x
+                                             for x, spec in zip(leaves, ev.args)])
+        if self.mode == EAGER:
+            return args, kwargs
         specs, values = [], []
         for x in leaves:
             if _is_array(x):
@@ -526,8 +541,15 @@ class Iteration:
         self.tracers[t.id] = t
         return t
 
+    def _bind(self, feeds):
+        """Co-execution: values Python hands to the graph this iteration."""
+        for id, x in feeds:
+            self.env[id] = _concrete(x) if type(x) is Placeholder else x
+        counts["feeds"] += len(feeds)
+
     def _spec(self, x, numbers):
-        """Tracing: (spec, value to call with) for one input leaf."""
+        """Tracing: (spec, value to call with) for one input leaf; ``numbers``: feed a Python
+        number (an operator's operand, or a leaf that changed between iterations)."""
         if type(x) is Placeholder and x._it is self and x._val is None:
             return ("ph", x._id), x._rec
         if self.graph.recorder.owns(x):
@@ -545,6 +567,13 @@ class Iteration:
         if self.depth:  # inside an opaque op: JAX is tracing; just run it
             self.unit.nested_calls += 1
             return fn(*args, **kwargs)
+        if self.mode == EAGER:  # past a branch point with too many variants: plain JAX
+            counts["ops_eager"] += 1
+            self.depth += 1
+            try:
+                return _eager(fn, args, kwargs)
+            finally:
+                self.depth -= 1
         if self.mode == COEXEC and not kwargs:
             out = self._fast_op(fn, args)
             if out is not _MISS:
@@ -557,20 +586,27 @@ class Iteration:
         if self.mode == TRACE:
             return self._trace_op(fn, key, args, kwargs)
         try:
-            return self._coexec_op(key, args, kwargs, fn in OPERATORS)
+            return self._coexec_op(key, args, kwargs)
         except Divergence:
             self.diverge()
-            return self._trace_op(fn, key, args, kwargs)
+            return self.op(fn, args, kwargs, key)
 
     def _trace_op(self, fn, key, args, kwargs):
         leaves, tree = tree_flatten((args, kwargs))
-        numbers = fn in OPERATORS
-        specs, values = zip(*(self._spec(x, numbers) for x in leaves)) if leaves else ((), ())
-        a, k = tree_unflatten(tree, list(values))
+        where = _user_line()
+        operands = fn in OPERATORS
+        dynamic = {i for i in range(len(leaves)) if (where, _name(key), i) in self.unit.dynamic}
         self.depth += 1
         nested_before = self.unit.nested_calls
         try:
-            out = fn(*a, **k)
+            try:
+                specs, out = self._run_recorded(fn, tree, leaves, lambda i: operands or i in dynamic)
+            except Exception:
+                if not dynamic:
+                    raise
+                # JAX needs that number static (a shape, an axis): keep it so from now on.
+                self.unit.dynamic -= {(where, _name(key), i) for i in dynamic}
+                specs, out = self._run_recorded(fn, tree, leaves, lambda i: operands)
         except Exception as e:
             # Maybe our unwrapping, not the user's code: run the op as plain JAX would. If
             # that works, this unit is not one we can record; if not, it is the user's error.
@@ -596,9 +632,15 @@ class Iteration:
                 wrapped.append(o)
         flat = len(args) if not kwargs and len(leaves) == len(args) and all(
             a is b for a, b in zip(leaves, args)) else None
-        self._record("op", key, tree, specs, out_tree, outs, flat)
+        self._record("op", key, tree, specs, out_tree, outs, flat, where)
         counts["ops_traced"] += 1
         return tree_unflatten(out_tree, wrapped)
+
+    def _run_recorded(self, fn, tree, leaves, fed_number):
+        specs, values = zip(*(self._spec(x, fed_number(i)) for i, x in enumerate(leaves))) \
+            if leaves else ((), ())
+        a, k = tree_unflatten(tree, list(values))
+        return specs, fn(*a, **k)
 
     def _settled_eager(self, fn, args, kwargs):
         """Run ``fn`` on concrete values, outside the recording (the unit will run eagerly)."""
@@ -607,19 +649,33 @@ class Iteration:
         with jax.extend.core.set_current_trace(rec.parent_trace()) if rec is not None else _nothing():
             return _eager(fn, args, kwargs)
 
-    def _record(self, kind, key, tree, args, out_tree, outs, flat=None):
-        where = _user_line()
+    def _record(self, kind, key, tree, args, out_tree, outs, flat=None, where=None):
+        rec = self.graph.recorder
         self.graph.events.append(Event(kind, key, tree, tuple(args), out_tree, tuple(outs),
-                                       self.graph.recorder.mark(), where, flat))
+                                       rec.mark(), rec.num_values, where or _user_line(), flat))
 
-    def _next(self, kind, key):
-        events = self.graph.events
-        if self.pos >= len(events):
-            raise Divergence
-        ev = events[self.pos]
-        if ev.kind != kind or not _same(ev.key, key):
-            raise Divergence
-        return ev
+    def _next(self, kind, key, check=None):
+        """Co-execution: the event Python has reached.  It is the next event of this path if
+        that matches, else the next event of another recorded path with the same events so
+        far (a case seen before: the iteration moves to that path, nothing is recomputed).
+        Divergence if no recorded path goes on this way."""
+        pos = self.pos
+        for g in self._paths_here():
+            if pos < len(g.events):
+                ev = g.events[pos]
+                if ev.kind == kind and _same(ev.key, key) and (check is None or check(ev)):
+                    self.graph = g
+                    return ev
+        raise Divergence
+
+    def _paths_here(self):
+        """This path, then the unit's other paths sharing its first ``pos`` events."""
+        cur, pos = self.graph, self.pos
+        yield cur
+        last = cur.events[pos - 1] if pos else None
+        for g in self.unit.paths:
+            if g is not cur and (pos == 0 or len(g.events) >= pos and g.events[pos - 1] is last):
+                yield g
 
     def _fast_op(self, fn, args):
         """The common co-executed op, checked without flattening: positional leaves only.
@@ -653,29 +709,44 @@ class Iteration:
         return tree_unflatten(ev.out_tree, [self._new(o[1], o[2]) if o[0] == "ph" else o[1]
                                             for o in ev.outs])
 
-    def _coexec_op(self, key, args, kwargs, numbers):
-        ev = self._next("op", key)
+    def _coexec_op(self, key, args, kwargs):
         leaves, tree = tree_flatten((args, kwargs))
-        if tree != ev.tree or len(leaves) != len(ev.args):
-            raise Divergence
         feeds = []
-        for x, spec in zip(leaves, ev.args):
-            if not self._matches(x, spec, feeds, numbers):
-                raise Divergence
+
+        def check(ev):
+            feeds.clear()
+            return tree == ev.tree and len(leaves) == len(ev.args) and all(
+                self._matches(x, spec, feeds) for x, spec in zip(leaves, ev.args))
+        try:
+            ev = self._next("op", key, check)
+        except Divergence:
+            self._note_changed_numbers(key, tree, leaves)
+            raise
         self.pos += 1
-        for id, x in feeds:
-            self.env[id] = _concrete(x) if type(x) is Placeholder else x
-        counts["feeds"] += len(feeds)
+        self._bind(feeds)
         counts["ops_skipped"] += 1
         outs = [self._new(s[1], s[2]) if s[0] == "ph" else s[1] for s in ev.outs]
         return tree_unflatten(ev.out_tree, outs)
 
-    def _matches(self, x, spec, feeds, numbers=False):
+    def _note_changed_numbers(self, key, tree, leaves):
+        """Automatic dynamism: Python numbers baked into this path's op that now differ
+        (a step counter, a schedule's value, a token id) are fed from the next trace on."""
+        if self.pos >= len(self.graph.events):
+            return
+        ev = self.graph.events[self.pos]
+        if ev.kind != "op" or not _same(ev.key, key) or ev.tree != tree or len(leaves) != len(ev.args):
+            return
+        for i, (x, spec) in enumerate(zip(leaves, ev.args)):
+            if spec[0] == "static" and type(x) in (int, float) and type(x) is type(spec[1]) \
+                    and x != spec[1] and settings["dynamic_numbers"]:
+                self.unit.dynamic.add((ev.where, _name(key), i))
+
+    def _matches(self, x, spec, feeds):
         kind = spec[0]
         if kind == "ph":
             return type(x) is Placeholder and x._it is self and x._id == spec[1] and x._val is None
         if kind == "feed":
-            if not (_is_array(x) or numbers and _is_number(x)) or (
+            if not (_is_array(x) or _is_number(x)) or (
                     type(x) is Placeholder and x._it is self and x._val is None):
                 return False
             if _aval(x) != spec[2]:
@@ -692,6 +763,8 @@ class Iteration:
         nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
         key = ("grad", _callee_key(fun), nums, has_aux, returns_value)
         args = list(args)
+        if self.mode == EAGER:
+            return self.op(callee, args, kwargs)
         if self.mode == TRACE:
             start = self.graph.recorder.mark()
             diff = []
@@ -701,12 +774,20 @@ class Iteration:
                        else self._wrap(self._feed(x)) for x in leaves]
                 diff.append((tree, phs))
                 args[i] = tree_unflatten(tree, phs)
-            self._record("grad-begin", key, None, [p._id for _, phs in diff for p in phs], None, (), )
+            self._record("grad-begin", key, tuple(p.aval for _, phs in diff for p in phs),
+                         [p._id for _, phs in diff for p in phs], None, ())
             out = self._run_differentiated(fun, args, kwargs)
             return self._trace_vjp(key, start, diff, out, isinstance(argnums, int), has_aux,
                                    returns_value)
+        diff_leaves = [x for i in nums for x in tree_leaves(args[i])]
+
+        def check(ev):  # each differentiated input: the same placeholder, or a feed of its aval
+            return len(diff_leaves) == len(ev.args) and all(
+                (x._id == id) if type(x) is Placeholder and x._it is self and x._val is None
+                else _is_array(x) and _aval(x) == aval
+                for x, id, aval in zip(diff_leaves, ev.args, ev.tree))
         try:
-            ev = self._next("grad-begin", key)
+            ev = self._next("grad-begin", key, check)
         except Divergence:
             self.diverge()
             return self.grad(callee, spec, args, kwargs)
@@ -757,7 +838,7 @@ class Iteration:
         rec = self.graph.recorder
         seg = rec.segment([value._id], start, rec.mark())
         fn = jax.extend.core.jaxpr_as_fun(seg.jaxpr)
-        base = [self.tracers[i] for i in seg.inputs]
+        base = [self._tracer(i) for i in seg.inputs]
         where = {id: k for k, id in enumerate(seg.inputs)}
         diff_ids = [p._id for _, phs in diff for p in phs]
 
@@ -768,7 +849,7 @@ class Iteration:
                     vals[where[id]] = x
             return fn(*vals)[0]
 
-        primals = [self.tracers[i] for i in diff_ids]
+        primals = [self._tracer(i) for i in diff_ids]
         self.depth += 1
         try:
             value_t, vjp = jax.vjp(loss_of, *primals)
@@ -827,72 +908,87 @@ class Iteration:
 
     # -- segments
     def launch(self, stop, need):
-        """Run the recorded equations [seg_start, stop) that later work needs."""
-        if stop <= self.seg_start and all(i in self.env for i in need):
-            return
-        rec = self.graph.recorder
-        _, produced = rec.wiring(self.seg_start, stop)
-        reads_after, _ = rec.wiring(stop)
-        alive = {p._id for p in self._alive()}
-        outputs = tuple(sorted(produced & (reads_after | alive | set(need) | self.unit.escaping)))
-        if outputs:
-            seg, exe = self.graph.segment(self.seg_start, stop, outputs)
-            values = exe(*[self.env[i] for i in seg.inputs])
-            self.env.update(zip(seg.outputs, values))
-            counts["segments_launched"] += 1
-        self.seg_start = stop
+        """Run the recorded equations [seg_start, stop) that later work needs, and make sure
+        the values ``need`` names are computed."""
+        if stop > self.seg_start:
+            rec = self.graph.recorder
+            _, produced = rec.wiring(self.seg_start, stop)
+            reads_after, _ = rec.wiring(stop)
+            alive = {p._id for p in self._alive()}
+            outputs = tuple(sorted(produced & (reads_after | alive | set(need) | self.unit.escaping)))
+            if outputs:
+                self._run(self.seg_start, stop, outputs)
+            self.seg_start = stop
+        missing = tuple(sorted(i for i in need if i not in self.env))
+        if missing:
+            self._run(0, self.seg_start, missing)
+
+    def _run(self, start, stop, outputs):
+        seg, exe = self.graph.segment(start, stop, outputs)
+        missing = tuple(sorted(i for i in seg.inputs if i not in self.env))
+        if missing:
+            # Computed before `start` but not kept: the path this iteration has moved to reads
+            # a value the one it started on did not.  Recompute it from the feeds.
+            if start == 0:
+                raise RuntimeError(f"terra_bc: no value for graph inputs {missing}")
+            self._run(0, start, missing)
+        values = exe(*[self.env[i] for i in seg.inputs])
+        self.env.update(zip(seg.outputs, values))
+        counts["segments_launched"] += 1
 
     def _alive(self):
         # self.live holds each placeholder once; any other reference means Python kept it.
         return [p for p in self.live if sys.getrefcount(p) > _LIVE_REFS]
 
+    def _tracer(self, id):
+        """The recording tracer of value ``id``.  After a divergence a value of the
+        co-executed prefix gets one from its computed value (``Recorder.adopt``)."""
+        t = self.tracers.get(id)
+        if t is None:
+            if id not in self.env:
+                self._run(0, self.fork_stop, (id,))
+            t = self.tracers[id] = self.graph.recorder.adopt(id, self.env[id])
+        return t
+
     def diverge(self):
-        """Leave the recorded path: finish this iteration in tracing mode on a new TraceGraph.
+        """No recorded path goes on the way Python goes: leave them here.
 
-        The recorded prefix (everything Python has done so far) is replayed into a fresh
-        recording from the values fed so far, so live placeholders, and a gradient taken
-        later in the iteration, continue from tracers; the prefix's events are kept,
-        renumbered, so the next iteration can co-execute the new path."""
+        The live placeholders get their values from the pending prefix, then the rest of the
+        iteration is traced as a new path that shares the prefix's events and recording with
+        the path it left (``Recorder.fork``): the unit has one more path.  A unit that has
+        made too many paths (``Unit.frozen``) runs the rest of the iteration eagerly instead."""
         counts["divergences"] += 1
-        old = self.graph
-        stop = old.events[self.pos - 1].mark if self.pos else 0
-        new = TraceGraph()
-        rec = new.recorder
-        _, produced = old.recorder.wiring(0, stop)
-        remap = {}
-        with rec:
-            if produced:
-                seg = old.recorder.segment(sorted(produced), 0, stop)
-                ins = [self._feed_value(rec, self.env[i]) for i in seg.inputs]
-                outs = jax.extend.core.jaxpr_as_fun(seg.jaxpr)(*ins)
-                for i, t in list(zip(seg.inputs, ins)) + list(zip(seg.outputs, outs)):
-                    remap[i] = t.id
-                    self.tracers[t.id] = t
-            for ev in old.events[:self.pos]:  # feeds no recorded equation read
-                for i in _event_ids(ev):
-                    if i not in remap and i in self.env:
-                        t = self._feed_value(rec, self.env[i])
-                        remap[i] = t.id
-                        self.tracers[t.id] = t
-            try:  # keep the prefix's events only if their marks and ids carry over exactly
-                assert rec.mark() == stop
-                new.events = [_renumber(ev, remap) for ev in old.events[:self.pos]]
-            except (AssertionError, KeyError):
-                new.events = []
-                new.unsafe = "divergence replay"  # trace the next call from its start
-        for p in self._alive():
-            if p._val is None:
-                p._id = remap[p._id]
-                p._rec = self.tracers[p._id]
-        self.graph = self.unit.graph = new
-        self.mode = TRACE
-        self.recording = rec
-        rec.__enter__()
+        old, pos = self.graph, self.pos
+        last = old.events[pos - 1] if pos else None
+        stop = last.mark if last else 0
+        alive = [p for p in self._alive() if p._val is None]
+        self.launch(stop, [p._id for p in alive])
+        if pos == 0:  # nothing co-executed: an iteration traced (or run eagerly) from its start
+            counts["iterations_coexecuted"] -= 1
+        if self.unit.frozen:
+            self.mode = EAGER
+            counts["eager_fallbacks"] += 1
+            self._settle()
+            return
+        counts["iterations_traced"] += pos == 0
+        new = TraceGraph(old.recorder.fork(stop, last.nvals if last else 0), old.events[:pos])
+        for p in alive:
+            p._rec = self.tracers[p._id] = new.recorder.adopt(p._id, self.env[p._id])
+        self.graph, self.mode, self.fork_stop = new, TRACE, stop
+        self.recording = new.recorder
+        self.recording.__enter__()
 
-    @staticmethod
-    def _feed_value(rec, value):
-        counts["feeds"] += 1
-        return rec.input(value)
+    def _path_ending_here(self):
+        """Co-execution ended before this path did: the recorded path that ends here, or a
+        new one (the prefix alone, no trace needed)."""
+        for g in self._paths_here():
+            if len(g.events) == self.pos:
+                return g
+        counts["divergences"] += 1
+        last = self.graph.events[self.pos - 1]
+        new = TraceGraph(self.graph.recorder.fork(last.mark, last.nvals), self.graph.events[:self.pos])
+        self.unit.add_path(new)
+        return new
 
     def _settle(self):
         """Every live placeholder takes its concrete value and leaves the iteration."""
@@ -902,43 +998,25 @@ class Iteration:
             p._rec = None
 
     def finish(self, ok):
-        """End of the iteration: launch what is left, settle placeholders, keep the graph."""
+        """End of the iteration: launch what is left, settle placeholders, keep the path."""
         if self.recording is not None:
             self.recording.__exit__(None, None, None)
             self.recording = None
+        unit = self.unit
         if self.mode == COEXEC:
-            stop = self.graph.recorder.mark()
-            if self.pos != len(self.graph.events):  # a shorter path: trace it next time
-                self.unit.graph = None
-                counts["divergences"] += 1
-                stop = self.graph.events[self.pos - 1].mark if self.pos else 0
-            self.launch(stop, [p._id for p in self._alive() if p._val is None])
+            if self.pos != len(self.graph.events):
+                self.graph = self._path_ending_here()
+            self.launch(self.graph.recorder.mark(), [p._id for p in self._alive() if p._val is None])
+            unit.graph = self.graph
         elif self.mode == TRACE:
-            alive = {p._id for p in self._alive() if p._val is None}
-            self.unit.escaping |= alive
+            unit.escaping |= {p._id for p in self._alive() if p._val is None}
             g = self.graph
-            self.unit.graph = g if ok and not g.unsafe else None
             if g.unsafe:
-                self.unit.unsafe = g.unsafe
+                unit.unsafe = g.unsafe
+            elif ok:
+                unit.add_path(g)
+                unit.graph = g
         self._settle()
-
-
-def _event_ids(ev):
-    ids = [spec[1] for spec in ev.args if isinstance(spec, tuple) and spec[0] in ("ph", "feed")]
-    if ev.kind in ("fetch", "grad-begin"):
-        ids = list(ev.args)
-    return ids + [spec[1] for spec in ev.outs if spec[0] == "ph"]
-
-
-def _renumber(ev, remap):
-    def spec(s):
-        return (s[0], remap[s[1]]) + tuple(s[2:]) if s[0] in ("ph", "feed") else s
-    if ev.kind in ("fetch", "grad-begin"):
-        args = tuple(remap[i] for i in ev.args)
-    else:
-        args = tuple(spec(a) for a in ev.args)
-    return Event(ev.kind, ev.key, ev.tree, args, ev.out_tree, tuple(spec(o) for o in ev.outs),
-                 ev.mark, ev.where)
 
 
 # ------------------------------------------------------------------ units
@@ -948,14 +1026,22 @@ class Unit:
 
     def __init__(self, fn):
         self.fn = fn
-        self.graph = None       # the recorded path, once an iteration has been traced
+        self.paths = []         # recorded paths (TraceGraphs sharing prefixes)
+        self.graph = None       # the path the last iteration took: the next one starts on it
+        self.frozen = None      # why no more paths are made (past a branch point: eager)
+        self.dynamic = set()    # (line, op, leaf index): numbers fed, not baked (they changed)
         self.escaping = set()   # value ids that outlived a traced iteration
         self.unsafe = None      # set when the unit cannot be co-executed: it runs eagerly
         self.nested_calls = 0   # routed calls made while an opaque op ran (see _trace_op)
         self.recent = collections.deque(maxlen=RETRACE_WINDOW)  # did each recent call trace?
+        self.calls = 0          # calls so far, for settings["warmup"]
+
+    def warming_up(self):
+        self.calls += 1
+        return self.calls <= settings["warmup"]
 
     def __call__(self, *args, **kwargs):
-        if getattr(_tls, "it", None) is not None or self.unsafe:
+        if getattr(_tls, "it", None) is not None or self.unsafe or self.warming_up():
             if self.unsafe and getattr(_tls, "it", None) is None:
                 counts["eager_fallbacks"] += 1
             return self.fn(*args, **kwargs)  # inside another unit: part of its iteration
@@ -967,6 +1053,12 @@ class Unit:
         finally:
             self.end(it, ok)
         return _eager_value(result)
+
+    def add_path(self, g):
+        if len(self.paths) >= settings["max_paths"]:
+            self.frozen = self.frozen or f"made {len(self.paths)} paths (max_paths)"
+            return
+        self.paths.append(g)
 
     def begin(self, args, kwargs):
         """Open an iteration in this thread; returns it and the arguments to run it with."""
@@ -989,19 +1081,19 @@ class Unit:
             _hook.disable_thread()
         _tls.it = None
         it.finish(ok)
-        # Tracing costs more than eager: a unit whose path keeps changing runs eagerly.
-        self.recent.append(it.mode == TRACE or self.graph is None)
+        # Tracing costs more than eager: a unit that keeps making new paths makes no more;
+        # where Python leaves its recorded paths, the rest of the iteration runs eagerly.
+        self.recent.append(it.mode == TRACE)
         if len(self.recent) == RETRACE_WINDOW and sum(self.recent) > RETRACE_WINDOW // 2:
-            self.unsafe = self.unsafe or (f"re-traced {sum(self.recent)} of its last "
+            self.frozen = self.frozen or (f"traced new paths in {sum(self.recent)} of its last "
                                           f"{RETRACE_WINDOW} calls (its path or shapes change)")
         _hook.set_route_always(True)  # placeholders may have escaped: unwrap them at sites
 
 
 # ------------------------------------------------------------------ loop units
 
-RETRACE_WINDOW = 6    # a unit re-tracing in more than half its last 6 calls runs eagerly
+RETRACE_WINDOW = 6    # a unit tracing new paths in more than half its last 6 calls is frozen
 _loop_units = {}      # LoopMark -> Unit
-INNER_TURNS = 16      # a loop nested in an open turn that turns more often becomes the unit
 
 
 def on_loop(mark, token, exiting):
@@ -1021,7 +1113,7 @@ def on_loop(mark, token, exiting):
             _end_turn(ok=True)
         else:  # nested in another loop's turn: part of it, unless it turns often
             cur[3][token] = cur[3].get(token, 0) + 1
-            if cur[3][token] <= INNER_TURNS:
+            if cur[3][token] <= settings["inner_turns"]:
                 return False
             cur[0].state = -1  # the outer loop is not the repeating level
             _end_turn(ok=True)
@@ -1032,6 +1124,8 @@ def on_loop(mark, token, exiting):
     if unit.unsafe:
         mark.state = -1
         counts["eager_fallbacks"] += 1
+        return False
+    if unit.warming_up():
         return False
     it, _ = unit.begin((), {})
     _tls.loop = (mark, token, it, {})
@@ -1123,6 +1217,27 @@ def on_site(site, callee, *args, **kwargs):
 
 
 _hook.set_routing(on_site, is_dl_op)
+
+
+def config(**changes):
+    """``terra_bc.config(max_paths=16, warmup=0, inner_turns=16, dynamic_numbers=True,
+    loops=None)``: set limits (only those given); returns the settings now in force.
+    ``loops=True/False`` is ``set_loops``."""
+    loops = changes.pop("loops", None)
+    unknown = set(changes) - set(settings)
+    if unknown:
+        raise TypeError(f"terra_bc.config: unknown setting(s) {sorted(unknown)}; "
+                        f"known: {sorted(settings) + ['loops']}")
+    for name, value in changes.items():
+        want = type(settings[name])
+        if type(value) is not want or want is int and value < 0:
+            raise ValueError(f"terra_bc.config: {name} must be a {'non-negative int' if want is int else 'bool'}, got {value!r}")
+        if name == "max_paths" and value < 1:
+            raise ValueError("terra_bc.config: max_paths must be at least 1")
+    settings.update(changes)
+    if loops is not None:
+        set_loops(bool(loops))
+    return dict(settings)
 
 
 def set_loops(on):

@@ -376,8 +376,6 @@ def test_branch_on_python_state():
     assert s["ops_skipped"] > 0, s
 
 
-@pytest.mark.xfail(strict=True, reason="issue 4: the TraceGraph keeps one path; each switch "
-                   "of path re-traces (values stay correct, see the test above)")
 @pytest.mark.parametrize("decided_by", ["python_state", "fetched_value"])
 def test_paths_are_merged_into_the_tracegraph(decided_by):
     """DESIGN.md, divergence: the new path is merged into the TraceGraph so the next
@@ -409,6 +407,7 @@ def test_paths_are_merged_into_the_tracegraph(decided_by):
     assert_close(got, want, "outputs")
     s = stats()
     assert 1 <= s["divergences"] <= 3, s
+    assert s["iterations_traced"] + s["divergences"] == 2, s  # one trace per path, then none
     assert s["iterations_coexecuted"] >= n - 4, s
     assert s["segments_launched"] >= n - 4 - s["divergences"], s
 
