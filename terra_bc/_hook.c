@@ -44,7 +44,10 @@ typedef struct {
     void *ce_extras[1];
 } CodeExtras;
 
-#define UNTOUCHABLE (CO_GENERATOR | CO_COROUTINE | CO_ASYNC_GENERATOR | CO_ITERABLE_COROUTINE)
+/* Generators are rewritten: their code is swapped at the call that creates them, before
+ * RETURN_GENERATOR copies the frame; a resumed frame is owned by its generator (skipped
+ * below).  Coroutines and async generators stay as they are. */
+#define UNTOUCHABLE (CO_COROUTINE | CO_ASYNC_GENERATOR | CO_ITERABLE_COROUTINE)
 
 static Py_ssize_t extra_index = -1;
 static PyObject *callback = NULL;          /* code -> replacement code or None */

@@ -15,7 +15,7 @@ import weakref
 from collections import Counter
 
 from . import _hook
-from .rewrite import GENERATOR_FLAGS, Unsupported, rewrite
+from .rewrite import UNTOUCHED_FLAGS, Unsupported, rewrite
 
 log = logging.getLogger("terra_bc")
 
@@ -58,7 +58,7 @@ def in_scope(code, scope):
 def transform(code):
     """The rewritten code for ``code``, or None to leave it alone.  Never raises."""
     try:
-        if code.co_flags & GENERATOR_FLAGS or not in_scope(code, _scope):
+        if code.co_flags & UNTOUCHED_FLAGS or not in_scope(code, _scope):
             counts["code_objects_left_alone"] += 1
             return None
         result = rewrite(code)

@@ -32,6 +32,10 @@ CALL_OPS = {"PRECALL"} if PY311 else {"CALL", "CALL_KW"}
 CALL_OPCODES = {dis.opmap[name] for name in ("CALL", "CALL_KW", "PRECALL", "CALL_FUNCTION_EX")
                 if name in dis.opmap}
 GENERATOR_FLAGS = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
+# Generators (``sum(jnp.sum(g * g) for g in grads)``) are rewritten: the hook swaps their code
+# at the call that creates them, before RETURN_GENERATOR copies the frame into the generator,
+# and never touches a resumed frame (owned by the generator).  Coroutines stay as they are.
+UNTOUCHED_FLAGS = GENERATOR_FLAGS & ~inspect.CO_GENERATOR
 
 
 class Unsupported(Exception):
@@ -49,8 +53,8 @@ def rewrite(code: types.CodeType) -> Rewritten | None:
 
     Raises Unsupported when the code cannot be rewritten faithfully.
     """
-    if code.co_flags & GENERATOR_FLAGS:
-        raise Unsupported("generator and coroutine frames are resumed: their code stays as is")
+    if code.co_flags & UNTOUCHED_FLAGS:
+        raise Unsupported("coroutine frames are resumed by event loops: their code stays as is")
     if not CALL_OPCODES.intersection(code.co_code[::2]):
         return None  # no call at all: decided without disassembling (cheap, allocates nothing)
     try:
@@ -60,7 +64,8 @@ def rewrite(code: types.CodeType) -> Rewritten | None:
     offsets = _instr_offsets(code, bc)
     _restore_handler_depths(code, bc, offsets)
     pairs, stacks = _pair_calls(bc)
-    loops = _for_loops(bc, stacks, code.co_stacksize)
+    # A generator's loop turn would stay open while it is suspended: no loop units there.
+    loops = [] if code.co_flags & GENERATOR_FLAGS else _for_loops(bc, stacks, code.co_stacksize)
     if not pairs and not loops:
         return None
     new_bc, expansion, sites = _apply(code, bc, pairs, loops, offsets)
@@ -203,6 +208,8 @@ def _step(instr, stack, jump):
         stack[-1], stack[-instr.arg] = stack[-instr.arg], stack[-1]
         return stack
     if name == "COPY":
+        return list(stack) + [None]
+    if name == "RETURN_GENERATOR":  # resumed with the value sent, popped next (dis says 0 on 3.11/3.12)
         return list(stack) + [None]
     stack = list(stack)
     for effect in instr.pre_and_post_stack_effect(jump):  # applied in turn: pops < 0 < pushes

@@ -38,7 +38,7 @@ from . import _hook, graph
 counts = Counter()
 STAT_KEYS = ("iterations_traced", "iterations_coexecuted", "divergences", "eager_fallbacks",
              "compiles", "segments_launched", "fetches", "feeds", "ops_skipped", "ops_traced",
-             "ops_eager")
+             "ops_eager", "paths_recorded")
 JAX_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax,))
 TRACE, COEXEC, EAGER = "tracing", "co-execution", "eager"
 _tls = threading.local()
@@ -477,6 +477,7 @@ class Iteration:
         self.unit, self.mode, self.graph = unit, mode, graph_
         self.pos = 0            # next event (co-execution)
         self.fork_stop = 0      # equations co-executed before a divergence
+        self.left = None        # the path a divergence left
         self.env = {}           # value id -> concrete value (feeds, launched segments' outputs)
         self.seg_start = 0      # first equation not launched yet
         self.tracers = {}       # value id -> recording tracer (tracing)
@@ -552,9 +553,11 @@ class Iteration:
         number (an operator's operand, or a leaf that changed between iterations)."""
         if type(x) is Placeholder and x._it is self and x._val is None:
             return ("ph", x._id), x._rec
-        if self.graph.recorder.owns(x):
-            # computed by JAX code we did not see op by op (a library, jax_array[placeholder]):
-            # keep it connected; co-execution cannot reproduce it and will diverge here.
+        if self.graph.recorder.owns(x) and self.graph.unsafe:
+            # computed by JAX code we did not see op by op from a placeholder it lowered (a
+            # library): keep it connected for this iteration's gradient; the unit will not
+            # be co-executed.  Otherwise it came from concrete arrays (an operator of two
+            # jax.Arrays), as co-execution computes it too: eagerly, then fed.
             self.tracers[x.id] = x
             return ("ph", x.id), x
         if _is_array(x) or numbers and _is_number(x):
@@ -586,7 +589,7 @@ class Iteration:
         if self.mode == TRACE:
             return self._trace_op(fn, key, args, kwargs)
         try:
-            return self._coexec_op(key, args, kwargs)
+            return self._coexec_op(fn, key, args, kwargs)
         except Divergence:
             self.diverge()
             return self.op(fn, args, kwargs, key)
@@ -595,6 +598,9 @@ class Iteration:
         leaves, tree = tree_flatten((args, kwargs))
         where = _user_line()
         operands = fn in OPERATORS
+        # After leaving a path, the ops that follow usually match it event for event: numbers
+        # that differ from it there are fed in this trace already (one retrace, not one each).
+        self._note_changed_numbers(self.left, key, tree, leaves)
         dynamic = {i for i in range(len(leaves)) if (where, _name(key), i) in self.unit.dynamic}
         self.depth += 1
         nested_before = self.unit.nested_calls
@@ -608,10 +614,17 @@ class Iteration:
                 self.unit.dynamic -= {(where, _name(key), i) for i in dynamic}
                 specs, out = self._run_recorded(fn, tree, leaves, lambda i: operands)
         except Exception as e:
-            # Maybe our unwrapping, not the user's code: run the op as plain JAX would. If
-            # that works, this unit is not one we can record; if not, it is the user's error.
-            self.graph.unsafe = f"{_name(key)} failed under recording ({type(e).__name__})"
-            return self._settled_eager(fn, args, kwargs)
+            # JAX refused to record it (a data-dependent shape: x[mask], nonzero) or our
+            # unwrapping failed: run the op as plain JAX would (the user's error propagates).
+            if self.grad_depth:  # a gradient cannot flow through an eager op
+                self.graph.unsafe = f"{_name(key)} failed under recording ({type(e).__name__})"
+                return self._settled_eager(fn, args, kwargs)
+            out = self._settled_eager(fn, args, kwargs)
+            # A graph break: its inputs are computed, it runs eagerly every iteration, and its
+            # results enter later ops as feeds (guarded by their shapes).
+            self._record("eager", key, tree, [self._break_spec(x) for x in leaves], None, (),
+                         None, where)
+            return out
         finally:
             self.depth -= 1
         if self.unit.nested_calls != nested_before and not _traces_its_body(fn):
@@ -635,6 +648,13 @@ class Iteration:
         self._record("op", key, tree, specs, out_tree, outs, flat, where)
         counts["ops_traced"] += 1
         return tree_unflatten(out_tree, wrapped)
+
+    def _break_spec(self, x):
+        if type(x) is Placeholder and x._it is self and x._val is None:
+            return ("ph", x._id)
+        if _is_array(x) or _is_number(x):
+            return ("value", _aval(x))
+        return ("static", x)
 
     def _run_recorded(self, fn, tree, leaves, fed_number):
         specs, values = zip(*(self._spec(x, fed_number(i)) for i, x in enumerate(leaves))) \
@@ -663,7 +683,8 @@ class Iteration:
         for g in self._paths_here():
             if pos < len(g.events):
                 ev = g.events[pos]
-                if ev.kind == kind and _same(ev.key, key) and (check is None or check(ev)):
+                if (ev.kind == kind or ev.kind == "eager" and kind == "op") and _same(ev.key, key) \
+                        and (check is None or check(ev)):
                     self.graph = g
                     return ev
         raise Divergence
@@ -709,7 +730,7 @@ class Iteration:
         return tree_unflatten(ev.out_tree, [self._new(o[1], o[2]) if o[0] == "ph" else o[1]
                                             for o in ev.outs])
 
-    def _coexec_op(self, key, args, kwargs):
+    def _coexec_op(self, fn, key, args, kwargs):
         leaves, tree = tree_flatten((args, kwargs))
         feeds = []
 
@@ -720,20 +741,36 @@ class Iteration:
         try:
             ev = self._next("op", key, check)
         except Divergence:
-            self._note_changed_numbers(key, tree, leaves)
+            self._note_changed_numbers(self.graph, key, tree, leaves)
             raise
         self.pos += 1
+        if ev.kind == "eager":
+            return self._graph_break(ev, fn, tree, leaves)
         self._bind(feeds)
         counts["ops_skipped"] += 1
         outs = [self._new(s[1], s[2]) if s[0] == "ph" else s[1] for s in ev.outs]
         return tree_unflatten(ev.out_tree, outs)
 
-    def _note_changed_numbers(self, key, tree, leaves):
-        """Automatic dynamism: Python numbers baked into this path's op that now differ
-        (a step counter, a schedule's value, a token id) are fed from the next trace on."""
-        if self.pos >= len(self.graph.events):
+    def _graph_break(self, ev, fn, tree, leaves):
+        """An op JAX would not record runs eagerly on its inputs' values."""
+        self.launch(ev.mark, [spec[1] for spec in ev.args if spec[0] == "ph"])
+        values = [self.env[x._id] if spec[0] == "ph" else _concrete(x) if type(x) is Placeholder
+                  else x for x, spec in zip(leaves, ev.args)]
+        a, k = tree_unflatten(tree, values)
+        counts["ops_eager"] += 1
+        self.depth += 1
+        try:
+            return fn(*a, **k)
+        finally:
+            self.depth -= 1
+
+    def _note_changed_numbers(self, g, key, tree, leaves):
+        """Automatic dynamism: Python numbers baked into path g's op at this position that
+        now differ (a step counter, a schedule's value, a token id) are fed from now on."""
+        pos = self.pos if self.mode == COEXEC else len(self.graph.events)
+        if g is None or pos >= len(g.events):
             return
-        ev = self.graph.events[self.pos]
+        ev = g.events[pos]
         if ev.kind != "op" or not _same(ev.key, key) or ev.tree != tree or len(leaves) != len(ev.args):
             return
         for i, (x, spec) in enumerate(zip(leaves, ev.args)):
@@ -743,6 +780,9 @@ class Iteration:
 
     def _matches(self, x, spec, feeds):
         kind = spec[0]
+        if kind == "value":  # an input of a graph break: any value of that aval
+            return (_is_array(x) or _is_number(x)) and not (
+                type(x) is Placeholder and x._it is self and x._val is None) and _aval(x) == spec[1]
         if kind == "ph":
             return type(x) is Placeholder and x._it is self and x._id == spec[1] and x._val is None
         if kind == "feed":
@@ -974,7 +1014,7 @@ class Iteration:
         new = TraceGraph(old.recorder.fork(stop, last.nvals if last else 0), old.events[:pos])
         for p in alive:
             p._rec = self.tracers[p._id] = new.recorder.adopt(p._id, self.env[p._id])
-        self.graph, self.mode, self.fork_stop = new, TRACE, stop
+        self.graph, self.mode, self.fork_stop, self.left = new, TRACE, stop, old
         self.recording = new.recorder
         self.recording.__enter__()
 
@@ -1059,6 +1099,7 @@ class Unit:
             self.frozen = self.frozen or f"made {len(self.paths)} paths (max_paths)"
             return
         self.paths.append(g)
+        counts["paths_recorded"] += 1
 
     def begin(self, args, kwargs):
         """Open an iteration in this thread; returns it and the arguments to run it with."""
@@ -1084,7 +1125,7 @@ class Unit:
         # Tracing costs more than eager: a unit that keeps making new paths makes no more;
         # where Python leaves its recorded paths, the rest of the iteration runs eagerly.
         self.recent.append(it.mode == TRACE)
-        if len(self.recent) == RETRACE_WINDOW and sum(self.recent) > RETRACE_WINDOW // 2:
+        if len(self.recent) == RETRACE_WINDOW and all(self.recent):
             self.frozen = self.frozen or (f"traced new paths in {sum(self.recent)} of its last "
                                           f"{RETRACE_WINDOW} calls (its path or shapes change)")
         _hook.set_route_always(True)  # placeholders may have escaped: unwrap them at sites
@@ -1092,7 +1133,7 @@ class Unit:
 
 # ------------------------------------------------------------------ loop units
 
-RETRACE_WINDOW = 6    # a unit tracing new paths in more than half its last 6 calls is frozen
+RETRACE_WINDOW = 8    # a unit that traced a new path in each of its last 8 calls is frozen
 _loop_units = {}      # LoopMark -> Unit
 
 
