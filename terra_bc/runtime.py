@@ -55,6 +55,7 @@ def _env_int(name, default):
 # terra_bc.config(...) changes these; each has an environment variable (docs/control-flow.md).
 settings = {
     "max_paths": _env_int("TERRA_BC_MAX_PATHS", 16),     # recorded paths (variants) per unit
+    "max_compiles": _env_int("TERRA_BC_MAX_COMPILES", 32),  # segments compiled per unit
     "warmup": _env_int("TERRA_BC_WARMUP", 0),            # first calls of a unit run plainly
     "inner_turns": _env_int("TERRA_BC_INNER_TURNS", 16),  # see on_loop
     "dynamic_numbers": os.environ.get("TERRA_BC_DYNAMIC_NUMBERS", "1") != "0",
@@ -107,7 +108,17 @@ class TraceGraph:
         self.recorder = recorder if recorder is not None else graph.Recorder()
         self.events = list(events)
         self.segments = {}      # (start, stop, outputs) -> (Segment, executable)
+        self.plans = {}         # (start, stop) -> (ids produced there, ids read after stop)
         self.unsafe = None      # why this unit cannot be co-executed, if it cannot
+
+    def plan(self, start, stop):
+        """What equations [start, stop) produce and what the rest of the path reads (a
+        recorded path never changes: new paths are new TraceGraphs)."""
+        plan = self.plans.get((start, stop))
+        if plan is None:
+            plan = self.plans[(start, stop)] = (self.recorder.wiring(start, stop)[1],
+                                                self.recorder.wiring(stop)[0])
+        return plan
 
     def segment(self, start, stop, outputs):
         key = (start, stop, outputs)
@@ -487,16 +498,20 @@ class Iteration:
         self.grad_depth = 0     # > 0 while a differentiated function's Python runs
 
     def enter(self, args, kwargs):
-        """The unit's arguments: arrays become placeholders (fed), the rest are Python's own."""
-        leaves, tree = tree_flatten((args, kwargs))
+        """The unit's arguments: arrays become placeholders (fed), the rest are Python's own.
+
+        Only arrays reached through tuples are replaced (tuples are values); every other
+        container is passed as the caller's own object, so what the unit appends to a list or
+        stores in a dict stays there.  Arrays inside those are fed where an op uses them."""
+        leaves = []
+        shape = _arrays_in((args, tuple(kwargs.items())), leaves)
         if self.mode == COEXEC:
             feeds = []
 
             def check(ev):
                 feeds.clear()
-                return tree == ev.tree and len(leaves) == len(ev.args) and all(
-                    spec[0] == "static" or self._matches(x, spec, feeds)
-                    for x, spec in zip(leaves, ev.args))
+                return shape == ev.tree and all(
+                    self._matches(x, spec, feeds) for x, spec in zip(leaves, ev.args))
             try:
                 ev = self._next("enter", None, check)
             except Divergence:
@@ -504,22 +519,21 @@ class Iteration:
             else:
                 self.pos += 1
                 self._bind(feeds)
-                values = iter(self._new(spec[1], spec[2]) for spec in ev.args if spec[0] == "feed")
-                return tree_unflatten(tree, [next(values) if spec[0] == "feed" else x
-                                             for x, spec in zip(leaves, ev.args)])
-        if self.mode == EAGER:
+                values = [self._new(spec[1], spec[2]) for spec in ev.args]
+                args, items = _with_arrays((args, tuple(kwargs.items())), iter(values))
+                return args, dict(items)
+        if self.mode == EAGER or not leaves:
+            if self.mode != EAGER:
+                self._record("enter", None, shape, (), None, ())
             return args, kwargs
         specs, values = [], []
         for x in leaves:
-            if _is_array(x):
-                t = self._feed(x)
-                specs.append(("feed", t.id, t.aval))
-                values.append(self._wrap(t))
-            else:
-                specs.append(("static", x))
-                values.append(x)
-        self._record("enter", None, tree, specs, None, ())
-        return tree_unflatten(tree, values)
+            t = self._feed(x)
+            specs.append(("feed", t.id, t.aval))
+            values.append(self._wrap(t))
+        self._record("enter", None, shape, specs, None, ())
+        args, items = _with_arrays((args, tuple(kwargs.items())), iter(values))
+        return args, dict(items)
 
     # -- values
     def _new(self, id, aval, rec=None):
@@ -951,9 +965,7 @@ class Iteration:
         """Run the recorded equations [seg_start, stop) that later work needs, and make sure
         the values ``need`` names are computed."""
         if stop > self.seg_start:
-            rec = self.graph.recorder
-            _, produced = rec.wiring(self.seg_start, stop)
-            reads_after, _ = rec.wiring(stop)
+            produced, reads_after = self.graph.plan(self.seg_start, stop)
             alive = {p._id for p in self._alive()}
             outputs = tuple(sorted(produced & (reads_after | alive | set(need) | self.unit.escaping)))
             if outputs:
@@ -964,7 +976,14 @@ class Iteration:
             self._run(0, self.seg_start, missing)
 
     def _run(self, start, stop, outputs):
+        before = counts["compiles"]
         seg, exe = self.graph.segment(start, stop, outputs)
+        unit = self.unit
+        unit.compiles += counts["compiles"] - before
+        if unit.compiles > settings["max_compiles"] and not unit.unsafe:
+            # Variants keep needing new executables (lengths, shapes): compiling costs more
+            # than it saves; the unit runs eagerly from its next call.
+            unit.unsafe = f"compiled {unit.compiles} segments (max_compiles)"
         missing = tuple(sorted(i for i in seg.inputs if i not in self.env))
         if missing:
             # Computed before `start` but not kept: the path this iteration has moved to reads
@@ -1075,6 +1094,7 @@ class Unit:
         self.nested_calls = 0   # routed calls made while an opaque op ran (see _trace_op)
         self.recent = collections.deque(maxlen=RETRACE_WINDOW)  # did each recent call trace?
         self.calls = 0          # calls so far, for settings["warmup"]
+        self.compiles = 0       # segments compiled for it (settings["max_compiles"])
 
     def warming_up(self):
         self.calls += 1
@@ -1188,6 +1208,26 @@ def _end_turn(ok):
     it.unit.end(it, ok)
 
 
+def _arrays_in(x, found):
+    """Append the arrays of x reached through plain tuples to found; returns x's shape in
+    those terms (nested tuples, "A" for an array, None for anything else)."""
+    if _is_array(x):
+        found.append(x)
+        return "A"
+    if type(x) is tuple:
+        return tuple(_arrays_in(v, found) for v in x)
+    return None
+
+
+def _with_arrays(x, values):
+    """x with the arrays _arrays_in found replaced, in order, by next(values)."""
+    if _is_array(x):
+        return next(values)
+    if type(x) is tuple:
+        return tuple(_with_arrays(v, values) for v in x)
+    return x
+
+
 def _grad_result(value, grads, aux, has_aux, returns_value):
     """What jax.grad / jax.value_and_grad return, with or without has_aux."""
     if returns_value:
@@ -1211,9 +1251,10 @@ def _is_array(x):
 
 
 def _aval(x):
-    if type(x) is Placeholder:
-        return x.aval
-    return jax.typeof(x) if not isinstance(x, graph.RecTracer) else x.aval
+    # jax.Arrays, placeholders and recorded tracers carry their (interned) aval: reading it is
+    # ~30x cheaper than jax.typeof, which NumPy arrays and Python numbers need.
+    aval = getattr(x, "aval", None)
+    return aval if aval is not None else jax.typeof(x)
 
 
 def _same(a, b):
@@ -1261,8 +1302,8 @@ _hook.set_routing(on_site, is_dl_op)
 
 
 def config(**changes):
-    """``terra_bc.config(max_paths=16, warmup=0, inner_turns=16, dynamic_numbers=True,
-    loops=None)``: set limits (only those given); returns the settings now in force.
+    """``terra_bc.config(max_paths=16, max_compiles=32, warmup=0, inner_turns=16,
+    dynamic_numbers=True, loops=None)``: set limits (only those given); returns the settings now in force.
     ``loops=True/False`` is ``set_loops``."""
     loops = changes.pop("loops", None)
     unknown = set(changes) - set(settings)

@@ -187,6 +187,24 @@ def test_shorter_path_needs_no_trace():
     assert before["compiles"] == after["compiles"], (before, after)
 
 
+def test_containers_passed_to_a_unit_are_the_callers_own():
+    """A KV cache list the unit appends to grows for the caller (and the next call)."""
+    def make():
+        def step(x, cache, info):
+            cache.append(x * 1.0)
+            info["n"] = len(cache)
+            return jnp.sum(jnp.stack(cache)), (x, x + 1.0)
+        return step
+    out = {}
+    for mode in ("eager", "terra"):
+        step = make() if mode == "eager" else terra_bc.function(make())
+        cache, info = [], {}
+        res = [step(jnp.ones(2) * k, cache, info) for k in range(5)]
+        out[mode] = (res, len(cache), info["n"])
+    close(out["terra"][0], out["eager"][0])
+    assert out["terra"][1:] == out["eager"][1:] == (5, 5)
+
+
 # ----------------------------------------------------------------------------- 2. dynamism
 
 def make_scheduled_step():
