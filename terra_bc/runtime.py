@@ -26,6 +26,7 @@ import os
 import sys
 import threading
 import types
+import weakref
 from collections import Counter
 
 import jax
@@ -42,6 +43,7 @@ STAT_KEYS = ("iterations_traced", "iterations_coexecuted", "divergences", "eager
 JAX_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax,))
 TRACE, COEXEC, EAGER = "tracing", "co-execution", "eager"
 _tls = threading.local()
+_all_units = weakref.WeakSet()  # for explain()
 
 
 def _env_int(name, default):
@@ -61,6 +63,7 @@ settings = {
     "dynamic_numbers": os.environ.get("TERRA_BC_DYNAMIC_NUMBERS", "1") != "0",
 }
 _MISS = object()
+_ArrayImpl = type(jnp.zeros(()))
 _LIVE_REFS = 3  # sys.getrefcount(p) of a placeholder only self.live holds, inside _alive
 
 
@@ -722,6 +725,7 @@ class Iteration:
         ev = events[pos]
         if ev.flat != len(args) or ev.kind != "op" or not (ev.key is fn or _same(ev.key, _callee_key(fn))):
             return _MISS
+        feeds = None
         for x, spec in zip(args, ev.args):
             kind = spec[0]
             if kind == "ph":
@@ -730,13 +734,25 @@ class Iteration:
             elif kind == "static":
                 if not (x is spec[1] or _same(x, spec[1])):
                     return _MISS
-            elif not (type(x) is spec[3] and type(x) in (int, float)):
-                return _MISS  # array feeds take the general path (their avals are checked)
+            else:  # a feed: a Python number of the recorded type, or an array of the same aval
+                t = type(x)
+                if t is int or t is float:
+                    if t is not spec[3]:
+                        return _MISS
+                elif t is _ArrayImpl or t is Placeholder and x._val is not None:
+                    if x.aval is not spec[2] and x.aval != spec[2]:  # avals are interned
+                        return _MISS
+                    x = x._val if t is Placeholder else x
+                else:
+                    return _MISS  # NumPy arrays and the rest take the general path
+                if feeds is None:
+                    feeds = []
+                feeds.append((spec[1], x))
         self.pos = pos + 1
-        for x, spec in zip(args, ev.args):
-            if spec[0] == "feed":  # a Python number given to an operator
-                self.env[spec[1]] = x
-                counts["feeds"] += 1
+        if feeds is not None:
+            for id, x in feeds:
+                self.env[id] = x
+            counts["feeds"] += len(feeds)
         counts["ops_skipped"] += 1
         if ev.single:
             out = ev.outs[0]
@@ -1083,8 +1099,10 @@ class Iteration:
 class Unit:
     """A function whose calls are iterations sharing one TraceGraph."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, name=None):
         self.fn = fn
+        self.name = name or getattr(fn, "__qualname__", "unit")
+        _all_units.add(self)
         self.paths = []         # recorded paths (TraceGraphs sharing prefixes)
         self.graph = None       # the path the last iteration took: the next one starts on it
         self.frozen = None      # why no more paths are made (past a branch point: eager)
@@ -1180,7 +1198,7 @@ def on_loop(mark, token, exiting):
             _end_turn(ok=True)
     unit = _loop_units.get(mark)
     if unit is None:
-        unit = _loop_units[mark] = Unit(None)
+        unit = _loop_units[mark] = Unit(None, f"loop at {_user_line()}")
         mark.state = 1
     if unit.unsafe:
         mark.state = -1
@@ -1344,27 +1362,48 @@ def stats():
     return {k: counts[k] for k in STAT_KEYS}
 
 
-def explain(fn):
-    """A text report of a unit's TraceGraph: events, fetches and feeds with lines, segments."""
+def explain(fn=None):
+    """A text report of a unit's TraceGraph (of every unit with fn=None): its paths, where
+    each leaves the others (the case Python decided there), fetches, feeds and graph breaks
+    with their source lines, segments with their op counts, and compiles."""
+    if fn is None:
+        return "\n\n".join(explain(u) for u in list(_all_units)) or "no units yet"
     unit = getattr(fn, "__terra_bc_unit__", fn)
     if not isinstance(unit, Unit):
-        raise TypeError("explain() takes a @terra_bc.function")
-    name = getattr(unit.fn, "__qualname__", repr(unit.fn))
-    g = unit.graph
-    lines = [f"unit {name}: " + ("runs eagerly: " + unit.unsafe if unit.unsafe else
-                                  "no traced path yet" if g is None else
-                                  f"{len(g.events)} events, {g.recorder.mark()} recorded equations")]
-    if g is not None:
-        for ev in g.events:
-            if ev.kind == "fetch":
-                lines.append(f"  fetch ({ev.key}) of value {ev.args[0]} at {ev.where}")
-            elif ev.kind in ("op", "enter"):
-                feeds = [a for a in ev.args if a[0] == "feed"]
-                if feeds:
-                    lines.append(f"  feed of {len(feeds)} value(s) into {_name(ev.key) if ev.key else 'the unit'}"
-                                 f" at {ev.where}")
+        raise TypeError("explain() takes a @terra_bc.function (or a unit)")
+    name = getattr(unit.fn, "__qualname__", None) or unit.name
+    state = (f"runs eagerly: {unit.unsafe}" if unit.unsafe else
+             f"{len(unit.paths)} path(s)" + (f"; no new paths: {unit.frozen}" if unit.frozen else ""))
+    lines = [f"unit {name}: {state}; {unit.compiles} compile(s)"]
+    for n, g in enumerate(unit.paths):
+        shared, parent = 0, None
+        for m, other in enumerate(unit.paths[:n]):
+            k = 0
+            while k < min(len(g.events), len(other.events)) and g.events[k] is other.events[k]:
+                k += 1
+            if k > shared:
+                shared, parent = k, m
+        head = f"  path {n + 1}: {len(g.events)} events, {g.recorder.mark()} equations"
+        if parent is not None:
+            at = g.events[shared] if shared < len(g.events) else None
+            head += (f"; shares its first {shared} events with path {parent + 1}, then " +
+                     (f"{at.kind} {_name(at.key) if at.key else ''} at {at.where}" if at else "ends"))
+        lines.append(head)
+        for ev in g.events[shared:]:
+            lines.extend(_describe(ev))
         for (start, stop, outs), (seg, _) in g.segments.items():
-            lines.append(f"  segment equations [{start}, {stop}): {len(seg.jaxpr.eqns)} ops, "
+            lines.append(f"    segment [{start}, {stop}): {len(seg.jaxpr.eqns)} ops, "
                          f"{len(seg.inputs)} inputs, {len(outs)} outputs")
-        lines.append(f"  compiles so far (all units): {counts['compiles']}")
     return "\n".join(lines)
+
+
+def _describe(ev):
+    if ev.kind == "fetch":
+        return [f"    fetch ({ev.key}) of value {ev.args[0]} at {ev.where}"]
+    if ev.kind == "eager":
+        return [f"    graph break: {_name(ev.key)} runs eagerly at {ev.where}"]
+    feeds = sum(1 for a in ev.args if isinstance(a, tuple) and a[0] == "feed")
+    if ev.kind in ("op", "enter") and feeds:
+        what = _name(ev.key) if ev.key else "the unit"
+        return [f"    feed of {feeds} value(s) into {what} at {ev.where}"]
+    return []
