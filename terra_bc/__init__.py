@@ -9,10 +9,10 @@ import contextlib
 
 from . import _hook, frames, runtime
 from .frames import disable, enable, enabled as is_enabled, set_scope
-from .runtime import config, explain, set_loops
+from .runtime import config, explain, set_functions, set_loops
 
 __all__ = ["enable", "disable", "enabled", "function", "stats", "reset_stats", "set_scope",
-           "explain", "set_loops", "config"]
+           "explain", "set_loops", "set_functions", "config"]
 
 
 @contextlib.contextmanager

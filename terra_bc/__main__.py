@@ -15,13 +15,14 @@ import signal
 import sys
 import types
 
-USAGE = ("usage: python -m terra_bc [--scope user|all] [--stats] [--off] [--no-loops] "
+USAGE = ("usage: python -m terra_bc [--scope user|all] [--stats] [--off] [--no-loops] [--no-functions] "
          "(script.py | -m module) [args ...]")
 
 
 def parse(argv):
     opts = {"scope": "user", "stats": False, "off": False,
-            "loops": os.environ.get("TERRA_BC_LOOPS", "1") != "0"}
+            "loops": os.environ.get("TERRA_BC_LOOPS", "1") != "0",
+            "functions": os.environ.get("TERRA_BC_FUNCTIONS", "1") != "0"}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -34,6 +35,8 @@ def parse(argv):
             opts["off"] = True
         elif arg in ("--loops", "--no-loops"):
             opts["loops"] = arg == "--loops"
+        elif arg in ("--functions", "--no-functions"):
+            opts["functions"] = arg == "--functions"
         elif arg == "--scope" or arg.startswith("--scope="):
             value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
             i += "=" not in arg
@@ -102,6 +105,7 @@ def main(argv):
         sys.path[0] = os.getcwd()
     if not opts["off"]:
         terra_bc.set_loops(opts["loops"])
+        terra_bc.set_functions(opts["functions"])
         terra_bc.enable()
     try:
         if kind == "script":

@@ -70,6 +70,7 @@ typedef struct {
     int unpacking; /* called as site(callee, args[, kwargs]) for f(*args, **kwargs) */
     PyObject *seen_key; /* the last callee's key and whether it is a DL op (a one-entry cache) */
     int seen_dl;
+    int offered;        /* routed once for the runtime to see its function (function units) */
 } SiteObject;
 
 /* The runtime's attach point: inside a unit iteration (per thread), calls of DL ops go to
@@ -80,6 +81,8 @@ static PyObject *route_classify = NULL;
 static THREAD_LOCAL int routing = 0;
 static int route_always = 0;            /* also outside iterations (placeholders escaped) */
 static PyObject *loop_handler = NULL;   /* runtime.on_loop(iterator, exiting) */
+static PyObject *call_handler = NULL;   /* runtime.on_call(mark, token, state): function units */
+static Py_ssize_t mark_index = -1;      /* code extra: a rewritten code's unit mark (or NULL) */
 static THREAD_LOCAL unsigned long long dl_calls = 0; /* DL-op calls through sites */
 
 /* What identifies a callee for classification, held by the site's one-entry cache: a
@@ -105,7 +108,7 @@ callee_key(PyObject *callee)
 static int
 should_route(SiteObject *self, PyObject *callee)
 {
-    if (route_handler == NULL || !(routing || route_always || loop_handler != NULL))
+    if (route_handler == NULL || !(routing || route_always || loop_handler != NULL || call_handler != NULL))
         return 0;
     PyObject *key = callee_key(callee);
     if (key != self->seen_key) {
@@ -124,6 +127,11 @@ should_route(SiteObject *self, PyObject *callee)
     if (!self->seen_dl)
         return 0;
     dl_calls++;
+    if (call_handler != NULL && !self->offered) {
+        /* once per site: the runtime sees which function calls DL ops (function units) */
+        self->offered = 1;
+        return 1;
+    }
     return routing || route_always;
 }
 
@@ -522,6 +530,40 @@ decide(PyCodeObject *code)
     return answer; /* borrowed from the code extra */
 }
 
+/* Call the Python side of function units; its errors never reach the user's call. */
+static PyObject *
+call_unit_handler(PyObject *mark, PyObject *token, int state)
+{
+    in_callback = 1;
+    PyObject *r = PyObject_CallFunction(call_handler, "OOi", mark, token, state);
+    in_callback = 0;
+    if (r == NULL) {
+        PyErr_WriteUnraisable(call_handler);
+        return NULL;
+    }
+    return r;
+}
+
+/* A call of a function the runtime marked as a unit: it may open an iteration (returns a
+ * token), which is closed with the outcome when the frame returns or raises.  All decisions
+ * are the runtime's (runtime.on_call). */
+static PyObject *
+run_as_unit(PyThreadState *ts, _PyInterpreterFrame *frame, PyObject *mark)
+{
+    PyObject *token = call_unit_handler(mark, Py_None, 0);
+    if (token == NULL || token == Py_None) {
+        Py_XDECREF(token);
+        return run_previous(ts, frame, 0);
+    }
+    PyObject *result = run_previous(ts, frame, 0);
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);  /* the frame's exception, kept across the end call */
+    Py_XDECREF(call_unit_handler(mark, token, result != NULL ? 1 : 2));
+    PyErr_Restore(type, value, tb);
+    Py_DECREF(token);
+    return result;
+}
+
 static PyObject *
 hook(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
 {
@@ -544,6 +586,10 @@ hook(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
     RESET_IP(frame, (PyCodeObject *)replacement);
     Py_DECREF(code);
     frames_swapped++;
+    void *mark = NULL;
+    if (call_handler != NULL && !(((PyCodeObject *)replacement)->co_flags & CO_GENERATOR)
+        && CODE_GET_EXTRA(replacement, mark_index, &mark) == 0 && mark != NULL)
+        return run_as_unit(ts, frame, (PyObject *)mark);
     return run_previous(ts, frame, throwflag);
 }
 
@@ -679,6 +725,32 @@ set_loop_handler(PyObject *mod, PyObject *fn)
 }
 
 static PyObject *
+set_call_handler(PyObject *mod, PyObject *fn)
+{
+    if (fn != Py_None && !PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "set_call_handler takes a callable or None");
+        return NULL;
+    }
+    Py_XSETREF(call_handler, fn == Py_None ? NULL : Py_NewRef(fn));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+set_unit_mark(PyObject *mod, PyObject *args)
+{
+    PyObject *code, *mark;
+    if (!PyArg_ParseTuple(args, "O!O:set_unit_mark", &PyCode_Type, &code, &mark))
+        return NULL;
+    /* SetExtra releases the previous mark itself (through free_extra). */
+    PyObject *new_mark = mark == Py_None ? NULL : Py_NewRef(mark);
+    if (CODE_SET_EXTRA(code, mark_index, new_mark) < 0) {
+        Py_XDECREF(new_mark);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 set_route_always(PyObject *mod, PyObject *on)
 {
     route_always = PyObject_IsTrue(on) > 0;
@@ -688,6 +760,11 @@ set_route_always(PyObject *mod, PyObject *on)
 static PyMethodDef methods[] = {
     {"set_loop_handler", set_loop_handler, METH_O,
      "set_loop_handler(fn): fn(mark, token, exiting) -> iteration open?, at loop turns and exits."},
+    {"set_call_handler", set_call_handler, METH_O,
+     "set_call_handler(fn): fn(mark, token, state) for calls of marked code (0: begins, "
+     "returns a token or None; 1: returned; 2: raised)."},
+    {"set_unit_mark", set_unit_mark, METH_VARARGS,
+     "set_unit_mark(code, mark): calls of rewritten `code` go through the call handler (None: no more)."},
     {"set_route_always", set_route_always, METH_O,
      "Route DL-op calls to the handler outside iterations too (escaped placeholders)."},
     {"set_routing", set_routing, METH_VARARGS,
@@ -717,9 +794,11 @@ PyInit__hook(void)
 {
     if (PyType_Ready(&SiteType) < 0)
         return NULL;
+    if (mark_index < 0)
+        mark_index = REQUEST_EXTRA_INDEX(free_extra);
     if (extra_index < 0) {
         extra_index = REQUEST_EXTRA_INDEX(free_extra);
-        if (extra_index < 0) {
+        if (extra_index < 0 || mark_index < 0) {
             PyErr_SetString(PyExc_RuntimeError, "no code extra index left");
             return NULL;
         }

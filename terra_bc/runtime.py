@@ -25,6 +25,7 @@ import operator
 import os
 import sys
 import threading
+import inspect
 import types
 import weakref
 from collections import Counter
@@ -492,6 +493,8 @@ class Iteration:
         self.pos = 0            # next event (co-execution)
         self.fork_stop = 0      # equations co-executed before a divergence
         self.left = None        # the path a divergence left
+        self.auto = False       # an iteration of a function unit found without decoration
+        self.loop_turns = {}    # turns of loops inside it (auto function units)
         self.env = {}           # value id -> concrete value (feeds, launched segments' outputs)
         self.seg_start = 0      # first equation not launched yet
         self.tracers = {}       # value id -> recording tracer (tracing)
@@ -1183,8 +1186,19 @@ def on_loop(mark, token, exiting):
         if cur is not None and cur[1] == token:
             _end_turn(ok=exiting == 1)
         return False
-    if cur is None and getattr(_tls, "it", None) is not None:
-        return False  # inside a function unit: the loop is part of its iteration
+    outer = getattr(_tls, "it", None)
+    if cur is None and outer is not None:
+        # Inside a function's iteration the loop is part of it, unless the function was found
+        # automatically and the loop turns often: then the loop is the repeating level.
+        if not getattr(outer, "auto", False) or outer.depth or outer.grad_depth:
+            return False
+        outer.loop_turns[token] = outer.loop_turns.get(token, 0) + 1
+        if outer.loop_turns[token] <= settings["inner_turns"]:
+            return False
+        unit = outer.unit
+        unit.unsafe = "a loop inside it turns more often: the loop is the unit"
+        unit.end(outer, ok=True)
+        _hook.set_unit_mark(unit.code, None)
     if getattr(_tls, "opaque", 0) or not _plain_trace(cur):
         return False  # JAX is tracing user code (grad, jit, vmap): its loops are its own
     if cur is not None:
@@ -1299,6 +1313,8 @@ def on_site(site, callee, *args, **kwargs):
     """A rewritten call site called a DL op inside an iteration (see ``_hook.c``)."""
     it = getattr(_tls, "it", None)
     if it is None:  # outside any iteration: values from past iterations are concrete
+        if _functions_on:
+            _mark_caller(sys._getframe(1).f_code)
         counts["ops_eager"] += 1
         _tls.opaque = getattr(_tls, "opaque", 0) + 1  # no loop unit opens inside the op
         try:
@@ -1321,13 +1337,15 @@ _hook.set_routing(on_site, is_dl_op)
 
 def config(**changes):
     """``terra_bc.config(max_paths=16, max_compiles=32, warmup=0, inner_turns=16,
-    dynamic_numbers=True, loops=None)``: set limits (only those given); returns the settings now in force.
-    ``loops=True/False`` is ``set_loops``."""
+    dynamic_numbers=True, loops=None, functions=None)``: set limits (only those given);
+    returns the settings now in force.  ``loops`` / ``functions`` switch the units found
+    without decoration (``set_loops`` / ``set_functions``)."""
     loops = changes.pop("loops", None)
+    functions = changes.pop("functions", None)
     unknown = set(changes) - set(settings)
     if unknown:
         raise TypeError(f"terra_bc.config: unknown setting(s) {sorted(unknown)}; "
-                        f"known: {sorted(settings) + ['loops']}")
+                        f"known: {sorted(settings) + ['functions', 'loops']}")
     for name, value in changes.items():
         want = type(settings[name])
         if type(value) is not want or want is int and value < 0:
@@ -1337,7 +1355,59 @@ def config(**changes):
     settings.update(changes)
     if loops is not None:
         set_loops(bool(loops))
+    if functions is not None:
+        set_functions(bool(functions))
     return dict(settings)
+
+
+# ------------------------------------------------------------------ function units
+
+_functions_on = False
+_code_units = {}      # rewritten code -> its Unit (function units found without decoration)
+MIN_UNIT_OPS = 4      # a function unit recording fewer DL ops costs more than it saves
+
+
+def _mark_caller(code):
+    """A function ran a DL op outside any iteration: calls of it may become iterations."""
+    if code in _code_units or code.co_flags & inspect.CO_GENERATOR or code.co_name == "<module>":
+        return
+    unit = _code_units[code] = Unit(None, f"{code.co_qualname} ({code.co_filename}:{code.co_firstlineno})")
+    unit.code = code
+    _hook.set_unit_mark(code, unit)
+
+
+def on_call(unit, token, state):
+    """A call of a marked function begins (state 0: return an iteration to open one, or None)
+    or ends (1: returned, 2: raised).  A function called repeatedly is a unit from its
+    second call; inside another iteration it is part of that one."""
+    if state:
+        if getattr(_tls, "it", None) is token:  # (a loop inside may have taken over)
+            unit.end(token, state == 1)
+            _drop_if_small(unit)
+        return None
+    if getattr(_tls, "it", None) is not None or getattr(_tls, "opaque", 0) or unit.unsafe:
+        return None
+    unit.calls += 1
+    if unit.calls < 2 + settings["warmup"] or not _plain_trace(None):
+        return None
+    it, _ = unit.begin((), {})
+    it.auto = True
+    return it
+
+
+def _drop_if_small(unit):
+    small = unit.paths and all(sum(ev.kind == "op" for ev in g.events) < MIN_UNIT_OPS
+                               for g in unit.paths)
+    if small or unit.unsafe:
+        unit.unsafe = unit.unsafe or f"fewer than {MIN_UNIT_OPS} DL ops per call"
+        _hook.set_unit_mark(unit.code, None)  # plain calls from now on, no handler
+
+
+def set_functions(on):
+    """Co-execute the calls of functions called repeatedly (units found without decoration)."""
+    global _functions_on
+    _functions_on = bool(on)
+    _hook.set_call_handler(on_call if on else None)
 
 
 def set_loops(on):

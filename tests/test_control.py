@@ -414,3 +414,97 @@ def test_recursion_over_a_tree_coexecutes_per_tree_shape():
     close(got, want)
     assert traced(after) == 2, after
     assert traced(before) == traced(after) and before["compiles"] == after["compiles"], (before, after)
+
+
+# ----------------------------------------------------------------------------- 5. function units
+
+def auto(fn, *args, loops=False):
+    """fn(*args) as under `python -m terra_bc`: hook enabled, function units on."""
+    terra_bc.config(functions=True, loops=loops)
+    try:
+        with terra_bc.enabled():
+            return fn(*args)
+    finally:
+        terra_bc.config(functions=False, loops=False)
+
+
+def sgd_step(params, x, y, lr):
+    def loss_fn(p):
+        h = jnp.tanh(x @ p[0][0] + p[0][1])
+        return jnp.mean((h @ p[1][0] + p[1][1] - y) ** 2)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    return [(w - lr * gw, b - lr * gb) for (w, b), (gw, gb) in zip(params, grads)], loss
+
+
+def while_training(n, fail_at=None):
+    p, (x, y) = params(3, (4, 8, 2)), batch(3)
+    losses, k = [], 0
+    while k < n:                      # no `for` loop: the repeatedly called step is the unit
+        if k == fail_at:
+            p = sgd_step(p, x, None, 0.1)  # raises inside the unit (None - y)
+        p, loss = sgd_step(p, x, y, 0.1 * 0.98 ** k)
+        losses.append(float(loss))
+        k += 1
+    return losses, p
+
+
+def test_a_function_called_repeatedly_is_a_unit_without_decoration():
+    want = while_training(20)
+    terra_bc.reset_stats()
+    got = auto(while_training, 20)
+    assert got[0] == pytest.approx(want[0], rel=1e-5)
+    close(got[1], want[1])
+    s = snapshot()
+    assert s["iterations_coexecuted"] >= 16 and traced(s) <= 3, s
+
+
+def test_an_exception_in_a_function_unit_propagates_and_later_calls_work():
+    with pytest.raises(TypeError):
+        while_training(8, fail_at=5)
+    with pytest.raises(TypeError) as info:
+        auto(while_training, 8, 5)
+    assert "sgd_step" in "".join(str(f) for f in info.traceback)  # the user's frames
+    want = while_training(10)
+    got = auto(while_training, 10)
+    assert got[0] == pytest.approx(want[0], rel=1e-5)
+
+
+def tiny(x):
+    return jnp.sin(x)
+
+
+def many_tiny(n):
+    return [float(tiny(jnp.float32(k))) for k in range(n)]
+
+
+def test_functions_with_too_few_ops_are_dropped():
+    want = many_tiny(12)
+    terra_bc.reset_stats()
+    got = auto(many_tiny, 12)
+    assert got == pytest.approx(want, rel=1e-6)
+    s = snapshot()
+    assert s["iterations_traced"] + s["iterations_coexecuted"] <= 1, s  # no unit after one
+
+
+def epoch(p, x, y, steps):
+    for k in range(steps):            # turns often: the loop, not epoch(), is the unit
+        p, _ = sgd_step(p, x, y, 0.05)
+    return p
+
+
+def epochs(n, steps):
+    p, (x, y) = params(4, (4, 8, 2)), batch(4)
+    out = []
+    for _ in range(n):
+        p = epoch(p, x, y, steps)
+        out.append(float(jnp.sum(p[0][0])))
+    return out
+
+
+def test_a_long_loop_inside_a_repeated_function_becomes_the_unit():
+    want = epochs(3, 40)
+    terra_bc.reset_stats()
+    got = auto(epochs, 3, 40, loops=True)
+    assert got == pytest.approx(want, rel=1e-5)
+    s = snapshot()
+    assert s["iterations_coexecuted"] >= 80, s
