@@ -897,6 +897,83 @@ class Iteration:
         value, grads = tree_unflatten(end.out_tree, outs)
         return _grad_result(value, grads, out[1] if has_aux else None, has_aux, returns_value)
 
+    # -- jax.vjp over user code
+    def vjp(self, fun, primals, has_aux=False):
+        """``jax.vjp(fun, *primals)``: ``fun``'s Python runs as code of this iteration (its
+        ops are events); the function returned computes the cotangents of its recorded
+        forward as one op of the iteration (an event like any other)."""
+        key = ("vjp", _callee_key(fun), has_aux)
+        trees = [tree_flatten(p) for p in primals]
+        leaves = [x for ls, _ in trees for x in ls]
+        if self.mode == TRACE:
+            phs = [x if type(x) is Placeholder and x._it is self and x._val is None
+                   else self._wrap(self._feed(x)) for x in leaves]
+            self._record("vjp-begin", key, tuple(p.aval for p in phs), [p._id for p in phs], None, ())
+        else:
+            def check(ev):
+                return len(leaves) == len(ev.args) and all(
+                    (x._id == id) if type(x) is Placeholder and x._it is self and x._val is None
+                    else _is_array(x) and _aval(x) == aval
+                    for x, id, aval in zip(leaves, ev.args, ev.tree))
+            try:
+                ev = self._next("vjp-begin", key, check)
+            except Divergence:
+                self.diverge()
+                return self.vjp(fun, primals, has_aux)
+            self.pos += 1
+            phs = []
+            for x, id in zip(leaves, ev.args):
+                if not (type(x) is Placeholder and x._it is self and x._val is None):
+                    self._bind([(id, x)])
+                    x = self._new(id, _aval(x))
+                phs.append(x)
+        begin = self.pos - 1 if self.mode == COEXEC else len(self.graph.events) - 1
+        start = self.graph.events[begin].mark
+        it = iter(phs)
+        args = [tree_unflatten(tree, [next(it) for _ in ls]) for ls, tree in trees]
+        result = self._run_differentiated(fun, args, {})
+        out, aux = result if has_aux else (result, None)
+        out_leaves, out_tree = tree_flatten(out)
+        if not all(type(o) is Placeholder and o._it is self and o._val is None for o in out_leaves):
+            raise TypeError("terra_bc: jax.vjp of a function that returns non-array values")
+        ids = [o._id for o in out_leaves]
+        if self.mode == COEXEC:
+            try:
+                self._next("vjp-end", key, lambda ev: list(ev.args) == ids)
+                self.pos += 1
+            except Divergence:
+                self.diverge()
+        if self.mode == TRACE:
+            self._record("vjp-end", key, None, ids, None, ())
+        end = self.graph.events[self.pos - 1 if self.mode == COEXEC else -1].mark
+        plan = (start, end, [p._id for p in phs], ids, trees, out_tree)
+        vjp_fn = functools.partial(_apply_vjp, self, ("vjp-apply", begin, key), plan)
+        return (out, vjp_fn, aux) if has_aux else (out, vjp_fn)
+
+    def _backward(self, plan, *cts):
+        """While tracing: jax.vjp of the recorded forward [start, end), applied to cts."""
+        start, end, diff_ids, out_ids, trees, out_tree = plan
+        rec = self.graph.recorder
+        seg = rec.segment(out_ids, start, end)
+        fn = jax.extend.core.jaxpr_as_fun(seg.jaxpr)
+        base = [self._tracer(i) for i in seg.inputs]
+        where = {id: k for k, id in enumerate(seg.inputs)}
+
+        def forward(*xs):
+            vals = list(base)
+            for id, x in zip(diff_ids, xs):
+                if id in where:
+                    vals[where[id]] = x
+            return list(fn(*vals))
+
+        _, pullback = jax.vjp(forward, *[self._tracer(i) for i in diff_ids])
+        flat = pullback(list(tree_leaves(cts)))
+        grads, k = [], 0
+        for ls, tree in trees:
+            grads.append(tree_unflatten(tree, list(flat[k:k + len(ls)])))
+            k += len(ls)
+        return tuple(grads)
+
     def _run_differentiated(self, fun, args, kwargs):
         self.grad_depth += 1
         try:
@@ -1260,6 +1337,20 @@ def _with_arrays(x, values):
     return x
 
 
+def _apply_vjp(it, key, plan, ct):
+    """The function jax.vjp returned, inside a unit: one op of the iteration."""
+    if getattr(_tls, "it", None) is not it:
+        raise RuntimeError("terra_bc: a function returned by jax.vjp inside a co-executed "
+                           "iteration was called after that iteration ended; call it in the "
+                           "same call (or loop turn), or run this code without terra_bc")
+    start, end, diff_ids, out_ids, trees, out_tree = plan
+    if tree_flatten(ct)[1] != out_tree:
+        raise TypeError(f"terra_bc: jax.vjp cotangent structure {tree_flatten(ct)[1]} differs "
+                        f"from the primal output structure {out_tree}")
+    backward = _named(functools.partial(it._backward, plan), "vjp_backward")
+    return it.op(backward, tuple(tree_leaves(ct)), {}, key)
+
+
 def _grad_result(value, grads, aux, has_aux, returns_value):
     """What jax.grad / jax.value_and_grad return, with or without has_aux."""
     if returns_value:
@@ -1321,6 +1412,8 @@ def on_site(site, callee, *args, **kwargs):
             return _eager(callee, args, kwargs)
         finally:
             _tls.opaque -= 1
+    if callee is jax.vjp and it.depth == 0 and it.mode != EAGER and args and not kwargs.keys() - {"has_aux"}:
+        return it.vjp(args[0], args[1:], **kwargs)
     code = getattr(callee, "__code__", None)
     if it.depth == 0 and code is not None and code.co_name == "reraise_with_filtered_traceback":
         spec = _grad_spec(callee)

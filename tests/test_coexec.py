@@ -941,3 +941,42 @@ def test_array_methods_and_properties_are_ops_of_the_iteration():
     assert_close(got, want, "w, loss")
     s = stats()
     assert s["divergences"] == 0 and s["iterations_coexecuted"] == N - 1, s
+
+
+# ----------------------------------------------------------------------------- jax.vjp of user code
+
+def make_vjp_step(rng, log):
+    def step(p, x):
+        def forward(p):
+            h = jnp.tanh(x @ p["w"])
+            mask = jnp.asarray(rng.random(h.shape) > 0.3)   # NumPy inside the vjp'd function
+            return h * mask, jnp.sum(h)
+        (h, total), pull = jax.vjp(forward, p)
+        n = float(jnp.sum(h))                # a fetch between forward and backward
+        log.append(n)
+        sign = 2.0 if n > 0 else -1.0         # a branch on it
+        (g,) = pull((jnp.ones_like(h) * sign, jnp.float32(1.0)))
+        return {"w": p["w"] - 0.1 * g["w"]}
+    return step
+
+
+def test_vjp_of_user_code_with_python_inside_is_coexecuted():
+    r = np.random.default_rng(7)
+    p0 = {"w": randn(r, 4, 3)}
+    xs = [randn(r, 5, 4) * (1.0 if k % 3 else -1.0) for k in range(N + 4)]
+    out = {}
+    for mode in ("eager", "terra"):
+        log = []
+        step = make_vjp_step(np.random.default_rng(8), log)
+        if mode == "terra":
+            terra_bc.reset_stats()
+            step = terra_bc.function(step)
+        p = p0
+        for x in xs:
+            p = step(p, x)
+        out[mode] = (p, log)
+    assert_close(out["terra"][0], out["eager"][0], "params")
+    np.testing.assert_allclose(out["terra"][1], out["eager"][1], rtol=RTOL, atol=ATOL)
+    s = stats()
+    assert s["eager_fallbacks"] == 0 and s["iterations_coexecuted"] >= len(xs) - 3, s
+    assert s["ops_skipped"] > 0, s
