@@ -340,6 +340,14 @@ def bench_warmup(args):
             (i for i in range(len(times) - 2)
              if statistics.median(times[i:i + 3]) <= 1.1 * steady), None)
         out[f"{mode}_first_times_ms"] = [round(t * 1e3, 3) for t in times[:8]]
+    # Compile time: jax.jit compiles in its first call, terra_bc's segments compile in the
+    # first co-executed iteration (the 2nd); each minus that mode's steady step time.
+    steady = {m: statistics.median(t[len(t) // 2:]) for m, t in windows.items()}
+    if "terra_bc" in windows and "jit" in windows:
+        compile_s = {"jit": windows["jit"][0] - steady["jit"],
+                     "terra_bc": windows["terra_bc"][1] - steady["terra_bc"]}
+        out["compile_s"] = compile_s
+        out["compile terra_bc/jit"] = compile_s["terra_bc"] / compile_s["jit"]
     return out
 
 
@@ -522,6 +530,11 @@ def report(res):
                                                 for m, v in fi.items()))
         add(f"    first iteration terra_bc/jit = {fmt(c.get('first_iteration terra_bc/jit'))}"
             f"   (aim <= 2)")
+        cs = c.get("compile_s", {})
+        if cs:
+            add(f"    compile time (jit: 1st call - steady; terra_bc: 2nd iteration - steady) "
+                f"jit {fmt(cs.get('jit', 0) * 1e3)} ms, terra_bc {fmt(cs.get('terra_bc', 0) * 1e3)} ms; "
+                f"terra_bc/jit = {fmt(c.get('compile terra_bc/jit'))}   (aim <= 2)")
         f3 = c.get("first_3_iterations_s", {})
         add("    first 3 iterations: " + ", ".join(f"{m} {fmt(v * 1e3, ' ms')}"
                                                    for m, v in f3.items())
