@@ -72,6 +72,17 @@ class Divergence(Exception):
     """A guard failed: this iteration leaves the recorded path here."""
 
 
+class ValueDependent(Exception):
+    """JAX read the concrete value of a recorded input while running an op (a shape, an
+    index): the recorded equations would bake that value in, so the op is not recorded."""
+
+
+def _fetched_inside_op(tracer, kind, value):
+    it = getattr(_tls, "it", None)
+    if it is not None and it.depth and it.mode == TRACE:
+        raise ValueDependent(f"an op read a recorded value ({kind})")
+
+
 # ------------------------------------------------------------------ events and the TraceGraph
 
 class Event:
@@ -109,7 +120,7 @@ class TraceGraph:
     paths at any branch point without recomputing anything."""
 
     def __init__(self, recorder=None, events=()):
-        self.recorder = recorder if recorder is not None else graph.Recorder()
+        self.recorder = recorder if recorder is not None else graph.Recorder(_fetched_inside_op)
         self.events = list(events)
         self.segments = {}      # (start, stop, outputs) -> (Segment, executable)
         self.plans = {}         # (start, stop) -> (ids produced there, ids read after stop)
@@ -401,6 +412,13 @@ def _callee_key(callee):
     return callee  # compared with `is` first (see _same)
 
 
+def _body_key(fun):
+    """The key of a function whose body runs as code of the iteration (grad, vjp): its code.
+    Its closure (a fresh lambda over this step's batch) needs no guard: every op of the body
+    is checked as it runs."""
+    return getattr(_unwrap(fun), "__code__", fun)
+
+
 def _cell_key(cell):
     try:
         v = cell.cell_contents
@@ -631,7 +649,9 @@ class Iteration:
                 if not dynamic:
                     raise
                 # JAX needs that number static (a shape, an axis): keep it so from now on.
-                self.unit.dynamic -= {(where, _name(key), i) for i in dynamic}
+                keys = {(where, _name(key), i) for i in dynamic}
+                self.unit.dynamic -= keys
+                self.unit.static |= keys
                 specs, out = self._run_recorded(fn, tree, leaves, lambda i: operands)
         except Exception as e:
             # JAX refused to record it (a data-dependent shape: x[mask], nonzero) or our
@@ -808,7 +828,8 @@ class Iteration:
             return
         for i, (x, spec) in enumerate(zip(leaves, ev.args)):
             if spec[0] == "static" and type(x) in (int, float) and type(x) is type(spec[1]) \
-                    and x != spec[1] and settings["dynamic_numbers"]:
+                    and x != spec[1] and settings["dynamic_numbers"] \
+                    and (ev.where, _name(key), i) not in self.unit.static:
                 self.unit.dynamic.add((ev.where, _name(key), i))
 
     def _matches(self, x, spec, feeds):
@@ -834,7 +855,7 @@ class Iteration:
         equations it recorded: its prints, NumPy draws and branches happen every iteration."""
         fun, argnums, has_aux, returns_value = spec
         nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-        key = ("grad", _callee_key(fun), nums, has_aux, returns_value)
+        key = ("grad", _body_key(fun), nums, has_aux, returns_value)
         args = list(args)
         if self.mode == EAGER:
             return self.op(callee, args, kwargs)
@@ -883,10 +904,13 @@ class Iteration:
             args[i] = tree_unflatten(tree, phs)
         out = self._run_differentiated(fun, args, kwargs)  # its ops are checked as usual
         if self.mode == COEXEC:
+            self.grad_depth += 1  # a divergence here must trace: the gradient needs it
             try:
                 end = self._next("grad-end", key)
             except Divergence:
                 self.diverge()
+            finally:
+                self.grad_depth -= 1
         if self.mode == TRACE:  # fun left the recorded path: differentiate its new recording
             start = self.graph.events[begin].mark if begin < len(self.graph.events) else 0
             return self._trace_vjp(key, start, diff, out, isinstance(argnums, int), has_aux,
@@ -902,7 +926,9 @@ class Iteration:
         """``jax.vjp(fun, *primals)``: ``fun``'s Python runs as code of this iteration (its
         ops are events); the function returned computes the cotangents of its recorded
         forward as one op of the iteration (an event like any other)."""
-        key = ("vjp", _callee_key(fun), has_aux)
+        if self.mode == EAGER:
+            return self.op(jax.vjp, (fun,) + tuple(primals), {"has_aux": has_aux})
+        key = ("vjp", _body_key(fun), has_aux)
         trees = [tree_flatten(p) for p in primals]
         leaves = [x for ls, _ in trees for x in ls]
         if self.mode == TRACE:
@@ -938,11 +964,14 @@ class Iteration:
             raise TypeError("terra_bc: jax.vjp of a function that returns non-array values")
         ids = [o._id for o in out_leaves]
         if self.mode == COEXEC:
+            self.grad_depth += 1  # a divergence here must trace: the pullback needs it
             try:
                 self._next("vjp-end", key, lambda ev: list(ev.args) == ids)
                 self.pos += 1
             except Divergence:
                 self.diverge()
+            finally:
+                self.grad_depth -= 1
         if self.mode == TRACE:
             self._record("vjp-end", key, None, ids, None, ())
         end = self.graph.events[self.pos - 1 if self.mode == COEXEC else -1].mark
@@ -956,7 +985,9 @@ class Iteration:
         rec = self.graph.recorder
         seg = rec.segment(out_ids, start, end)
         fn = jax.extend.core.jaxpr_as_fun(seg.jaxpr)
-        base = [self._tracer(i) for i in seg.inputs]
+        # Past a frozen unit's divergence (eager mode) the pullback runs on computed values.
+        value = self._tracer if self.mode == TRACE else lambda i: self._value(i, end)
+        base = [value(i) for i in seg.inputs]
         where = {id: k for k, id in enumerate(seg.inputs)}
 
         def forward(*xs):
@@ -966,7 +997,7 @@ class Iteration:
                     vals[where[id]] = x
             return list(fn(*vals))
 
-        _, pullback = jax.vjp(forward, *[self._tracer(i) for i in diff_ids])
+        _, pullback = jax.vjp(forward, *[value(i) for i in diff_ids])
         flat = pullback(list(tree_leaves(cts)))
         grads, k = [], 0
         for ls, tree in trees:
@@ -1095,6 +1126,12 @@ class Iteration:
         # self.live holds each placeholder once; any other reference means Python kept it.
         return [p for p in self.live if sys.getrefcount(p) > _LIVE_REFS]
 
+    def _value(self, id, stop):
+        """The computed value of ``id``, produced by the recorded equations before ``stop``."""
+        if id not in self.env:
+            self._run(0, stop, (id,))
+        return self.env[id]
+
     def _tracer(self, id):
         """The recording tracer of value ``id``.  After a divergence a value of the
         co-executed prefix gets one from its computed value (``Recorder.adopt``)."""
@@ -1120,7 +1157,7 @@ class Iteration:
         self.launch(stop, [p._id for p in alive])
         if pos == 0:  # nothing co-executed: an iteration traced (or run eagerly) from its start
             counts["iterations_coexecuted"] -= 1
-        if self.unit.frozen:
+        if self.unit.frozen and not self.grad_depth:  # (a gradient needs the recording)
             self.mode = EAGER
             counts["eager_fallbacks"] += 1
             self._settle()
@@ -1187,6 +1224,7 @@ class Unit:
         self.graph = None       # the path the last iteration took: the next one starts on it
         self.frozen = None      # why no more paths are made (past a branch point: eager)
         self.dynamic = set()    # (line, op, leaf index): numbers fed, not baked (they changed)
+        self.static = set()     # ... and those JAX needs static (feeding them failed)
         self.escaping = set()   # value ids that outlived a traced iteration
         self.unsafe = None      # set when the unit cannot be co-executed: it runs eagerly
         self.nested_calls = 0   # routed calls made while an opaque op ran (see _trace_op)
@@ -1213,7 +1251,7 @@ class Unit:
         return _eager_value(result)
 
     def add_path(self, g):
-        if len(self.paths) >= settings["max_paths"]:
+        if self.frozen or len(self.paths) >= settings["max_paths"]:
             self.frozen = self.frozen or f"made {len(self.paths)} paths (max_paths)"
             return
         self.paths.append(g)

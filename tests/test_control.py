@@ -508,3 +508,52 @@ def test_a_long_loop_inside_a_repeated_function_becomes_the_unit():
     assert got == pytest.approx(want, rel=1e-5)
     s = snapshot()
     assert s["iterations_coexecuted"] >= 80, s
+
+
+# ----------------------------------------------------------------------------- 6. regressions
+
+def test_a_number_jax_reads_as_a_shape_is_never_fed_and_baked():
+    """jax.image.resize reads its size through operator.index: feeding it would record one
+    size and replay it for another (sdpoint gave wrong losses).  Sizes stay static."""
+    def make():
+        def step(k, x):
+            n = 4 if k % 3 else 6           # changes: automatic dynamism tries to feed it
+            y = jax.image.resize(x, (n, n), method="linear")
+            return jnp.sum(jnp.tanh(y) * 2.0) + jnp.mean(y)
+        return step
+    x = jnp.arange(25.0).reshape(5, 5) / 25.0
+    want, got, before, after = run_both(make, [(k, x) for k in range(12)], n_tail=6)
+    close(got, want)
+    assert traced(before) == traced(after), (before, after)
+
+
+def test_vjp_of_a_fresh_closure_each_step_and_a_frozen_unit_stay_correct():
+    """faster_rcnn: jax.vjp(lambda p: f(p, batch), params) with a new lambda and batch each
+    step co-executes; with max_paths=1 every other path runs eagerly, pullback included."""
+    def make(log):
+        def step(k, p, x):
+            (y, s), pull = jax.vjp(lambda q: (jnp.tanh(x @ q), jnp.sum(x)), p)
+            if k % 2:                         # a second path after the forward
+                y = y * 2.0
+            log.append(float(jnp.sum(y)))
+            (g,) = pull((jnp.ones_like(y), jnp.float32(0.0)))
+            return p - 0.1 * g
+        return step
+    r = np.random.default_rng(3)
+    p0 = jnp.asarray(r.normal(size=(4, 3)), jnp.float32)
+    xs = [jnp.asarray(r.normal(size=(5, 4)), jnp.float32) for _ in range(8)]
+    for max_paths in (16, 1):
+        terra_bc.config(max_paths=max_paths)
+        logs = ([], [])
+        pe = pt = p0
+        unit = terra_bc.function(make(logs[1]))
+        eager = make(logs[0])
+        terra_bc.reset_stats()
+        for k, x in enumerate(xs):
+            pe, pt = eager(k, pe, x), unit(k, pt, x)
+        close(pt, pe)
+        np.testing.assert_allclose(logs[1], logs[0], rtol=RTOL)
+        s = snapshot()
+        assert s["iterations_coexecuted"] >= 6 and s["ops_skipped"] > 0, (max_paths, s)
+        assert (s["eager_fallbacks"] > 0) == (max_paths == 1), (max_paths, s)
+        assert s["paths_recorded"] <= 2, (max_paths, s)  # a fresh lambda is no new path
