@@ -849,73 +849,73 @@ class Iteration:
             return True
         return _same(x, spec[1])
 
+    def _own(self, x):
+        return type(x) is Placeholder and x._it is self and x._val is None
+
+    def _differentiated_inputs(self, kind, key, leaves):
+        """The begin event of grad/vjp: placeholders for the differentiated inputs.  Tracing
+        records it; co-execution checks it (each input the same placeholder, or an array of
+        the recorded aval, fed) or raises Divergence."""
+        if self.mode == TRACE:
+            phs = [x if self._own(x) else self._wrap(self._feed(x)) for x in leaves]
+            self._record(kind, key, tuple(p.aval for p in phs), [p._id for p in phs], None, ())
+            return phs
+
+        def check(ev):
+            return len(leaves) == len(ev.args) and all(
+                x._id == id if self._own(x) else _is_array(x) and _aval(x) == aval
+                for x, id, aval in zip(leaves, ev.args, ev.tree))
+        ev = self._next(kind, key, check)
+        self.pos += 1
+        phs = []
+        for x, id in zip(leaves, ev.args):
+            if not self._own(x):  # a feed: bind its value, hand the function a placeholder
+                self._bind([(id, x)])
+                x = self._new(id, _aval(x))
+            phs.append(x)
+        return phs
+
+    def _end_event(self, kind, key, check=None):
+        """Co-execution: the end event of grad/vjp, or a divergence that traces (never an
+        eager tail: the gradient needs the recording).  Returns the event or None."""
+        self.grad_depth += 1
+        try:
+            ev = self._next(kind, key, check)
+            self.pos += 1
+            return ev
+        except Divergence:
+            self.diverge()
+            return None
+        finally:
+            self.grad_depth -= 1
+
     # -- jax.grad / value_and_grad over user code
     def grad(self, callee, spec, args, kwargs):
         """Run ``fun``'s Python as ordinary code of this iteration, then differentiate the
         equations it recorded: its prints, NumPy draws and branches happen every iteration."""
+        if self.mode == EAGER:
+            return self.op(callee, args, kwargs)
         fun, argnums, has_aux, returns_value = spec
         nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
         key = ("grad", _body_key(fun), nums, has_aux, returns_value)
         args = list(args)
-        if self.mode == EAGER:
-            return self.op(callee, args, kwargs)
-        if self.mode == TRACE:
-            start = self.graph.recorder.mark()
-            diff = []
-            for i in nums:
-                leaves, tree = tree_flatten(args[i])
-                phs = [x if type(x) is Placeholder and x._it is self and x._val is None
-                       else self._wrap(self._feed(x)) for x in leaves]
-                diff.append((tree, phs))
-                args[i] = tree_unflatten(tree, phs)
-            self._record("grad-begin", key, tuple(p.aval for _, phs in diff for p in phs),
-                         [p._id for _, phs in diff for p in phs], None, ())
-            out = self._run_differentiated(fun, args, kwargs)
-            return self._trace_vjp(key, start, diff, out, isinstance(argnums, int), has_aux,
-                                   returns_value)
-        diff_leaves = [x for i in nums for x in tree_leaves(args[i])]
-
-        def check(ev):  # each differentiated input: the same placeholder, or a feed of its aval
-            return len(diff_leaves) == len(ev.args) and all(
-                (x._id == id) if type(x) is Placeholder and x._it is self and x._val is None
-                else _is_array(x) and _aval(x) == aval
-                for x, id, aval in zip(diff_leaves, ev.args, ev.tree))
+        trees = [tree_flatten(args[i]) for i in nums]
         try:
-            ev = self._next("grad-begin", key, check)
+            phs = iter(self._differentiated_inputs("grad-begin", key,
+                                                   [x for ls, _ in trees for x in ls]))
         except Divergence:
             self.diverge()
             return self.grad(callee, spec, args, kwargs)
-        begin = self.pos
-        self.pos += 1
-        ids = iter(ev.args)
+        begin = self.pos - 1 if self.mode == COEXEC else len(self.graph.events) - 1
         diff = []
-        for i in nums:
-            leaves, tree = tree_flatten(args[i])
-            phs = []
-            for x in leaves:
-                id = next(ids)
-                if type(x) is Placeholder and x._it is self and x._val is None and x._id == id:
-                    phs.append(x)
-                else:  # a feed: bind its value, hand fun a placeholder for it
-                    self.env[id] = _concrete(x) if type(x) is Placeholder else x
-                    counts["feeds"] += 1
-                    phs.append(self._new(id, _aval(x)))
-            diff.append((tree, phs))
-            args[i] = tree_unflatten(tree, phs)
-        out = self._run_differentiated(fun, args, kwargs)  # its ops are checked as usual
-        if self.mode == COEXEC:
-            self.grad_depth += 1  # a divergence here must trace: the gradient needs it
-            try:
-                end = self._next("grad-end", key)
-            except Divergence:
-                self.diverge()
-            finally:
-                self.grad_depth -= 1
-        if self.mode == TRACE:  # fun left the recorded path: differentiate its new recording
-            start = self.graph.events[begin].mark if begin < len(self.graph.events) else 0
-            return self._trace_vjp(key, start, diff, out, isinstance(argnums, int), has_aux,
-                                   returns_value)
-        self.pos += 1
+        for i, (ls, tree) in zip(nums, trees):
+            diff.append((tree, [next(phs) for _ in ls]))
+            args[i] = tree_unflatten(tree, diff[-1][1])
+        out = self._run_differentiated(fun, args, kwargs)  # its ops are events as usual
+        end = self._end_event("grad-end", key) if self.mode == COEXEC else None
+        if end is None:  # traced (or fun left the recorded path): differentiate the recording
+            return self._trace_vjp(key, self.graph.events[begin].mark, diff, out,
+                                   isinstance(argnums, int), has_aux, returns_value)
         counts["ops_skipped"] += 1
         outs = [self._new(s[1], s[2]) if s[0] == "ph" else s[1] for s in end.outs]
         value, grads = tree_unflatten(end.out_tree, outs)
@@ -930,52 +930,26 @@ class Iteration:
             return self.op(jax.vjp, (fun,) + tuple(primals), {"has_aux": has_aux})
         key = ("vjp", _body_key(fun), has_aux)
         trees = [tree_flatten(p) for p in primals]
-        leaves = [x for ls, _ in trees for x in ls]
-        if self.mode == TRACE:
-            phs = [x if type(x) is Placeholder and x._it is self and x._val is None
-                   else self._wrap(self._feed(x)) for x in leaves]
-            self._record("vjp-begin", key, tuple(p.aval for p in phs), [p._id for p in phs], None, ())
-        else:
-            def check(ev):
-                return len(leaves) == len(ev.args) and all(
-                    (x._id == id) if type(x) is Placeholder and x._it is self and x._val is None
-                    else _is_array(x) and _aval(x) == aval
-                    for x, id, aval in zip(leaves, ev.args, ev.tree))
-            try:
-                ev = self._next("vjp-begin", key, check)
-            except Divergence:
-                self.diverge()
-                return self.vjp(fun, primals, has_aux)
-            self.pos += 1
-            phs = []
-            for x, id in zip(leaves, ev.args):
-                if not (type(x) is Placeholder and x._it is self and x._val is None):
-                    self._bind([(id, x)])
-                    x = self._new(id, _aval(x))
-                phs.append(x)
+        try:
+            phs = self._differentiated_inputs("vjp-begin", key, [x for ls, _ in trees for x in ls])
+        except Divergence:
+            self.diverge()
+            return self.vjp(fun, primals, has_aux)
         begin = self.pos - 1 if self.mode == COEXEC else len(self.graph.events) - 1
-        start = self.graph.events[begin].mark
         it = iter(phs)
-        args = [tree_unflatten(tree, [next(it) for _ in ls]) for ls, tree in trees]
-        result = self._run_differentiated(fun, args, {})
+        result = self._run_differentiated(
+            fun, [tree_unflatten(tree, [next(it) for _ in ls]) for ls, tree in trees], {})
         out, aux = result if has_aux else (result, None)
         out_leaves, out_tree = tree_flatten(out)
-        if not all(type(o) is Placeholder and o._it is self and o._val is None for o in out_leaves):
+        if not all(self._own(o) for o in out_leaves):
             raise TypeError("terra_bc: jax.vjp of a function that returns non-array values")
         ids = [o._id for o in out_leaves]
-        if self.mode == COEXEC:
-            self.grad_depth += 1  # a divergence here must trace: the pullback needs it
-            try:
-                self._next("vjp-end", key, lambda ev: list(ev.args) == ids)
-                self.pos += 1
-            except Divergence:
-                self.diverge()
-            finally:
-                self.grad_depth -= 1
-        if self.mode == TRACE:
+        end = self._end_event("vjp-end", key, lambda ev: list(ev.args) == ids) \
+            if self.mode == COEXEC else None
+        if end is None:
             self._record("vjp-end", key, None, ids, None, ())
-        end = self.graph.events[self.pos - 1 if self.mode == COEXEC else -1].mark
-        plan = (start, end, [p._id for p in phs], ids, trees, out_tree)
+            end = self.graph.events[-1]
+        plan = (self.graph.events[begin].mark, end.mark, [p._id for p in phs], ids, trees, out_tree)
         vjp_fn = functools.partial(_apply_vjp, self, ("vjp-apply", begin, key), plan)
         return (out, vjp_fn, aux) if has_aux else (out, vjp_fn)
 
