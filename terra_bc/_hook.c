@@ -104,11 +104,20 @@ callee_key(PyObject *callee)
     return (PyObject *)Py_TYPE(callee);
 }
 
+/* Under a trace function (a debugger, coverage) terra_bc stays out of sight: sites are plain
+ * calls, and the runtime's own Python, when it must run, is not traced. */
+static inline int
+traced(void)
+{
+    return PyThreadState_GET()->c_tracefunc != NULL;
+}
+
 /* 1: route this call to the handler, 0: call the callee, -1: error. */
 static int
 should_route(SiteObject *self, PyObject *callee)
 {
-    if (route_handler == NULL || !(routing || route_always || loop_handler != NULL || call_handler != NULL))
+    if (route_handler == NULL || traced()
+        || !(routing || route_always || loop_handler != NULL || call_handler != NULL))
         return 0;
     PyObject *key = callee_key(callee);
     if (key != self->seen_key) {
@@ -349,8 +358,13 @@ loopmark_call(LoopMarkObject *self, PyObject *args, PyObject *kwds)
 static void
 notify_loop(LoopIterObject *it, int exiting)
 {
+    int hide = traced();
+    if (hide)
+        PyThreadState_EnterTracing(PyThreadState_GET());
     PyObject *r = PyObject_CallFunction(loop_handler, "OKi", (PyObject *)it->mark,
                                         (unsigned long long)(uintptr_t)it, exiting);
+    if (hide)
+        PyThreadState_LeaveTracing(PyThreadState_GET());
     if (r == NULL) {
         PyErr_WriteUnraisable(loop_handler);
         it->open = 0;
@@ -534,9 +548,14 @@ decide(PyCodeObject *code)
 static PyObject *
 call_unit_handler(PyObject *mark, PyObject *token, int state)
 {
+    int hide = traced();
+    if (hide)
+        PyThreadState_EnterTracing(PyThreadState_GET());
     in_callback = 1;
     PyObject *r = PyObject_CallFunction(call_handler, "OOi", mark, token, state);
     in_callback = 0;
+    if (hide)
+        PyThreadState_LeaveTracing(PyThreadState_GET());
     if (r == NULL) {
         PyErr_WriteUnraisable(call_handler);
         return NULL;

@@ -448,3 +448,33 @@ def test_stats_keys():
     for key in ("code_objects_rewritten", "sites_executed", "code_objects_refused",
                 "code_objects_left_alone", "call_sites_rewritten", "frames_swapped"):
         assert isinstance(s[key], int)
+
+
+def test_a_trace_function_never_sees_terra_bc_frames():
+    """Debuggers and coverage (sys.settrace) see the user's frames only: under a trace
+    function sites are plain calls and the runtime's own Python is not traced."""
+    def traced_call():
+        return helper(2, 3)
+
+    def run():
+        events = []
+
+        def tracer(frame, event, arg):
+            events.append((frame.f_code.co_filename, frame.f_code.co_name, event))
+            return tracer
+        sys.settrace(tracer)
+        try:
+            traced_call()
+            len([1])
+        finally:
+            sys.settrace(None)
+        return events
+    plain = run()
+    terra_bc.config(loops=True, functions=True)  # sites classify callees when these are on
+    try:
+        with terra_bc.enabled():
+            hooked = run()
+    finally:
+        terra_bc.config(loops=False, functions=False)
+    assert hooked == plain and plain
+    assert not [e for e in hooked if "terra_bc" in e[0]]
