@@ -314,6 +314,11 @@ def _named(fn, name):
 
 def _operator(name, fn):
     def method(self, *args):
+        it = getattr(_tls, "it", None)
+        if it is not None and it.mode is COEXEC and not it.depth:  # the common case, first
+            out = it._fast_op(fn, (self,) + args)
+            if out is not _MISS:
+                return out
         return _call(fn, (self,) + args, {})
     method.__name__ = name
     return method
@@ -779,7 +784,9 @@ class Iteration:
         counts["ops_skipped"] += 1
         if ev.single:
             out = ev.outs[0]
-            return self._new(out[1], out[2])
+            ph = Placeholder(self, out[1], out[2])
+            self.live.append(ph)
+            return ph
         return tree_unflatten(ev.out_tree, [self._new(o[1], o[2]) if o[0] == "ph" else o[1]
                                             for o in ev.outs])
 
@@ -1415,6 +1422,10 @@ def _user_line():
 def on_site(site, callee, *args, **kwargs):
     """A rewritten call site called a DL op inside an iteration (see ``_hook.c``)."""
     it = getattr(_tls, "it", None)
+    if it is not None and it.mode is COEXEC and not it.depth and not kwargs:
+        out = it._fast_op(callee, args)  # the common case, first (a plain "op" event only)
+        if out is not _MISS:
+            return out
     if it is None:  # outside any iteration: values from past iterations are concrete
         if _functions_on:
             _mark_caller(sys._getframe(1).f_code)
