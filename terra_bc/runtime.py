@@ -960,13 +960,50 @@ class Iteration:
         vjp_fn = functools.partial(_apply_vjp, self, ("vjp-apply", begin, key), plan)
         return (out, vjp_fn, aux) if has_aux else (out, vjp_fn)
 
-    def _backward(self, plan, *cts):
-        """While tracing: jax.vjp of the recorded forward [start, end), applied to cts."""
+    # -- jax.jvp over user code
+    def jvp(self, fun, primals, tangents, has_aux=False):
+        """``jax.jvp(fun, primals, tangents)``: ``fun``'s Python runs as code of this iteration;
+        the tangents of its recorded forward are one op of the iteration."""
+        if self.mode == EAGER:
+            return self.op(jax.jvp, (fun, primals, tangents), {"has_aux": has_aux})
+        key = ("jvp", _body_key(fun), has_aux)
+        trees = [tree_flatten(p) for p in primals]
+        try:
+            phs = self._differentiated_inputs("jvp-begin", key, [x for ls, _ in trees for x in ls])
+        except Divergence:
+            self.diverge()
+            return self.jvp(fun, primals, tangents, has_aux)
+        begin = self.pos - 1 if self.mode == COEXEC else len(self.graph.events) - 1
+        it = iter(phs)
+        result = self._run_differentiated(
+            fun, [tree_unflatten(tree, [next(it) for _ in ls]) for ls, tree in trees], {})
+        out, aux = result if has_aux else (result, None)
+        out_leaves, out_tree = tree_flatten(out)
+        if not all(self._own(o) for o in out_leaves):
+            raise TypeError("terra_bc: jax.jvp of a function that returns non-array values")
+        ids = [o._id for o in out_leaves]
+        end = self._end_event("jvp-end", key, lambda ev: list(ev.args) == ids) \
+            if self.mode == COEXEC else None
+        if end is None:
+            self._record("jvp-end", key, None, ids, None, ())
+            end = self.graph.events[-1]
+        tangent_leaves, tangent_tree = tree_flatten(tuple(tangents))
+        if tangent_tree != tree_flatten(tuple(primals))[1]:
+            raise TypeError(f"terra_bc: jax.jvp tangents {tangent_tree} do not match the "
+                            f"primals {tree_flatten(tuple(primals))[1]}")
+        plan = (self.graph.events[begin].mark, end.mark, [p._id for p in phs], ids, trees, out_tree)
+        forward_tangents = _named(functools.partial(self._tangents, plan), "jvp_tangents")
+        outs = self.op(forward_tangents, tuple(tangent_leaves), {}, ("jvp-apply", begin, key))
+        tangents_out = tree_unflatten(out_tree, list(outs))
+        return (out, tangents_out, aux) if has_aux else (out, tangents_out)
+
+    def _recorded_forward(self, plan):
+        """The recorded forward [start, end) of a vjp/jvp as a function of the differentiated
+        inputs, and those inputs (tracers while tracing, values in an eager tail)."""
         start, end, diff_ids, out_ids, trees, out_tree = plan
-        rec = self.graph.recorder
-        seg = rec.segment(out_ids, start, end)
+        seg = self.graph.recorder.segment(out_ids, start, end)
         fn = jax.extend.core.jaxpr_as_fun(seg.jaxpr)
-        # Past a frozen unit's divergence (eager mode) the pullback runs on computed values.
+        # Past a frozen unit's divergence (eager mode) it runs on computed values.
         value = self._tracer if self.mode == TRACE else lambda i: self._value(i, end)
         base = [value(i) for i in seg.inputs]
         where = {id: k for k, id in enumerate(seg.inputs)}
@@ -977,8 +1014,18 @@ class Iteration:
                 if id in where:
                     vals[where[id]] = x
             return list(fn(*vals))
+        return forward, [value(i) for i in diff_ids]
 
-        _, pullback = jax.vjp(forward, *[value(i) for i in diff_ids])
+    def _tangents(self, plan, *tangents):
+        forward, primals = self._recorded_forward(plan)
+        _, out = jax.jvp(forward, primals, list(tangents))
+        return list(out)
+
+    def _backward(self, plan, *cts):
+        """While tracing: jax.vjp of the recorded forward [start, end), applied to cts."""
+        trees = plan[4]
+        forward, primals = self._recorded_forward(plan)
+        _, pullback = jax.vjp(forward, *primals)
         flat = pullback(list(tree_leaves(cts)))
         grads, k = [], 0
         for ls, tree in trees:
@@ -1437,6 +1484,9 @@ def on_site(site, callee, *args, **kwargs):
             _tls.opaque -= 1
     if callee is jax.vjp and it.depth == 0 and it.mode != EAGER and args and not kwargs.keys() - {"has_aux"}:
         return it.vjp(args[0], args[1:], **kwargs)
+    if callee is jax.jvp and it.depth == 0 and it.mode != EAGER and len(args) == 3 \
+            and not kwargs.keys() - {"has_aux"}:
+        return it.jvp(*args, **kwargs)
     code = getattr(callee, "__code__", None)
     if it.depth == 0 and code is not None and code.co_name == "reraise_with_filtered_traceback":
         spec = _grad_spec(callee)

@@ -980,3 +980,34 @@ def test_vjp_of_user_code_with_python_inside_is_coexecuted():
     s = stats()
     assert s["eager_fallbacks"] == 0 and s["iterations_coexecuted"] >= len(xs) - 3, s
     assert s["ops_skipped"] > 0, s
+
+
+def make_jvp_step(rng, log):
+    def step(w, x):
+        def f(w):
+            h = jnp.tanh(x @ w)
+            return h * jnp.asarray(rng.random(h.shape) > 0.3), jnp.sum(h)  # NumPy inside
+        (h, s), (th, ts) = jax.jvp(f, (w,), (jnp.ones_like(w),))
+        log.append(float(ts))                 # a fetch of a tangent
+        return w - 0.01 * jnp.sum(th) * w
+    return step
+
+
+def test_jvp_of_user_code_with_python_inside_is_coexecuted():
+    r = np.random.default_rng(9)
+    w0, x = randn(r, 4, 3), randn(r, 5, 4)
+    out = {}
+    for mode in ("eager", "terra"):
+        log = []
+        step = make_jvp_step(np.random.default_rng(10), log)
+        if mode == "terra":
+            terra_bc.reset_stats()
+            step = terra_bc.function(step)
+        w = w0
+        for _ in range(N + 2):
+            w = step(w, x)
+        out[mode] = (w, log)
+    assert_close(out["terra"][0], out["eager"][0], "w")
+    np.testing.assert_allclose(out["terra"][1], out["eager"][1], rtol=RTOL, atol=ATOL)
+    s = stats()
+    assert s["eager_fallbacks"] == 0 and s["iterations_coexecuted"] == N + 1 and s["ops_skipped"] > 0, s
