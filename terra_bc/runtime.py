@@ -928,73 +928,61 @@ class Iteration:
         value, grads = tree_unflatten(end.out_tree, outs)
         return _grad_result(value, grads, out[1] if has_aux else None, has_aux, returns_value)
 
-    # -- jax.vjp over user code
+    # -- jax.vjp / jax.jvp over user code
+    def _forward_of(self, kind, fun, primals, has_aux):
+        """``fun``'s Python runs as code of this iteration between "<kind>-begin" and
+        "<kind>-end" events.  Returns (out, aux, plan, key of the op that differentiates the
+        recorded forward); raises Divergence only at the begin event."""
+        key = (kind, _body_key(fun), has_aux)
+        trees = [tree_flatten(p) for p in primals]
+        phs = self._differentiated_inputs(kind + "-begin", key, [x for ls, _ in trees for x in ls])
+        begin = self.pos - 1 if self.mode == COEXEC else len(self.graph.events) - 1
+        it = iter(phs)
+        result = self._run_differentiated(
+            fun, [tree_unflatten(tree, [next(it) for _ in ls]) for ls, tree in trees], {})
+        out, aux = result if has_aux else (result, None)
+        out_leaves, out_tree = tree_flatten(out)
+        if not all(self._own(o) for o in out_leaves):
+            raise TypeError(f"terra_bc: jax.{kind} of a function that returns non-array values")
+        ids = [o._id for o in out_leaves]
+        end = self._end_event(kind + "-end", key, lambda ev: list(ev.args) == ids) \
+            if self.mode == COEXEC else None
+        if end is None:
+            self._record(kind + "-end", key, None, ids, None, ())
+            end = self.graph.events[-1]
+        plan = (self.graph.events[begin].mark, end.mark, [p._id for p in phs], ids, trees, out_tree)
+        return out, aux, plan, (kind + "-apply", begin, key)
+
     def vjp(self, fun, primals, has_aux=False):
-        """``jax.vjp(fun, *primals)``: ``fun``'s Python runs as code of this iteration (its
-        ops are events); the function returned computes the cotangents of its recorded
-        forward as one op of the iteration (an event like any other)."""
+        """``jax.vjp(fun, *primals)``: the function returned computes the cotangents of the
+        recorded forward as one op of the iteration (an event like any other)."""
         if self.mode == EAGER:
             return self.op(jax.vjp, (fun,) + tuple(primals), {"has_aux": has_aux})
-        key = ("vjp", _body_key(fun), has_aux)
-        trees = [tree_flatten(p) for p in primals]
         try:
-            phs = self._differentiated_inputs("vjp-begin", key, [x for ls, _ in trees for x in ls])
+            out, aux, plan, key = self._forward_of("vjp", fun, primals, has_aux)
         except Divergence:
             self.diverge()
             return self.vjp(fun, primals, has_aux)
-        begin = self.pos - 1 if self.mode == COEXEC else len(self.graph.events) - 1
-        it = iter(phs)
-        result = self._run_differentiated(
-            fun, [tree_unflatten(tree, [next(it) for _ in ls]) for ls, tree in trees], {})
-        out, aux = result if has_aux else (result, None)
-        out_leaves, out_tree = tree_flatten(out)
-        if not all(self._own(o) for o in out_leaves):
-            raise TypeError("terra_bc: jax.vjp of a function that returns non-array values")
-        ids = [o._id for o in out_leaves]
-        end = self._end_event("vjp-end", key, lambda ev: list(ev.args) == ids) \
-            if self.mode == COEXEC else None
-        if end is None:
-            self._record("vjp-end", key, None, ids, None, ())
-            end = self.graph.events[-1]
-        plan = (self.graph.events[begin].mark, end.mark, [p._id for p in phs], ids, trees, out_tree)
-        vjp_fn = functools.partial(_apply_vjp, self, ("vjp-apply", begin, key), plan)
+        vjp_fn = functools.partial(_apply_vjp, self, key, plan)
         return (out, vjp_fn, aux) if has_aux else (out, vjp_fn)
 
-    # -- jax.jvp over user code
     def jvp(self, fun, primals, tangents, has_aux=False):
-        """``jax.jvp(fun, primals, tangents)``: ``fun``'s Python runs as code of this iteration;
-        the tangents of its recorded forward are one op of the iteration."""
+        """``jax.jvp(fun, primals, tangents)``: the tangents of the recorded forward are one
+        op of the iteration."""
         if self.mode == EAGER:
             return self.op(jax.jvp, (fun, primals, tangents), {"has_aux": has_aux})
-        key = ("jvp", _body_key(fun), has_aux)
-        trees = [tree_flatten(p) for p in primals]
-        try:
-            phs = self._differentiated_inputs("jvp-begin", key, [x for ls, _ in trees for x in ls])
-        except Divergence:
-            self.diverge()
-            return self.jvp(fun, primals, tangents, has_aux)
-        begin = self.pos - 1 if self.mode == COEXEC else len(self.graph.events) - 1
-        it = iter(phs)
-        result = self._run_differentiated(
-            fun, [tree_unflatten(tree, [next(it) for _ in ls]) for ls, tree in trees], {})
-        out, aux = result if has_aux else (result, None)
-        out_leaves, out_tree = tree_flatten(out)
-        if not all(self._own(o) for o in out_leaves):
-            raise TypeError("terra_bc: jax.jvp of a function that returns non-array values")
-        ids = [o._id for o in out_leaves]
-        end = self._end_event("jvp-end", key, lambda ev: list(ev.args) == ids) \
-            if self.mode == COEXEC else None
-        if end is None:
-            self._record("jvp-end", key, None, ids, None, ())
-            end = self.graph.events[-1]
         tangent_leaves, tangent_tree = tree_flatten(tuple(tangents))
         if tangent_tree != tree_flatten(tuple(primals))[1]:
             raise TypeError(f"terra_bc: jax.jvp tangents {tangent_tree} do not match the "
                             f"primals {tree_flatten(tuple(primals))[1]}")
-        plan = (self.graph.events[begin].mark, end.mark, [p._id for p in phs], ids, trees, out_tree)
+        try:
+            out, aux, plan, key = self._forward_of("jvp", fun, primals, has_aux)
+        except Divergence:
+            self.diverge()
+            return self.jvp(fun, primals, tangents, has_aux)
         forward_tangents = _named(functools.partial(self._tangents, plan), "jvp_tangents")
-        outs = self.op(forward_tangents, tuple(tangent_leaves), {}, ("jvp-apply", begin, key))
-        tangents_out = tree_unflatten(out_tree, list(outs))
+        outs = self.op(forward_tangents, tuple(tangent_leaves), {}, key)
+        tangents_out = tree_unflatten(plan[5], list(outs))
         return (out, tangents_out, aux) if has_aux else (out, tangents_out)
 
     def _recorded_forward(self, plan):
