@@ -606,7 +606,8 @@ hook(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
     Py_DECREF(code);
     frames_swapped++;
     void *mark = NULL;
-    if (call_handler != NULL && !(((PyCodeObject *)replacement)->co_flags & CO_GENERATOR)
+    if (call_handler != NULL && !routing /* inside an iteration: part of it */
+        && !(((PyCodeObject *)replacement)->co_flags & CO_GENERATOR)
         && CODE_GET_EXTRA(replacement, mark_index, &mark) == 0 && mark != NULL)
         return run_as_unit(ts, frame, (PyObject *)mark);
     return run_previous(ts, frame, throwflag);
