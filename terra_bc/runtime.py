@@ -1413,6 +1413,8 @@ def _grad_result(value, grads, aux, has_aux, returns_value):
 
 
 def _eager_value(tree):
+    if type(tree) is Placeholder:  # the common single result, without a tree walk
+        return _concrete(tree)
     return jax.tree_util.tree_map(lambda x: _concrete(x) if type(x) is Placeholder else x, tree)
 
 
@@ -1422,8 +1424,16 @@ def _is_number(x):
     return type(x) in (int, float, complex)
 
 
+_NOT_ARRAYS = frozenset({tuple, list, dict, int, float, complex, bool, str, type(None), slice})
+
+
 def _is_array(x):
-    return type(x) is Placeholder or isinstance(x, graph.RecTracer) or isinstance(
+    t = type(x)
+    if t is _ArrayImpl or t is Placeholder:
+        return True
+    if t in _NOT_ARRAYS:  # isinstance(x, jax.Array) costs microseconds for these
+        return False
+    return isinstance(x, graph.RecTracer) or isinstance(
         x, (jax.Array, np.ndarray, np.generic)) and not isinstance(x, jax.core.Tracer)
 
 
