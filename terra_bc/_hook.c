@@ -112,6 +112,27 @@ traced(void)
     return PyThreadState_GET()->c_tracefunc != NULL;
 }
 
+/* handler(*args) for the loop and call handlers: never traced, and a failure is reported
+ * as unraisable (it must not become the user's exception).  Steals args (NULL: building
+ * them failed). */
+static PyObject *
+call_quietly(PyObject *handler, PyObject *args)
+{
+    PyObject *r = NULL;
+    if (args != NULL) {
+        int hide = traced();
+        if (hide)
+            PyThreadState_EnterTracing(PyThreadState_GET());
+        r = PyObject_Call(handler, args, NULL);
+        if (hide)
+            PyThreadState_LeaveTracing(PyThreadState_GET());
+        Py_DECREF(args);
+    }
+    if (r == NULL)
+        PyErr_WriteUnraisable(handler);
+    return r;
+}
+
 /* 1: route this call to the handler, 0: call the callee, -1: error. */
 static int
 should_route(SiteObject *self, PyObject *callee)
@@ -358,15 +379,9 @@ loopmark_call(LoopMarkObject *self, PyObject *args, PyObject *kwds)
 static void
 notify_loop(LoopIterObject *it, int exiting)
 {
-    int hide = traced();
-    if (hide)
-        PyThreadState_EnterTracing(PyThreadState_GET());
-    PyObject *r = PyObject_CallFunction(loop_handler, "OKi", (PyObject *)it->mark,
-                                        (unsigned long long)(uintptr_t)it, exiting);
-    if (hide)
-        PyThreadState_LeaveTracing(PyThreadState_GET());
+    PyObject *r = call_quietly(loop_handler, Py_BuildValue(
+        "(OKi)", (PyObject *)it->mark, (unsigned long long)(uintptr_t)it, exiting));
     if (r == NULL) {
-        PyErr_WriteUnraisable(loop_handler);
         it->open = 0;
         return;
     }
@@ -548,18 +563,9 @@ decide(PyCodeObject *code)
 static PyObject *
 call_unit_handler(PyObject *mark, PyObject *token, int state)
 {
-    int hide = traced();
-    if (hide)
-        PyThreadState_EnterTracing(PyThreadState_GET());
     in_callback = 1;
-    PyObject *r = PyObject_CallFunction(call_handler, "OOi", mark, token, state);
+    PyObject *r = call_quietly(call_handler, Py_BuildValue("(OOi)", mark, token, state));
     in_callback = 0;
-    if (hide)
-        PyThreadState_LeaveTracing(PyThreadState_GET());
-    if (r == NULL) {
-        PyErr_WriteUnraisable(call_handler);
-        return NULL;
-    }
     return r;
 }
 

@@ -126,6 +126,12 @@ class TraceGraph:
         self.plans = {}         # (start, stop) -> (ids produced there, ids read after stop)
         self.unsafe = None      # why this unit cannot be co-executed, if it cannot
 
+    def fork(self, pos):
+        """A new path sharing this one's first ``pos`` events and their recording."""
+        last = self.events[pos - 1] if pos else None
+        recorder = self.recorder.fork(last.mark if last else 0, last.nvals if last else 0)
+        return TraceGraph(recorder, self.events[:pos])
+
     def plan(self, start, stop):
         """What equations [start, stop) produce and what the rest of the path reads (a
         recorded path never changes: new paths are new TraceGraphs)."""
@@ -548,9 +554,7 @@ class Iteration:
             else:
                 self.pos += 1
                 self._bind(feeds)
-                values = [self._new(spec[1], spec[2]) for spec in ev.args]
-                args, items = _with_arrays((args, tuple(kwargs.items())), iter(values))
-                return args, dict(items)
+                return _with_arrays(args, kwargs, [self._new(spec[1], spec[2]) for spec in ev.args])
         if self.mode == EAGER or not leaves:
             if self.mode != EAGER:
                 self._record("enter", None, shape, (), None, ())
@@ -561,8 +565,7 @@ class Iteration:
             specs.append(("feed", t.id, t.aval))
             values.append(self._wrap(t))
         self._record("enter", None, shape, specs, None, ())
-        args, items = _with_arrays((args, tuple(kwargs.items())), iter(values))
-        return args, dict(items)
+        return _with_arrays(args, kwargs, values)
 
     # -- values
     def _new(self, id, aval, rec=None):
@@ -594,7 +597,7 @@ class Iteration:
     def _spec(self, x, numbers):
         """Tracing: (spec, value to call with) for one input leaf; ``numbers``: feed a Python
         number (an operator's operand, or a leaf that changed between iterations)."""
-        if type(x) is Placeholder and x._it is self and x._val is None:
+        if self._own(x):
             return ("ph", x._id), x._rec
         if self.graph.recorder.owns(x) and self.graph.unsafe:
             # computed by JAX code we did not see op by op from a placeholder it lowered (a
@@ -695,7 +698,7 @@ class Iteration:
         return tree_unflatten(out_tree, wrapped)
 
     def _break_spec(self, x):
-        if type(x) is Placeholder and x._it is self and x._val is None:
+        if self._own(x):
             return ("ph", x._id)
         if _is_array(x) or _is_number(x):
             return ("value", _aval(x))
@@ -841,18 +844,14 @@ class Iteration:
 
     def _matches(self, x, spec, feeds):
         kind = spec[0]
-        if kind == "value":  # an input of a graph break: any value of that aval
-            return (_is_array(x) or _is_number(x)) and not (
-                type(x) is Placeholder and x._it is self and x._val is None) and _aval(x) == spec[1]
         if kind == "ph":
-            return type(x) is Placeholder and x._it is self and x._id == spec[1] and x._val is None
-        if kind == "feed":
-            if not (_is_array(x) or _is_number(x)) or (
-                    type(x) is Placeholder and x._it is self and x._val is None):
+            return self._own(x) and x._id == spec[1]
+        if kind == "feed" or kind == "value":  # "value": a graph break's input, not bound
+            aval = spec[2] if kind == "feed" else spec[1]
+            if not (_is_array(x) or _is_number(x)) or self._own(x) or _aval(x) != aval:
                 return False
-            if _aval(x) != spec[2]:
-                return False
-            feeds.append((spec[1], x))
+            if kind == "feed":
+                feeds.append((spec[1], x))
             return True
         return _same(x, spec[1])
 
@@ -1153,9 +1152,7 @@ class Iteration:
         co-executed prefix gets one from its computed value (``Recorder.adopt``)."""
         t = self.tracers.get(id)
         if t is None:
-            if id not in self.env:
-                self._run(0, self.fork_stop, (id,))
-            t = self.tracers[id] = self.graph.recorder.adopt(id, self.env[id])
+            t = self.tracers[id] = self.graph.recorder.adopt(id, self._value(id, self.fork_stop))
         return t
 
     def diverge(self):
@@ -1179,7 +1176,7 @@ class Iteration:
             self._settle()
             return
         counts["iterations_traced"] += pos == 0
-        new = TraceGraph(old.recorder.fork(stop, last.nvals if last else 0), old.events[:pos])
+        new = old.fork(pos)
         for p in alive:
             p._rec = self.tracers[p._id] = new.recorder.adopt(p._id, self.env[p._id])
         self.graph, self.mode, self.fork_stop, self.left = new, TRACE, stop, old
@@ -1193,8 +1190,7 @@ class Iteration:
             if len(g.events) == self.pos:
                 return g
         counts["divergences"] += 1
-        last = self.graph.events[self.pos - 1]
-        new = TraceGraph(self.graph.recorder.fork(last.mark, last.nvals), self.graph.events[:self.pos])
+        new = self.graph.fork(self.pos)
         self.unit.add_path(new)
         return new
 
@@ -1248,9 +1244,10 @@ class Unit:
         self.calls = 0          # calls so far, for settings["warmup"]
         self.compiles = 0       # segments compiled for it (settings["max_compiles"])
 
-    def warming_up(self):
+    def warming_up(self, plain_calls=0):
+        """Count a call; is it one of the first ``warmup`` (+ plain_calls) run plainly?"""
         self.calls += 1
-        return self.calls <= settings["warmup"]
+        return self.calls <= settings["warmup"] + plain_calls
 
     def __call__(self, *args, **kwargs):
         if getattr(_tls, "it", None) is not None or self.unsafe or self.warming_up():
@@ -1382,13 +1379,15 @@ def _arrays_in(x, found):
     return None
 
 
-def _with_arrays(x, values):
-    """x with the arrays _arrays_in found replaced, in order, by next(values)."""
-    if _is_array(x):
-        return next(values)
-    if type(x) is tuple:
-        return tuple(_with_arrays(v, values) for v in x)
-    return x
+def _with_arrays(args, kwargs, values):
+    """(args, kwargs) with the arrays _arrays_in found replaced, in order, by values."""
+    values = iter(values)
+
+    def put(x):
+        if _is_array(x):
+            return next(values)
+        return tuple(map(put, x)) if type(x) is tuple else x
+    return put(args), dict(put(tuple(kwargs.items())))
 
 
 def _apply_vjp(it, key, plan, ct):
@@ -1547,12 +1546,12 @@ def on_call(unit, token, state):
     if state:
         if getattr(_tls, "it", None) is token:  # (a loop inside may have taken over)
             unit.end(token, state == 1)
-            _drop_if_small(unit)
+            if token.mode == TRACE or unit.unsafe:  # (a new path: is the unit worth it?)
+                _drop_if_small(unit)
         return None
     if getattr(_tls, "it", None) is not None or getattr(_tls, "opaque", 0) or unit.unsafe:
         return None
-    unit.calls += 1
-    if unit.calls < 2 + settings["warmup"] or not _plain_trace(None):
+    if unit.warming_up(plain_calls=1) or not _plain_trace(None):  # a unit from the 2nd call
         return None
     it, _ = unit.begin((), {})
     it.auto = True
