@@ -60,12 +60,8 @@ import jax.numpy as jnp
 import jaxlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-try:
-    import terra_bc
-    TERRA_IMPORT_ERROR = None
-except Exception as e:  # the benchmark must still run the baselines
-    terra_bc = None
-    TERRA_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+# terra_bc's import (or why it failed) and the shared helpers come from the engine benchmark.
+from benchmarks.coexec import TERRA_IMPORT_ERROR, err, sync, terra_bc, terra_function, terra_stats  # noqa: E402
 
 RTOL = 1e-4
 JUMP, NOISE = 1.2, 1.0       # adaptive_lr: ~11 halvings, clipping in ~2/3 of 1000 steps
@@ -76,25 +72,6 @@ STAT_KEYS = ("iterations_traced", "iterations_coexecuted", "divergences", "eager
 
 
 # ------------------------------------------------------------------ helpers
-
-def err(e):
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-
-
-def sync(tree):
-    for leaf in jax.tree_util.tree_leaves(tree):
-        np.asarray(leaf)
-
-
-def terra_function(fn):
-    if terra_bc is None:
-        raise RuntimeError(f"import terra_bc failed: {TERRA_IMPORT_ERROR}")
-    return terra_bc.function(fn)
-
-
-def terra_stats():
-    return dict(terra_bc.stats()) if terra_bc is not None else {}
-
 
 def normal(r, shape, scale=1.0):
     return jnp.asarray((r.standard_normal(shape) * scale).astype(np.float32))
