@@ -641,15 +641,22 @@ uninstall(void)
 
 /* ------------------------------------------------------------------ module functions */
 
+/* *slot = fn (None: no handler), for the module's set_* functions. */
+static PyObject *
+set_handler(PyObject **slot, PyObject *fn, const char *error)
+{
+    if (fn != Py_None && !PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, error);
+        return NULL;
+    }
+    Py_XSETREF(*slot, fn == Py_None ? NULL : Py_NewRef(fn));
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 set_callback(PyObject *mod, PyObject *fn)
 {
-    if (fn != Py_None && !PyCallable_Check(fn)) {
-        PyErr_SetString(PyExc_TypeError, "callback must be callable or None");
-        return NULL;
-    }
-    Py_XSETREF(callback, fn == Py_None ? NULL : Py_NewRef(fn));
-    Py_RETURN_NONE;
+    return set_handler(&callback, fn, "callback must be callable or None");
 }
 
 static PyObject *
@@ -742,23 +749,13 @@ set_thread_routing(PyObject *mod, PyObject *on)
 static PyObject *
 set_loop_handler(PyObject *mod, PyObject *fn)
 {
-    if (fn != Py_None && !PyCallable_Check(fn)) {
-        PyErr_SetString(PyExc_TypeError, "set_loop_handler takes a callable or None");
-        return NULL;
-    }
-    Py_XSETREF(loop_handler, fn == Py_None ? NULL : Py_NewRef(fn));
-    Py_RETURN_NONE;
+    return set_handler(&loop_handler, fn, "set_loop_handler takes a callable or None");
 }
 
 static PyObject *
 set_call_handler(PyObject *mod, PyObject *fn)
 {
-    if (fn != Py_None && !PyCallable_Check(fn)) {
-        PyErr_SetString(PyExc_TypeError, "set_call_handler takes a callable or None");
-        return NULL;
-    }
-    Py_XSETREF(call_handler, fn == Py_None ? NULL : Py_NewRef(fn));
-    Py_RETURN_NONE;
+    return set_handler(&call_handler, fn, "set_call_handler takes a callable or None");
 }
 
 static PyObject *
