@@ -227,6 +227,21 @@ def test_changing_python_numbers_stop_recompiling_after_one_retrace():
     assert after["ops_skipped"] - before["ops_skipped"] >= 10 * 5, (before, after)
 
 
+def test_a_token_id_used_as_an_index_is_fed_after_one_retrace():
+    """Greedy decoding's `table[tok]` with a Python int that changes every step."""
+    def make():
+        def step(tok, w):
+            table = jnp.tanh(w)             # a value of the iteration: indexing it is an op
+            return jnp.sum(table[tok] * 2.0) + tok
+        return step
+    w = jnp.arange(40.0).reshape(10, 4) / 40.0
+    toks = [3, 7, 1, 9, 4, 4, 0, 8, 2, 6, 5, 3]
+    want, got, before, after = run_both(make, [(t, w) for t in toks], n_tail=8)
+    close(got, want)
+    assert traced(after) <= 2, after
+    assert traced(before) == traced(after) and before["compiles"] == after["compiles"], (before, after)
+
+
 def test_numbers_jax_needs_static_stay_static_and_guarded():
     """An axis and a reshape size that change: fed they would fail, so they stay static; each
     value is its own path and the results are right."""
