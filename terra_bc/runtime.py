@@ -303,10 +303,12 @@ class _Lazy(dict):
 
     def __missing__(self, name):
         fn = self[name] = self.make(name)
+        _STABLE.add(fn)
         return fn
 
 
 _DEFER = object()
+_STABLE = set()  # terra_bc's own callees that close over constants: their own guard keys
 _ATTRS = _Lazy(lambda name: _named(lambda x: getattr(x, name), f"attr.{name}"))
 _METHODS = _Lazy(lambda name: _named(lambda x, *a, **k: getattr(x, name)(*a, **k), f"method.{name}"))
 _AT_METHODS = _Lazy(lambda name: _named(
@@ -343,6 +345,7 @@ for _op in ["neg", "pos", "abs", "invert"]:
 OPERATORS = {getattr(Placeholder, name).__closure__[0].cell_contents
              for name in dir(Placeholder) if name.startswith("__") and
              getattr(getattr(Placeholder, name), "__closure__", None)}
+_STABLE |= OPERATORS
 Placeholder.__getitem__ = _operator("__getitem__", operator.getitem)
 # jax.core.Tracer defines the array methods and properties itself; as a Tracer subclass a
 # placeholder must override them, or x.sum() / x.T would run JAX on it without an event.
@@ -416,7 +419,7 @@ def _is_dl_op(callee):
 
 def _callee_key(callee):
     """A guard key: identity, except for closures JAX makes afresh (grad(f) each iteration)."""
-    if isinstance(callee, types.FunctionType) and callee.__closure__:
+    if isinstance(callee, types.FunctionType) and callee.__closure__ and callee not in _STABLE:
         return (callee.__code__, tuple(_cell_key(c) for c in callee.__closure__))
     if isinstance(callee, types.MethodType):
         return (_callee_key(callee.__func__), _Id(callee.__self__))
@@ -531,6 +534,7 @@ class Iteration:
         self.depth = 0          # > 0 while inside an opaque DL op's own Python
         self.recording = None   # the Recorder entered for this iteration (tracing)
         self.grad_depth = 0     # > 0 while a differentiated function's Python runs
+        self.memo = {}          # see remember
 
     def enter(self, args, kwargs):
         """The unit's arguments: arrays become placeholders (fed), the rest are Python's own.
@@ -566,6 +570,18 @@ class Iteration:
             values.append(self._wrap(t))
         self._record("enter", None, shape, specs, None, ())
         return _with_arrays(args, kwargs, values)
+
+    def remember(self, key, make):
+        """``make()``, made once for ``key`` while every iteration of the unit asks for it:
+        kept to the next iteration, dropped after one that did not ask (so what ``key``
+        holds, a function made afresh each step, is not kept alive)."""
+        try:
+            return self.memo[key]
+        except KeyError:
+            value = self.memo[key] = self.unit.memo.get(key, _MISS)
+            if value is _MISS:
+                value = self.memo[key] = make()
+            return value
 
     # -- values
     def _new(self, id, aval, rec=None):
@@ -1103,12 +1119,12 @@ class Iteration:
         return convert(_concrete(ph))
 
     # -- segments
-    def launch(self, stop, need):
+    def launch(self, stop, need, alive=None):
         """Run the recorded equations [seg_start, stop) that later work needs, and make sure
-        the values ``need`` names are computed."""
+        the values ``need`` names are computed.  ``alive``: self._alive(), if known."""
         if stop > self.seg_start:
             produced, reads_after = self.graph.plan(self.seg_start, stop)
-            alive = {p._id for p in self._alive()}
+            alive = {p._id for p in (self._alive() if alive is None else alive)}
             outputs = tuple(sorted(produced & (reads_after | alive | set(need) | self.unit.escaping)))
             if outputs:
                 self._run(self.seg_start, stop, outputs)
@@ -1194,9 +1210,9 @@ class Iteration:
         self.unit.add_path(new)
         return new
 
-    def _settle(self):
+    def _settle(self, alive=None):
         """Every live placeholder takes its concrete value and leaves the iteration."""
-        for p in self._alive():
+        for p in self._alive() if alive is None else alive:
             if p._val is None:
                 p._val = p._rec.val if p._rec is not None else self.env[p._id]
             p._rec = None
@@ -1210,9 +1226,12 @@ class Iteration:
         if self.mode == COEXEC:
             if self.pos != len(self.graph.events):
                 self.graph = self._path_ending_here()
-            self.launch(self.graph.recorder.mark(), [p._id for p in self._alive() if p._val is None])
+            alive = self._alive()
+            self.launch(self.graph.recorder.mark(), [p._id for p in alive if p._val is None], alive)
             unit.graph = self.graph
-        elif self.mode == TRACE:
+            self._settle(alive)
+            return
+        if self.mode == TRACE:
             unit.escaping |= {p._id for p in self._alive() if p._val is None}
             g = self.graph
             if g.unsafe:
@@ -1243,6 +1262,7 @@ class Unit:
         self.recent = collections.deque(maxlen=RETRACE_WINDOW)  # did each recent call trace?
         self.calls = 0          # calls so far, for settings["warmup"]
         self.compiles = 0       # segments compiled for it (settings["max_compiles"])
+        self.memo = {}          # what the last iteration remembered (Iteration.remember)
 
     def warming_up(self, plain_calls=0):
         """Count a call; is it one of the first ``warmup`` (+ plain_calls) run plainly?"""
@@ -1290,6 +1310,7 @@ class Unit:
         if not it.was_enabled:
             _hook.disable_thread()
         _tls.it = None
+        self.memo = it.memo
         it.finish(ok)
         # Tracing costs more than eager: a unit that keeps making new paths makes no more;
         # where Python leaves its recorded paths, the rest of the iteration runs eagerly.
@@ -1412,8 +1433,25 @@ def _grad_result(value, grads, aux, has_aux, returns_value):
 
 
 def _eager_value(tree):
-    if type(tree) is Placeholder:  # the common single result, without a tree walk
+    """What a unit returns, with concrete arrays for its placeholders.  Lists and dicts are
+    the ones the function built, filled in place (a caller may hold them); tuples are rebuilt
+    when an element changed; other containers (namedtuples, registered pytrees) by JAX."""
+    t = type(tree)
+    if t is Placeholder:
         return _concrete(tree)
+    if t is list:
+        for i, x in enumerate(tree):
+            tree[i] = _eager_value(x)
+        return tree
+    if t is tuple:
+        values = tuple(map(_eager_value, tree))
+        return tree if all(a is b for a, b in zip(values, tree)) else values
+    if t is dict:
+        for k, x in tree.items():
+            tree[k] = _eager_value(x)
+        return tree
+    if t is _ArrayImpl or t in _NOT_ARRAYS:
+        return tree
     return jax.tree_util.tree_map(lambda x: _concrete(x) if type(x) is Placeholder else x, tree)
 
 
@@ -1484,9 +1522,18 @@ def on_site(site, callee, *args, **kwargs):
     if callee is jax.jvp and it.depth == 0 and it.mode != EAGER and len(args) == 3 \
             and not kwargs.keys() - {"has_aux"}:
         return it.jvp(*args, **kwargs)
+    if it.depth == 0 and (callee is jax.grad or callee is jax.value_and_grad) and len(args) == 1:
+        # Making the gradient function costs more than the step's ops; JAX's holds no state
+        # but `fun`, so the one made for this `fun` in the last iteration serves again.
+        try:
+            key = (callee, _Id(args[0]), tuple(sorted(kwargs.items())))
+            hash(key)
+        except TypeError:  # an unhashable option: made afresh
+            return callee(*args, **kwargs)
+        return it.remember(key, lambda: callee(*args, **kwargs))
     code = getattr(callee, "__code__", None)
     if it.depth == 0 and code is not None and code.co_name == "reraise_with_filtered_traceback":
-        spec = _grad_spec(callee)
+        spec = it.remember(("grad spec", _Id(callee)), lambda: _grad_spec(callee))
         if spec is not None:
             return it.grad(callee, spec, args, kwargs)
     if isinstance(callee, types.MethodType) and not isinstance(callee.__self__, type):

@@ -208,6 +208,57 @@ def test_training_step_loss_fn_defined_inside_step():
     assert_coexecuted(stats())
 
 
+
+def test_gradient_function_of_a_fresh_closure_is_not_kept():
+    """jax.value_and_grad(loss_fn) made inside the unit is reused while the same loss_fn
+    comes back; a closure made afresh each step (over that step's batch) is let go after
+    the next iteration, so the unit holds no old batches."""
+    import weakref
+    made = []
+
+    def step(params, x, y):
+        def loss_fn(p):
+            return jnp.mean((jnp.tanh(x @ p[0][0] + p[0][1]) @ p[1][0] + p[1][1] - y) ** 2)
+        made.append(weakref.ref(loss_fn))
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        return [(W - 0.1 * dW, b - 0.1 * db) for (W, b), (dW, db) in zip(params, grads)], loss
+
+    params0, batches = mlp_params(6, (4, 16, 2)), data(7)
+    _, want_l, _ = run_chain(step, params0, batches)
+    made.clear()
+    terra_bc.reset_stats()
+    unit = terra_bc.function(step)  # kept alive: it is what must not hold the closures
+    _, got_l, _ = run_chain(unit, params0, batches)
+    gc.collect()
+    assert_close(got_l, want_l, "losses")
+    assert [r() is None for r in made[:-2]] == [True] * (len(made) - 2)
+    assert_coexecuted(stats())
+
+
+def test_returned_containers_are_the_ones_built():
+    """A list or dict the unit returns is the object it built (a caller may hold it), in its
+    own key order, with jax.Arrays in it; a tuple of them likewise."""
+    kept = []
+
+    def step(x):
+        out = {"z": jnp.tanh(x), "a": jnp.sum(x * 2.0)}
+        seq = [jnp.exp(x) + 1.0, 3]
+        kept.append((out, seq))
+        return out, seq
+
+    xs = [jnp.arange(4.0) + i for i in range(N)]
+    want = [step(x) for x in xs]
+    kept.clear()
+    unit = terra_bc.function(step)
+    for x, (wd, ws) in zip(xs, want):
+        gd, gs = unit(x)
+        assert gd is kept[-1][0] and gs is kept[-1][1]
+        assert list(gd) == ["z", "a"] and gs[1] == 3
+        assert all(type(v) is type(wd["z"]) for v in (gd["z"], gd["a"], gs[0]))
+        assert_close((gd, gs), (wd, ws), "results")
+    assert_coexecuted(stats())
+
+
 # ----------------------------------------------------------------------------- 3. dropout
 
 def make_dropout_step(rng, draws, log=None, lr=0.1):
