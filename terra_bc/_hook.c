@@ -13,6 +13,7 @@
 #include <structmember.h>
 #include <internal/pycore_frame.h>
 #include <pthread.h>
+#include "_fastop.h"
 
 #if PY_VERSION_HEX < 0x030b0000 || PY_VERSION_HEX >= 0x030e0000
 #error "terra_bc._hook supports CPython 3.11 to 3.13"
@@ -199,8 +200,18 @@ site_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf, PyObject
     self->count++;
     sites_executed++;
     int routed = should_route(self, args[0]);
-    if (routed)
-        return routed < 0 ? NULL : route(self, args, nargs, nargsf, kwnames);
+    if (routed < 0)
+        return NULL;
+    if (routed) {
+        PyObject *it = terra_current_iteration();
+        if (it != NULL && kwnames == NULL) {  /* a co-executed op: checked and skipped in C */
+            PyObject *r = terra_fast_op(it, args[0], args + 1, nargs - 1);
+            if (!terra_fast_is_miss(r))
+                return r;
+            Py_DECREF(r);
+        }
+        return route(self, args, nargs, nargsf, kwnames);
+    }
     /* Our args[0] slot may be borrowed by the callee only if our caller lent us args[-1]. */
     size_t offset = nargsf & PY_VECTORCALL_ARGUMENTS_OFFSET;
     return PyObject_Vectorcall(args[0], args + 1, (size_t)(nargs - 1) | offset, kwnames);
@@ -719,6 +730,7 @@ static PyObject *
 reset_counters(PyObject *mod, PyObject *unused)
 {
     sites_executed = frames_swapped = 0;
+    terra_fast_reset();
     Py_RETURN_NONE;
 }
 
@@ -829,6 +841,10 @@ PyInit__hook(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+    if (PyModule_AddFunctions(m, terra_fast_methods) < 0 || terra_fast_init(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     if (PyType_Ready(&LoopMarkType) < 0 || PyType_Ready(&LoopIterType) < 0
         || PyModule_AddObjectRef(m, "LoopMark", (PyObject *)&LoopMarkType) < 0) {
         Py_DECREF(m);

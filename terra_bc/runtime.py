@@ -95,7 +95,7 @@ class Event:
     a unit share the Event objects of their common prefix (see ``Iteration._next``).
     """
     __slots__ = ("kind", "key", "tree", "args", "out_tree", "outs", "mark", "nvals", "where",
-                 "flat", "single")
+                 "flat", "single", "fast")
 
     def __init__(self, kind, key, tree, args, out_tree, outs, mark, nvals, where, flat=None):
         self.kind, self.key, self.tree, self.args = kind, key, tree, args
@@ -106,9 +106,24 @@ class Event:
         self.flat = flat
         self.single = (out_tree is not None and out_tree.num_leaves == 1 and
                        out_tree.num_nodes == 1 and bool(outs) and outs[0][0] == "ph")
+        self.fast = _fast_spec(self)
+
 
     def __repr__(self):
         return f"Event({self.kind}, {_name(self.key)}, mark={self.mark}, at {self.where})"
+
+
+_FAST_KINDS = {"ph": 0, "static": 1, "feed": 2}
+
+
+def _fast_spec(ev):
+    """What the C fast path (_fastop.c) checks for a plain op event, or None: (callee, number
+    of positional args, per-arg (kind code, *spec), output id, output aval)."""
+    if ev.kind != "op" or ev.flat is None or not ev.single or ev.flat != len(ev.args) \
+            or any(spec[0] not in _FAST_KINDS for spec in ev.args):
+        return None
+    specs = tuple((_FAST_KINDS[spec[0]],) + tuple(spec[1:]) for spec in ev.args)
+    return (ev.key, ev.flat, specs, ev.outs[0][1], ev.outs[0][2])
 
 
 class TraceGraph:
@@ -118,6 +133,8 @@ class TraceGraph:
     k shares that path's first k events (the same objects) and its recording up to there
     (``Recorder.fork``: same equations, same value ids), so an iteration can move between
     paths at any branch point without recomputing anything."""
+
+    __slots__ = ("recorder", "events", "segments", "plans", "unsafe")
 
     def __init__(self, recorder=None, events=()):
         self.recorder = recorder if recorder is not None else graph.Recorder(_fetched_inside_op)
@@ -321,15 +338,12 @@ def _named(fn, name):
 
 
 def _operator(name, fn):
-    def method(self, *args):
-        it = getattr(_tls, "it", None)
-        if it is not None and it.mode is COEXEC and not it.depth:  # the common case, first
-            out = it._fast_op(fn, (self,) + args)
-            if out is not _MISS:
-                return out
+    """Placeholder.__<name>__: the C fast path in co-execution (_hook.OpMethod), else an op
+    of the iteration (or an eager op once the iteration is over)."""
+    def general(self, *args):
         return _call(fn, (self,) + args, {})
-    method.__name__ = name
-    return method
+    general.__name__ = name
+    return _hook.OpMethod(fn, general)
 
 
 _BINARY = ["add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or",
@@ -342,9 +356,8 @@ for _op in _BINARY:
         setattr(Placeholder, f"__r{_op}__", _operator(f"__r{_op}__", _rfn))
 for _op in ["neg", "pos", "abs", "invert"]:
     setattr(Placeholder, f"__{_op}__", _operator(f"__{_op}__", getattr(operator, _op)))
-OPERATORS = {getattr(Placeholder, name).__closure__[0].cell_contents
-             for name in dir(Placeholder) if name.startswith("__") and
-             getattr(getattr(Placeholder, name), "__closure__", None)}
+OPERATORS = {getattr(Placeholder, name).fn for name in dir(Placeholder)
+             if type(getattr(Placeholder, name)) is _hook.OpMethod}
 _STABLE |= OPERATORS
 Placeholder.__getitem__ = _operator("__getitem__", operator.getitem)
 # jax.core.Tracer defines the array methods and properties itself; as a Tracer subclass a
@@ -520,6 +533,11 @@ def _traces_its_body(callee):
 # ------------------------------------------------------------------ iterations
 
 class Iteration:
+    # Slots: the C fast path reads mode, depth, graph, pos, env and live at fixed offsets.
+    __slots__ = ("unit", "mode", "graph", "pos", "fork_stop", "left", "auto", "loop_turns",
+                 "env", "seg_start", "tracers", "live", "depth", "recording", "grad_depth",
+                 "memo", "was_routing", "was_enabled")
+
     def __init__(self, unit, mode, graph_):
         self.unit, self.mode, self.graph = unit, mode, graph_
         self.pos = 0            # next event (co-execution)
@@ -763,51 +781,9 @@ class Iteration:
                 yield g
 
     def _fast_op(self, fn, args):
-        """The common co-executed op, checked without flattening: positional leaves only.
-        Anything unusual returns _MISS and takes the general path, which re-checks."""
-        events = self.graph.events
-        pos = self.pos
-        if pos >= len(events):
-            return _MISS
-        ev = events[pos]
-        if ev.flat != len(args) or ev.kind != "op" or not (ev.key is fn or _same(ev.key, _callee_key(fn))):
-            return _MISS
-        feeds = None
-        for x, spec in zip(args, ev.args):
-            kind = spec[0]
-            if kind == "ph":
-                if type(x) is not Placeholder or x._id != spec[1] or x._it is not self or x._val is not None:
-                    return _MISS
-            elif kind == "static":
-                if not (x is spec[1] or _same(x, spec[1])):
-                    return _MISS
-            else:  # a feed: a Python number of the recorded type, or an array of the same aval
-                t = type(x)
-                if t is int or t is float:
-                    if t is not spec[3]:
-                        return _MISS
-                elif t is _ArrayImpl or t is Placeholder and x._val is not None:
-                    if x.aval is not spec[2] and x.aval != spec[2]:  # avals are interned
-                        return _MISS
-                    x = x._val if t is Placeholder else x
-                else:
-                    return _MISS  # NumPy arrays and the rest take the general path
-                if feeds is None:
-                    feeds = []
-                feeds.append((spec[1], x))
-        self.pos = pos + 1
-        if feeds is not None:
-            for id, x in feeds:
-                self.env[id] = x
-            counts["feeds"] += len(feeds)
-        counts["ops_skipped"] += 1
-        if ev.single:
-            out = ev.outs[0]
-            ph = Placeholder(self, out[1], out[2])
-            self.live.append(ph)
-            return ph
-        return tree_unflatten(ev.out_tree, [self._new(o[1], o[2]) if o[0] == "ph" else o[1]
-                                            for o in ev.outs])
+        """The common co-executed op (a plain op event, positional args): checked against the
+        event's ``fast`` spec and skipped, in C (_fastop.c).  _MISS: take the general path."""
+        return _hook.fast_op(self, fn, args)
 
     def _coexec_op(self, fn, key, args, kwargs):
         leaves, tree = tree_flatten((args, kwargs))
@@ -1297,6 +1273,7 @@ class Unit:
         it = Iteration(self, mode, graph_ if graph_ is not None else TraceGraph())
         counts["iterations_coexecuted" if mode == COEXEC else "iterations_traced"] += 1
         _tls.it = it
+        _hook.set_iteration(it)
         it.was_routing = _hook.set_thread_routing(True)
         it.was_enabled = _hook.thread_enabled()
         _hook.enable_thread()  # helpers the unit calls get rewritten call sites too
@@ -1310,6 +1287,7 @@ class Unit:
         if not it.was_enabled:
             _hook.disable_thread()
         _tls.it = None
+        _hook.set_iteration(None)
         self.memo = it.memo
         it.finish(ok)
         # Tracing costs more than eager: a unit that keeps making new paths makes no more;
@@ -1503,11 +1481,7 @@ def _user_line():
 
 def on_site(site, callee, *args, **kwargs):
     """A rewritten call site called a DL op inside an iteration (see ``_hook.c``)."""
-    it = getattr(_tls, "it", None)
-    if it is not None and it.mode is COEXEC and not it.depth and not kwargs:
-        out = it._fast_op(callee, args)  # the common case, first (a plain "op" event only)
-        if out is not _MISS:
-            return out
+    it = getattr(_tls, "it", None)  # (a co-executed plain op was skipped in C already)
     if it is None:  # outside any iteration: values from past iterations are concrete
         if _functions_on:
             _mark_caller(sys._getframe(1).f_code)
@@ -1543,6 +1517,9 @@ def on_site(site, callee, *args, **kwargs):
 
 
 _hook.set_routing(on_site, is_dl_op)
+_hook.set_fast_path({"placeholder": Placeholder, "event": Event, "iteration": Iteration,
+                     "graph": TraceGraph, "array": _ArrayImpl, "stand_in": _STAND_IN,
+                     "coexec": COEXEC, "miss": _MISS})
 
 
 def config(**changes):
@@ -1639,7 +1616,11 @@ def function(fn):
 
 
 def stats():
-    return {k: counts[k] for k in STAT_KEYS}
+    out = {k: counts[k] for k in STAT_KEYS}
+    skipped, feeds = _hook.fast_counters()  # counted by the C fast path
+    out["ops_skipped"] += skipped
+    out["feeds"] += feeds
+    return out
 
 
 def explain(fn=None):

@@ -1,0 +1,374 @@
+/* terra_bc._hook, part 2: the co-execution fast path of one DL op.
+ *
+ * In co-execution a DL op does not run: Python checks it against the next event of the
+ * recorded path and gets a placeholder back.  That check runs for every op of every
+ * iteration, so its common case is here, in C.  It makes no decision of its own: the
+ * runtime (runtime.py) records for each plain op event a ``fast`` spec
+ *
+ *     (callee, number of positional args, per-arg specs, output id, output aval)
+ *
+ * with per-arg specs (0, id) a placeholder of this iteration, (1, value) a static value,
+ * (2, id, aval, type) a fed Python number or array.  Anything else (keywords, several
+ * outputs, closures, NumPy inputs, a failed check) returns the MISS sentinel and the
+ * runtime's general path decides, re-checking from scratch.  Objects are read through the
+ * slot offsets of the runtime's own classes (Iteration, TraceGraph, Event and Placeholder
+ * declare __slots__), which set_fast_path() looks up once.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include "_fastop.h"
+
+#define THREAD_LOCAL _Thread_local __attribute__((tls_model("initial-exec")))
+
+static THREAD_LOCAL PyObject *current = NULL;  /* this thread's open Iteration, or NULL */
+static unsigned long long fast_skipped = 0, fast_feeds = 0;
+
+static struct {
+    int ready;
+    PyTypeObject *placeholder, *event, *iteration, *graph, *array;
+    PyObject *stand_in, *coexec, *miss, *aval_name;
+    Py_ssize_t ph_trace, ph_aval, ph_it, ph_id, ph_rec, ph_val;
+    Py_ssize_t ev_fast;
+    Py_ssize_t it_mode, it_depth, it_graph, it_pos, it_env, it_live;
+    Py_ssize_t g_events;
+} F;
+
+#define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
+#define MAX_ARGS 16
+
+PyObject *
+terra_current_iteration(void)
+{
+    return current;
+}
+
+/* The placeholder for a skipped op, or a new reference to MISS; NULL with an error set. */
+PyObject *
+terra_fast_op(PyObject *it, PyObject *fn, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (!F.ready || Py_TYPE(it) != F.iteration || SLOT(it, F.it_mode) != F.coexec
+        || nargs > MAX_ARGS)
+        return Py_NewRef(F.miss);
+    PyObject *depth = SLOT(it, F.it_depth), *graph = SLOT(it, F.it_graph);
+    PyObject *pos_obj = SLOT(it, F.it_pos), *env = SLOT(it, F.it_env), *live = SLOT(it, F.it_live);
+    if (depth == NULL || !PyLong_CheckExact(depth) || PyObject_IsTrue(depth)
+        || graph == NULL || Py_TYPE(graph) != F.graph || pos_obj == NULL || !PyLong_CheckExact(pos_obj)
+        || env == NULL || !PyDict_CheckExact(env) || live == NULL || !PyList_CheckExact(live))
+        return Py_NewRef(F.miss);
+    PyObject *events = SLOT(graph, F.g_events);
+    Py_ssize_t pos = PyLong_AsSsize_t(pos_obj);
+    if (events == NULL || !PyList_CheckExact(events) || pos < 0 || pos >= PyList_GET_SIZE(events))
+        return Py_NewRef(F.miss);
+    PyObject *ev = PyList_GET_ITEM(events, pos);
+    if (Py_TYPE(ev) != F.event)
+        return Py_NewRef(F.miss);
+    PyObject *fast = SLOT(ev, F.ev_fast);
+    if (fast == NULL || fast == Py_None || PyTuple_GET_ITEM(fast, 0) != fn
+        || PyLong_AsSsize_t(PyTuple_GET_ITEM(fast, 1)) != nargs)
+        return Py_NewRef(F.miss);
+    PyObject *specs = PyTuple_GET_ITEM(fast, 2);
+    PyObject *feed_ids[MAX_ARGS], *feed_values[MAX_ARGS];
+    int feeds = 0;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        PyObject *x = args[i], *spec = PyTuple_GET_ITEM(specs, i);
+        long kind = PyLong_AsLong(PyTuple_GET_ITEM(spec, 0));
+        PyTypeObject *t = Py_TYPE(x);
+        if (kind == 0) {  /* this iteration's placeholder, not yet settled */
+            if (t != F.placeholder || SLOT(x, F.ph_it) != it || SLOT(x, F.ph_val) != Py_None)
+                return Py_NewRef(F.miss);
+            PyObject *id = SLOT(x, F.ph_id), *want = PyTuple_GET_ITEM(spec, 1);
+            if (id != want) {
+                int same = id != NULL ? PyObject_RichCompareBool(id, want, Py_EQ) : 0;
+                if (same <= 0) {
+                    PyErr_Clear();
+                    return Py_NewRef(F.miss);
+                }
+            }
+        }
+        else if (kind == 1) {  /* a static value: the same object, or an equal one of its type */
+            PyObject *want = PyTuple_GET_ITEM(spec, 1);
+            if (x != want) {
+                if (t != Py_TYPE(want))
+                    return Py_NewRef(F.miss);
+                PyObject *eq = PyObject_RichCompare(x, want, Py_EQ);
+                int same = eq != NULL ? PyObject_IsTrue(eq) : -1;
+                Py_XDECREF(eq);
+                if (same <= 0) {
+                    PyErr_Clear();
+                    return Py_NewRef(F.miss);
+                }
+            }
+        }
+        else {  /* a feed: a Python number of the recorded type, or an array of the recorded aval */
+            PyObject *value = x;
+            if (t == &PyLong_Type || t == &PyFloat_Type) {
+                if ((PyObject *)t != PyTuple_GET_ITEM(spec, 3))
+                    return Py_NewRef(F.miss);
+            }
+            else if (t == F.array || (t == F.placeholder && SLOT(x, F.ph_val) != Py_None
+                                      && SLOT(x, F.ph_val) != NULL)) {
+                PyObject *want = PyTuple_GET_ITEM(spec, 2), *aval;
+                if (t == F.placeholder) {
+                    aval = Py_XNewRef(SLOT(x, F.ph_aval));
+                    value = SLOT(x, F.ph_val);
+                }
+                else
+                    aval = PyObject_GetAttr(x, F.aval_name);
+                int same = aval == NULL ? -1 : aval == want ? 1 : PyObject_RichCompareBool(aval, want, Py_EQ);
+                Py_XDECREF(aval);
+                if (same <= 0) {
+                    PyErr_Clear();
+                    return Py_NewRef(F.miss);
+                }
+            }
+            else
+                return Py_NewRef(F.miss);  /* NumPy arrays and the rest: the general path */
+            feed_ids[feeds] = PyTuple_GET_ITEM(spec, 1);
+            feed_values[feeds++] = value;
+        }
+    }
+    /* The op is skipped: bind its feeds, move on, hand Python the output's placeholder. */
+    PyObject *ph = F.placeholder->tp_alloc(F.placeholder, 0);
+    PyObject *next = ph ? PyLong_FromSsize_t(pos + 1) : NULL;
+    if (next == NULL) {
+        Py_XDECREF(ph);
+        return NULL;
+    }
+    SLOT(ph, F.ph_trace) = Py_NewRef(F.stand_in);
+    SLOT(ph, F.ph_aval) = Py_NewRef(PyTuple_GET_ITEM(fast, 4));
+    SLOT(ph, F.ph_it) = Py_NewRef(it);
+    SLOT(ph, F.ph_id) = Py_NewRef(PyTuple_GET_ITEM(fast, 3));
+    SLOT(ph, F.ph_rec) = Py_NewRef(Py_None);
+    SLOT(ph, F.ph_val) = Py_NewRef(Py_None);
+    for (int i = 0; i < feeds; i++)
+        if (PyDict_SetItem(env, feed_ids[i], feed_values[i]) < 0)
+            goto fail;
+    if (PyList_Append(live, ph) < 0)
+        goto fail;
+    Py_SETREF(SLOT(it, F.it_pos), next);
+    fast_skipped++;
+    fast_feeds += (unsigned long long)feeds;
+    return ph;
+fail:
+    Py_DECREF(ph);
+    Py_DECREF(next);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ Python-facing */
+
+static Py_ssize_t
+slot_offset(PyObject *cls, const char *name)
+{
+    PyObject *d = PyObject_GetAttrString(cls, name);
+    if (d == NULL)
+        return -1;
+    Py_ssize_t off = -1;
+    if (Py_IS_TYPE(d, &PyMemberDescr_Type)
+        && ((PyMemberDescrObject *)d)->d_member->type == T_OBJECT_EX)
+        off = ((PyMemberDescrObject *)d)->d_member->offset;
+    else
+        PyErr_Format(PyExc_TypeError, "%R.%s is not an object slot", cls, name);
+    Py_DECREF(d);
+    return off;
+}
+
+static int
+get_type(PyObject *config, const char *key, PyTypeObject **out)
+{
+    PyObject *v = PyDict_GetItemString(config, key);
+    if (v == NULL || !PyType_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "set_fast_path: %s must be a class", key);
+        return -1;
+    }
+    *out = (PyTypeObject *)Py_NewRef(v);
+    return 0;
+}
+
+static int
+get_object(PyObject *config, const char *key, PyObject **out)
+{
+    PyObject *v = PyDict_GetItemString(config, key);
+    if (v == NULL) {
+        PyErr_Format(PyExc_KeyError, "set_fast_path: no %s", key);
+        return -1;
+    }
+    *out = Py_NewRef(v);
+    return 0;
+}
+
+/* set_fast_path({"placeholder": ..., "event": ..., "iteration": ..., "graph": ...,
+ * "array": ..., "stand_in": ..., "coexec": ..., "miss": ...}) */
+static PyObject *
+set_fast_path(PyObject *mod, PyObject *config)
+{
+    if (!PyDict_Check(config)) {
+        PyErr_SetString(PyExc_TypeError, "set_fast_path takes a dict");
+        return NULL;
+    }
+    if (F.ready)  /* set once per process: the runtime's classes do not change */
+        Py_RETURN_NONE;
+    if (get_type(config, "placeholder", &F.placeholder) < 0 || get_type(config, "event", &F.event) < 0
+        || get_type(config, "iteration", &F.iteration) < 0 || get_type(config, "graph", &F.graph) < 0
+        || get_type(config, "array", &F.array) < 0 || get_object(config, "stand_in", &F.stand_in) < 0
+        || get_object(config, "coexec", &F.coexec) < 0 || get_object(config, "miss", &F.miss) < 0)
+        return NULL;
+    PyObject *ph = (PyObject *)F.placeholder, *it = (PyObject *)F.iteration;
+    if ((F.ph_trace = slot_offset(ph, "_trace")) < 0 || (F.ph_aval = slot_offset(ph, "aval")) < 0
+        || (F.ph_it = slot_offset(ph, "_it")) < 0 || (F.ph_id = slot_offset(ph, "_id")) < 0
+        || (F.ph_rec = slot_offset(ph, "_rec")) < 0 || (F.ph_val = slot_offset(ph, "_val")) < 0
+        || (F.ev_fast = slot_offset((PyObject *)F.event, "fast")) < 0
+        || (F.it_mode = slot_offset(it, "mode")) < 0 || (F.it_depth = slot_offset(it, "depth")) < 0
+        || (F.it_graph = slot_offset(it, "graph")) < 0 || (F.it_pos = slot_offset(it, "pos")) < 0
+        || (F.it_env = slot_offset(it, "env")) < 0 || (F.it_live = slot_offset(it, "live")) < 0
+        || (F.g_events = slot_offset((PyObject *)F.graph, "events")) < 0)
+        return NULL;
+    F.aval_name = PyUnicode_InternFromString("aval");
+    if (F.aval_name == NULL)
+        return NULL;
+    F.ready = 1;
+    Py_RETURN_NONE;
+}
+
+/* fast_op(iteration, fn, args_tuple) -> placeholder or MISS */
+static PyObject *
+fast_op(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyTuple_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "fast_op(iteration, fn, args_tuple)");
+        return NULL;
+    }
+    return terra_fast_op(args[0], args[1], &PyTuple_GET_ITEM(args[2], 0), PyTuple_GET_SIZE(args[2]));
+}
+
+static PyObject *
+set_iteration(PyObject *mod, PyObject *it)
+{
+    PyObject *was = current;
+    current = it == Py_None ? NULL : Py_NewRef(it);
+    return was != NULL ? was : Py_NewRef(Py_None);  /* hands the reference over */
+}
+
+static PyObject *
+fast_counters(PyObject *mod, PyObject *unused)
+{
+    return Py_BuildValue("(KK)", fast_skipped, fast_feeds);
+}
+
+int
+terra_fast_is_miss(PyObject *result)
+{
+    return result == F.miss;
+}
+
+void
+terra_fast_reset(void)
+{
+    fast_skipped = fast_feeds = 0;
+}
+
+/* ------------------------------------------------------------------ OpMethod
+ * A placeholder's operator (__add__, __rmatmul__, __getitem__, ...): the fast path first,
+ * else the runtime's general method.  A method descriptor, so CPython's operator slots call
+ * it with self as the first argument, without making a bound method. */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *fn;        /* the op recorded for it (operator.add, ...) */
+    PyObject *general;   /* general(self, *args): the runtime's path */
+} OpMethodObject;
+
+static PyObject *
+opmethod_vectorcall(OpMethodObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (current != NULL && kwnames == NULL && nargs >= 1) {
+        PyObject *r = terra_fast_op(current, self->fn, args, nargs);
+        if (r != F.miss)
+            return r;
+        Py_DECREF(r);
+    }
+    return PyObject_Vectorcall(self->general, args, nargsf, kwnames);
+}
+
+static PyObject *
+opmethod_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *fn, *general;
+    if (!PyArg_ParseTuple(args, "OO:OpMethod", &fn, &general))
+        return NULL;
+    OpMethodObject *self = (OpMethodObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = (vectorcallfunc)opmethod_vectorcall;
+    self->fn = Py_NewRef(fn);
+    self->general = Py_NewRef(general);
+    return (PyObject *)self;
+}
+
+static PyObject *
+opmethod_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None)
+        return Py_NewRef(self);
+    return PyMethod_New(self, obj);
+}
+
+static int
+opmethod_traverse(OpMethodObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->fn);
+    Py_VISIT(self->general);
+    return 0;
+}
+
+static void
+opmethod_dealloc(OpMethodObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Py_XDECREF(self->fn);
+    Py_XDECREF(self->general);
+    Py_TYPE(self)->tp_free(self);
+}
+
+static PyMemberDef opmethod_members[] = {
+    {"fn", T_OBJECT, offsetof(OpMethodObject, fn), READONLY, "the op recorded for this operator"},
+    {"general", T_OBJECT, offsetof(OpMethodObject, general), READONLY, "the runtime's path"},
+    {NULL},
+};
+
+static PyTypeObject OpMethodType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "terra_bc._hook.OpMethod",
+    .tp_basicsize = sizeof(OpMethodObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL
+                | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_vectorcall_offset = offsetof(OpMethodObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_descr_get = opmethod_get,
+    .tp_new = opmethod_new,
+    .tp_dealloc = (destructor)opmethod_dealloc,
+    .tp_traverse = (traverseproc)opmethod_traverse,
+    .tp_members = opmethod_members,
+    .tp_doc = "OpMethod(fn, general): a placeholder operator; the co-execution fast path, else general(self, *args).",
+};
+
+PyMethodDef terra_fast_methods[] = {
+    {"set_fast_path", set_fast_path, METH_O, "Tell the fast path the runtime's classes (once)."},
+    {"fast_op", (PyCFunction)(void (*)(void))fast_op, METH_FASTCALL,
+     "fast_op(iteration, fn, args): the skipped op's placeholder, or the MISS sentinel."},
+    {"set_iteration", set_iteration, METH_O,
+     "Make it this thread's open iteration (None: none); returns the previous one."},
+    {"fast_counters", fast_counters, METH_NOARGS, "(ops skipped, feeds) on the fast path."},
+    {NULL},
+};
+
+int
+terra_fast_init(PyObject *m)
+{
+    if (PyType_Ready(&OpMethodType) < 0)
+        return -1;
+    return PyModule_AddObjectRef(m, "OpMethod", (PyObject *)&OpMethodType);
+}

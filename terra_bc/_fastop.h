@@ -1,0 +1,13 @@
+/* The co-execution fast path (_fastop.c), as the frame hook's sites (_hook.c) use it. */
+#ifndef TERRA_BC_FASTOP_H
+#define TERRA_BC_FASTOP_H
+#include <Python.h>
+
+PyObject *terra_current_iteration(void);
+PyObject *terra_fast_op(PyObject *it, PyObject *fn, PyObject *const *args, Py_ssize_t nargs);
+int terra_fast_is_miss(PyObject *result);
+void terra_fast_reset(void);
+int terra_fast_init(PyObject *module);
+extern PyMethodDef terra_fast_methods[];
+
+#endif
