@@ -43,6 +43,26 @@ terra_current_iteration(void)
     return current;
 }
 
+/* A new placeholder of iteration `it` for value `id` (appended to it.live). */
+static PyObject *
+new_placeholder(PyObject *it, PyObject *id, PyObject *aval, PyObject *live)
+{
+    PyObject *ph = F.placeholder->tp_alloc(F.placeholder, 0);
+    if (ph == NULL)
+        return NULL;
+    SLOT(ph, F.ph_trace) = Py_NewRef(F.stand_in);
+    SLOT(ph, F.ph_aval) = Py_NewRef(aval);
+    SLOT(ph, F.ph_it) = Py_NewRef(it);
+    SLOT(ph, F.ph_id) = Py_NewRef(id);
+    SLOT(ph, F.ph_rec) = Py_NewRef(Py_None);
+    SLOT(ph, F.ph_val) = Py_NewRef(Py_None);
+    if (PyList_Append(live, ph) < 0) {
+        Py_DECREF(ph);
+        return NULL;
+    }
+    return ph;
+}
+
 /* The placeholder for a skipped op, or a new reference to MISS; NULL with an error set. */
 PyObject *
 terra_fast_op(PyObject *it, PyObject *fn, PyObject *const *args, Py_ssize_t nargs)
@@ -129,31 +149,23 @@ terra_fast_op(PyObject *it, PyObject *fn, PyObject *const *args, Py_ssize_t narg
         }
     }
     /* The op is skipped: bind its feeds, move on, hand Python the output's placeholder. */
-    PyObject *ph = F.placeholder->tp_alloc(F.placeholder, 0);
-    PyObject *next = ph ? PyLong_FromSsize_t(pos + 1) : NULL;
-    if (next == NULL) {
-        Py_XDECREF(ph);
+    PyObject *next = PyLong_FromSsize_t(pos + 1);
+    if (next == NULL)
+        return NULL;
+    for (int i = 0; i < feeds; i++)
+        if (PyDict_SetItem(env, feed_ids[i], feed_values[i]) < 0) {
+            Py_DECREF(next);
+            return NULL;
+        }
+    PyObject *ph = new_placeholder(it, PyTuple_GET_ITEM(fast, 3), PyTuple_GET_ITEM(fast, 4), live);
+    if (ph == NULL) {
+        Py_DECREF(next);
         return NULL;
     }
-    SLOT(ph, F.ph_trace) = Py_NewRef(F.stand_in);
-    SLOT(ph, F.ph_aval) = Py_NewRef(PyTuple_GET_ITEM(fast, 4));
-    SLOT(ph, F.ph_it) = Py_NewRef(it);
-    SLOT(ph, F.ph_id) = Py_NewRef(PyTuple_GET_ITEM(fast, 3));
-    SLOT(ph, F.ph_rec) = Py_NewRef(Py_None);
-    SLOT(ph, F.ph_val) = Py_NewRef(Py_None);
-    for (int i = 0; i < feeds; i++)
-        if (PyDict_SetItem(env, feed_ids[i], feed_values[i]) < 0)
-            goto fail;
-    if (PyList_Append(live, ph) < 0)
-        goto fail;
     Py_SETREF(SLOT(it, F.it_pos), next);
     fast_skipped++;
     fast_feeds += (unsigned long long)feeds;
     return ph;
-fail:
-    Py_DECREF(ph);
-    Py_DECREF(next);
-    return NULL;
 }
 
 /* ------------------------------------------------------------------ Python-facing */
@@ -240,6 +252,22 @@ fast_op(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     return terra_fast_op(args[0], args[1], &PyTuple_GET_ITEM(args[2], 0), PyTuple_GET_SIZE(args[2]));
+}
+
+/* placeholder(iteration, id, aval): Iteration._new's common case */
+static PyObject *
+placeholder(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !F.ready || Py_TYPE(args[0]) != F.iteration) {
+        PyErr_SetString(PyExc_TypeError, "placeholder(iteration, id, aval)");
+        return NULL;
+    }
+    PyObject *live = SLOT(args[0], F.it_live);
+    if (live == NULL || !PyList_CheckExact(live)) {
+        PyErr_SetString(PyExc_TypeError, "placeholder: the iteration has no live list");
+        return NULL;
+    }
+    return new_placeholder(args[0], args[1], args[2], live);
 }
 
 static PyObject *
@@ -359,6 +387,8 @@ PyMethodDef terra_fast_methods[] = {
     {"set_fast_path", set_fast_path, METH_O, "Tell the fast path the runtime's classes (once)."},
     {"fast_op", (PyCFunction)(void (*)(void))fast_op, METH_FASTCALL,
      "fast_op(iteration, fn, args): the skipped op's placeholder, or the MISS sentinel."},
+    {"placeholder", (PyCFunction)(void (*)(void))placeholder, METH_FASTCALL,
+     "placeholder(iteration, id, aval): a new placeholder of the iteration (kept in its live list)."},
     {"set_iteration", set_iteration, METH_O,
      "Make it this thread's open iteration (None: none); returns the previous one."},
     {"fast_counters", fast_counters, METH_NOARGS, "(ops skipped, feeds) on the fast path."},

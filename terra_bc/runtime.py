@@ -26,6 +26,7 @@ import os
 import sys
 import threading
 import inspect
+import math
 import types
 import weakref
 from collections import Counter
@@ -603,6 +604,8 @@ class Iteration:
 
     # -- values
     def _new(self, id, aval, rec=None):
+        if rec is None:
+            return _hook.placeholder(self, id, aval)  # (in C: it is made for most ops)
         ph = Placeholder(self, id, aval, rec)
         self.live.append(ph)
         return ph
@@ -1125,8 +1128,14 @@ class Iteration:
             if start == 0:
                 raise RuntimeError(f"terra_bc: no value for graph inputs {missing}")
             self._run(0, start, missing)
-        values = exe(*[self.env[i] for i in seg.inputs])
-        self.env.update(zip(seg.outputs, values))
+        env = self.env
+        if self.recording is None:  # (while recording, JAX would record making the array)
+            x64 = jax.config.jax_enable_x64
+            values = exe(*[_device_number(v, x64) if type(v) in _NUMBER_TYPES else v
+                           for v in map(env.__getitem__, seg.inputs)])
+        else:
+            values = exe(*map(env.__getitem__, seg.inputs))
+        env.update(zip(seg.outputs, values))
         counts["segments_launched"] += 1
 
     def _alive(self):
@@ -1431,6 +1440,28 @@ def _eager_value(tree):
     if t is _ArrayImpl or t in _NOT_ARRAYS:
         return tree
     return jax.tree_util.tree_map(lambda x: _concrete(x) if type(x) is Placeholder else x, tree)
+
+
+_NUMBER_TYPES = frozenset({int, float})
+_device_numbers = {}  # (x64, type, value[, sign of a zero]) -> that number as a device array
+
+
+def _device_number(x, x64):
+    """A fed Python number as the weakly typed device array JAX would make of it, made once:
+    jit converts a Python number argument afresh at every call (~2.5 us each)."""
+    key = (x64, type(x), x, math.copysign(1.0, x)) if x == 0 else (x64, type(x), x)
+    value = _device_numbers.get(key)
+    if value is None:
+        try:
+            value = jnp.asarray(x)
+        except Exception:  # (an int too large for the default int type: jit will say so)
+            return x
+        if type(value) is not _ArrayImpl:  # under a JAX transformation: not a constant
+            return x
+        if len(_device_numbers) >= 4096:  # numbers that change every step: bounded
+            _device_numbers.clear()
+        _device_numbers[key] = value
+    return value
 
 
 def _is_number(x):

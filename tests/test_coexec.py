@@ -259,6 +259,25 @@ def test_returned_containers_are_the_ones_built():
     assert_coexecuted(stats())
 
 
+
+def test_fed_numbers_keep_their_value_and_sign():
+    """Python numbers fed to a segment reach it as device arrays made once per value (jit
+    would convert them at every call): equal values of another sign (0.0, -0.0) stay apart."""
+    def step(x, s):
+        return jnp.tanh(x) / s + 1.0 / (s + 3.0)
+
+    x = jnp.arange(1.0, 5.0)
+    scales = [0.5, -0.0, 0.0, -0.0, 1e-30, 0.5, -0.0, 0.0]
+    want = [step(x, s) for s in scales]
+    terra_bc.reset_stats()
+    unit = terra_bc.function(step)
+    got = [unit(x, s) for s in scales]
+    for s, g, w in zip(scales, got, want):
+        assert np.array_equal(np.signbit(np.asarray(g)), np.signbit(np.asarray(w))), s
+        assert_close(g, w, f"scale {s}")
+    assert_coexecuted(stats(), n=len(scales), min_coexec=5)
+
+
 # ----------------------------------------------------------------------------- 3. dropout
 
 def make_dropout_step(rng, draws, log=None, lr=0.1):
