@@ -488,7 +488,8 @@ def _name(key):
 
 
 def _grad_spec(callee):
-    """(fun, argnums, has_aux, returns_value) for jax.grad(fun)/value_and_grad(fun), else None."""
+    """(fun, argnums, has_aux, returns_value, nums, key) for jax.grad(fun) and
+    value_and_grad(fun), else None; nums: argnums as a tuple, key: its events' key."""
     fn = _unwrap(callee)
     name = getattr(getattr(fn, "__code__", None), "co_name", "")
     if name in ("grad_f", "grad_f_aux"):
@@ -500,7 +501,10 @@ def _grad_spec(callee):
     cells = _cells(fn)
     if "fun" not in cells or cells.get("holomorphic") or cells.get("allow_int"):
         return None
-    return cells["fun"], cells["argnums"], cells["has_aux"], returns_value
+    fun, argnums, has_aux = cells["fun"], cells["argnums"], cells["has_aux"]
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    return fun, argnums, has_aux, returns_value, nums, ("grad", _body_key(fun), nums, has_aux,
+                                                        returns_value)
 
 
 def _unwrap(fn):
@@ -532,6 +536,16 @@ def _traces_its_body(callee):
 
 
 # ------------------------------------------------------------------ iterations
+
+def _continues(g, pos, kind, key, check):
+    """Path g's event at ``pos`` if it is the one Python has reached, else None."""
+    if pos < len(g.events):
+        ev = g.events[pos]
+        if (ev.kind == kind or ev.kind == "eager" and kind == "op") and _same(ev.key, key) \
+                and (check is None or check(ev)):
+            return ev
+    return None
+
 
 class Iteration:
     # Slots: the C fast path reads mode, depth, graph, pos, env and live at fixed offsets.
@@ -764,14 +778,15 @@ class Iteration:
         that matches, else the next event of another recorded path with the same events so
         far (a case seen before: the iteration moves to that path, nothing is recomputed).
         Divergence if no recorded path goes on this way."""
-        pos = self.pos
+        pos, cur = self.pos, self.graph
+        ev = _continues(cur, pos, kind, key, check)  # the common case: this path goes on
+        if ev is not None:
+            return ev
         for g in self._paths_here():
-            if pos < len(g.events):
-                ev = g.events[pos]
-                if (ev.kind == kind or ev.kind == "eager" and kind == "op") and _same(ev.key, key) \
-                        and (check is None or check(ev)):
-                    self.graph = g
-                    return ev
+            ev = _continues(g, pos, kind, key, check) if g is not cur else None
+            if ev is not None:
+                self.graph = g
+                return ev
         raise Divergence
 
     def _paths_here(self):
@@ -863,17 +878,24 @@ class Iteration:
             return phs
 
         def check(ev):
-            return len(leaves) == len(ev.args) and all(
-                x._id == id if self._own(x) else _is_array(x) and _aval(x) == aval
-                for x, id, aval in zip(leaves, ev.args, ev.tree))
+            if len(leaves) != len(ev.args):
+                return False
+            for x, id, aval in zip(leaves, ev.args, ev.tree):
+                if type(x) is Placeholder and x._it is self and x._val is None:
+                    if x._id != id:
+                        return False
+                elif not (_is_array(x) and _aval(x) == aval):
+                    return False
+            return True
         ev = self._next(kind, key, check)
         self.pos += 1
-        phs = []
-        for x, id in zip(leaves, ev.args):
+        phs, feeds = [], []
+        for x, id, aval in zip(leaves, ev.args, ev.tree):
             if not self._own(x):  # a feed: bind its value, hand the function a placeholder
-                self._bind([(id, x)])
-                x = self._new(id, _aval(x))
+                feeds.append((id, x))
+                x = _hook.placeholder(self, id, aval)
             phs.append(x)
+        self._bind(feeds)
         return phs
 
     def _end_event(self, kind, key, check=None):
@@ -896,9 +918,7 @@ class Iteration:
         equations it recorded: its prints, NumPy draws and branches happen every iteration."""
         if self.mode == EAGER:
             return self.op(callee, args, kwargs)
-        fun, argnums, has_aux, returns_value = spec
-        nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-        key = ("grad", _body_key(fun), nums, has_aux, returns_value)
+        fun, argnums, has_aux, returns_value, nums, key = spec
         args = list(args)
         trees = [tree_flatten(args[i]) for i in nums]
         try:
@@ -1426,13 +1446,13 @@ def _eager_value(tree):
     t = type(tree)
     if t is Placeholder:
         return _concrete(tree)
-    if t is list:
-        for i, x in enumerate(tree):
-            tree[i] = _eager_value(x)
-        return tree
-    if t is tuple:
-        values = tuple(map(_eager_value, tree))
-        return tree if all(a is b for a, b in zip(values, tree)) else values
+    if t is list or t is tuple:
+        values = [_concrete(x) if type(x) is Placeholder else x if type(x) in _LEAVES
+                  else _eager_value(x) for x in tree]
+        if t is list:
+            tree[:] = values
+            return tree
+        return tree if all(map(operator.is_, values, tree)) else tuple(values)
     if t is dict:
         for k, x in tree.items():
             tree[k] = _eager_value(x)
@@ -1471,6 +1491,7 @@ def _is_number(x):
 
 
 _NOT_ARRAYS = frozenset({tuple, list, dict, int, float, complex, bool, str, type(None), slice})
+_LEAVES = _NOT_ARRAYS - {tuple, list, dict} | {_ArrayImpl}  # nothing to convert inside
 
 
 def _is_array(x):
