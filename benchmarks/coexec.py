@@ -13,7 +13,8 @@ them alike; times are medians over repeats, measured in steady state after warm-
 (c) warmup   iterations until terra_bc's per-step time is within 10% of its steady state
              (aim <= 3), and the first-iteration time (tracing + compile) of terra_bc vs
              jax.jit on the same step (aim <= 2x).  Each mode gets layer widths no other part
-             of this run used, so neither reuses compilations.
+             of this run used, so neither reuses compilations; three cold runs per mode,
+             per-iteration medians over them.
 (d) memory   RSS (/proc/self/statm) every 1000 iterations over 10,000 iterations of a tiny
              step under terra_bc, and its growth.
 (e) overhead Python-side cost per skipped site: a unit of K=200 cheap jnp ops on tiny arrays
@@ -299,29 +300,40 @@ def per_step_times(step, params, batches, n):
     return times
 
 
+WARMUP_ROUNDS = 3
+
+
 def bench_warmup(args):
     out = {}
     batch, din, dout = 64, 32, 10
-    # Widths used by no other section (and different for each mode) so no mode reuses
-    # a compilation made earlier in this process.
-    widths = {"jit": 111, "terra_bc": 113, "eager": 117}
-    first, windows = {}, {}
-    for mode, w in widths.items():
-        sizes = (din, w, w, dout)
-        params = init_params(4, sizes)
-        batches = make_batches(5, 16, batch, din, dout)
-        try:
-            if mode == "jit":
-                step = jax.jit(make_mlp_step())
-            elif mode == "terra_bc":
-                step = terra_function(make_mlp_step())
-            else:
-                step = make_mlp_step()
-            times = per_step_times(step, params, batches, args.warmup_window)
-            first[mode] = times[0]
-            windows[mode] = times
-        except Exception as e:
-            out[f"{mode}_error"] = err(e)
+    # Widths used by no other section (and different for each mode and round) so no mode
+    # reuses a compilation made earlier in this process.  One step takes ~0.1-0.2 ms, so a
+    # single cold run is noise-dominated: WARMUP_ROUNDS cold runs per mode, interleaved, and
+    # each iteration's time is the median over them.
+    widths = {"jit": (111, 119, 127), "terra_bc": (113, 121, 129), "eager": (117, 123, 131)}
+    first, windows, runs = {}, {}, {mode: [] for mode in widths}
+    for round_ in range(WARMUP_ROUNDS):
+        for mode, ws in widths.items():
+            if f"{mode}_error" in out:
+                continue
+            w = ws[round_]
+            sizes = (din, w, w, dout)
+            params = init_params(4, sizes)
+            batches = make_batches(5, 16, batch, din, dout)
+            try:
+                if mode == "jit":
+                    step = jax.jit(make_mlp_step())
+                elif mode == "terra_bc":
+                    step = terra_function(make_mlp_step())
+                else:
+                    step = make_mlp_step()
+                runs[mode].append(per_step_times(step, params, batches, args.warmup_window))
+            except Exception as e:
+                out[f"{mode}_error"] = err(e)
+    for mode, mode_runs in runs.items():
+        if mode_runs and f"{mode}_error" not in out:
+            windows[mode] = [statistics.median(ts) for ts in zip(*mode_runs)]
+            first[mode] = windows[mode][0]
     out["first_iteration_s"] = first
     if "terra_bc" in first and "jit" in first:
         out["first_iteration terra_bc/jit"] = first["terra_bc"] / first["jit"]
@@ -524,7 +536,7 @@ def report(res):
     c = res.get("c_warmup")
     if c:
         add("")
-        add("(c) warm-up (fresh shapes per mode)")
+        add(f"(c) warm-up (fresh shapes per mode, median of {WARMUP_ROUNDS} cold runs per iteration)")
         fi = c.get("first_iteration_s", {})
         add("    first iteration: " + ", ".join(f"{m} {fmt(v * 1e3, ' ms')}"
                                                 for m, v in fi.items()))

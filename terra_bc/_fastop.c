@@ -12,7 +12,7 @@
  * outputs, closures, NumPy inputs, a failed check) returns the MISS sentinel and the
  * runtime's general path decides, re-checking from scratch.  Objects are read through the
  * slot offsets of the runtime's own classes (Iteration, TraceGraph, Event and Placeholder
- * declare __slots__), which set_fast_path() looks up once.
+ * declare __slots__), which set_fast_path() looks up when the runtime is imported.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -194,7 +194,7 @@ get_type(PyObject *config, const char *key, PyTypeObject **out)
         PyErr_Format(PyExc_TypeError, "set_fast_path: %s must be a class", key);
         return -1;
     }
-    *out = (PyTypeObject *)Py_NewRef(v);
+    Py_XSETREF(*out, (PyTypeObject *)Py_NewRef(v));
     return 0;
 }
 
@@ -206,7 +206,7 @@ get_object(PyObject *config, const char *key, PyObject **out)
         PyErr_Format(PyExc_KeyError, "set_fast_path: no %s", key);
         return -1;
     }
-    *out = Py_NewRef(v);
+    Py_XSETREF(*out, Py_NewRef(v));
     return 0;
 }
 
@@ -219,8 +219,7 @@ set_fast_path(PyObject *mod, PyObject *config)
         PyErr_SetString(PyExc_TypeError, "set_fast_path takes a dict");
         return NULL;
     }
-    if (F.ready)  /* set once per process: the runtime's classes do not change */
-        Py_RETURN_NONE;
+    F.ready = 0;  /* (again if the runtime module is reloaded: its classes are new) */
     if (get_type(config, "placeholder", &F.placeholder) < 0 || get_type(config, "event", &F.event) < 0
         || get_type(config, "iteration", &F.iteration) < 0 || get_type(config, "graph", &F.graph) < 0
         || get_type(config, "array", &F.array) < 0 || get_object(config, "stand_in", &F.stand_in) < 0
@@ -236,8 +235,7 @@ set_fast_path(PyObject *mod, PyObject *config)
         || (F.it_env = slot_offset(it, "env")) < 0 || (F.it_live = slot_offset(it, "live")) < 0
         || (F.g_events = slot_offset((PyObject *)F.graph, "events")) < 0)
         return NULL;
-    F.aval_name = PyUnicode_InternFromString("aval");
-    if (F.aval_name == NULL)
+    if (F.aval_name == NULL && (F.aval_name = PyUnicode_InternFromString("aval")) == NULL)
         return NULL;
     F.ready = 1;
     Py_RETURN_NONE;
@@ -384,7 +382,7 @@ static PyTypeObject OpMethodType = {
 };
 
 PyMethodDef terra_fast_methods[] = {
-    {"set_fast_path", set_fast_path, METH_O, "Tell the fast path the runtime's classes (once)."},
+    {"set_fast_path", set_fast_path, METH_O, "Tell the fast path the runtime's classes."},
     {"fast_op", (PyCFunction)(void (*)(void))fast_op, METH_FASTCALL,
      "fast_op(iteration, fn, args): the skipped op's placeholder, or the MISS sentinel."},
     {"placeholder", (PyCFunction)(void (*)(void))placeholder, METH_FASTCALL,
