@@ -1128,9 +1128,9 @@ class Iteration:
             if outputs:
                 self._run(self.seg_start, stop, outputs)
             self.seg_start = stop
-        missing = tuple(sorted(i for i in need if i not in self.env))
+        missing = [i for i in need if i not in self.env]
         if missing:
-            self._run(0, self.seg_start, missing)
+            self._run(0, self.seg_start, tuple(sorted(missing)))
 
     def _run(self, start, stop, outputs):
         before = counts["compiles"]
@@ -1141,14 +1141,15 @@ class Iteration:
             # Variants keep needing new executables (lengths, shapes): compiling costs more
             # than it saves; the unit runs eagerly from its next call.
             unit.unsafe = f"compiled {unit.compiles} segments (max_compiles)"
-        missing = tuple(sorted(i for i in seg.inputs if i not in self.env))
+        env = self.env
+        missing = () if all(map(env.__contains__, seg.inputs)) else \
+            tuple(sorted(i for i in seg.inputs if i not in env))
         if missing:
             # Computed before `start` but not kept: the path this iteration has moved to reads
             # a value the one it started on did not.  Recompute it from the feeds.
             if start == 0:
                 raise RuntimeError(f"terra_bc: no value for graph inputs {missing}")
             self._run(0, start, missing)
-        env = self.env
         if self.recording is None:  # (while recording, JAX would record making the array)
             x64 = jax.config.jax_enable_x64
             values = exe(*[_device_number(v, x64) if type(v) in _NUMBER_TYPES else v
@@ -1399,12 +1400,21 @@ def _end_turn(ok):
 def _arrays_in(x, found):
     """Append the arrays of x reached through plain tuples to found; returns x's shape in
     those terms (nested tuples, "A" for an array, None for anything else)."""
-    if _is_array(x):
-        found.append(x)
-        return "A"
-    if type(x) is tuple:
-        return tuple(_arrays_in(v, found) for v in x)
-    return None
+    if type(x) is not tuple:
+        if _is_array(x):
+            found.append(x)
+            return "A"
+        return None
+    shape = []
+    for v in x:  # (leaves inline: this runs at every iteration's start)
+        if type(v) is tuple:
+            shape.append(_arrays_in(v, found))
+        elif _is_array(v):
+            found.append(v)
+            shape.append("A")
+        else:
+            shape.append(None)
+    return tuple(shape)
 
 
 def _with_arrays(args, kwargs, values):
@@ -1415,7 +1425,7 @@ def _with_arrays(args, kwargs, values):
         if _is_array(x):
             return next(values)
         return tuple(map(put, x)) if type(x) is tuple else x
-    return put(args), dict(put(tuple(kwargs.items())))
+    return put(args), dict(put(tuple(kwargs.items()))) if kwargs else {}
 
 
 def _apply_vjp(it, key, plan, ct):
