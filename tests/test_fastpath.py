@@ -1,0 +1,128 @@
+"""The C fast path of a co-executed op (terra_bc/_fastop.c) against eager JAX.
+
+It checks an op against the recorded ``Event.fast`` spec and skips it, or answers MISS and
+the runtime's general path decides.  These tests pin that it is really taken on the common
+case (its own counters move), and that every near-miss (an equal static that is another
+object, a number of another type, a settled placeholder from an earlier call, another
+thread's iteration) still gives eager JAX's values.  Timing lives in benchmarks/coexec.py.
+"""
+import threading
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+import terra_bc
+from terra_bc import _hook
+
+N = 6
+
+
+def fast_skipped():
+    return _hook.fast_counters()[0]
+
+
+def close(got, want):
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+def test_plain_ops_are_skipped_in_c():
+    def step(x, y):
+        h = jnp.tanh(x @ y) + 1.0      # a site (tanh), operators (@, +) on placeholders
+        return jnp.sum(h * h) - 0.5
+
+    xs = [jnp.full((3, 4), 0.1 * i) for i in range(N)]
+    y = jnp.ones((4, 2))
+    want = [step(x, y) for x in xs]
+    terra_bc.reset_stats()
+    unit = terra_bc.function(step)
+    got = [unit(x, y) for x in xs]
+    close(got, want)
+    s = terra_bc.stats()
+    # 6 ops per call; the first call traces: the other N - 1 skip all of them in C.
+    assert fast_skipped() == 6 * (N - 1) == s["ops_skipped"], s
+    assert s["iterations_coexecuted"] == N - 1 and s["divergences"] == 0, s
+
+
+def test_an_equal_static_made_afresh_matches():
+    def step(x, n):
+        return jnp.sum(jnp.reshape(jnp.tanh(x), (n, 6 // n)) * 2.0, 0)  # a new tuple each call
+
+    x = jnp.arange(6.0)
+    want = [step(x, 2) for _ in range(N)]
+    terra_bc.reset_stats()
+    unit = terra_bc.function(step)
+    got = [unit(x, 2) for _ in range(N)]
+    close(got, want)
+    s = terra_bc.stats()
+    assert s["divergences"] == 0 and s["iterations_coexecuted"] == N - 1, s
+    assert fast_skipped() >= 3 * (N - 1), s
+
+
+def test_numbers_of_another_type_take_the_general_path():
+    """A float was fed where an int (or a bool) now comes: C says MISS; eager's values."""
+    def step(x, s):
+        return jnp.tanh(x) * s + s
+
+    x = jnp.arange(4.0)
+    scales = [0.5, 1.5, 2, True, 0.25, 3, 0.75]
+    want = [step(x, s) for s in scales]
+    terra_bc.reset_stats()
+    unit = terra_bc.function(step)
+    got = [unit(x, s) for s in scales]
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+    close(got, want)
+    assert terra_bc.stats()["iterations_coexecuted"] >= 3
+
+
+def test_a_settled_placeholder_is_fed_by_value():
+    """A value kept from an earlier call (a settled placeholder) enters a later one as a
+    feed of the recorded aval."""
+    kept = []
+
+    def step(x):
+        y = jnp.tanh(x) * 2.0
+        kept.append(y)                  # escapes: a settled placeholder afterwards
+        if len(kept) > 1:
+            return y + kept[-2] * 0.5   # last call's value, fed
+        return y + 0.0 * y
+
+    xs = [jnp.full((3,), 0.1 * i) for i in range(N)]
+    want = [step(x) for x in xs]
+    kept.clear()
+    terra_bc.reset_stats()
+    unit = terra_bc.function(step)
+    got = [unit(x) for x in xs]
+    close(got, want)
+    assert terra_bc.stats()["iterations_coexecuted"] >= N - 3
+
+
+def test_iterations_in_two_threads_stay_apart():
+    """The open iteration is per thread: two units co-executing at once in two threads."""
+    def make(k):
+        def step(x):
+            return jnp.sum(jnp.tanh(x * k) + k)
+        return step
+
+    inputs = [jnp.full((8,), 0.01 * i) for i in range(40)]
+    want = {k: [make(k)(x) for x in inputs] for k in (1.0, 2.0)}
+    got, errors = {}, []
+
+    def run(k):
+        try:
+            unit = terra_bc.function(make(k))
+            got[k] = [unit(x) for x in inputs]
+        except Exception as e:  # reported below, not lost in the thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in (1.0, 2.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for k in want:
+        close(got[k], want[k])
