@@ -5,11 +5,12 @@
  * iteration, so its common case is here, in C.  It makes no decision of its own: the
  * runtime (runtime.py) records for each plain op event a ``fast`` spec
  *
- *     (callee, number of positional args, per-arg specs, output id, output aval)
+ *     (callee, number of positional args, per-arg specs, output id, output aval,
+ *      keyword names or None)
  *
- * with per-arg specs (0, id) a placeholder of this iteration, (1, value) a static value,
- * (2, id, aval, type) a fed Python number or array.  Anything else (keywords, several
- * outputs, closures, NumPy inputs, a failed check) returns the MISS sentinel and the
+ * (the arguments: the positional ones, then the keyword ones in call order) with per-arg specs (0, id) a placeholder of this iteration, (1, value) a static value,
+ * (2, id, aval, type) a fed Python number or array.  Anything else (other keyword names,
+ * several outputs, closures, NumPy inputs, a failed check) returns the MISS sentinel and the
  * runtime's general path decides, re-checking from scratch.  Objects are read through the
  * slot offsets of the runtime's own classes (Iteration, TraceGraph, Event and Placeholder
  * declare __slots__), which set_fast_path() looks up when the runtime is imported.
@@ -65,10 +66,12 @@ new_placeholder(PyObject *it, PyObject *id, PyObject *aval, PyObject *live)
 
 /* The placeholder for a skipped op, or a new reference to MISS; NULL with an error set. */
 PyObject *
-terra_fast_op(PyObject *it, PyObject *fn, PyObject *const *args, Py_ssize_t nargs)
+terra_fast_op(PyObject *it, PyObject *fn, PyObject *const *args, Py_ssize_t nargs,
+              PyObject *kwnames)
 {
+    Py_ssize_t total = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
     if (!F.ready || Py_TYPE(it) != F.iteration || SLOT(it, F.it_mode) != F.coexec
-        || nargs > MAX_ARGS)
+        || total > MAX_ARGS)
         return Py_NewRef(F.miss);
     PyObject *depth = SLOT(it, F.it_depth), *graph = SLOT(it, F.it_graph);
     PyObject *pos_obj = SLOT(it, F.it_pos), *env = SLOT(it, F.it_env), *live = SLOT(it, F.it_live);
@@ -87,10 +90,21 @@ terra_fast_op(PyObject *it, PyObject *fn, PyObject *const *args, Py_ssize_t narg
     if (fast == NULL || fast == Py_None || PyTuple_GET_ITEM(fast, 0) != fn
         || PyLong_AsSsize_t(PyTuple_GET_ITEM(fast, 1)) != nargs)
         return Py_NewRef(F.miss);
+    PyObject *names = PyTuple_GET_ITEM(fast, 5);  /* the recorded keyword names, or None */
+    if (kwnames == NULL ? names != Py_None
+            : names == Py_None || PyTuple_GET_SIZE(names) != PyTuple_GET_SIZE(kwnames))
+        return Py_NewRef(F.miss);
+    for (Py_ssize_t i = 0; kwnames != NULL && i < PyTuple_GET_SIZE(kwnames); i++) {
+        PyObject *a = PyTuple_GET_ITEM(kwnames, i), *b = PyTuple_GET_ITEM(names, i);
+        if (a != b && PyUnicode_Compare(a, b) != 0) {
+            PyErr_Clear();
+            return Py_NewRef(F.miss);
+        }
+    }
     PyObject *specs = PyTuple_GET_ITEM(fast, 2);
     PyObject *feed_ids[MAX_ARGS], *feed_values[MAX_ARGS];
     int feeds = 0;
-    for (Py_ssize_t i = 0; i < nargs; i++) {
+    for (Py_ssize_t i = 0; i < total; i++) {
         PyObject *x = args[i], *spec = PyTuple_GET_ITEM(specs, i);
         long kind = PyLong_AsLong(PyTuple_GET_ITEM(spec, 0));
         PyTypeObject *t = Py_TYPE(x);
@@ -249,7 +263,8 @@ fast_op(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "fast_op(iteration, fn, args_tuple)");
         return NULL;
     }
-    return terra_fast_op(args[0], args[1], &PyTuple_GET_ITEM(args[2], 0), PyTuple_GET_SIZE(args[2]));
+    return terra_fast_op(args[0], args[1], &PyTuple_GET_ITEM(args[2], 0), PyTuple_GET_SIZE(args[2]),
+                         NULL);
 }
 
 /* placeholder(iteration, id, aval): Iteration._new's common case */
@@ -311,7 +326,7 @@ opmethod_vectorcall(OpMethodObject *self, PyObject *const *args, size_t nargsf, 
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (current != NULL && kwnames == NULL && nargs >= 1) {
-        PyObject *r = terra_fast_op(current, self->fn, args, nargs);
+        PyObject *r = terra_fast_op(current, self->fn, args, nargs, NULL);
         if (r != F.miss)
             return r;
         Py_DECREF(r);

@@ -4,7 +4,8 @@
 #include <Python.h>
 
 PyObject *terra_current_iteration(void);
-PyObject *terra_fast_op(PyObject *it, PyObject *fn, PyObject *const *args, Py_ssize_t nargs);
+PyObject *terra_fast_op(PyObject *it, PyObject *fn, PyObject *const *args, Py_ssize_t nargs,
+                        PyObject *kwnames);
 int terra_fast_is_miss(PyObject *result);
 void terra_fast_reset(void);
 int terra_fast_init(PyObject *module);

@@ -204,8 +204,8 @@ site_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf, PyObject
         return NULL;
     if (routed) {
         PyObject *it = terra_current_iteration();
-        if (it != NULL && kwnames == NULL) {  /* a co-executed op: checked and skipped in C */
-            PyObject *r = terra_fast_op(it, args[0], args + 1, nargs - 1);
+        if (it != NULL) {  /* a co-executed op: checked and skipped in C */
+            PyObject *r = terra_fast_op(it, args[0], args + 1, nargs - 1, kwnames);
             if (!terra_fast_is_miss(r))
                 return r;
             Py_DECREF(r);

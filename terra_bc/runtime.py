@@ -102,13 +102,12 @@ class Event:
         self.kind, self.key, self.tree, self.args = kind, key, tree, args
         self.out_tree, self.outs, self.mark, self.where = out_tree, outs, mark, where
         self.nvals = nvals  # values recorded once the event happened: the fork point's ids
-        # For co-execution's fast path: called with `flat` positional leaves and no keywords;
-        # one placeholder out.
+        # For co-execution's fast path: (number of positional args, keyword names in call
+        # order) when every argument is one leaf; one placeholder out.
         self.flat = flat
         self.single = (out_tree is not None and out_tree.num_leaves == 1 and
                        out_tree.num_nodes == 1 and bool(outs) and outs[0][0] == "ph")
         self.fast = _fast_spec(self)
-
 
     def __repr__(self):
         return f"Event({self.kind}, {_name(self.key)}, mark={self.mark}, at {self.where})"
@@ -119,12 +118,27 @@ _FAST_KINDS = {"ph": 0, "static": 1, "feed": 2}
 
 def _fast_spec(ev):
     """What the C fast path (_fastop.c) checks for a plain op event, or None: (callee, number
-    of positional args, per-arg (kind code, *spec), output id, output aval)."""
-    if ev.kind != "op" or ev.flat is None or not ev.single or ev.flat != len(ev.args) \
+    of positional args, per-arg (kind code, *spec) for the positional then the keyword
+    arguments in call order, output id, output aval, keyword names or None)."""
+    if ev.kind != "op" or ev.flat is None or not ev.single \
             or any(spec[0] not in _FAST_KINDS for spec in ev.args):
         return None
-    specs = tuple((_FAST_KINDS[spec[0]],) + tuple(spec[1:]) for spec in ev.args)
-    return (ev.key, ev.flat, specs, ev.outs[0][1], ev.outs[0][2])
+    nargs, names = ev.flat
+    # ev.args follows JAX's flattening of (args, kwargs): keywords in sorted name order.
+    by_name = dict(zip(sorted(names), ev.args[nargs:]))
+    specs = tuple((_FAST_KINDS[spec[0]],) + tuple(spec[1:])
+                  for spec in ev.args[:nargs] + tuple(by_name[k] for k in names))
+    return (ev.key, nargs, specs, ev.outs[0][1], ev.outs[0][2], names or None)
+
+
+def _flat_call(args, kwargs, leaves):
+    """(number of positional args, keyword names) if each argument is one leaf, else None."""
+    if len(leaves) != len(args) + len(kwargs) or not all(map(operator.is_, leaves, args)):
+        return None
+    names = tuple(kwargs)
+    if not all(map(operator.is_, leaves[len(args):], [kwargs[k] for k in sorted(names)])):
+        return None
+    return len(args), names
 
 
 class TraceGraph:
@@ -742,9 +756,8 @@ class Iteration:
             else:
                 outs.append(("static", o))
                 wrapped.append(o)
-        flat = len(args) if not kwargs and len(leaves) == len(args) and all(
-            a is b for a, b in zip(leaves, args)) else None
-        self._record("op", key, tree, specs, out_tree, outs, flat, where)
+        self._record("op", key, tree, specs, out_tree, outs, _flat_call(args, kwargs, leaves),
+                     where)
         counts["ops_traced"] += 1
         return tree_unflatten(out_tree, wrapped)
 

@@ -126,3 +126,27 @@ def test_iterations_in_two_threads_stay_apart():
     assert not errors, errors
     for k in want:
         close(got[k], want[k])
+
+
+def test_keyword_arguments_are_checked_in_c():
+    """jnp.sum(x, axis=0, keepdims=True): keyword statics and feeds in call order; another
+    order of the same names takes the general path, another value diverges; eager's values."""
+    def step(x, w, order, axis):
+        h = jnp.tanh(x)
+        if order:
+            s = jnp.sum(h, axis=axis, keepdims=True)
+        else:
+            s = jnp.sum(h, keepdims=True, axis=axis)
+        return jnp.where(s > 0, s, w) + jnp.mean(h, axis=-1, keepdims=True)
+
+    x = jnp.arange(12.0).reshape(3, 4) / 10
+    w = jnp.ones((1, 4))
+    calls = [(True, 0)] * 4 + [(False, 0), (True, 0), (True, 0), (True, 1)]
+    want = [step(x, w, o, a) for o, a in calls]
+    terra_bc.reset_stats()
+    unit = terra_bc.function(step)
+    got = [unit(x, w, o, a) for o, a in calls[:4]]
+    # The 2nd-4th calls skip all 6 ops in C (tanh, sum, >, where, mean, +).
+    assert fast_skipped() == 18, terra_bc.stats()
+    got += [unit(x, w, o, a) for o, a in calls[4:]]
+    close(got, want)
