@@ -1487,14 +1487,22 @@ def _eager_value(tree):
 
 _NUMBER_TYPES = frozenset({int, float})
 _device_numbers = {}  # (x64, type, value[, sign of a zero]) -> that number as a device array
+_seen_numbers = set()  # ... numbers fed once: made into arrays if they come back
 
 
 def _device_number(x, x64):
-    """A fed Python number as the weakly typed device array JAX would make of it, made once:
-    jit converts a Python number argument afresh at every call (~2.5 us each)."""
+    """A fed Python number that comes back (a learning rate) as the weakly typed device array
+    JAX would make of it, made once: jit converts a Python number argument at every call
+    (~2.5 us each).  A number seen for the first time (a step counter) is left to jit:
+    making an array costs more than jit's conversion."""
     key = (x64, type(x), x, math.copysign(1.0, x)) if x == 0 else (x64, type(x), x)
     value = _device_numbers.get(key)
     if value is None:
+        if key not in _seen_numbers:
+            if len(_seen_numbers) >= 4096:  # bounded, like the arrays below
+                _seen_numbers.clear()
+            _seen_numbers.add(key)
+            return x
         try:
             value = jnp.asarray(x)
         except Exception:  # (an int too large for the default int type: jit will say so)
