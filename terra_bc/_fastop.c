@@ -255,16 +255,36 @@ set_fast_path(PyObject *mod, PyObject *config)
     Py_RETURN_NONE;
 }
 
-/* fast_op(iteration, fn, args_tuple) -> placeholder or MISS */
+/* fast_op(iteration, fn, args_tuple[, kwargs_dict]) -> placeholder or MISS */
 static PyObject *
 fast_op(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3 || !PyTuple_CheckExact(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "fast_op(iteration, fn, args_tuple)");
+    if (nargs < 3 || nargs > 4 || !PyTuple_CheckExact(args[2])
+        || (nargs == 4 && !PyDict_CheckExact(args[3]))) {
+        PyErr_SetString(PyExc_TypeError, "fast_op(iteration, fn, args_tuple[, kwargs_dict])");
         return NULL;
     }
-    return terra_fast_op(args[0], args[1], &PyTuple_GET_ITEM(args[2], 0), PyTuple_GET_SIZE(args[2]),
-                         NULL);
+    PyObject *positional = args[2], *kwargs = nargs == 4 ? args[3] : NULL;
+    Py_ssize_t npos = PyTuple_GET_SIZE(positional);
+    if (kwargs == NULL || PyDict_GET_SIZE(kwargs) == 0)
+        return terra_fast_op(args[0], args[1], &PyTuple_GET_ITEM(positional, 0), npos, NULL);
+    /* A call's vector: the positional values, then the keyword values in call order. */
+    Py_ssize_t nkw = PyDict_GET_SIZE(kwargs);
+    if (npos + nkw > MAX_ARGS)
+        return Py_NewRef(F.miss);
+    PyObject *stack[MAX_ARGS], *kwnames = PyTuple_New(nkw), *key, *value;
+    if (kwnames == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < npos; i++)
+        stack[i] = PyTuple_GET_ITEM(positional, i);
+    Py_ssize_t pos = 0, i = 0;
+    while (PyDict_Next(kwargs, &pos, &key, &value)) {
+        PyTuple_SET_ITEM(kwnames, i, Py_NewRef(key));
+        stack[npos + i++] = value;
+    }
+    PyObject *r = terra_fast_op(args[0], args[1], stack, npos, kwnames);
+    Py_DECREF(kwnames);
+    return r;
 }
 
 /* placeholder(iteration, id, aval): Iteration._new's common case */
@@ -399,7 +419,7 @@ static PyTypeObject OpMethodType = {
 PyMethodDef terra_fast_methods[] = {
     {"set_fast_path", set_fast_path, METH_O, "Tell the fast path the runtime's classes."},
     {"fast_op", (PyCFunction)(void (*)(void))fast_op, METH_FASTCALL,
-     "fast_op(iteration, fn, args): the skipped op's placeholder, or the MISS sentinel."},
+     "fast_op(iteration, fn, args[, kwargs]): the skipped op's placeholder, or the MISS sentinel."},
     {"placeholder", (PyCFunction)(void (*)(void))placeholder, METH_FASTCALL,
      "placeholder(iteration, id, aval): a new placeholder of the iteration (kept in its live list)."},
     {"set_iteration", set_iteration, METH_O,

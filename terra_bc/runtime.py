@@ -688,8 +688,8 @@ class Iteration:
                 return _eager(fn, args, kwargs)
             finally:
                 self.depth -= 1
-        if self.mode == COEXEC and not kwargs:
-            out = self._fast_op(fn, args)
+        if self.mode == COEXEC:
+            out = self._fast_op(fn, args, kwargs)
             if out is not _MISS:
                 return out
         if not any(map(_is_array, tree_leaves((args, kwargs)))):
@@ -811,10 +811,10 @@ class Iteration:
             if g is not cur and (pos == 0 or len(g.events) >= pos and g.events[pos - 1] is last):
                 yield g
 
-    def _fast_op(self, fn, args):
-        """The common co-executed op (a plain op event, positional args): checked against the
-        event's ``fast`` spec and skipped, in C (_fastop.c).  _MISS: take the general path."""
-        return _hook.fast_op(self, fn, args)
+    def _fast_op(self, fn, args, kwargs):
+        """The common co-executed op (a plain op event): checked against the event's ``fast``
+        spec and skipped, in C (_fastop.c).  _MISS: take the general path."""
+        return _hook.fast_op(self, fn, args, kwargs)
 
     def _coexec_op(self, fn, key, args, kwargs):
         leaves, tree = tree_flatten((args, kwargs))

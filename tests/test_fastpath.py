@@ -150,3 +150,18 @@ def test_keyword_arguments_are_checked_in_c():
     assert fast_skipped() == 18, terra_bc.stats()
     got += [unit(x, w, o, a) for o, a in calls[4:]]
     close(got, want)
+
+
+def test_array_methods_with_keywords_are_skipped_in_c():
+    def step(x):
+        h = jnp.tanh(x)
+        return h.mean(axis=-1, keepdims=True) * h.sum(axis=0).max()
+
+    x = jnp.arange(12.0).reshape(3, 4) / 10
+    want = [step(x + i) for i in range(N)]
+    terra_bc.reset_stats()
+    unit = terra_bc.function(step)
+    got = [unit(x + i) for i in range(N)]
+    close(got, want)
+    # 5 ops (tanh, mean, sum, max, *) per call, all skipped in C after the first call.
+    assert fast_skipped() == 5 * (N - 1), terra_bc.stats()
