@@ -944,6 +944,25 @@ def test_many_iterations_stay_coexecuted():
     assert s["divergences"] == 0, s
 
 
+
+def test_steady_mode_from_the_third_iteration():
+    """The engine's warm-up, call by call: the 1st call traces, the 2nd compiles its one
+    segment and co-executes, every later call co-executes with neither (benchmarks/coexec.py
+    (c) measures the time the same steps take)."""
+    params, batches = mlp_params(12, SIZES), data(13, n=8)
+    unit = terra_bc.function(make_train_step())
+    terra_bc.reset_stats()
+    seen = []
+    for x, y in batches:
+        params, loss = unit(params, x, y)
+        s = stats()
+        seen.append((s["iterations_traced"], s["iterations_coexecuted"], s["compiles"],
+                     s["segments_launched"], s["divergences"]))
+    assert seen[0] == (1, 0, 0, 0, 0), seen
+    assert seen[1] == (1, 1, 1, 1, 0), seen
+    assert seen[2:] == [(1, k, 1, k, 0) for k in range(2, 8)], seen
+
+
 # ----------------------------------------------------------------------------- API
 
 def test_stats_reset_and_explain():
