@@ -64,23 +64,90 @@ new_placeholder(PyObject *it, PyObject *id, PyObject *aval, PyObject *live)
     return ph;
 }
 
+/* Is `it` still where terra_fast_op found it (co-executing `graph` at event `pos`, outside
+ * any opaque op)?  Comparing statics and avals may run Python code (a user's __eq__), which
+ * may itself run ops of the iteration. */
+static int
+still_at(PyObject *it, PyObject *graph, Py_ssize_t pos)
+{
+    PyObject *depth = SLOT(it, F.it_depth), *pos_obj = SLOT(it, F.it_pos);
+    return SLOT(it, F.it_mode) == F.coexec && SLOT(it, F.it_graph) == graph
+        && depth != NULL && PyLong_CheckExact(depth) && !PyObject_IsTrue(depth)
+        && pos_obj != NULL && PyLong_CheckExact(pos_obj) && PyLong_AsSsize_t(pos_obj) == pos;
+}
+
+/* Does argument x match its per-arg spec?  1 yes (a feed: *value is what to bind), 0 no
+ * (a pending Python error is cleared), and *ran_python tells whether Python code ran. */
+static int
+match_arg(PyObject *it, PyObject *x, PyObject *spec, PyObject **value, int *ran_python)
+{
+    long kind = PyLong_AsLong(PyTuple_GET_ITEM(spec, 0));
+    PyTypeObject *t = Py_TYPE(x);
+    *value = NULL;
+    if (kind == 0) {  /* this iteration's placeholder, not yet settled */
+        if (t != F.placeholder || SLOT(x, F.ph_it) != it || SLOT(x, F.ph_val) != Py_None)
+            return 0;
+        PyObject *id = SLOT(x, F.ph_id), *want = PyTuple_GET_ITEM(spec, 1);
+        /* (ids are ints: comparing them runs no Python code) */
+        return id == want || (id != NULL && PyObject_RichCompareBool(id, want, Py_EQ) == 1);
+    }
+    if (kind == 1) {  /* a static value: the same object, or an equal one of its type */
+        PyObject *want = PyTuple_GET_ITEM(spec, 1);
+        if (x == want)
+            return 1;
+        if (t != Py_TYPE(want))
+            return 0;
+        *ran_python = 1;
+        PyObject *eq = PyObject_RichCompare(x, want, Py_EQ);
+        int same = eq != NULL ? PyObject_IsTrue(eq) : -1;
+        Py_XDECREF(eq);
+        if (same < 0)
+            PyErr_Clear();
+        return same == 1;
+    }
+    /* a feed: a Python number of the recorded type, or an array of the recorded aval */
+    if (t == &PyLong_Type || t == &PyFloat_Type) {
+        *value = x;
+        return (PyObject *)t == PyTuple_GET_ITEM(spec, 3);
+    }
+    PyObject *aval;
+    if (t == F.array)
+        aval = PyObject_GetAttr(x, F.aval_name);
+    else if (t == F.placeholder && SLOT(x, F.ph_val) != Py_None && SLOT(x, F.ph_val) != NULL)
+        aval = Py_XNewRef(SLOT(x, F.ph_aval));
+    else
+        return 0;  /* NumPy arrays and the rest: the general path */
+    PyObject *want = PyTuple_GET_ITEM(spec, 2);
+    int same = -1;
+    if (aval != NULL) {
+        if (aval != want)
+            *ran_python = 1;
+        same = aval == want ? 1 : PyObject_RichCompareBool(aval, want, Py_EQ);
+        Py_DECREF(aval);
+    }
+    if (same < 0)
+        PyErr_Clear();
+    *value = t == F.placeholder ? SLOT(x, F.ph_val) : x;
+    return same == 1;
+}
+
 /* The placeholder for a skipped op, or a new reference to MISS; NULL with an error set. */
 PyObject *
 terra_fast_op(PyObject *it, PyObject *fn, PyObject *const *args, Py_ssize_t nargs,
               PyObject *kwnames)
 {
     Py_ssize_t total = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
-    if (!F.ready || Py_TYPE(it) != F.iteration || SLOT(it, F.it_mode) != F.coexec
-        || total > MAX_ARGS)
+    if (!F.ready || Py_TYPE(it) != F.iteration || total > MAX_ARGS)
         return Py_NewRef(F.miss);
-    PyObject *depth = SLOT(it, F.it_depth), *graph = SLOT(it, F.it_graph);
-    PyObject *pos_obj = SLOT(it, F.it_pos), *env = SLOT(it, F.it_env), *live = SLOT(it, F.it_live);
-    if (depth == NULL || !PyLong_CheckExact(depth) || PyObject_IsTrue(depth)
-        || graph == NULL || Py_TYPE(graph) != F.graph || pos_obj == NULL || !PyLong_CheckExact(pos_obj)
+    PyObject *graph = SLOT(it, F.it_graph), *pos_obj = SLOT(it, F.it_pos);
+    PyObject *env = SLOT(it, F.it_env), *live = SLOT(it, F.it_live);
+    if (graph == NULL || Py_TYPE(graph) != F.graph || pos_obj == NULL || !PyLong_CheckExact(pos_obj)
         || env == NULL || !PyDict_CheckExact(env) || live == NULL || !PyList_CheckExact(live))
         return Py_NewRef(F.miss);
-    PyObject *events = SLOT(graph, F.g_events);
     Py_ssize_t pos = PyLong_AsSsize_t(pos_obj);
+    if (!still_at(it, graph, pos))
+        return Py_NewRef(F.miss);
+    PyObject *events = SLOT(graph, F.g_events);
     if (events == NULL || !PyList_CheckExact(events) || pos < 0 || pos >= PyList_GET_SIZE(events))
         return Py_NewRef(F.miss);
     PyObject *ev = PyList_GET_ITEM(events, pos);
@@ -101,85 +168,51 @@ terra_fast_op(PyObject *it, PyObject *fn, PyObject *const *args, Py_ssize_t narg
             return Py_NewRef(F.miss);
         }
     }
-    PyObject *specs = PyTuple_GET_ITEM(fast, 2);
+    /* Held while Python code may run (see still_at); the feeds' values are held by args. */
+    Py_INCREF(graph);
+    Py_INCREF(fast);
+    Py_INCREF(env);
+    Py_INCREF(live);
+    PyObject *result = NULL, *specs = PyTuple_GET_ITEM(fast, 2);
     PyObject *feed_ids[MAX_ARGS], *feed_values[MAX_ARGS];
-    int feeds = 0;
+    int feeds = 0, ran_python = 0;
     for (Py_ssize_t i = 0; i < total; i++) {
-        PyObject *x = args[i], *spec = PyTuple_GET_ITEM(specs, i);
-        long kind = PyLong_AsLong(PyTuple_GET_ITEM(spec, 0));
-        PyTypeObject *t = Py_TYPE(x);
-        if (kind == 0) {  /* this iteration's placeholder, not yet settled */
-            if (t != F.placeholder || SLOT(x, F.ph_it) != it || SLOT(x, F.ph_val) != Py_None)
-                return Py_NewRef(F.miss);
-            PyObject *id = SLOT(x, F.ph_id), *want = PyTuple_GET_ITEM(spec, 1);
-            if (id != want) {
-                int same = id != NULL ? PyObject_RichCompareBool(id, want, Py_EQ) : 0;
-                if (same <= 0) {
-                    PyErr_Clear();
-                    return Py_NewRef(F.miss);
-                }
-            }
-        }
-        else if (kind == 1) {  /* a static value: the same object, or an equal one of its type */
-            PyObject *want = PyTuple_GET_ITEM(spec, 1);
-            if (x != want) {
-                if (t != Py_TYPE(want))
-                    return Py_NewRef(F.miss);
-                PyObject *eq = PyObject_RichCompare(x, want, Py_EQ);
-                int same = eq != NULL ? PyObject_IsTrue(eq) : -1;
-                Py_XDECREF(eq);
-                if (same <= 0) {
-                    PyErr_Clear();
-                    return Py_NewRef(F.miss);
-                }
-            }
-        }
-        else {  /* a feed: a Python number of the recorded type, or an array of the recorded aval */
-            PyObject *value = x;
-            if (t == &PyLong_Type || t == &PyFloat_Type) {
-                if ((PyObject *)t != PyTuple_GET_ITEM(spec, 3))
-                    return Py_NewRef(F.miss);
-            }
-            else if (t == F.array || (t == F.placeholder && SLOT(x, F.ph_val) != Py_None
-                                      && SLOT(x, F.ph_val) != NULL)) {
-                PyObject *want = PyTuple_GET_ITEM(spec, 2), *aval;
-                if (t == F.placeholder) {
-                    aval = Py_XNewRef(SLOT(x, F.ph_aval));
-                    value = SLOT(x, F.ph_val);
-                }
-                else
-                    aval = PyObject_GetAttr(x, F.aval_name);
-                int same = aval == NULL ? -1 : aval == want ? 1 : PyObject_RichCompareBool(aval, want, Py_EQ);
-                Py_XDECREF(aval);
-                if (same <= 0) {
-                    PyErr_Clear();
-                    return Py_NewRef(F.miss);
-                }
-            }
-            else
-                return Py_NewRef(F.miss);  /* NumPy arrays and the rest: the general path */
+        PyObject *spec = PyTuple_GET_ITEM(specs, i), *value;
+        if (!match_arg(it, args[i], spec, &value, &ran_python))
+            goto miss;
+        if (value != NULL) {
             feed_ids[feeds] = PyTuple_GET_ITEM(spec, 1);
             feed_values[feeds++] = value;
         }
     }
+    if (ran_python && !still_at(it, graph, pos))
+        goto miss;
     /* The op is skipped: bind its feeds, move on, hand Python the output's placeholder. */
     PyObject *next = PyLong_FromSsize_t(pos + 1);
     if (next == NULL)
-        return NULL;
+        goto done;
     for (int i = 0; i < feeds; i++)
         if (PyDict_SetItem(env, feed_ids[i], feed_values[i]) < 0) {
             Py_DECREF(next);
-            return NULL;
+            goto done;
         }
-    PyObject *ph = new_placeholder(it, PyTuple_GET_ITEM(fast, 3), PyTuple_GET_ITEM(fast, 4), live);
-    if (ph == NULL) {
+    result = new_placeholder(it, PyTuple_GET_ITEM(fast, 3), PyTuple_GET_ITEM(fast, 4), live);
+    if (result == NULL) {
         Py_DECREF(next);
-        return NULL;
+        goto done;
     }
     Py_SETREF(SLOT(it, F.it_pos), next);
     fast_skipped++;
     fast_feeds += (unsigned long long)feeds;
-    return ph;
+    goto done;
+miss:
+    result = Py_NewRef(F.miss);
+done:
+    Py_DECREF(graph);
+    Py_DECREF(fast);
+    Py_DECREF(env);
+    Py_DECREF(live);
+    return result;
 }
 
 /* ------------------------------------------------------------------ Python-facing */

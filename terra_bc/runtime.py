@@ -121,7 +121,8 @@ def _fast_spec(ev):
     of positional args, per-arg (kind code, *spec) for the positional then the keyword
     arguments in call order, output id, output aval, keyword names or None)."""
     if ev.kind != "op" or ev.flat is None or not ev.single \
-            or any(spec[0] not in _FAST_KINDS for spec in ev.args):
+            or any(spec[0] not in _FAST_KINDS or spec[0] == "feed" and len(spec) != 4
+                   for spec in ev.args):
         return None
     nargs, names = ev.flat
     # ev.args follows JAX's flattening of (args, kwargs): keywords in sorted name order.
@@ -1320,17 +1321,19 @@ class Unit:
         it.was_routing = _hook.set_thread_routing(True)
         it.was_enabled = _hook.thread_enabled()
         _hook.enable_thread()  # helpers the unit calls get rewritten call sites too
-        if mode == TRACE:
-            it.recording = it.graph.recorder
-            it.recording.__enter__()
-        return it, it.enter(args, kwargs)
+        try:
+            if mode == TRACE:
+                it.graph.recorder.__enter__()
+                it.recording = it.graph.recorder
+            return it, it.enter(args, kwargs)
+        except BaseException:  # (a feed JAX refuses): leave this thread as it was found
+            if it.recording is not None:
+                it.recording.__exit__(None, None, None)
+            _leave(it)
+            raise
 
     def end(self, it, ok):
-        _hook.set_thread_routing(it.was_routing)
-        if not it.was_enabled:
-            _hook.disable_thread()
-        _tls.it = None
-        _hook.set_iteration(None)
+        _leave(it)
         self.memo = it.memo
         it.finish(ok)
         # Tracing costs more than eager: a unit that keeps making new paths makes no more;
@@ -1340,6 +1343,15 @@ class Unit:
             self.frozen = self.frozen or (f"traced new paths in {sum(self.recent)} of its last "
                                           f"{RETRACE_WINDOW} calls (its path or shapes change)")
         _hook.set_route_always(True)  # placeholders may have escaped: unwrap them at sites
+
+
+def _leave(it):
+    """The thread's state from before Unit.begin opened ``it``."""
+    _hook.set_thread_routing(it.was_routing)
+    if not it.was_enabled:
+        _hook.disable_thread()
+    _tls.it = None
+    _hook.set_iteration(None)
 
 
 # ------------------------------------------------------------------ loop units

@@ -165,3 +165,33 @@ def test_array_methods_with_keywords_are_skipped_in_c():
     close(got, want)
     # 5 ops (tanh, mean, sum, max, *) per call, all skipped in C after the first call.
     assert fast_skipped() == 5 * (N - 1), terra_bc.stats()
+
+
+def test_a_call_that_fails_to_start_leaves_the_thread_as_it_was(monkeypatch):
+    """If taking a call's arguments fails (here: made to fail), the error propagates and no
+    iteration stays open in the thread: later calls and plain ops are unaffected."""
+    import pytest
+    from terra_bc import runtime
+
+    def step(x):
+        return jnp.tanh(x) * 2.0 + 1.0
+
+    unit = terra_bc.function(step)
+    x = jnp.arange(3.0)
+    close(unit(x), step(x))                      # traced
+    real_enter = runtime.Iteration.enter
+
+    def failing_enter(self, args, kwargs):
+        raise RuntimeError("cannot take these arguments")
+    for mode in range(2):                        # co-executed, then a fresh unit (tracing)
+        if mode:
+            unit = terra_bc.function(step)
+        monkeypatch.setattr(runtime.Iteration, "enter", failing_enter)
+        with pytest.raises(RuntimeError, match="cannot take"):
+            unit(x)
+        monkeypatch.setattr(runtime.Iteration, "enter", real_enter)
+        assert _hook.set_iteration(None) is None  # none was left open
+        assert _hook.set_thread_routing(False) is False
+        close(jnp.sum(x) * 2.0, 6.0)
+        close(unit(x + 1), step(x + 1))
+        close(unit(x + 2), step(x + 2))
