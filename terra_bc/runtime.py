@@ -689,8 +689,8 @@ class Iteration:
                 return _eager(fn, args, kwargs)
             finally:
                 self.depth -= 1
-        if self.mode == COEXEC:
-            out = self._fast_op(fn, args, kwargs)
+        if self.mode == COEXEC:  # a plain op event: checked and skipped in C (_fastop.c)
+            out = _hook.fast_op(self, fn, args, kwargs)
             if out is not _MISS:
                 return out
         if not any(map(_is_array, tree_leaves((args, kwargs)))):
@@ -812,11 +812,6 @@ class Iteration:
             if g is not cur and (pos == 0 or len(g.events) >= pos and g.events[pos - 1] is last):
                 yield g
 
-    def _fast_op(self, fn, args, kwargs):
-        """The common co-executed op (a plain op event): checked against the event's ``fast``
-        spec and skipped, in C (_fastop.c).  _MISS: take the general path."""
-        return _hook.fast_op(self, fn, args, kwargs)
-
     def _coexec_op(self, fn, key, args, kwargs):
         leaves, tree = tree_flatten((args, kwargs))
         feeds = []
@@ -907,7 +902,7 @@ class Iteration:
         for x, id, aval in zip(leaves, ev.args, ev.tree):
             if not self._own(x):  # a feed: bind its value, hand the function a placeholder
                 feeds.append((id, x))
-                x = _hook.placeholder(self, id, aval)
+                x = self._new(id, aval)
             phs.append(x)
         self._bind(feeds)
         return phs
@@ -1492,14 +1487,13 @@ def _eager_value(tree):
         for k, x in tree.items():
             tree[k] = _eager_value(x)
         return tree
-    if t is _ArrayImpl or t in _NOT_ARRAYS:
+    if t in _LEAVES:
         return tree
     return jax.tree_util.tree_map(lambda x: _concrete(x) if type(x) is Placeholder else x, tree)
 
 
 _NUMBER_TYPES = frozenset({int, float})
-_device_numbers = {}  # (x64, type, value[, sign of a zero]) -> that number as a device array
-_seen_numbers = set()  # ... numbers fed once: made into arrays if they come back
+_device_numbers = {}  # (x64, type, value[, sign of a zero]) -> its device array, None: seen once
 
 
 def _device_number(x, x64):
@@ -1508,23 +1502,21 @@ def _device_number(x, x64):
     (~2.5 us each).  A number seen for the first time (a step counter) is left to jit:
     making an array costs more than jit's conversion."""
     key = (x64, type(x), x, math.copysign(1.0, x)) if x == 0 else (x64, type(x), x)
-    value = _device_numbers.get(key)
-    if value is None:
-        if key not in _seen_numbers:
-            if len(_seen_numbers) >= 4096:  # bounded, like the arrays below
-                _seen_numbers.clear()
-            _seen_numbers.add(key)
-            return x
+    value = _device_numbers.get(key, _MISS)
+    if value is not _MISS and value is not None:
+        return value
+    made = None
+    if value is None:  # seen before: it comes back, so make its array (once)
         try:
-            value = jnp.asarray(x)
+            made = jnp.asarray(x)
         except Exception:  # (an int too large for the default int type: jit will say so)
             return x
-        if type(value) is not _ArrayImpl:  # under a JAX transformation: not a constant
+        if type(made) is not _ArrayImpl:  # under a JAX transformation: not a constant
             return x
-        if len(_device_numbers) >= 4096:  # numbers that change every step: bounded
-            _device_numbers.clear()
-        _device_numbers[key] = value
-    return value
+    if len(_device_numbers) >= 4096:  # numbers that change every step: bounded
+        _device_numbers.clear()
+    _device_numbers[key] = made
+    return x if made is None else made
 
 
 def _is_number(x):
