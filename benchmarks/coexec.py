@@ -82,6 +82,15 @@ def terra_stats():
         return {"error": err(e)}
 
 
+def emit(res, text, json_path):
+    """Print a benchmark's report; write its results as JSON when asked.  Returns res."""
+    print(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    return res
+
+
 def terra_reset():
     try:
         terra_bc.reset_stats()
@@ -629,12 +638,7 @@ def main(argv=None):
         except Exception as e:
             traceback.print_exc(file=sys.stderr)
             res["section_errors"][key] = err(e)
-    text = report(res)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
-    return res
+    return emit(res, report(res), args.json)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ in the table instead of a number; the baselines still run.
     python benchmarks/control.py [--steps 200] [--repeats 5] [--json out.json] [--only a,b]
 """
 import argparse
-import json
 import math
 import os
 import platform
@@ -61,7 +60,8 @@ import jaxlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # terra_bc's import (or why it failed) and the shared helpers come from the engine benchmark.
-from benchmarks.coexec import TERRA_IMPORT_ERROR, err, sync, terra_bc, terra_function, terra_stats  # noqa: E402
+from benchmarks.coexec import (TERRA_IMPORT_ERROR, emit, err, sync, terra_bc,  # noqa: E402
+                              terra_function, terra_stats)
 
 RTOL = 1e-4
 JUMP, NOISE = 1.2, 1.0       # adaptive_lr: ~11 halvings, clipping in ~2/3 of 1000 steps
@@ -441,11 +441,7 @@ def main(argv=None):
             except Exception as e:
                 traceback.print_exc(file=sys.stderr)
                 res["programs"][name] = {"section_error": err(e)}
-    print(report(res))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
-    return res
+    return emit(res, report(res), args.json)
 
 
 if __name__ == "__main__":

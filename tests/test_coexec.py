@@ -97,6 +97,20 @@ def assert_coexecuted(s, n=N, min_coexec=3, max_compiles=3, max_traced=3):
     assert s["segments_launched"] >= 1, s
 
 
+def eager_and_terra(make_step, run):
+    """{"eager"|"terra": (run(step), log)}: a fresh step from make_step(log) run eagerly, then
+    as a terra_bc.function (stats reset just before)."""
+    out = {}
+    for mode in ("eager", "terra"):
+        log = []
+        step = make_step(log)
+        if mode == "terra":
+            terra_bc.reset_stats()
+            step = terra_bc.function(step)
+        out[mode] = (run(step), log)
+    return out
+
+
 def randn(rng, *shape):
     return jnp.asarray(rng.standard_normal(shape).astype(np.float32))
 
@@ -1054,17 +1068,12 @@ def test_vjp_of_user_code_with_python_inside_is_coexecuted():
     r = np.random.default_rng(7)
     p0 = {"w": randn(r, 4, 3)}
     xs = [randn(r, 5, 4) * (1.0 if k % 3 else -1.0) for k in range(N + 4)]
-    out = {}
-    for mode in ("eager", "terra"):
-        log = []
-        step = make_vjp_step(np.random.default_rng(8), log)
-        if mode == "terra":
-            terra_bc.reset_stats()
-            step = terra_bc.function(step)
+    def run(step):
         p = p0
         for x in xs:
             p = step(p, x)
-        out[mode] = (p, log)
+        return p
+    out = eager_and_terra(lambda log: make_vjp_step(np.random.default_rng(8), log), run)
     assert_close(out["terra"][0], out["eager"][0], "params")
     np.testing.assert_allclose(out["terra"][1], out["eager"][1], rtol=RTOL, atol=ATOL)
     s = stats()
@@ -1086,17 +1095,12 @@ def make_jvp_step(rng, log):
 def test_jvp_of_user_code_with_python_inside_is_coexecuted():
     r = np.random.default_rng(9)
     w0, x = randn(r, 4, 3), randn(r, 5, 4)
-    out = {}
-    for mode in ("eager", "terra"):
-        log = []
-        step = make_jvp_step(np.random.default_rng(10), log)
-        if mode == "terra":
-            terra_bc.reset_stats()
-            step = terra_bc.function(step)
+    def run(step):
         w = w0
         for _ in range(N + 2):
             w = step(w, x)
-        out[mode] = (w, log)
+        return w
+    out = eager_and_terra(lambda log: make_jvp_step(np.random.default_rng(10), log), run)
     assert_close(out["terra"][0], out["eager"][0], "w")
     np.testing.assert_allclose(out["terra"][1], out["eager"][1], rtol=RTOL, atol=ATOL)
     s = stats()
