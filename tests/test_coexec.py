@@ -111,6 +111,13 @@ def eager_and_terra(make_step, run):
     return out
 
 
+def chain(step, state, xs):
+    """state = step(state, x) for each x; the last state."""
+    for x in xs:
+        state = step(state, x)
+    return state
+
+
 def randn(rng, *shape):
     return jnp.asarray(rng.standard_normal(shape).astype(np.float32))
 
@@ -1068,12 +1075,8 @@ def test_vjp_of_user_code_with_python_inside_is_coexecuted():
     r = np.random.default_rng(7)
     p0 = {"w": randn(r, 4, 3)}
     xs = [randn(r, 5, 4) * (1.0 if k % 3 else -1.0) for k in range(N + 4)]
-    def run(step):
-        p = p0
-        for x in xs:
-            p = step(p, x)
-        return p
-    out = eager_and_terra(lambda log: make_vjp_step(np.random.default_rng(8), log), run)
+    out = eager_and_terra(lambda log: make_vjp_step(np.random.default_rng(8), log),
+                          lambda step: chain(step, p0, xs))
     assert_close(out["terra"][0], out["eager"][0], "params")
     np.testing.assert_allclose(out["terra"][1], out["eager"][1], rtol=RTOL, atol=ATOL)
     s = stats()
@@ -1095,12 +1098,8 @@ def make_jvp_step(rng, log):
 def test_jvp_of_user_code_with_python_inside_is_coexecuted():
     r = np.random.default_rng(9)
     w0, x = randn(r, 4, 3), randn(r, 5, 4)
-    def run(step):
-        w = w0
-        for _ in range(N + 2):
-            w = step(w, x)
-        return w
-    out = eager_and_terra(lambda log: make_jvp_step(np.random.default_rng(10), log), run)
+    out = eager_and_terra(lambda log: make_jvp_step(np.random.default_rng(10), log),
+                          lambda step: chain(step, w0, [x] * (N + 2)))
     assert_close(out["terra"][0], out["eager"][0], "w")
     np.testing.assert_allclose(out["terra"][1], out["eager"][1], rtol=RTOL, atol=ATOL)
     s = stats()
