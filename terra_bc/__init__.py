@@ -1,13 +1,14 @@
 """terra_bc: imperative-symbolic co-execution (Terra) for JAX at the CPython bytecode level.
 
 The pipeline, one module per stage: ``frames`` (which frames; the C hook in ``_hook.c``)
--> ``rewrite`` (which call sites) -> runtime -> graph -> XLA.  See docs/architecture.md.
+-> ``rewrite`` (which call sites) -> ``runtime`` (what each site does) -> ``jaxpr_builder``
+(the graph) -> XLA.  ``counters`` holds every counter.  See docs/architecture.md.
 """
 from __future__ import annotations
 
 import contextlib
 
-from . import _hook, frames, runtime
+from . import counters, frames, runtime
 from .frames import disable, enable, enabled as is_enabled, set_scope
 from .runtime import config, explain, set_functions, set_loops
 
@@ -39,15 +40,8 @@ def function(fn):
 
 def stats() -> dict:
     """Counters since start (or the last reset_stats()), as a plain dict."""
-    out = {k: 0 for k in ("code_objects_rewritten", "code_objects_refused",
-                          "code_objects_left_alone", "call_sites_rewritten")}
-    out.update(frames.counts)
-    out.update(_hook.counters())
-    out.update(runtime.stats())
-    return out
+    return counters.snapshot()
 
 
 def reset_stats():
-    frames.counts.clear()
-    runtime.counts.clear()
-    _hook.reset_counters()
+    counters.reset()

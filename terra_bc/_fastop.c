@@ -3,7 +3,7 @@
  * In co-execution a DL op does not run: Python checks it against the next event of the
  * recorded path and gets a placeholder back.  That check runs for every op of every
  * iteration, so its common case is here, in C.  It makes no decision of its own: the
- * runtime (runtime.py) records for each plain op event a ``fast`` spec
+ * runtime (runtime/guards.py, fast_spec) records for each plain op event a ``fast`` spec
  *
  *     (callee, number of positional args, per-arg specs, output id, output aval,
  *      keyword names or None)
@@ -12,7 +12,7 @@
  * (2, id, aval, type) a fed Python number or array.  Anything else (other keyword names,
  * several outputs, closures, NumPy inputs, a failed check) returns the MISS sentinel and the
  * runtime's general path decides, re-checking from scratch.  Objects are read through the
- * slot offsets of the runtime's own classes (Iteration, TraceGraph, Event and Placeholder
+ * slot offsets of the runtime's own classes (Iteration, Path, OpEvent and Placeholder
  * declare __slots__), which set_fast_path() looks up when the runtime is imported.
  */
 #define PY_SSIZE_T_CLEAN
@@ -20,19 +20,19 @@
 #include <structmember.h>
 #include "_fastop.h"
 
-#define THREAD_LOCAL _Thread_local __attribute__((tls_model("initial-exec")))
-
-static THREAD_LOCAL PyObject *current = NULL;  /* this thread's open Iteration, or NULL */
+/* This thread's open Iteration, or NULL: the only place it is stored (the runtime's
+ * context.current() reads it through current_iteration()). */
+static THREAD_LOCAL PyObject *current = NULL;
 static unsigned long long fast_skipped = 0, fast_feeds = 0;
 
 static struct {
     int ready;
-    PyTypeObject *placeholder, *event, *iteration, *graph, *array;
+    PyTypeObject *placeholder, *event, *iteration, *path, *array;
     PyObject *stand_in, *coexec, *miss, *aval_name;
     Py_ssize_t ph_trace, ph_aval, ph_it, ph_id, ph_rec, ph_val;
     Py_ssize_t ev_fast;
-    Py_ssize_t it_mode, it_depth, it_graph, it_pos, it_env, it_live;
-    Py_ssize_t g_events;
+    Py_ssize_t it_mode, it_opaque_depth, it_path, it_pos, it_env, it_live;
+    Py_ssize_t path_events;
 } F;
 
 #define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
@@ -64,14 +64,14 @@ new_placeholder(PyObject *it, PyObject *id, PyObject *aval, PyObject *live)
     return ph;
 }
 
-/* Is `it` still where terra_fast_op found it (co-executing `graph` at event `pos`, outside
+/* Is `it` still where terra_fast_op found it (co-executing `path` at event `pos`, outside
  * any opaque op)?  Comparing statics and avals may run Python code (a user's __eq__), which
  * may itself run ops of the iteration. */
 static int
-still_at(PyObject *it, PyObject *graph, Py_ssize_t pos)
+still_at(PyObject *it, PyObject *path, Py_ssize_t pos)
 {
-    PyObject *depth = SLOT(it, F.it_depth), *pos_obj = SLOT(it, F.it_pos);
-    return SLOT(it, F.it_mode) == F.coexec && SLOT(it, F.it_graph) == graph
+    PyObject *depth = SLOT(it, F.it_opaque_depth), *pos_obj = SLOT(it, F.it_pos);
+    return SLOT(it, F.it_mode) == F.coexec && SLOT(it, F.it_path) == path
         && depth != NULL && PyLong_CheckExact(depth) && !PyObject_IsTrue(depth)
         && pos_obj != NULL && PyLong_CheckExact(pos_obj) && PyLong_AsSsize_t(pos_obj) == pos;
 }
@@ -139,15 +139,15 @@ terra_fast_op(PyObject *it, PyObject *fn, PyObject *const *args, Py_ssize_t narg
     Py_ssize_t total = nargs + (kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0);
     if (!F.ready || Py_TYPE(it) != F.iteration || total > MAX_ARGS)
         return Py_NewRef(F.miss);
-    PyObject *graph = SLOT(it, F.it_graph), *pos_obj = SLOT(it, F.it_pos);
+    PyObject *path = SLOT(it, F.it_path), *pos_obj = SLOT(it, F.it_pos);
     PyObject *env = SLOT(it, F.it_env), *live = SLOT(it, F.it_live);
-    if (graph == NULL || Py_TYPE(graph) != F.graph || pos_obj == NULL || !PyLong_CheckExact(pos_obj)
+    if (path == NULL || Py_TYPE(path) != F.path || pos_obj == NULL || !PyLong_CheckExact(pos_obj)
         || env == NULL || !PyDict_CheckExact(env) || live == NULL || !PyList_CheckExact(live))
         return Py_NewRef(F.miss);
     Py_ssize_t pos = PyLong_AsSsize_t(pos_obj);
-    if (!still_at(it, graph, pos))
+    if (!still_at(it, path, pos))
         return Py_NewRef(F.miss);
-    PyObject *events = SLOT(graph, F.g_events);
+    PyObject *events = SLOT(path, F.path_events);
     if (events == NULL || !PyList_CheckExact(events) || pos < 0 || pos >= PyList_GET_SIZE(events))
         return Py_NewRef(F.miss);
     PyObject *ev = PyList_GET_ITEM(events, pos);
@@ -169,7 +169,7 @@ terra_fast_op(PyObject *it, PyObject *fn, PyObject *const *args, Py_ssize_t narg
         }
     }
     /* Held while Python code may run (see still_at); the feeds' values are held by args. */
-    Py_INCREF(graph);
+    Py_INCREF(path);
     Py_INCREF(fast);
     Py_INCREF(env);
     Py_INCREF(live);
@@ -185,7 +185,7 @@ terra_fast_op(PyObject *it, PyObject *fn, PyObject *const *args, Py_ssize_t narg
             feed_values[feeds++] = value;
         }
     }
-    if (ran_python && !still_at(it, graph, pos))
+    if (ran_python && !still_at(it, path, pos))
         goto miss;
     /* The op is skipped: bind its feeds, move on, hand Python the output's placeholder. */
     PyObject *next = PyLong_FromSsize_t(pos + 1);
@@ -208,7 +208,7 @@ terra_fast_op(PyObject *it, PyObject *fn, PyObject *const *args, Py_ssize_t narg
 miss:
     result = Py_NewRef(F.miss);
 done:
-    Py_DECREF(graph);
+    Py_DECREF(path);
     Py_DECREF(fast);
     Py_DECREF(env);
     Py_DECREF(live);
@@ -257,7 +257,7 @@ get_object(PyObject *config, const char *key, PyObject **out)
     return 0;
 }
 
-/* set_fast_path({"placeholder": ..., "event": ..., "iteration": ..., "graph": ...,
+/* set_fast_path({"placeholder": ..., "event": ..., "iteration": ..., "path": ...,
  * "array": ..., "stand_in": ..., "coexec": ..., "miss": ...}) */
 static PyObject *
 set_fast_path(PyObject *mod, PyObject *config)
@@ -268,7 +268,7 @@ set_fast_path(PyObject *mod, PyObject *config)
     }
     F.ready = 0;  /* (again if the runtime module is reloaded: its classes are new) */
     if (get_type(config, "placeholder", &F.placeholder) < 0 || get_type(config, "event", &F.event) < 0
-        || get_type(config, "iteration", &F.iteration) < 0 || get_type(config, "graph", &F.graph) < 0
+        || get_type(config, "iteration", &F.iteration) < 0 || get_type(config, "path", &F.path) < 0
         || get_type(config, "array", &F.array) < 0 || get_object(config, "stand_in", &F.stand_in) < 0
         || get_object(config, "coexec", &F.coexec) < 0 || get_object(config, "miss", &F.miss) < 0)
         return NULL;
@@ -277,10 +277,11 @@ set_fast_path(PyObject *mod, PyObject *config)
         || (F.ph_it = slot_offset(ph, "_it")) < 0 || (F.ph_id = slot_offset(ph, "_id")) < 0
         || (F.ph_rec = slot_offset(ph, "_rec")) < 0 || (F.ph_val = slot_offset(ph, "_val")) < 0
         || (F.ev_fast = slot_offset((PyObject *)F.event, "fast")) < 0
-        || (F.it_mode = slot_offset(it, "mode")) < 0 || (F.it_depth = slot_offset(it, "depth")) < 0
-        || (F.it_graph = slot_offset(it, "graph")) < 0 || (F.it_pos = slot_offset(it, "pos")) < 0
+        || (F.it_mode = slot_offset(it, "mode")) < 0
+        || (F.it_opaque_depth = slot_offset(it, "opaque_depth")) < 0
+        || (F.it_path = slot_offset(it, "path")) < 0 || (F.it_pos = slot_offset(it, "pos")) < 0
         || (F.it_env = slot_offset(it, "env")) < 0 || (F.it_live = slot_offset(it, "live")) < 0
-        || (F.g_events = slot_offset((PyObject *)F.graph, "events")) < 0)
+        || (F.path_events = slot_offset((PyObject *)F.path, "events")) < 0)
         return NULL;
     if (F.aval_name == NULL && (F.aval_name = PyUnicode_InternFromString("aval")) == NULL)
         return NULL;
@@ -342,6 +343,12 @@ set_iteration(PyObject *mod, PyObject *it)
     PyObject *was = current;
     current = it == Py_None ? NULL : Py_NewRef(it);
     return was != NULL ? was : Py_NewRef(Py_None);  /* hands the reference over */
+}
+
+static PyObject *
+current_iteration(PyObject *mod, PyObject *unused)
+{
+    return Py_NewRef(current != NULL ? current : Py_None);
 }
 
 static PyObject *
@@ -457,6 +464,8 @@ PyMethodDef terra_fast_methods[] = {
      "placeholder(iteration, id, aval): a new placeholder of the iteration (kept in its live list)."},
     {"set_iteration", set_iteration, METH_O,
      "Make it this thread's open iteration (None: none); returns the previous one."},
+    {"current_iteration", current_iteration, METH_NOARGS,
+     "This thread's open iteration, or None."},
     {"fast_counters", fast_counters, METH_NOARGS, "(ops skipped, feeds) on the fast path."},
     {NULL},
 };

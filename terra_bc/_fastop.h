@@ -3,6 +3,9 @@
 #define TERRA_BC_FASTOP_H
 #include <Python.h>
 
+/* initial-exec: a plain TLS load on the hot paths, not a __tls_get_addr call. */
+#define THREAD_LOCAL _Thread_local __attribute__((tls_model("initial-exec")))
+
 PyObject *terra_current_iteration(void);
 PyObject *terra_fast_op(PyObject *it, PyObject *fn, PyObject *const *args, Py_ssize_t nargs,
                         PyObject *kwnames);

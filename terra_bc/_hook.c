@@ -1,8 +1,11 @@
 /* terra_bc._hook: the PEP 523 frame hook and the call-site dispatcher.
  *
- * Kept as small as it can be: every decision is made in Python.  The hook asks a Python
- * callback once per code object whether to run other code in its place, caches the answer
- * in a code extra, and runs that code by swapping it into the frame before evaluation.
+ * Kept as small as it can be: decisions are made in Python, with one exception kept here
+ * because it runs at every loop turn: a watched loop that makes three turns in a row
+ * without a DL-op call is plain Python and is never watched again (loopiter_next).  The
+ * hook asks a Python callback once per code object whether to run other code in its
+ * place, caches the answer in a code extra, and runs that code by swapping it into the
+ * frame before evaluation.
  * A Site is the constant that rewritten call sites call: it counts and forwards the call
  * with no Python frame of its own, so tracebacks, inspect.stack() and zero-argument
  * super() see exactly the frames they would see without terra_bc.
@@ -54,8 +57,6 @@ static Py_ssize_t extra_index = -1;
 static PyObject *callback = NULL;          /* code -> replacement code or None */
 static _PyFrameEvalFunction previous = NULL;
 static int enabled_threads = 0;            /* the hook is installed while > 0 */
-/* initial-exec: a plain TLS load on the hook's fast path, not a __tls_get_addr call. */
-#define THREAD_LOCAL _Thread_local __attribute__((tls_model("initial-exec")))
 static THREAD_LOCAL int thread_enabled = 0;
 static THREAD_LOCAL int in_callback = 0;
 static unsigned long long sites_executed = 0;
@@ -80,9 +81,11 @@ typedef struct {
 static PyObject *route_handler = NULL;
 static PyObject *route_classify = NULL;
 static THREAD_LOCAL int routing = 0;
-static int route_always = 0;            /* also outside iterations (placeholders escaped) */
-static PyObject *loop_handler = NULL;   /* runtime.on_loop(iterator, exiting) */
-static PyObject *call_handler = NULL;   /* runtime.on_call(mark, token, state): function units */
+/* Also outside iterations: set by the runtime once an iteration has ended, and kept, since
+ * a placeholder that escaped may reach any later DL-op call (runtime/context.py). */
+static int route_always = 0;
+static PyObject *loop_handler = NULL;   /* runtime/discovery.py on_loop(mark, token, exiting) */
+static PyObject *call_handler = NULL;   /* runtime/discovery.py on_call(mark, token, state) */
 static Py_ssize_t mark_index = -1;      /* code extra: a rewritten code's unit mark (or NULL) */
 static THREAD_LOCAL unsigned long long dl_calls = 0; /* DL-op calls through sites */
 
@@ -582,7 +585,7 @@ call_unit_handler(PyObject *mark, PyObject *token, int state)
 
 /* A call of a function the runtime marked as a unit: it may open an iteration (returns a
  * token), which is closed with the outcome when the frame returns or raises.  All decisions
- * are the runtime's (runtime.on_call). */
+ * are the runtime's (runtime/discovery.py, on_call). */
 static PyObject *
 run_as_unit(PyThreadState *ts, _PyInterpreterFrame *frame, PyObject *mark)
 {

@@ -1,7 +1,7 @@
 """Stage 1 of the pipeline: which frames run rewritten code.
 
-The C hook (``_hook.c``) asks ``choose(code)`` once per code object and caches the answer on
-the code object; everything decided here is plain Python.  Errors never reach the user's
+The C hook (``_hook.c``) asks ``transform(code)`` once per code object and caches the answer
+on the code object; everything decided here is plain Python.  Errors never reach the user's
 program: a code object we cannot rewrite runs as it is, and the reason is logged once.
 """
 from __future__ import annotations
@@ -12,9 +12,8 @@ import site
 import sysconfig
 import threading
 import weakref
-from collections import Counter
-
 from . import _hook
+from .counters import counts
 from .rewrite import UNTOUCHED_FLAGS, Unsupported, rewrite
 
 log = logging.getLogger("terra_bc")
@@ -23,7 +22,6 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 SCOPES = ("user", "all")
 INTERACTIVE_FILES = ("<stdin>", "<ipython-input-")
 
-counts = Counter()             # code objects rewritten / refused / out of scope, call sites
 _rewritten = weakref.WeakSet()  # code objects we made: never rewrite them again
 _state = threading.local()
 _scope = "user"

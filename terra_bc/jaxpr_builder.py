@@ -34,11 +34,13 @@ from jax.core import Trace, Tracer
 from jax.extend.core import (ClosedJaxpr, DebugInfo, Jaxpr, Literal, Var, jaxpr_as_fun,
                              new_jaxpr_eqn, set_current_trace, take_current_trace)
 
+from .counters import counts
+
 __all__ = ["Recorder", "RecTracer", "Segment", "compile_segment", "compile_count",
            "clear_compile_cache"]
 
 _no_effects = frozenset()
-_ArrayImpl = type(jax.numpy.zeros(()))   # the concrete jax.Array class; .aval is its type
+ArrayImpl = type(jax.numpy.zeros(()))   # the concrete jax.Array class; .aval is its type
 
 
 # ----------------------------------------------------------------------------- compat
@@ -213,7 +215,7 @@ class _RecordingTrace(Trace):
     # -- helpers
     def new(self, val, aval=None):
         if aval is None:
-            aval = val.aval if type(val) is _ArrayImpl else jax.typeof(val)
+            aval = val.aval if type(val) is ArrayImpl else jax.typeof(val)
         i = len(self.avals)
         self.avals.append(aval)
         return RecTracer(self, val, i, aval)
@@ -562,8 +564,9 @@ def _build_segment_nogc(trace, out_ids, start, stop):
 _SMALL = 64  # constants up to this many elements are keyed by value, larger by identity
 
 
-class _Id:
-    """Identity key that keeps its object alive (so the id cannot be reused while cached)."""
+class Id:
+    """A key that compares by identity and keeps its object alive (so the id cannot be
+    reused while the key is held): constants in segment keys, objects in guard keys."""
     __slots__ = ("obj",)
 
     def __init__(self, obj):
@@ -573,7 +576,11 @@ class _Id:
         return id(self.obj)
 
     def __eq__(self, other):
-        return type(other) is _Id and other.obj is self.obj
+        return type(other) is Id and other.obj is self.obj
+
+    def __repr__(self):
+        obj = self.obj
+        return getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or repr(obj)[:40]
 
 
 _SCALARS = (bool, int, float, complex, np.generic)
@@ -603,7 +610,7 @@ def _const_key(c):
             return ("jax", a.dtype.str, a.shape, a.tobytes(), jax.typeof(c))
         except Exception:  # e.g. PRNG key arrays: fall back to identity
             pass
-    return _Id(c)
+    return Id(c)
 
 
 _jaxpr_keys = {}   # id(jaxpr) -> (weakref, interned token)
@@ -687,7 +694,7 @@ def _value_key(v):
         try:
             hash(v)
         except TypeError:       # e.g. a frozen dataclass holding an unhashable field
-            return _Id(v)
+            return Id(v)
         # Hashable values (ints, dtypes, shardings, named tuples, functions by identity).
         # The type is part of the key: 1 == 1.0 == True must not collide.
         return (t, v)
@@ -715,7 +722,7 @@ def _function_key(f):
         try:
             cells.append(_value_key(c.cell_contents))
         except ValueError:      # empty cell
-            cells.append(_Id(c))
+            cells.append(Id(c))
     return ("jaxfn", f.__code__, _value_key(f.__defaults__), tuple(cells))
 
 
@@ -739,25 +746,29 @@ def _kind(t):
 # ----------------------------------------------------------------------------- compile
 
 _compiled = {}
-_stats = {"compiles": 0, "hits": 0}
+_cache_stats = {"compiles": 0, "hits": 0}  # since the process started (never reset)
 
 
-def compile_segment(segment: Segment):
+def compile_segment(segment: Segment, on_compile=None):
     """A jitted executable for ``segment``: takes input values in ``segment.inputs`` order,
-    returns the output values as a list.  Structurally identical segments share one."""
+    returns the output values as a list.  Structurally identical segments share one.  A new
+    executable counts as a compile in ``terra_bc.stats()`` and calls ``on_compile()``."""
     fn = _compiled.get(segment.key)
     if fn is not None:
-        _stats["hits"] += 1
+        _cache_stats["hits"] += 1
         return fn
     fn = jax.jit(jaxpr_as_fun(segment.jaxpr))
     _compiled[segment.key] = fn
-    _stats["compiles"] += 1
+    _cache_stats["compiles"] += 1
+    counts["compiles"] += 1
+    if on_compile is not None:
+        on_compile()
     return fn
 
 
 def compile_count() -> int:
-    """Number of executables compile_segment has created (cache misses)."""
-    return _stats["compiles"]
+    """Number of executables compile_segment has created (cache misses) since start."""
+    return _cache_stats["compiles"]
 
 
 def clear_compile_cache():

@@ -1,4 +1,4 @@
-"""terra_bc.graph: record eager JAX as jaxpr equations, replay compiled segments on new inputs.
+"""terra_bc.jaxpr_builder: record eager JAX as jaxpr equations, replay compiled segments on new inputs.
 
 Each case: run eagerly on inputs A (reference); run under a Recorder with the inputs
 registered -> the eager values equal the reference; cut the segment for the outputs,
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import check_jaxpr
 
-from terra_bc.graph import Recorder, RecTracer, compile_segment, compile_count
+from terra_bc.jaxpr_builder import Recorder, RecTracer, compile_segment, compile_count
 
 TOL = dict(rtol=1e-5, atol=1e-5)   # float32; same ops, possibly fused differently by XLA
 

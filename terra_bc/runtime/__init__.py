@@ -1,0 +1,70 @@
+"""Stage 3 of the pipeline: units, iterations, tracing mode and co-execution mode.
+
+One module per concern; each imports only those above it in this list:
+
+  settings      limits and their environment variables
+  context       the thread's open iteration (stored once, in C), modes
+  placeholders  Placeholder and its operators; eager ops on concrete values
+  values        array tests, avals, fed numbers, a unit's arguments and result
+  trace_rules   which callees are DL ops; what JAX's wrappers hold
+  events        typed records: input/output specs, one event class per kind
+  guards        callee keys, matching, the C fast path's spec, changed numbers
+  paths         Path: one recorded path (a unit's TraceGraph is its paths)
+  launching     which recorded equations run when; settling placeholders
+  coexecution   co-execution mode's general path; Divergence and ``retried``
+  tracing       tracing mode: ops recorded as events of a new path
+  iteration     Iteration: enter, ops (the mode switch), fetch, diverge, finish
+  autodiff      jax.grad / value_and_grad / vjp / jvp of user code
+  units         Unit, ``@terra_bc.function``
+  discovery     loop units and function units found without decoration
+  dispatch      on_site: where rewritten call sites send DL-op calls
+  explain       the text report
+
+``install`` connects the C extension to it, once, at import.
+"""
+from __future__ import annotations
+
+from .. import _hook
+from . import settings as _settings
+from .context import COEXEC
+from .discovery import set_functions, set_loops
+from .dispatch import on_site
+from .events import OpEvent
+from .explain import explain
+from .iteration import Iteration
+from .paths import Path
+from .placeholders import STAND_IN, Placeholder
+from .settings import settings
+from .trace_rules import is_dl_op
+from .units import Unit, function
+from .values import MISS, ArrayImpl
+
+__all__ = ["config", "explain", "function", "set_functions", "set_loops", "settings",
+           "Iteration", "Placeholder", "Unit"]
+
+
+def install():
+    """Tell the C extension where routed DL-op calls go, what a DL op is, and the classes
+    and objects its fast path reads (again after a reload: the classes are new)."""
+    _hook.set_routing(on_site, is_dl_op)
+    _hook.set_fast_path({"placeholder": Placeholder, "event": OpEvent, "iteration": Iteration,
+                         "path": Path, "array": ArrayImpl, "stand_in": STAND_IN,
+                         "coexec": COEXEC, "miss": MISS})
+
+
+install()
+
+
+def config(**changes):
+    """``terra_bc.config(max_paths=16, max_compiles=32, warmup=0, inner_turns=16,
+    dynamic_numbers=True, loops=None, functions=None)``: set limits (only those given);
+    returns the settings now in force.  ``loops`` / ``functions`` switch the units found
+    without decoration (``set_loops`` / ``set_functions``)."""
+    loops = changes.pop("loops", None)
+    functions = changes.pop("functions", None)
+    _settings.update(changes)
+    if loops is not None:
+        set_loops(bool(loops))
+    if functions is not None:
+        set_functions(bool(functions))
+    return dict(settings)

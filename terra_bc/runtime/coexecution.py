@@ -1,0 +1,125 @@
+"""Co-execution mode: Python's DL ops are checked against the recorded paths and skipped.
+
+An op's common case (a plain op event) is checked and skipped in C before it gets here
+(``_fastop.c``); this is the general path.  When no recorded path goes on the way Python
+goes, ``next_event`` raises ``Divergence`` and the method that met it is run again after
+``Iteration.diverge`` (``retried``), now tracing.
+"""
+from __future__ import annotations
+
+import functools
+
+from jax.tree_util import tree_flatten, tree_unflatten
+
+from ..counters import counts
+from . import guards, launching
+from .events import PlaceholderIn, PlaceholderOut
+from .placeholders import Placeholder, concrete
+from .values import with_arrays
+
+
+class Divergence(Exception):
+    """A guard failed: this iteration leaves its recorded path here."""
+
+
+def retried(method):
+    """``method`` of an iteration, run once more after leaving the recorded paths where a
+    guard in it failed (it then runs in tracing or eager mode, where nothing diverges)."""
+    @functools.wraps(method)
+    def run(it, *args, **kwargs):
+        try:
+            return method(it, *args, **kwargs)
+        except Divergence:
+            it.diverge()
+            return method(it, *args, **kwargs)
+    return run
+
+
+def next_event(it, kind, key, check=None):
+    """The event Python has reached.  It is the next event of this path if that matches,
+    else the next event of another recorded path with the same events so far (a case seen
+    before: the iteration moves to that path, nothing is recomputed).  Divergence if no
+    recorded path goes on this way."""
+    pos, cur = it.pos, it.path
+    ev = guards.continues(cur, pos, kind, key, check)  # the common case: this path goes on
+    if ev is not None:
+        return ev
+    for path in paths_here(it):
+        ev = guards.continues(path, pos, kind, key, check) if path is not cur else None
+        if ev is not None:
+            it.path = path
+            return ev
+    raise Divergence
+
+
+def paths_here(it):
+    """This path, then the unit's other paths sharing its first ``it.pos`` events."""
+    cur, pos = it.path, it.pos
+    yield cur
+    last = cur.events[pos - 1] if pos else None
+    for path in it.unit.paths:
+        if path is not cur and (pos == 0 or len(path.events) >= pos and path.events[pos - 1] is last):
+            yield path
+
+
+def bind(it, feeds):
+    """Values Python hands to the graph this iteration: (id, value) pairs."""
+    for id, x in feeds:
+        it.env[id] = concrete(x) if type(x) is Placeholder else x
+    counts["feeds"] += len(feeds)
+
+
+def outputs(it, specs):
+    """The values an event hands Python: new placeholders, and recorded static values."""
+    return [it.new_placeholder(s.id, s.aval) if type(s) is PlaceholderOut else s.value
+            for s in specs]
+
+
+def enter(it, shape, leaves, args, kwargs):
+    """The unit's arguments checked against the enter event: arrays become placeholders."""
+    feeds = []
+
+    def check(ev):
+        feeds.clear()
+        return shape == ev.shape and all(
+            guards.matches(it, x, spec, feeds) for x, spec in zip(leaves, ev.args))
+    ev = next_event(it, "enter", None, check)
+    it.pos += 1
+    bind(it, feeds)
+    return with_arrays(args, kwargs, [it.new_placeholder(s.id, s.aval) for s in ev.args])
+
+
+def op(it, fn, key, args, kwargs):
+    """An op the fast path did not skip: matched against the recorded event, or Divergence."""
+    leaves, tree = tree_flatten((args, kwargs))
+    feeds = []
+
+    def check(ev):
+        feeds.clear()
+        return tree == ev.tree and len(leaves) == len(ev.args) and all(
+            guards.matches(it, x, spec, feeds) for x, spec in zip(leaves, ev.args))
+    try:
+        ev = next_event(it, "op", key, check)
+    except Divergence:
+        guards.changed_numbers(it.unit, it.path, it.pos, key, tree, leaves)
+        raise
+    it.pos += 1
+    if ev.kind == "eager":
+        return graph_break(it, ev, fn, tree, leaves)
+    bind(it, feeds)
+    counts["ops_skipped"] += 1
+    return tree_unflatten(ev.out_tree, outputs(it, ev.outs))
+
+
+def graph_break(it, ev, fn, tree, leaves):
+    """An op JAX would not record runs eagerly on its inputs' values."""
+    launching.launch(it, ev.mark, [spec.id for spec in ev.args if type(spec) is PlaceholderIn])
+    values = [it.env[x._id] if type(spec) is PlaceholderIn else concrete(x) if type(x) is Placeholder
+              else x for x, spec in zip(leaves, ev.args)]
+    a, k = tree_unflatten(tree, values)
+    counts["ops_eager"] += 1
+    it.opaque_depth += 1
+    try:
+        return fn(*a, **k)
+    finally:
+        it.opaque_depth -= 1

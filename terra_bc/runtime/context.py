@@ -1,0 +1,75 @@
+"""The thread context: which iteration is open in this thread, and what opening it changed.
+
+One place opens and closes an iteration (``open_iteration`` / ``close_iteration``).  The
+open iteration itself is stored once, in C (``_hook.set_iteration``): the sites and the fast
+path read it there, and Python reads it through ``current()``.  Opening one also routes this
+thread's DL-op calls to the runtime and enables the frame hook, so that helpers the unit
+calls get rewritten call sites too; closing it puts both back as they were.
+
+The modes an iteration is in are here too: ``mode`` is compared by identity in C, so these
+string objects are the only ones to use.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from .. import _hook
+
+TRACE, COEXEC, EAGER = "tracing", "co-execution", "eager"
+
+current = _hook.current_iteration  # this thread's open iteration, or None
+
+
+class _Thread(threading.local):
+    def __init__(self):
+        self.loop = None  # the LoopTurn open in this thread, if a loop unit's turn is
+        self.opaque = 0   # > 0 while an eager DL op runs outside iterations (on_site)
+
+
+thread = _Thread()
+
+
+@dataclass(slots=True, eq=False)
+class LoopTurn:
+    """The turn of a loop unit open in this thread."""
+    mark: object              # the loop's _hook.LoopMark
+    token: int                # its LoopIter (the loop statement running now)
+    iteration: object         # the Iteration this turn runs as
+    inner_turns: dict = field(default_factory=dict)  # token -> turns of loops nested in it
+
+
+class SavedThread(NamedTuple):
+    """What opening an iteration changed, to put back when it closes."""
+    routing: bool
+    hook_enabled: bool
+
+
+_route_always = False
+
+
+def open_iteration(it):
+    """Make ``it`` this thread's open iteration; route DL ops to it, hook enabled."""
+    _hook.set_iteration(it)
+    it.saved = SavedThread(_hook.set_thread_routing(True), _hook.thread_enabled())
+    _hook.enable_thread()
+
+
+def close_iteration(it):
+    """This thread as it was before ``open_iteration(it)``."""
+    _hook.set_thread_routing(it.saved.routing)
+    if not it.saved.hook_enabled:
+        _hook.disable_thread()
+    _hook.set_iteration(None)
+
+
+def route_outside_iterations():
+    """Once an iteration has ended its placeholders may be anywhere in the program (a list,
+    a global), and any later DL-op call may receive one: from then on sites route DL-op
+    calls outside iterations too, where ``dispatch.on_site`` runs them on concrete values.
+    Set once and kept, by design: programs that never open a unit pay nothing."""
+    global _route_always
+    if not _route_always:
+        _route_always = True
+        _hook.set_route_always(True)

@@ -1,0 +1,148 @@
+"""Units found without code changes (``python -m terra_bc``): loops and functions.
+
+* A ``for`` loop whose turns call DL ops is a unit, each turn an iteration (``on_loop``,
+  called by ``_hook.c``'s watched loop iterator at each turn and when the loop is left).
+* A function that ran a DL op outside any iteration is marked (``mark_caller``); from its
+  second call each call is an iteration (``on_call``), unless it records too few ops.
+
+Nesting picks the repeating level: a loop inside an iteration is part of it, unless it
+turns more than ``inner_turns`` times per outer iteration; then the inner loop is the unit.
+"""
+from __future__ import annotations
+
+import inspect
+
+import jax
+
+from .. import _hook
+from ..counters import counts
+from . import context
+from .context import TRACE, LoopTurn, thread
+from .settings import MIN_UNIT_OPS, settings
+from .units import Unit
+from .values import user_line
+
+_loop_units = {}      # LoopMark -> Unit
+_code_units = {}      # rewritten code -> its Unit (function units found without decoration)
+functions_on = False
+
+
+# ------------------------------------------------------------------ loop units
+
+def on_loop(mark, token, exiting):
+    """A watched ``for`` loop begins a turn (exiting=0) or is left (1; 2: by an exception).
+    Returns whether an iteration is open for this loop afterwards (see ``_hook.c``)."""
+    cur = thread.loop
+    if exiting:
+        if cur is not None and cur.token == token:
+            _end_turn(ok=exiting == 1)
+        return False
+    outer = context.current()
+    if cur is None and outer is not None and not _loop_takes_over(outer, token):
+        return False
+    if thread.opaque or not _plain_trace(cur):
+        return False  # JAX is tracing user code (grad, jit, vmap): its loops are its own
+    if cur is not None:
+        if cur.token == token:
+            _end_turn(ok=True)
+        else:  # nested in another loop's turn: part of it, unless it turns often
+            cur.inner_turns[token] = cur.inner_turns.get(token, 0) + 1
+            if cur.inner_turns[token] <= settings["inner_turns"]:
+                return False
+            cur.mark.state = -1  # the outer loop is not the repeating level
+            _end_turn(ok=True)
+    unit = _loop_units.get(mark)
+    if unit is None:
+        unit = _loop_units[mark] = Unit(None, f"loop at {user_line()}")
+        mark.state = 1
+    if unit.eager_reason:
+        mark.state = -1
+        counts["eager_fallbacks"] += 1
+        return False
+    if unit.warming_up():
+        return False
+    it, _ = unit.begin((), {})
+    thread.loop = LoopTurn(mark, token, it)
+    return True
+
+
+def _loop_takes_over(outer, token):
+    """Inside a function's iteration a loop is part of it, unless the function was found
+    automatically and the loop turns often: then the loop is the repeating level, and the
+    function's iteration ends here (the function runs plainly from now on)."""
+    if not outer.auto or outer.opaque_depth or outer.grad_depth:
+        return False
+    outer.loop_turns[token] = outer.loop_turns.get(token, 0) + 1
+    if outer.loop_turns[token] <= settings["inner_turns"]:
+        return False
+    unit = outer.unit
+    unit.eager_reason = "a loop inside it turns more often: the loop is the unit"
+    unit.end(outer, ok=True)
+    _hook.set_unit_mark(unit.code, None)
+    return True
+
+
+def _plain_trace(cur):
+    """Is the current JAX trace the eager one (or, inside a turn, its recorder)?"""
+    with jax.extend.core.take_current_trace() as trace:
+        pass
+    if cur is not None and cur.iteration.recording is not None:
+        return cur.iteration.recording.owns_trace(trace)
+    return type(trace).__name__ == "EvalTrace"
+
+
+def _end_turn(ok):
+    turn = thread.loop
+    thread.loop = None
+    turn.iteration.unit.end(turn.iteration, ok)
+
+
+def set_loops(on):
+    """Co-execute the turns of repeating ``for`` loops (units found without decoration)."""
+    _hook.set_loop_handler(on_loop if on else None)
+
+
+# ------------------------------------------------------------------ function units
+
+def mark_caller(code):
+    """A function ran a DL op outside any iteration: calls of it may become iterations."""
+    if not functions_on or code in _code_units or code.co_flags & inspect.CO_GENERATOR \
+            or code.co_name == "<module>":
+        return
+    unit = _code_units[code] = Unit(None, f"{code.co_qualname} ({code.co_filename}:{code.co_firstlineno})")
+    unit.code = code
+    _hook.set_unit_mark(code, unit)
+
+
+def on_call(unit, token, state):
+    """A call of a marked function begins (state 0: return an iteration to open one, or None)
+    or ends (1: returned, 2: raised).  A function called repeatedly is a unit from its
+    second call; inside another iteration it is part of that one."""
+    if state:
+        if context.current() is token:  # (a loop inside may have taken over)
+            unit.end(token, state == 1)
+            if token.mode == TRACE or unit.eager_reason:  # (a new path: is the unit worth it?)
+                _drop_if_small(unit)
+        return None
+    if context.current() is not None or thread.opaque or unit.eager_reason:
+        return None
+    if unit.warming_up(plain_calls=1) or not _plain_trace(None):  # a unit from the 2nd call
+        return None
+    it, _ = unit.begin((), {})
+    it.auto = True
+    return it
+
+
+def _drop_if_small(unit):
+    small = unit.paths and all(sum(ev.kind == "op" for ev in path.events) < MIN_UNIT_OPS
+                               for path in unit.paths)
+    if small or unit.eager_reason:
+        unit.eager_reason = unit.eager_reason or f"fewer than {MIN_UNIT_OPS} DL ops per call"
+        _hook.set_unit_mark(unit.code, None)  # plain calls from now on, no handler
+
+
+def set_functions(on):
+    """Co-execute the calls of functions called repeatedly (units found without decoration)."""
+    global functions_on
+    functions_on = bool(on)
+    _hook.set_call_handler(on_call if on else None)

@@ -1,0 +1,61 @@
+"""The site dispatcher: where a rewritten call site sends a DL-op call (``_hook.c``).
+
+Inside an iteration a co-executed plain op has been skipped in C already; what reaches
+``on_site`` is the rest: ops of the general path, the autodiff transforms over user code,
+and (once an iteration has ended, see ``context.route_outside_iterations``) DL ops outside
+any iteration, which run eagerly on concrete values.
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+import jax
+
+from ..counters import counts
+from ..jaxpr_builder import Id
+from . import autodiff, discovery
+from .context import EAGER, current, thread
+from .placeholders import eager
+from .trace_rules import grad_spec, is_api_wrapper
+
+
+def on_site(site, callee, *args, **kwargs):
+    """A rewritten call site called a DL op (see ``_hook.c``)."""
+    it = current()
+    if it is None:  # outside any iteration: values from past iterations are concrete
+        discovery.mark_caller(sys._getframe(1).f_code)
+        counts["ops_eager"] += 1
+        thread.opaque += 1  # no loop unit opens inside the op
+        try:
+            return eager(callee, args, kwargs)
+        finally:
+            thread.opaque -= 1
+    if it.opaque_depth == 0 and it.mode != EAGER:
+        if callee is jax.vjp and args and not kwargs.keys() - {"has_aux"}:
+            return autodiff.vjp(it, args[0], args[1:], **kwargs)
+        if callee is jax.jvp and len(args) == 3 and not kwargs.keys() - {"has_aux"}:
+            return autodiff.jvp(it, *args, **kwargs)
+    if it.opaque_depth == 0:
+        if (callee is jax.grad or callee is jax.value_and_grad) and len(args) == 1:
+            return _gradient_function(it, callee, args, kwargs)
+        if is_api_wrapper(callee):
+            spec = it.remember(("grad spec", Id(callee)), lambda: grad_spec(callee))
+            if spec is not None:
+                return autodiff.grad(it, callee, spec, args, kwargs)
+    if isinstance(callee, types.MethodType) and not isinstance(callee.__self__, type):
+        args = (callee.__self__,) + args  # x.sum() on a concrete array: x is an input
+        callee = callee.__func__
+    return it.op(callee, args, kwargs)
+
+
+def _gradient_function(it, make, args, kwargs):
+    """``jax.grad(fun, ...)`` inside an iteration.  Making the gradient function costs more
+    than the step's ops; JAX's holds no state but ``fun``, so the one made for this ``fun``
+    in the last iteration serves again."""
+    try:
+        key = (make, Id(args[0]), tuple(sorted(kwargs.items())))
+        hash(key)
+    except TypeError:  # an unhashable option: made afresh
+        return make(*args, **kwargs)
+    return it.remember(key, lambda: make(*args, **kwargs))

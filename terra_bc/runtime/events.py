@@ -1,0 +1,136 @@
+"""Typed records of a recorded path: what each input and output of an event was, and the
+events themselves, one class (one fixed shape) per kind.
+
+Input specs, one per flattened argument of an op (in JAX's flattening of ``(args,
+kwargs)``):
+
+* ``PlaceholderIn(id)``   this iteration's placeholder for value ``id``;
+* ``FeedIn(id, aval, type)``  a value from Python (an array, or a Python number fed rather
+  than baked in) entering the graph as input ``id``;
+* ``StaticIn(value)``     a Python value baked into the recorded equations;
+* ``ComputedIn(aval)``    an input of a graph break: any computed value of that aval.
+
+Output specs: ``PlaceholderOut(id, aval)`` or ``StaticOut(value)``.  Specs are matched by
+their type (``guards.matches``), never compared with ``==`` (named tuples of different
+kinds with equal fields would compare equal).
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class PlaceholderIn(NamedTuple):
+    id: int
+
+
+class FeedIn(NamedTuple):
+    id: int
+    aval: object
+    type: type
+
+
+class StaticIn(NamedTuple):
+    value: object
+
+
+class ComputedIn(NamedTuple):
+    aval: object
+
+
+class PlaceholderOut(NamedTuple):
+    id: int
+    aval: object
+
+
+class StaticOut(NamedTuple):
+    value: object
+
+
+class FastSpec(NamedTuple):
+    """What the C fast path checks for a plain op event (``_fastop.c``): per-arg specs are
+    plain tuples (0, id) / (1, value) / (2, id, aval, type) for the positional then the
+    keyword arguments in call order."""
+    callee: object
+    nargs: int
+    args: tuple
+    out_id: int
+    out_aval: object
+    kwnames: tuple | None
+
+
+def key_name(key):
+    """A guard key's printable name (a callee's qualified name, a conversion's kind)."""
+    obj = getattr(key, "obj", key)
+    if isinstance(key, tuple) and key and isinstance(key[0], types.CodeType):
+        return key[0].co_qualname
+    return getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or repr(obj)[:40]
+
+
+# ------------------------------------------------------------------ events
+
+@dataclass(slots=True, eq=False, repr=False)
+class Event:
+    """One step of an iteration as Python saw it.  Paths of a unit share the Event objects
+    of their common prefix (``Path.fork``), so events compare by identity."""
+    kind: str     # "enter", "op", "eager", "fetch", "<grad|vjp|jvp>-begin", "...-end"
+    key: object   # the guard key: a callee's, a conversion's kind, a transform's
+    mark: int     # recorded equations once the event happened
+    nvals: int    # recorded values once it happened (the ids a path forked here shares)
+    where: str    # the user's source line
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.kind}, {key_name(self.key)}, mark={self.mark}, at {self.where})"
+
+
+@dataclass(slots=True, eq=False, repr=False)
+class EnterEvent(Event):
+    """The unit's arguments: ``shape`` (values.arrays_in) and a FeedIn per array."""
+    shape: object
+    args: tuple
+
+
+@dataclass(slots=True, eq=False, repr=False)
+class OpEvent(Event):
+    """A DL op: its inputs' tree and specs, its outputs' tree and specs, and the spec the C
+    fast path checks (None when only the general path can match it)."""
+    tree: object
+    args: tuple
+    out_tree: object
+    outs: tuple
+    fast: FastSpec | None
+
+
+@dataclass(slots=True, eq=False, repr=False)
+class BreakEvent(Event):
+    """A graph break (kind "eager"): an op JAX would not record runs eagerly every
+    iteration on its inputs' values; its results enter later ops as feeds."""
+    tree: object
+    args: tuple
+
+
+@dataclass(slots=True, eq=False, repr=False)
+class FetchEvent(Event):
+    """Python needed value ``id`` (``key`` is the conversion: "bool", "float", ...)."""
+    id: int
+
+
+@dataclass(slots=True, eq=False, repr=False)
+class BeginEvent(Event):
+    """grad/vjp/jvp of user code begins: its differentiated inputs (ids and avals)."""
+    ids: tuple
+    avals: tuple
+
+
+@dataclass(slots=True, eq=False, repr=False)
+class GradEndEvent(Event):
+    """grad/value_and_grad's result: (value, gradients) as output specs."""
+    out_tree: object
+    outs: tuple
+
+
+@dataclass(slots=True, eq=False, repr=False)
+class ForwardEndEvent(Event):
+    """vjp/jvp's forward returned values ``ids``."""
+    ids: tuple

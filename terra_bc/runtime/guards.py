@@ -1,0 +1,122 @@
+"""Guards: does what Python does now match what a recorded path did?
+
+Everything that decides a match is here: the key a callee is compared by, how one argument
+is matched against its recorded spec, which path's event Python has reached, the spec the C
+fast path checks for the common case (``_fastop.c`` runs that check, deciding nothing
+itself), and automatic dynamism (Python numbers that changed are fed from then on).
+"""
+from __future__ import annotations
+
+import operator
+import types
+
+from ..jaxpr_builder import Id
+from .events import (ComputedIn, FastSpec, FeedIn, PlaceholderIn, PlaceholderOut, StaticIn,
+                     key_name)
+from .placeholders import STABLE, Placeholder
+from .settings import settings
+from .values import aval_of, is_array, is_number, same
+
+
+# ------------------------------------------------------------------ callee keys
+
+def callee_key(callee):
+    """A guard key: identity, except for closures JAX makes afresh (grad(f) each iteration)."""
+    if isinstance(callee, types.FunctionType) and callee.__closure__ and callee not in STABLE:
+        return (callee.__code__, tuple(cell_key(c) for c in callee.__closure__))
+    if isinstance(callee, types.MethodType):
+        return (callee_key(callee.__func__), Id(callee.__self__))
+    return callee  # compared with `is` first (see values.same)
+
+
+def cell_key(cell):
+    try:
+        v = cell.cell_contents
+    except ValueError:
+        return None
+    if isinstance(v, (int, float, str, bool, type(None))):
+        return v
+    if isinstance(v, tuple) and all(isinstance(e, (int, str, bool, type(None))) for e in v):
+        return v
+    if isinstance(v, types.FunctionType):
+        return callee_key(v)
+    if type(v) is Placeholder and v._val is None:
+        return ("value", v._id)  # a closure over this iteration's value: its place in the graph
+    return Id(v)
+
+
+# ------------------------------------------------------------------ matching
+
+def unsettled(x, it):
+    """Is ``x`` a placeholder of iteration ``it`` that has no value of its own yet?"""
+    return type(x) is Placeholder and x._it is it and x._val is None
+
+
+def matches(it, x, spec, feeds):
+    """Does argument ``x`` match its recorded input spec?  A feed's (id, value) is appended
+    to ``feeds``, bound only once the whole event matches."""
+    t = type(spec)
+    if t is PlaceholderIn:
+        return unsettled(x, it) and x._id == spec.id
+    if t is FeedIn or t is ComputedIn:  # (a graph break's input is not bound)
+        if not (is_array(x) or is_number(x)) or unsettled(x, it) or aval_of(x) != spec.aval:
+            return False
+        if t is FeedIn:
+            feeds.append((spec.id, x))
+        return True
+    return same(x, spec.value)
+
+
+def continues(path, pos, kind, key, check):
+    """``path``'s event at ``pos`` if it is the one Python has reached, else None."""
+    if pos < len(path.events):
+        ev = path.events[pos]
+        if (ev.kind == kind or ev.kind == "eager" and kind == "op") and same(ev.key, key) \
+                and (check is None or check(ev)):
+            return ev
+    return None
+
+
+def changed_numbers(unit, path, pos, key, tree, leaves):
+    """Automatic dynamism: Python numbers baked into ``path``'s op at ``pos`` that now differ
+    (a step counter, a schedule's value, a token id) are fed from now on: their (line, op,
+    leaf index) joins ``unit.dynamic``, unless JAX needed that number static before."""
+    if path is None or pos >= len(path.events) or not settings["dynamic_numbers"]:
+        return
+    ev = path.events[pos]
+    if ev.kind != "op" or not same(ev.key, key) or ev.tree != tree or len(leaves) != len(ev.args):
+        return
+    for i, (x, spec) in enumerate(zip(leaves, ev.args)):
+        if type(spec) is StaticIn and type(x) in (int, float) and type(x) is type(spec.value) \
+                and x != spec.value and (ev.where, key_name(key), i) not in unit.static:
+            unit.dynamic.add((ev.where, key_name(key), i))
+
+
+# ------------------------------------------------------------------ the C fast path's spec
+
+_FAST_CODES = {PlaceholderIn: 0, StaticIn: 1, FeedIn: 2}
+
+
+def flat_call(args, kwargs, leaves):
+    """(number of positional args, keyword names) if each argument is one leaf, else None."""
+    if len(leaves) != len(args) + len(kwargs) or not all(map(operator.is_, leaves, args)):
+        return None
+    names = tuple(kwargs)
+    if not all(map(operator.is_, leaves[len(args):], [kwargs[k] for k in sorted(names)])):
+        return None
+    return len(args), names
+
+
+def fast_spec(key, specs, out_tree, outs, flat):
+    """What the C fast path checks for an op event, or None where only the general path can
+    match it (an argument that is not one leaf, several outputs, a graph break's input)."""
+    if flat is None or out_tree.num_leaves != 1 or out_tree.num_nodes != 1 or not outs \
+            or type(outs[0]) is not PlaceholderOut \
+            or any(type(spec) not in _FAST_CODES for spec in specs):
+        return None
+    nargs, names = flat
+    # specs follow JAX's flattening of (args, kwargs): keywords in sorted name order.
+    by_name = dict(zip(sorted(names), specs[nargs:]))
+    in_call_order = specs[:nargs] + tuple(by_name[k] for k in names)
+    return FastSpec(key, nargs, tuple((_FAST_CODES[type(s)],) + tuple(s) for s in in_call_order),
+                    outs[0].id, outs[0].aval, names or None)

@@ -1,0 +1,226 @@
+"""The iteration: one call of a unit's function, or one turn of its loop.
+
+Python runs the iteration's code itself; what differs is what a DL op does, by ``mode``:
+
+* tracing (``tracing.py``): the op runs eagerly under the jaxpr builder and is appended to a
+  new path as an event;
+* co-execution (``coexecution.py``): the op is checked against the recorded paths (the
+  guard) and returns placeholders without running JAX; the recorded equations run as
+  compiled segments (``launching.py``), launched when Python fetches a value and at the end;
+* eager: past a branch point where the unit makes no more paths, ops run as plain JAX.
+
+A guard that fails mid-iteration is a divergence (``diverge``): the live placeholders get
+their values from the launched prefix and the rest of the iteration is traced as a new path
+sharing that prefix.  ``op`` is the one place that switches on the mode for ops.
+"""
+from __future__ import annotations
+
+from jax.tree_util import tree_leaves
+
+from .. import _hook
+from ..counters import counts
+from . import coexecution, launching, tracing
+from .coexecution import retried
+from .context import COEXEC, EAGER, TRACE
+from .events import FetchEvent
+from .guards import callee_key
+from .placeholders import Placeholder, concrete, eager
+from .values import MISS, arrays_in, is_array
+
+
+class Iteration:
+    # The C fast path reads mode, opaque_depth, path, pos, env and live by these names.
+    __slots__ = ("unit", "mode", "path", "pos", "fork_stop", "left", "auto", "loop_turns",
+                 "env", "seg_start", "tracers", "live", "opaque_depth", "recording",
+                 "grad_depth", "memo", "saved")
+
+    def __init__(self, unit, mode, path):
+        self.unit, self.mode, self.path = unit, mode, path
+        self.pos = 0            # next event of the path (co-execution)
+        self.fork_stop = 0      # equations co-executed before a divergence
+        self.left = None        # the path a divergence left
+        self.auto = False       # an iteration of a function unit found without decoration
+        self.loop_turns = {}    # turns of loops inside it (auto function units)
+        self.env = {}           # value id -> concrete value (feeds, launched segments' outputs)
+        self.seg_start = 0      # first equation not launched yet
+        self.tracers = {}       # value id -> recording tracer (tracing)
+        self.live = []          # this iteration's placeholders (see launching.alive)
+        self.opaque_depth = 0   # > 0 while inside an opaque DL op's own Python (JAX traces it)
+        self.recording = None   # the Recorder entered for this iteration (tracing)
+        self.grad_depth = 0     # > 0 while a differentiated function's Python runs
+        self.memo = {}          # see remember
+        self.saved = None       # what opening it changed in the thread (context.SavedThread)
+
+    def __repr__(self):
+        return f"<Iteration of {self.unit.name}: {self.mode}, event {self.pos}>"
+
+    @retried
+    def enter(self, args, kwargs):
+        """The unit's arguments: arrays become placeholders (fed), the rest are Python's own.
+
+        Only arrays reached through tuples are replaced (tuples are values); every other
+        container is passed as the caller's own object, so what the unit appends to a list or
+        stores in a dict stays there.  Arrays inside those are fed where an op uses them."""
+        leaves = []
+        shape = arrays_in((args, tuple(kwargs.items())), leaves)
+        if self.mode == COEXEC:
+            return coexecution.enter(self, shape, leaves, args, kwargs)
+        if self.mode == EAGER:
+            return args, kwargs
+        return tracing.enter(self, shape, leaves, args, kwargs)
+
+    def remember(self, key, make):
+        """``make()``, made once for ``key`` while every iteration of the unit asks for it:
+        kept to the next iteration, dropped after one that did not ask (so what ``key``
+        holds, a function made afresh each step, is not kept alive)."""
+        try:
+            return self.memo[key]
+        except KeyError:
+            value = self.memo[key] = self.unit.memo.get(key, MISS)
+            if value is MISS:
+                value = self.memo[key] = make()
+            return value
+
+    def new_placeholder(self, id, aval, rec=None):
+        if rec is None:
+            return _hook.placeholder(self, id, aval)  # (in C: it is made for most ops)
+        ph = Placeholder(self, id, aval, rec)
+        self.live.append(ph)
+        return ph
+
+    # -- ops
+    def op(self, fn, args, kwargs, key=None):
+        """A DL op of this iteration, as its mode runs it."""
+        if self.opaque_depth:  # inside an opaque op: JAX is tracing; just run it
+            self.unit.nested_calls += 1
+            return fn(*args, **kwargs)
+        mode = self.mode
+        if mode == EAGER:  # past a branch point with too many variants: plain JAX
+            counts["ops_eager"] += 1
+            self.opaque_depth += 1
+            try:
+                return eager(fn, args, kwargs)
+            finally:
+                self.opaque_depth -= 1
+        if mode == COEXEC:  # a plain op event: checked and skipped in C (_fastop.c)
+            out = _hook.fast_op(self, fn, args, kwargs)
+            if out is not MISS:
+                return out
+        if not any(map(is_array, tree_leaves((args, kwargs)))):
+            # No array in: a constructor (jnp.zeros, PRNGKey) or a transform being made
+            # (jax.grad(f)); run it.  An array it makes enters later ops as a feed.
+            return fn(*args, **kwargs)
+        key = callee_key(fn) if key is None else key
+        if mode == TRACE:
+            return tracing.op(self, fn, key, args, kwargs)
+        return self._matched_op(fn, key, args, kwargs)
+
+    @retried
+    def _matched_op(self, fn, key, args, kwargs):
+        """Co-execution's general path; after a divergence, the op as the new mode runs it."""
+        if self.mode == COEXEC:
+            return coexecution.op(self, fn, key, args, kwargs)
+        return self.op(fn, args, kwargs, key)
+
+    def lower(self, ph):
+        """JAX code we do not see op by op (a library, ``jax_array[placeholder]``) wants this
+        value.  While tracing it computes on the recorded tracer, so the result is right and
+        a gradient flows through it; but co-execution could not reproduce that op, so the
+        unit will run eagerly from then on.  In co-execution (a path not seen while tracing)
+        it gets the value: right, except for a gradient through it, which we refuse."""
+        if self.mode == TRACE:
+            self.path.eager_reason = self.path.eager_reason or (
+                "JAX code outside the recorded ops (a library, jax_array[placeholder]) used a value")
+            return ph._rec
+        if self.grad_depth:
+            raise RuntimeError(
+                "terra_bc: JAX code it does not record (a library function or jax_array[x]) "
+                "received a value inside a differentiated function on a path not seen while "
+                "tracing; its gradient cannot be computed. Run this function without terra_bc.")
+        launching.launch(self, self.path.events[self.pos - 1].mark if self.pos else 0, [ph._id])
+        return self.env[ph._id]
+
+    # -- fetches
+    def fetch(self, ph, kind, convert):
+        """Python needs the value of ``ph`` (``kind``: the conversion): a fetch event."""
+        counts["fetches"] += 1
+        return convert(self._fetched(ph, kind))
+
+    @retried
+    def _fetched(self, ph, kind):
+        if self.mode == TRACE:
+            tracing.append(self, FetchEvent, "fetch", kind, id=ph._id)
+            return ph._rec.val
+        if self.mode == COEXEC:
+            ev = coexecution.next_event(self, "fetch", kind)
+            if ev.id != ph._id:
+                raise coexecution.Divergence
+            self.pos += 1
+            launching.launch(self, ev.mark, [ph._id])
+            return self.env[ph._id]
+        return concrete(ph)
+
+    # -- paths
+    def diverge(self):
+        """No recorded path goes on the way Python goes: leave them here.
+
+        The live placeholders get their values from the pending prefix, then the rest of the
+        iteration is traced as a new path that shares the prefix's events and recording with
+        the path it left (``Path.fork``): the unit has one more path.  A unit that has made
+        too many paths (``Unit.frozen``) runs the rest of the iteration eagerly instead."""
+        counts["divergences"] += 1
+        old, pos = self.path, self.pos
+        last = old.events[pos - 1] if pos else None
+        stop = last.mark if last else 0
+        alive = [p for p in launching.alive(self) if p._val is None]
+        launching.launch(self, stop, [p._id for p in alive])
+        if pos == 0:  # nothing co-executed: an iteration traced (or run eagerly) from its start
+            counts["iterations_coexecuted"] -= 1
+        if self.unit.frozen and not self.grad_depth:  # (a gradient needs the recording)
+            self.mode = EAGER
+            counts["eager_fallbacks"] += 1
+            launching.settle(self)
+            return
+        counts["iterations_traced"] += pos == 0
+        new = old.fork(pos)
+        for p in alive:
+            p._rec = self.tracers[p._id] = new.recorder.adopt(p._id, self.env[p._id])
+        self.path, self.mode, self.fork_stop, self.left = new, TRACE, stop, old
+        self.recording = new.recorder
+        self.recording.__enter__()
+
+    def _path_ending_here(self):
+        """Co-execution ended before this path did: the recorded path that ends here, or a
+        new one (the prefix alone, no trace needed)."""
+        for path in coexecution.paths_here(self):
+            if len(path.events) == self.pos:
+                return path
+        counts["divergences"] += 1
+        new = self.path.fork(self.pos)
+        self.unit.add_path(new)
+        return new
+
+    def finish(self, ok):
+        """End of the iteration: launch what is left, settle placeholders, keep the path."""
+        if self.recording is not None:
+            self.recording.__exit__(None, None, None)
+            self.recording = None
+        unit = self.unit
+        if self.mode == COEXEC:
+            if self.pos != len(self.path.events):
+                self.path = self._path_ending_here()
+            alive = launching.alive(self)
+            launching.launch(self, self.path.recorder.mark(),
+                             [p._id for p in alive if p._val is None], alive)
+            unit.last_path = self.path
+            launching.settle(self, alive)
+            return
+        if self.mode == TRACE:
+            unit.escaping |= {p._id for p in launching.alive(self) if p._val is None}
+            path = self.path
+            if path.eager_reason:
+                unit.eager_reason = path.eager_reason
+            elif ok:
+                unit.add_path(path)
+                unit.last_path = path
+        launching.settle(self)

@@ -1,0 +1,68 @@
+"""Paths: a unit's TraceGraph is its recorded paths, which share the events and recording of
+their common prefixes.  A ``Path`` holds one path's events, its recording (the jaxpr
+builder's ``Recorder``) and the segments compiled from it."""
+from __future__ import annotations
+
+from .. import jaxpr_builder
+from .context import TRACE, current
+
+
+class ValueDependent(Exception):
+    """JAX read the concrete value of a recorded input while running an op (a shape, an
+    index): the recorded equations would bake that value in, so the op is not recorded."""
+
+
+def _fetched_inside_op(tracer, kind, value):
+    """The Recorder's report that a recorded value was read (``bool(x)``, ``np.asarray``)."""
+    it = current()
+    if it is not None and it.opaque_depth and it.mode == TRACE:
+        raise ValueDependent(f"an op read a recorded value ({kind})")
+
+
+class Path:
+    """One recorded path of a unit: its events, the recording, and segment plans.
+
+    A path made by leaving another one at event k shares that path's first k events (the
+    same objects) and its recording up to there (``Recorder.fork``: same equations, same
+    value ids), so an iteration can move between paths at any branch point without
+    recomputing anything.  A recorded path never changes once kept: a new way through the
+    unit is a new Path.  The C fast path reads ``events``."""
+
+    __slots__ = ("recorder", "events", "segments", "plans", "eager_reason")
+
+    def __init__(self, recorder=None, events=()):
+        self.recorder = recorder if recorder is not None else jaxpr_builder.Recorder(_fetched_inside_op)
+        self.events = list(events)
+        self.segments = {}      # (start, stop, outputs) -> (Segment, executable)
+        self.plans = {}         # (start, stop) -> (ids produced there, ids read after stop)
+        self.eager_reason = None  # why tracing it found the unit cannot be co-executed
+
+    def fork(self, pos):
+        """A new path sharing this one's first ``pos`` events and their recording."""
+        last = self.events[pos - 1] if pos else None
+        recorder = self.recorder.fork(last.mark if last else 0, last.nvals if last else 0)
+        return Path(recorder, self.events[:pos])
+
+    def plan(self, start, stop):
+        """What equations [start, stop) produce and what the rest of the path reads."""
+        plan = self.plans.get((start, stop))
+        if plan is None:
+            plan = self.plans[(start, stop)] = (self.recorder.wiring(start, stop)[1],
+                                                self.recorder.wiring(stop)[0])
+        return plan
+
+    def segment(self, start, stop, outputs, on_compile=None):
+        """(Segment, executable) computing ``outputs`` from equations [start, stop)."""
+        key = (start, stop, outputs)
+        entry = self.segments.get(key)
+        if entry is None:
+            seg = self.recorder.segment(outputs, start, stop)
+            entry = self.segments[key] = (seg, jaxpr_builder.compile_segment(seg, on_compile))
+        return entry
+
+    def shared_prefix(self, other):
+        """How many first events this path shares with ``other`` (the same objects)."""
+        k, n = 0, min(len(self.events), len(other.events))
+        while k < n and self.events[k] is other.events[k]:
+            k += 1
+        return k

@@ -1,0 +1,281 @@
+"""Placeholders: what Python holds for a DL value inside (and after) an iteration.
+
+``install_methods`` gives ``Placeholder`` its operators and array methods; each one is an op
+of the open iteration (``call``), or an eager op on concrete values once the iteration is
+over.  The callables recorded for them are terra_bc's own and stable (``STABLE``), so the
+guard of an operator compares them by identity.
+"""
+from __future__ import annotations
+
+import operator
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import tree_flatten, tree_unflatten
+
+from .. import _hook
+from ..counters import counts
+from .context import current
+
+
+class _StandIn(jax.core.Trace):
+    """The trace a placeholder claims: JAX asks a tracer it does not own to ``full_lower``."""
+
+
+STAND_IN = _StandIn()
+DEFER = object()  # see Placeholder.__jax_array__
+STABLE = set()    # terra_bc's own callees that close over constants: their own guard keys
+
+
+class Placeholder(jax.core.Tracer):
+    """A DL value of an iteration: value ``_id`` of its recorded path.
+
+    While recording it wraps a tracer of the jaxpr builder (``_rec``); in co-execution it
+    names a value of the path that may not be computed yet; once its iteration is over it
+    holds the concrete ``jax.Array`` (``_val``) and behaves as one (its operations then run
+    eagerly).  It is a JAX ``Tracer`` so that JAX accepts it anywhere (``isinstance(x,
+    jax.Array)``, ``jit``, indexing a ``jax.Array`` with it): JAX lowers a tracer it does not
+    own with ``full_lower``, which gives the value (or, while recording, the recorded tracer).
+    The C fast path makes placeholders too and reads these slots by name.
+    """
+    __slots__ = ("_it", "_id", "_rec", "_val")
+    __array_priority__ = 100  # NumPy defers `ndarray * placeholder` to us
+
+    def __init__(self, it, id, aval, rec=None, val=None):
+        self._trace, self.aval = STAND_IN, aval  # Tracer.__init__ would record line info
+        self._it, self._id, self._rec, self._val = it, id, rec, val
+
+    def full_lower(self):
+        if self._val is not None:
+            return self._val
+        it = self._it
+        if it is not current():
+            return concrete(self)
+        return it.lower(self)
+
+    def to_concrete_value(self):
+        return None  # never let JAX bake a value in (DESIGN.md)
+
+    shape = property(lambda self: self.aval.shape)
+    dtype = property(lambda self: self.aval.dtype)
+    ndim = property(lambda self: len(self.aval.shape))
+    size = property(lambda self: int(np.prod(self.aval.shape, dtype=np.int64)))
+
+    def __len__(self):
+        if not self.aval.shape:
+            raise TypeError("len() of unsized object")
+        return self.aval.shape[0]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    __hash__ = None
+
+    def __jax_array__(self):
+        # JAX's binary operators (array_methods._operator_*) convert the other operand
+        # through __jax_array__ first: handing back something they do not accept makes them
+        # return NotImplemented, so `jax_array @ placeholder` reaches our __rmatmul__ and is
+        # an op of the iteration.
+        if sys._getframe(1).f_code.co_name.startswith("_operator_"):
+            return DEFER
+        return self.full_lower()
+
+    # Conversions: each is a fetch of the iteration (see Iteration.fetch).
+    def __array__(self, dtype=None, copy=None):
+        return self._fetch("array", lambda v: np.asarray(v, dtype=dtype))
+
+    def __bool__(self):
+        return self._fetch("bool", lambda v: bool(v))
+
+    def __int__(self):
+        return self._fetch("int", lambda v: int(v))
+
+    def __float__(self):
+        return self._fetch("float", lambda v: float(v))
+
+    def __complex__(self):
+        return self._fetch("complex", lambda v: complex(v))
+
+    def __index__(self):
+        return self._fetch("index", lambda v: operator.index(v))
+
+    def item(self, *args):
+        return self._fetch("item", lambda v: v.item(*args))
+
+    def tolist(self):
+        return self._fetch("tolist", lambda v: v.tolist())
+
+    def __format__(self, spec):
+        return self._fetch("format", lambda v: format(v, spec))
+
+    def __repr__(self):
+        return self._fetch("repr", repr)
+
+    def __str__(self):
+        return self._fetch("str", str)
+
+    def __reduce__(self):
+        return (jnp.asarray, (np.asarray(self),))
+
+    def block_until_ready(self):
+        return self._fetch("ready", lambda v: v.block_until_ready())
+
+    def _fetch(self, kind, convert):
+        it = self._it
+        if self._val is not None or it is None or it is not current():
+            return convert(concrete(self))
+        return it.fetch(self, kind, convert)
+
+    def __getattr__(self, name):
+        # Array methods not installed below (x.argwhere(), x.at is separate) are ops too.
+        attr = getattr(jax.Array, name, None)
+        if attr is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        if isinstance(attr, property) or not callable(attr):
+            return call(ATTRS[name], (self,), {})
+        method = METHODS[name]
+        return lambda *args, **kwargs: call(method, (self,) + args, kwargs)
+
+    @property
+    def at(self):
+        return _At(self)
+
+
+class _At:
+    """``x.at[i].set(v)`` and friends on a placeholder."""
+    __slots__ = ("x",)
+
+    def __init__(self, x):
+        self.x = x
+
+    def __getitem__(self, index):
+        return _AtIndex(self.x, index)
+
+
+class _AtIndex:
+    __slots__ = ("x", "index")
+
+    def __init__(self, x, index):
+        self.x, self.index = x, index
+
+    def __getattr__(self, method):
+        return lambda *args, **kwargs: call(AT_METHODS[method], (self.x, self.index) + args, kwargs)
+
+
+def named(fn, name):
+    fn.__qualname__ = fn.__name__ = name
+    return fn
+
+
+class _Stable(dict):
+    """name -> a stable function applying that array attribute/method (a stable guard key)."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, name):
+        fn = self[name] = self.make(name)
+        STABLE.add(fn)
+        return fn
+
+
+ATTRS = _Stable(lambda name: named(lambda x: getattr(x, name), f"attr.{name}"))
+METHODS = _Stable(lambda name: named(lambda x, *a, **k: getattr(x, name)(*a, **k), f"method.{name}"))
+AT_METHODS = _Stable(lambda name: named(
+    lambda x, index, *a, **k: getattr(x.at[index], name)(*a, **k), f"at.{name}"))
+
+
+# ------------------------------------------------------------------ operators and methods
+
+BINARY = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or",
+          "xor", "lshift", "rshift", "lt", "le", "gt", "ge", "eq", "ne", "divmod")
+COMPARISONS = frozenset({"lt", "le", "gt", "ge", "eq", "ne"})  # no reflected form
+UNARY = ("neg", "pos", "abs", "invert")
+PROPERTIES = ("T", "mT", "real", "imag")
+# jax.core.Tracer defines the array methods and properties itself; as a Tracer subclass a
+# placeholder must override them, or x.sum() / x.T would run JAX on it without an event.
+METHOD_NAMES = (
+    "all", "any", "argmax", "argmin", "argpartition", "argsort", "astype", "byteswap",
+    "choose", "clip", "compress", "conj", "conjugate", "copy", "cumprod", "cumsum", "diagonal",
+    "dot", "flatten", "max", "mean", "min", "nonzero", "prod", "ptp", "ravel", "repeat",
+    "reshape", "round", "searchsorted", "sort", "squeeze", "std", "sum", "swapaxes", "take",
+    "trace", "transpose", "var", "view")
+
+
+def _operator_method(name, fn):
+    """Placeholder.__<name>__: the C fast path in co-execution (_hook.OpMethod), else an op
+    of the iteration (or an eager op once the iteration is over)."""
+    def general(self, *args):
+        return call(fn, (self,) + args, {})
+    general.__name__ = name
+    return _hook.OpMethod(fn, general)
+
+
+def _reflected(fn, name):
+    return named(lambda a, b: fn(b, a), name)
+
+
+def _property_of(fn):
+    return property(lambda self: call(fn, (self,), {}))
+
+
+def _method_of(fn):
+    return lambda self, *args, **kwargs: call(fn, (self,) + args, kwargs)
+
+
+def install_methods(cls):
+    """Give ``cls`` (Placeholder) its operators, array properties and methods.  Returns the
+    callables its arithmetic operators record: Python numbers given to those are fed, not
+    baked in (they change often and are never needed static; an index given to
+    ``__getitem__`` or the digits given to ``__round__`` are)."""
+    arithmetic = {}
+    for name in BINARY:
+        fn = getattr(operator, name, None) or getattr(operator, name + "_", None) or divmod
+        arithmetic[f"__{name}__"] = fn
+        if name not in COMPARISONS:
+            arithmetic[f"__r{name}__"] = _reflected(fn, f"r{name}")
+    for name in UNARY:
+        arithmetic[f"__{name}__"] = getattr(operator, name)
+    ops = dict(arithmetic, __getitem__=operator.getitem, __round__=round)
+    for name, fn in ops.items():
+        setattr(cls, name, _operator_method(name, fn))
+    for name in PROPERTIES:
+        setattr(cls, name, _property_of(ATTRS[name]))
+    for name in METHOD_NAMES:
+        setattr(cls, name, _method_of(METHODS[name]))
+    fed_operands = frozenset(arithmetic.values())
+    STABLE.update(fed_operands)
+    return fed_operands
+
+
+OPERATORS = install_methods(Placeholder)  # (see Iteration tracing: operands fed)
+
+
+# ------------------------------------------------------------------ values and eager ops
+
+def concrete(x):
+    """The concrete value behind a placeholder whose iteration has given it one."""
+    if x._val is not None:
+        return x._val
+    if x._rec is not None:
+        return x._rec.val
+    raise RuntimeError("terra_bc placeholder used outside its iteration before it was computed")
+
+
+def call(fn, args, kwargs):
+    """A placeholder's operator or method: an op of the open iteration, else eager."""
+    it = current()
+    if it is None:  # outside any iteration: a plain eager op on concrete values
+        counts["ops_eager"] += 1
+        return eager(fn, args, kwargs)
+    return it.op(fn, args, kwargs)
+
+
+def eager(fn, args, kwargs):
+    """``fn`` run by JAX on the concrete values of any placeholders among its arguments."""
+    leaves, tree = tree_flatten((args, kwargs))
+    a, k = tree_unflatten(tree, [concrete(x) if type(x) is Placeholder else x for x in leaves])
+    return fn(*a, **k)

@@ -1,0 +1,46 @@
+"""The runtime's settings and limits, in one place.
+
+Each setting has an environment variable read at import and can be changed at run time with
+``terra_bc.config(...)`` (docs/control-flow.md).  The constants below them are limits that
+measurements chose; they are not meant to be tuned per program.
+"""
+from __future__ import annotations
+
+import os
+
+
+def env_int(name, default):
+    value = os.environ.get(name)
+    try:
+        return default if value in (None, "") else int(value)
+    except ValueError:
+        raise ValueError(f"terra_bc: {name}={value!r} is not an integer") from None
+
+
+settings = {
+    "max_paths": env_int("TERRA_BC_MAX_PATHS", 16),     # recorded paths (variants) per unit
+    "max_compiles": env_int("TERRA_BC_MAX_COMPILES", 32),  # segments compiled per unit
+    "warmup": env_int("TERRA_BC_WARMUP", 0),            # first calls of a unit run plainly
+    "inner_turns": env_int("TERRA_BC_INNER_TURNS", 16),  # see discovery.on_loop
+    "dynamic_numbers": os.environ.get("TERRA_BC_DYNAMIC_NUMBERS", "1") != "0",
+}
+
+RETRACE_WINDOW = 8     # a unit that traced a new path in each of its last 8 calls is frozen
+MIN_UNIT_OPS = 4       # a function unit recording fewer DL ops costs more than it saves
+DEVICE_NUMBERS = 4096  # fed Python numbers kept as device arrays (values.device_number)
+
+
+def update(changes):
+    """Check and apply ``changes`` (setting name -> value); raise on a bad one."""
+    unknown = set(changes) - set(settings)
+    if unknown:
+        raise TypeError(f"terra_bc.config: unknown setting(s) {sorted(unknown)}; "
+                        f"known: {sorted(settings) + ['functions', 'loops']}")
+    for name, value in changes.items():
+        want = type(settings[name])
+        if type(value) is not want or want is int and value < 0:
+            kind = "non-negative int" if want is int else "bool"
+            raise ValueError(f"terra_bc.config: {name} must be a {kind}, got {value!r}")
+        if name == "max_paths" and value < 1:
+            raise ValueError("terra_bc.config: max_paths must be at least 1")
+    settings.update(changes)

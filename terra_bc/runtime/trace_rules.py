@@ -1,0 +1,115 @@
+"""Which callees are DL ops, and what JAX's own wrappers hold: the one table of "which code
+is traced" (as TorchDynamo keeps ``trace_rules.py``).
+
+A DL op is a function of JAX's sources (``jax.numpy``, ``lax``, ``jax.nn``, transforms ...)
+or a callable object JAX defines (a jitted function).  A rewritten call site asks
+``is_dl_op`` once per kind of callee (``_hook.c`` caches the answer per site); inside an
+iteration such calls go to the runtime, everything else is plain Python.
+"""
+from __future__ import annotations
+
+import os
+import types
+from typing import NamedTuple
+
+import jax
+
+JAX_DIRS = (os.path.dirname(jax.__file__) + os.sep,)
+# JAX functions that are Python-level utilities, not ops: tree_map(f, ...) must run f as
+# the iteration's own code (its ops are events), block_until_ready/device_get fetch.
+NOT_OPS_FILES = (os.sep + "tree_util.py", os.sep + "tree.py")
+NOT_OPS_NAMES = frozenset({"block_until_ready", "device_get"})
+GRAD_FUNCTIONS = ("grad_f", "grad_f_aux")  # what jax.grad returns
+VALUE_AND_GRAD_FUNCTION = "value_and_grad_f"
+API_WRAPPER = "reraise_with_filtered_traceback"  # traceback_util's wrapper of JAX's API
+
+
+def is_dl_op(callee):
+    """Does a call of ``callee`` compute on arrays with JAX (and so belong to the graph)?"""
+    try:
+        return _is_dl_op(callee)
+    except Exception:  # an object whose attribute lookup raises: not one of JAX's
+        return False
+
+
+def _is_dl_op(callee):
+    fn = getattr(callee, "__func__", callee)
+    code = getattr(fn, "__code__", None)
+    if isinstance(code, types.CodeType):  # (a class's __code__ may be a descriptor)
+        return (code.co_filename.startswith(JAX_DIRS) and not code.co_filename.endswith(NOT_OPS_FILES)
+                and code.co_name not in NOT_OPS_NAMES)
+    module = getattr(type(callee), "__module__", "") or ""
+    return module.startswith(("jax", "jaxlib")) and callable(callee)
+
+
+def traces_its_body(callee):
+    """Opaque DL ops whose Python body JAX itself only traces (jit, vmap, lax control flow):
+    the Python they run is JAX's business, not code of the iteration."""
+    if type(callee).__name__ == "PjitFunction":
+        return True
+    code = getattr(unwrap(getattr(callee, "__func__", callee)), "__code__", None)
+    return code is not None and ("control_flow" in code.co_filename or code.co_name == "vmap_f")
+
+
+def is_api_wrapper(callee):
+    """Is ``callee`` a function JAX's API wrapped (what jax.grad(f) returns is one)?"""
+    code = getattr(callee, "__code__", None)
+    return code is not None and code.co_name == API_WRAPPER
+
+
+def unwrap(fn):
+    """The function inside traceback_util's wrappers of JAX's API functions."""
+    while getattr(getattr(fn, "__code__", None), "co_name", "") == API_WRAPPER:
+        fn = cells(fn)["fun"]
+    return fn
+
+
+def cells(fn):
+    """A closure's free variables by name (those with a value)."""
+    code = getattr(fn, "__code__", None)
+    if code is None or not fn.__closure__:
+        return {}
+    out = {}
+    for name, cell in zip(code.co_freevars, fn.__closure__):
+        try:
+            out[name] = cell.cell_contents
+        except ValueError:
+            pass
+    return out
+
+
+def body_key(fun):
+    """The guard key of a function whose body runs as code of the iteration (grad, vjp): its
+    code.  Its closure (a fresh lambda over this step's batch) needs no guard: every op of
+    the body is checked as it runs."""
+    return getattr(unwrap(fun), "__code__", fun)
+
+
+class Grad(NamedTuple):
+    """What a gradient function made by jax.grad / value_and_grad differentiates."""
+    fun: object            # the user's function
+    argnums: object        # as given (an int: one gradient, not a tuple of them)
+    has_aux: bool
+    returns_value: bool    # value_and_grad
+    nums: tuple            # argnums as a tuple
+    key: tuple             # the guard key of its begin and end events
+
+
+def grad_spec(callee):
+    """What ``jax.grad(fun, ...)`` / ``jax.value_and_grad(fun, ...)`` made ``callee`` from,
+    as a ``Grad`` record, or None for anything else (or options we do not co-execute)."""
+    fn = unwrap(callee)
+    name = getattr(getattr(fn, "__code__", None), "co_name", "")
+    if name in GRAD_FUNCTIONS:
+        fn, returns_value = unwrap(cells(fn).get(VALUE_AND_GRAD_FUNCTION)), False
+    elif name == VALUE_AND_GRAD_FUNCTION:
+        returns_value = True
+    else:
+        return None
+    free = cells(fn)
+    if "fun" not in free or free.get("holomorphic") or free.get("allow_int"):
+        return None
+    fun, argnums, has_aux = free["fun"], free["argnums"], free["has_aux"]
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    return Grad(fun, argnums, has_aux, returns_value, nums,
+                ("grad", body_key(fun), nums, has_aux, returns_value))

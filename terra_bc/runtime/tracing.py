@@ -1,0 +1,181 @@
+"""Tracing mode: DL ops run eagerly under the jaxpr builder and become events of a new path.
+
+Python sees real values.  Each op's inputs are recorded as specs (``events``): this
+iteration's placeholders, values fed from Python, and static values baked in; its outputs
+become placeholders wrapping the recording's tracers.  An op JAX refuses to record (a
+data-dependent shape) is a graph break: it runs eagerly every iteration.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import jax
+from jax.tree_util import tree_flatten, tree_unflatten
+
+from ..counters import counts
+from ..jaxpr_builder import RecTracer
+from . import guards, launching
+from .events import (BreakEvent, ComputedIn, EnterEvent, FeedIn, OpEvent, PlaceholderIn,
+                     PlaceholderOut, StaticIn, StaticOut, key_name)
+from .placeholders import OPERATORS, Placeholder, concrete, eager
+from .trace_rules import traces_its_body
+from .values import aval_of, is_array, is_number, user_line, with_arrays
+
+
+def append(it, event_type, kind, key, where=None, **fields):
+    """Append an event to the path being recorded (mark and value count: now)."""
+    rec = it.path.recorder
+    it.path.events.append(event_type(kind, key, rec.mark(), rec.num_values,
+                                     where or user_line(), **fields))
+
+
+def feed(it, x):
+    """A value entering the graph from Python becomes a graph input (its tracer)."""
+    counts["feeds"] += 1
+    if type(x) is Placeholder:
+        x = concrete(x)
+    elif isinstance(x, RecTracer):  # made outside any event: fed like a concrete array
+        x = x.val
+    t = it.path.recorder.input(x)
+    it.tracers[t.id] = t
+    return t
+
+
+def wrap(it, t):
+    """A new placeholder of ``it`` for recorded tracer ``t``."""
+    it.tracers[t.id] = t
+    return it.new_placeholder(t.id, t.aval, t)
+
+
+def tracer(it, id):
+    """The recording tracer of value ``id``.  After a divergence a value of the co-executed
+    prefix gets one from its computed value (``Recorder.adopt``)."""
+    t = it.tracers.get(id)
+    if t is None:
+        t = it.tracers[id] = it.path.recorder.adopt(id, launching.value(it, id, it.fork_stop))
+    return t
+
+
+def enter(it, shape, leaves, args, kwargs):
+    """The unit's arguments: each array is fed and handed to the unit as a placeholder."""
+    if not leaves:
+        append(it, EnterEvent, "enter", None, shape=shape, args=())
+        return args, kwargs
+    specs, values = [], []
+    for x in leaves:
+        t = feed(it, x)
+        specs.append(FeedIn(t.id, t.aval, type(x)))
+        values.append(wrap(it, t))
+    append(it, EnterEvent, "enter", None, shape=shape, args=tuple(specs))
+    return with_arrays(args, kwargs, values)
+
+
+def input_spec(it, x, fed_number):
+    """(spec, value to call with) for one input leaf; ``fed_number``: feed a Python number
+    (an operator's operand, or a leaf that changed between iterations)."""
+    if guards.unsettled(x, it):
+        return PlaceholderIn(x._id), x._rec
+    if it.path.recorder.owns(x) and it.path.eager_reason:
+        # computed by JAX code we did not see op by op from a placeholder it lowered (a
+        # library): keep it connected for this iteration's gradient; the unit will not
+        # be co-executed.  Otherwise it came from concrete arrays (an operator of two
+        # jax.Arrays), as co-execution computes it too: eagerly, then fed.
+        it.tracers[x.id] = x
+        return PlaceholderIn(x.id), x
+    if is_array(x) or fed_number and is_number(x):
+        t = feed(it, x)
+        return FeedIn(t.id, t.aval, type(x)), t
+    return StaticIn(x), x
+
+
+def _run_recorded(it, fn, tree, leaves, fed_number):
+    specs, values = zip(*(input_spec(it, x, fed_number(i)) for i, x in enumerate(leaves))) \
+        if leaves else ((), ())
+    a, k = tree_unflatten(tree, list(values))
+    return specs, fn(*a, **k)
+
+
+def _record_op(it, fn, key, where, tree, leaves):
+    """Run ``fn`` recorded; its inputs' specs and its output.  Numbers at leaves the unit
+    learnt are dynamic are fed; if JAX needs one static after all, it stays static."""
+    operands = fn in OPERATORS
+    unit = it.unit
+    name = key_name(key)
+    dynamic = {i for i in range(len(leaves)) if (where, name, i) in unit.dynamic}
+    try:
+        return _run_recorded(it, fn, tree, leaves, lambda i: operands or i in dynamic)
+    except Exception:
+        if not dynamic:
+            raise
+        # JAX needs that number static (a shape, an axis): keep it so from now on.
+        keys = {(where, name, i) for i in dynamic}
+        unit.dynamic -= keys
+        unit.static |= keys
+        return _run_recorded(it, fn, tree, leaves, lambda i: operands)
+
+
+def op(it, fn, key, args, kwargs):
+    leaves, tree = tree_flatten((args, kwargs))
+    where = user_line()
+    # After leaving a path, the ops that follow usually match it event for event: numbers
+    # that differ from it there are fed in this trace already (one retrace, not one each).
+    guards.changed_numbers(it.unit, it.left, len(it.path.events), key, tree, leaves)
+    it.opaque_depth += 1
+    nested_before = it.unit.nested_calls
+    try:
+        specs, out = _record_op(it, fn, key, where, tree, leaves)
+    except Exception as e:
+        # JAX refused to record it (a data-dependent shape: x[mask], nonzero) or our
+        # unwrapping failed: run the op as plain JAX would (the user's error propagates).
+        return _refused(it, fn, key, where, tree, leaves, args, kwargs, e)
+    finally:
+        it.opaque_depth -= 1
+    if it.unit.nested_calls != nested_before and not traces_its_body(fn):
+        it.path.eager_reason = f"{key_name(key)} runs Python code JAX differentiates or calls eagerly"
+    out_leaves, out_tree = tree_flatten(out)
+    outs, wrapped = [], []
+    for o in out_leaves:
+        if isinstance(o, RecTracer):
+            outs.append(PlaceholderOut(o.id, o.aval))
+            wrapped.append(wrap(it, o))
+        else:
+            if is_array(o):  # computed outside the recording: replaying it would freeze it
+                it.path.eager_reason = it.path.eager_reason or f"{key_name(key)} returned an unrecorded array"
+            outs.append(StaticOut(o))
+            wrapped.append(o)
+    flat = guards.flat_call(args, kwargs, leaves)
+    outs = tuple(outs)
+    append(it, OpEvent, "op", key, where, tree=tree, args=tuple(specs), out_tree=out_tree,
+           outs=outs, fast=guards.fast_spec(key, tuple(specs), out_tree, outs, flat))
+    counts["ops_traced"] += 1
+    return tree_unflatten(out_tree, wrapped)
+
+
+def _refused(it, fn, key, where, tree, leaves, args, kwargs, error):
+    """An op the recorder refused runs eagerly: a graph break, or (inside a differentiated
+    function, where a gradient cannot flow through an eager op) the unit runs eagerly."""
+    if it.grad_depth:
+        it.path.eager_reason = f"{key_name(key)} failed under recording ({type(error).__name__})"
+        return settled_eager(it, fn, args, kwargs)
+    out = settled_eager(it, fn, args, kwargs)
+    # A graph break: its inputs are computed, it runs eagerly every iteration, and its
+    # results enter later ops as feeds (guarded by their shapes).
+    append(it, BreakEvent, "eager", key, where, tree=tree,
+           args=tuple(_break_spec(it, x) for x in leaves))
+    return out
+
+
+def _break_spec(it, x):
+    if guards.unsettled(x, it):
+        return PlaceholderIn(x._id)
+    if is_array(x) or is_number(x):
+        return ComputedIn(aval_of(x))
+    return StaticIn(x)
+
+
+def settled_eager(it, fn, args, kwargs):
+    """Run ``fn`` on concrete values, outside the recording (the unit will run eagerly)."""
+    counts["ops_eager"] += 1
+    rec = it.recording
+    with jax.extend.core.set_current_trace(rec.parent_trace()) if rec is not None else nullcontext():
+        return eager(fn, args, kwargs)

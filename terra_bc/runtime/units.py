@@ -1,0 +1,119 @@
+"""Units: a function (or a loop) whose calls (turns) are iterations sharing one TraceGraph.
+
+``Unit.begin`` opens an iteration in this thread (tracing if the unit has no path yet, else
+co-executing from the path the last iteration took); ``Unit.end`` closes it and decides what
+the unit does next: keep the new path, make no more paths (frozen), or run eagerly.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import weakref
+
+from ..counters import counts
+from . import context
+from .context import COEXEC, TRACE
+from .iteration import Iteration
+from .paths import Path
+from .settings import RETRACE_WINDOW, settings
+from .values import eager_value
+
+all_units = weakref.WeakSet()  # for explain()
+
+
+class Unit:
+    """A function whose calls are iterations sharing one TraceGraph (its ``paths``)."""
+
+    def __init__(self, fn, name=None):
+        self.fn = fn
+        self.name = name or getattr(fn, "__qualname__", "unit")
+        all_units.add(self)
+        self.paths = []         # recorded paths (sharing prefixes): the unit's TraceGraph
+        self.last_path = None   # the path the last iteration took: the next one starts on it
+        self.frozen = None      # why no more paths are made (past a branch point: eager)
+        self.dynamic = set()    # (line, op, leaf index): numbers fed, not baked (they changed)
+        self.static = set()     # ... and those JAX needs static (feeding them failed)
+        self.escaping = set()   # value ids that outlived a traced iteration
+        self.eager_reason = None  # why the unit cannot be co-executed: it runs eagerly
+        self.nested_calls = 0   # routed calls made while an opaque op ran (see tracing.op)
+        self.recent = collections.deque(maxlen=RETRACE_WINDOW)  # did each recent call trace?
+        self.calls = 0          # calls so far, for settings["warmup"]
+        self.compiles = 0       # segments compiled for it (settings["max_compiles"])
+        self.memo = {}          # what the last iteration remembered (Iteration.remember)
+        self.code = None        # a function unit's code (discovery), else None
+
+    def __repr__(self):
+        return f"<Unit {self.name}: {len(self.paths)} path(s)>"
+
+    def warming_up(self, plain_calls=0):
+        """Count a call; is it one of the first ``warmup`` (+ plain_calls) run plainly?"""
+        self.calls += 1
+        return self.calls <= settings["warmup"] + plain_calls
+
+    def note_compile(self):
+        self.compiles += 1
+
+    def __call__(self, *args, **kwargs):
+        inside = context.current() is not None
+        if inside or self.eager_reason or self.warming_up():
+            if self.eager_reason and not inside:
+                counts["eager_fallbacks"] += 1
+            return self.fn(*args, **kwargs)  # inside another unit: part of its iteration
+        it, (args, kwargs) = self.begin(args, kwargs)
+        ok = False
+        try:
+            result = self.fn(*args, **kwargs)
+            ok = True
+        finally:
+            self.end(it, ok)
+        return eager_value(result)
+
+    def add_path(self, path):
+        if self.frozen or len(self.paths) >= settings["max_paths"]:
+            self.frozen = self.frozen or f"made {len(self.paths)} paths (max_paths)"
+            return
+        self.paths.append(path)
+        counts["paths_recorded"] += 1
+
+    def begin(self, args, kwargs):
+        """Open an iteration in this thread; returns it and the arguments to run it with."""
+        last = self.last_path
+        mode = COEXEC if last is not None else TRACE
+        it = Iteration(self, mode, last if last is not None else Path())
+        counts["iterations_coexecuted" if mode == COEXEC else "iterations_traced"] += 1
+        context.open_iteration(it)
+        try:
+            if mode == TRACE:
+                it.path.recorder.__enter__()
+                it.recording = it.path.recorder
+            return it, it.enter(args, kwargs)
+        except BaseException:  # (a feed JAX refuses): leave this thread as it was found
+            if it.recording is not None:
+                it.recording.__exit__(None, None, None)
+            context.close_iteration(it)
+            raise
+
+    def end(self, it, ok):
+        context.close_iteration(it)
+        self.memo = it.memo
+        it.finish(ok)
+        # Tracing costs more than eager: a unit that keeps making new paths makes no more;
+        # where Python leaves its recorded paths, the rest of the iteration runs eagerly.
+        self.recent.append(it.mode == TRACE)
+        if len(self.recent) == RETRACE_WINDOW and all(self.recent):
+            self.frozen = self.frozen or (f"traced new paths in {sum(self.recent)} of its last "
+                                          f"{RETRACE_WINDOW} calls (its path or shapes change)")
+        context.route_outside_iterations()
+
+
+def function(fn):
+    """``@terra_bc.function``: each call of ``fn`` is an iteration of one unit."""
+    unit = Unit(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return unit(*args, **kwargs)
+
+    call.__wrapped__ = getattr(fn, "__wrapped__", fn)  # the user's own function
+    call.__terra_bc_unit__ = unit
+    return call
