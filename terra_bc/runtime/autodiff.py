@@ -122,22 +122,12 @@ def _trace_grad(it, spec, start, diff, out):
         raise TypeError("terra_bc: the differentiated function must return a scalar array")
     rec = it.path.recorder
     seg = rec.segment([value._id], start, rec.mark())
-    fn = jax.extend.core.jaxpr_as_fun(seg.jaxpr)
-    base = [tracing.tracer(it, i) for i in seg.inputs]
-    where = {id: k for k, id in enumerate(seg.inputs)}
     diff_ids = [p._id for _, phs in diff for p in phs]
-
-    def loss_of(*xs):
-        vals = list(base)
-        for id, x in zip(diff_ids, xs):
-            if id in where:
-                vals[where[id]] = x
-        return fn(*vals)[0]
-
+    outputs_of = _function_of(seg, [tracing.tracer(it, i) for i in seg.inputs], diff_ids)
     primals = [tracing.tracer(it, i) for i in diff_ids]
     it.opaque_depth += 1
     try:
-        value_t, vjp = jax.vjp(loss_of, *primals)
+        value_t, vjp = jax.vjp(lambda *xs: outputs_of(*xs)[0], *primals)
         flat = vjp(jnp.ones_like(value_t))
     finally:
         it.opaque_depth -= 1
@@ -152,6 +142,21 @@ def _trace_grad(it, spec, start, diff, out):
                    outs=tuple(PlaceholderOut(p._id, p.aval) for p in out_leaves))
     counts["ops_traced"] += 1
     return _grad_result(spec, value, grads, aux)
+
+
+def _function_of(seg, inputs, diff_ids):
+    """Segment ``seg`` as a function of the values ``diff_ids``: its other inputs are taken
+    from ``inputs`` (one per ``seg.inputs``)."""
+    fn = jax.extend.core.jaxpr_as_fun(seg.jaxpr)
+    where = {id: k for k, id in enumerate(seg.inputs)}
+
+    def outputs_of(*xs):
+        vals = list(inputs)
+        for id, x in zip(diff_ids, xs):
+            if id in where:
+                vals[where[id]] = x
+        return fn(*vals)
+    return outputs_of
 
 
 def _grad_result(spec, value, grads, aux):
@@ -230,22 +235,13 @@ def _recorded_forward(it, plan):
     """The recorded forward [start, end) of a vjp/jvp as a function of the differentiated
     inputs, and those inputs (tracers while tracing, values in an eager tail)."""
     seg = it.path.recorder.segment(plan.out_ids, plan.start, plan.end)
-    fn = jax.extend.core.jaxpr_as_fun(seg.jaxpr)
     # Past a frozen unit's divergence (eager mode) it runs on computed values.
     if it.mode == TRACE:
         value = functools.partial(tracing.tracer, it)
     else:
         value = lambda i: launching.value(it, i, plan.end)  # noqa: E731
-    base = [value(i) for i in seg.inputs]
-    where = {id: k for k, id in enumerate(seg.inputs)}
-
-    def forward(*xs):
-        vals = list(base)
-        for id, x in zip(plan.diff_ids, xs):
-            if id in where:
-                vals[where[id]] = x
-        return list(fn(*vals))
-    return forward, [value(i) for i in plan.diff_ids]
+    outputs_of = _function_of(seg, [value(i) for i in seg.inputs], plan.diff_ids)
+    return (lambda *xs: list(outputs_of(*xs))), [value(i) for i in plan.diff_ids]
 
 
 def _tangents(it, plan, *tangents):
