@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from .. import _hook
 
@@ -40,36 +39,29 @@ class LoopTurn:
     inner_turns: dict = field(default_factory=dict)  # token -> turns of loops nested in it
 
 
-class SavedThread(NamedTuple):
-    """What opening an iteration changed, to put back when it closes."""
-    routing: bool
-    hook_enabled: bool
-
-
-_route_always = False
+_routing_everywhere = False
 
 
 def open_iteration(it):
-    """Make ``it`` this thread's open iteration; route DL ops to it, hook enabled."""
+    """Make ``it`` this thread's open iteration; route DL ops to it, hook enabled.  What
+    that changed is kept on the iteration (``was_routing``, ``hook_was_enabled``)."""
     _hook.set_iteration(it)
-    it.saved = SavedThread(_hook.set_thread_routing(True), _hook.thread_enabled())
+    it.was_routing = _hook.set_thread_routing(True)
+    it.hook_was_enabled = _hook.thread_enabled()
     _hook.enable_thread()
 
 
 def close_iteration(it):
-    """This thread as it was before ``open_iteration(it)``."""
-    _hook.set_thread_routing(it.saved.routing)
-    if not it.saved.hook_enabled:
+    """This thread as it was before ``open_iteration(it)``.  Once an iteration has ended
+    its placeholders may be anywhere in the program (a list, a global), and any later DL-op
+    call may receive one: from then on sites route DL-op calls outside iterations too,
+    where ``dispatch.on_site`` runs them on concrete values.  Set once and kept, by
+    design: programs that never open a unit pay nothing."""
+    global _routing_everywhere
+    _hook.set_thread_routing(it.was_routing)
+    if not it.hook_was_enabled:
         _hook.disable_thread()
     _hook.set_iteration(None)
-
-
-def route_outside_iterations():
-    """Once an iteration has ended its placeholders may be anywhere in the program (a list,
-    a global), and any later DL-op call may receive one: from then on sites route DL-op
-    calls outside iterations too, where ``dispatch.on_site`` runs them on concrete values.
-    Set once and kept, by design: programs that never open a unit pay nothing."""
-    global _route_always
-    if not _route_always:
-        _route_always = True
+    if not _routing_everywhere:
+        _routing_everywhere = True
         _hook.set_route_always(True)

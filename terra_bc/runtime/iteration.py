@@ -32,7 +32,7 @@ class Iteration:
     # The C fast path reads mode, opaque_depth, path, pos, env and live by these names.
     __slots__ = ("unit", "mode", "path", "pos", "fork_stop", "left", "auto", "loop_turns",
                  "env", "seg_start", "tracers", "live", "opaque_depth", "recording",
-                 "grad_depth", "memo", "saved")
+                 "grad_depth", "memo", "was_routing", "hook_was_enabled")
 
     def __init__(self, unit, mode, path):
         self.unit, self.mode, self.path = unit, mode, path
@@ -49,7 +49,7 @@ class Iteration:
         self.recording = None   # the Recorder entered for this iteration (tracing)
         self.grad_depth = 0     # > 0 while a differentiated function's Python runs
         self.memo = {}          # see remember
-        self.saved = None       # what opening it changed in the thread (context.SavedThread)
+        self.was_routing = self.hook_was_enabled = False  # the thread before it (context)
 
     def __repr__(self):
         return f"<Iteration of {self.unit.name}: {self.mode}, event {self.pos}>"

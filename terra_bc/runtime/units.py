@@ -94,7 +94,7 @@ class Unit:
             raise
 
     def end(self, it, ok):
-        context.close_iteration(it)
+        context.close_iteration(it)  # (routing everywhere from now on: see there)
         self.memo = it.memo
         it.finish(ok)
         # Tracing costs more than eager: a unit that keeps making new paths makes no more;
@@ -103,7 +103,6 @@ class Unit:
         if len(self.recent) == RETRACE_WINDOW and all(self.recent):
             self.frozen = self.frozen or (f"traced new paths in {sum(self.recent)} of its last "
                                           f"{RETRACE_WINDOW} calls (its path or shapes change)")
-        context.route_outside_iterations()
 
 
 def function(fn):
