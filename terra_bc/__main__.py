@@ -1,4 +1,4 @@
-"""``python -m terra_bc [--scope user|all] [--stats] [--off] (script.py | -m module) [args]``
+"""``python -m terra_bc [--scope user|all] [--include PKG] [--exclude PKG] [--stats] [--off] (script.py | -m module) [args]``
 
 Behaves as ``python script.py`` / ``python -m module`` would: same ``sys.argv``,
 ``sys.path[0]``, ``__main__`` module, exit codes and tracebacks (which start at the user's
@@ -15,12 +15,12 @@ import signal
 import sys
 import types
 
-USAGE = ("usage: python -m terra_bc [--scope user|all] [--stats] [--off] [--no-loops] [--no-functions] "
-         "(script.py | -m module) [args ...]")
+USAGE = ("usage: python -m terra_bc [--scope user|all] [--include PKG] [--exclude PKG] [--stats] "
+         "[--off] [--no-loops] [--no-functions] (script.py | -m module) [args ...]")
 
 
 def parse(argv):
-    opts = {"scope": "user", "stats": False, "off": False,
+    opts = {"scope": "user", "stats": False, "off": False, "include": [], "exclude": [],
             "loops": os.environ.get("TERRA_BC_LOOPS", "1") != "0",
             "functions": os.environ.get("TERRA_BC_FUNCTIONS", "1") != "0"}
     i = 0
@@ -37,12 +37,18 @@ def parse(argv):
             opts["loops"] = arg == "--loops"
         elif arg in ("--functions", "--no-functions"):
             opts["functions"] = arg == "--functions"
-        elif arg == "--scope" or arg.startswith("--scope="):
+        elif arg.partition("=")[0] in ("--scope", "--include", "--exclude"):
+            name = arg.partition("=")[0][2:]
             value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
             i += "=" not in arg
-            if value not in ("user", "all"):
-                _usage_error(f"--scope must be 'user' or 'all', not {value!r}")
-            opts["scope"] = value
+            if name == "scope":
+                if value not in ("user", "all"):
+                    _usage_error(f"--scope must be 'user' or 'all', not {value!r}")
+                opts["scope"] = value
+            elif not value or value.startswith("-"):
+                _usage_error(f"--{name} needs a package name (a top-level import name)")
+            else:
+                opts[name].extend(v for v in value.split(",") if v)
         elif arg == "-m":
             if i + 1 >= len(argv):
                 _usage_error("-m needs a module name")
@@ -98,6 +104,9 @@ def main(argv):
     if opts["stats"]:
         atexit.register(print_stats)  # registered first, so it runs after the user's handlers
     terra_bc.set_scope(opts["scope"])
+    if opts["include"] or opts["exclude"]:
+        terra_bc.config(include=sorted(terra_bc.config()["include"] + opts["include"]),
+                        exclude=sorted(terra_bc.config()["exclude"] + opts["exclude"]))
     if kind == "script":
         code, namespace = run_script(target, args)
     else:

@@ -7,50 +7,32 @@ program: a code object we cannot rewrite runs as it is, and the reason is logged
 from __future__ import annotations
 
 import logging
-import os
-import site
-import sysconfig
 import threading
 import weakref
-from . import _hook
+
+from . import _hook, scope
 from .counters import counts
 from .rewrite import UNTOUCHED_FLAGS, Unsupported, rewrite
 
 log = logging.getLogger("terra_bc")
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+PACKAGE_DIR = scope.PACKAGE_DIR
 SCOPES = ("user", "all")
-INTERACTIVE_FILES = ("<stdin>", "<ipython-input-")
 
 _rewritten = weakref.WeakSet()  # code objects we made: never rewrite them again
 _state = threading.local()
 _scope = "user"
 
 
-def _library_dirs():
-    paths = sysconfig.get_paths()
-    dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
-    dirs.update(getattr(site, "getsitepackages", lambda: [])())
-    dirs.add(site.getusersitepackages() if hasattr(site, "getusersitepackages") else "")
-    return tuple(os.path.realpath(d) + os.sep for d in dirs if d)
+def in_scope(code, scope_name):
+    """Is ``code`` eligible for rewriting under ``scope_name`` (``scope.py`` decides)?"""
+    return code not in _rewritten and scope.in_scope(code.co_filename, scope_name)
 
 
-LIBRARY_DIRS = _library_dirs()
-
-
-def in_scope(code, scope):
-    """Is ``code`` eligible for rewriting under ``scope``?  terra_bc's own code never is."""
-    filename = code.co_filename
-    if filename.startswith(PACKAGE_DIR) or code in _rewritten:
-        return False
-    if scope == "all":
-        return True
-    if filename.startswith("<"):
-        # Typed-in code is the user's; other pseudo-files (<string> from exec, dataclass and
-        # namedtuple methods, <frozen ...>, <__array_function__ internals>) are libraries'.
-        return filename.startswith(INTERACTIVE_FILES)
-    real = os.path.realpath(filename)
-    return not real.startswith(LIBRARY_DIRS)
+def runs_rewritten(code):
+    """Will ``code`` run rewritten (its DL-op calls routed) when called in a thread with the
+    hook enabled?  True for code terra_bc made and for code in the current scope."""
+    return code in _rewritten or (not code.co_flags & UNTOUCHED_FLAGS and in_scope(code, _scope))
 
 
 def transform(code):
@@ -59,7 +41,7 @@ def transform(code):
         if code.co_flags & UNTOUCHED_FLAGS or not in_scope(code, _scope):
             counts["code_objects_left_alone"] += 1
             return None
-        result = rewrite(code)
+        result = rewrite(code, loops=not scope.is_library(code.co_filename))
     except Unsupported as e:
         counts["code_objects_refused"] += 1
         log.debug("terra_bc leaves %s (%s:%d) unmodified: %s",
@@ -82,12 +64,12 @@ def transform(code):
 _hook.set_callback(transform)
 
 
-def set_scope(scope):
+def set_scope(name):
     """Choose the scope for code objects not yet seen (decisions are cached per code)."""
     global _scope
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
-    _scope = scope
+    if name not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, not {name!r}")
+    _scope = name
 
 
 def enable():

@@ -749,6 +749,33 @@ _compiled = {}
 _cache_stats = {"compiles": 0, "hits": 0}  # since the process started (never reset)
 
 
+# ----------------------------------------------------------------------------- trace state
+
+_opaque_trace_state = jax.extend.core.get_opaque_trace_state
+
+
+def _trace_state_eager_sees(convention=None):
+    """``jax.extend.core.get_opaque_trace_state`` as eager JAX would answer it.
+
+    Libraries record the trace state when they create an object and refuse to touch the
+    object under another (Flax NNX: "Cannot extract graph node from different trace level").
+    The recording trace is current for a whole iteration, but it only records what eager
+    JAX runs: while it is current the answer is its parent's, so objects made before or
+    during an iteration are usable in both.  Under a transform JAX runs on top of it
+    (grad, jit) the answer is that transform's, as in eager JAX."""
+    with take_current_trace() as trace:
+        pass
+    if not isinstance(trace, _RecordingTrace):
+        return _opaque_trace_state(convention)
+    while isinstance(trace, _RecordingTrace):
+        trace = trace.parent
+    with set_current_trace(trace):
+        return _opaque_trace_state(convention)
+
+
+jax.extend.core.get_opaque_trace_state = _trace_state_eager_sees
+
+
 def compile_segment(segment: Segment, on_compile=None):
     """A jitted executable for ``segment``: takes input values in ``segment.inputs`` order,
     returns the output values as a list.  Structurally identical segments share one.  A new

@@ -48,8 +48,10 @@ class Rewritten:
     sites: tuple  # the Site objects, in bytecode order
 
 
-def rewrite(code: types.CodeType) -> Rewritten | None:
+def rewrite(code: types.CodeType, loops: bool = True) -> Rewritten | None:
     """Return the rewritten code, or None when ``code`` has no call site to rewrite.
+    ``loops``: give its ``for`` loops loop marks (user code; a library's loops are part of
+    the user's iteration that runs them).
 
     Raises Unsupported when the code cannot be rewritten faithfully.
     """
@@ -65,10 +67,11 @@ def rewrite(code: types.CodeType) -> Rewritten | None:
     _restore_handler_depths(code, bc, offsets)
     pairs, stacks = _pair_calls(bc)
     # A generator's loop turn would stay open while it is suspended: no loop units there.
-    loops = [] if code.co_flags & GENERATOR_FLAGS else _for_loops(bc, stacks, code.co_stacksize)
-    if not pairs and not loops:
+    marks = [] if not loops or code.co_flags & GENERATOR_FLAGS else \
+        _for_loops(bc, stacks, code.co_stacksize)
+    if not pairs and not marks:
         return None
-    new_bc, expansion, sites = _apply(code, bc, pairs, loops, offsets)
+    new_bc, expansion, sites = _apply(code, bc, pairs, marks, offsets)
     new_code = _assemble(code, new_bc)
     _verify(code, new_code, expansion)
     return Rewritten(new_code, tuple(sites))

@@ -24,7 +24,7 @@ One module per concern; each imports only those above it in this list:
 """
 from __future__ import annotations
 
-from .. import _hook
+from .. import _hook, scope
 from . import settings as _settings
 from .context import COEXEC
 from .discovery import set_functions, set_loops
@@ -57,14 +57,21 @@ install()
 
 def config(**changes):
     """``terra_bc.config(max_paths=16, max_compiles=32, warmup=0, inner_turns=16,
-    dynamic_numbers=True, loops=None, functions=None)``: set limits (only those given);
-    returns the settings now in force.  ``loops`` / ``functions`` switch the units found
-    without decoration (``set_loops`` / ``set_functions``)."""
+    dynamic_numbers=True, loops=None, functions=None, include=None, exclude=None)``: set
+    limits (only those given); returns the settings now in force.  ``loops`` / ``functions``
+    switch the units found without decoration (``set_loops`` / ``set_functions``);
+    ``include`` / ``exclude`` replace the lists of library packages rewritten or never
+    rewritten (``terra_bc/scope.py``; for code objects not seen yet)."""
     loops = changes.pop("loops", None)
     functions = changes.pop("functions", None)
+    include, exclude = changes.pop("include", None), changes.pop("exclude", None)
+    for name, names in (("include", include), ("exclude", exclude)):
+        if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
+            raise TypeError(f"terra_bc.config: {name} takes a list of package names, got {names!r}")
     _settings.update(changes)
     if loops is not None:
         set_loops(bool(loops))
     if functions is not None:
         set_functions(bool(functions))
-    return dict(settings)
+    include, exclude = scope.set_lists(include, exclude)
+    return dict(settings, include=include, exclude=exclude)

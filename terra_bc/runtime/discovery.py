@@ -14,7 +14,7 @@ import inspect
 
 import jax
 
-from .. import _hook
+from .. import _hook, scope
 from ..counters import counts
 from . import context
 from .context import TRACE, LoopTurn, thread
@@ -105,9 +105,10 @@ def set_loops(on):
 # ------------------------------------------------------------------ function units
 
 def mark_caller(code):
-    """A function ran a DL op outside any iteration: calls of it may become iterations."""
+    """A function ran a DL op outside any iteration: calls of it may become iterations
+    (the user's functions only: a library's are part of the user's iteration)."""
     if not functions_on or code in _code_units or code.co_flags & inspect.CO_GENERATOR \
-            or code.co_name == "<module>":
+            or code.co_name == "<module>" or scope.is_library(code.co_filename):
         return
     unit = _code_units[code] = Unit(None, f"{code.co_qualname} ({code.co_filename}:{code.co_firstlineno})")
     unit.code = code

@@ -2,26 +2,30 @@
 
 Inside an iteration a co-executed plain op has been skipped in C already; what reaches
 ``on_site`` is the rest: ops of the general path, the autodiff transforms over user code,
-and (once an iteration has ended, see ``context.route_outside_iterations``) DL ops outside
+and (once an iteration has ended, see ``context.close_iteration``) DL ops outside
 any iteration, which run eagerly on concrete values.
 """
 from __future__ import annotations
 
+import functools
 import sys
 import types
 
 import jax
 
+from .. import frames
 from ..counters import counts
 from ..jaxpr_builder import Id
 from . import autodiff, discovery
 from .context import EAGER, current, thread
 from .placeholders import eager
-from .trace_rules import grad_spec, is_api_wrapper
+from .trace_rules import calls_given_function, grad_spec, is_api_wrapper, is_dl_op, unwrap
 
 
 def on_site(site, callee, *args, **kwargs):
     """A rewritten call site called a DL op (see ``_hook.c``)."""
+    if args and calls_given_function(callee):
+        return _with_routed_function(callee, args, kwargs)
     it = current()
     if it is None:  # outside any iteration: values from past iterations are concrete
         discovery.mark_caller(sys._getframe(1).f_code)
@@ -33,20 +37,48 @@ def on_site(site, callee, *args, **kwargs):
             thread.opaque -= 1
     if it.opaque_depth == 0 and it.mode != EAGER:
         if callee is jax.vjp and args and not kwargs.keys() - {"has_aux"}:
-            return autodiff.vjp(it, args[0], args[1:], **kwargs)
+            return autodiff.vjp(it, _python_or_one_op(args[0]), args[1:], **kwargs)
         if callee is jax.jvp and len(args) == 3 and not kwargs.keys() - {"has_aux"}:
-            return autodiff.jvp(it, *args, **kwargs)
+            return autodiff.jvp(it, _python_or_one_op(args[0]), *args[1:], **kwargs)
     if it.opaque_depth == 0:
         if (callee is jax.grad or callee is jax.value_and_grad) and len(args) == 1:
             return _gradient_function(it, callee, args, kwargs)
         if is_api_wrapper(callee):
             spec = it.remember(("grad spec", Id(callee)), lambda: grad_spec(callee))
             if spec is not None:
+                spec = spec._replace(fun=_python_or_one_op(spec.fun))
                 return autodiff.grad(it, callee, spec, args, kwargs)
     if isinstance(callee, types.MethodType) and not isinstance(callee.__self__, type):
         args = (callee.__self__,) + args  # x.sum() on a concrete array: x is an input
         callee = callee.__func__
     return it.op(callee, args, kwargs)
+
+
+def _python_or_one_op(fun):
+    """A function differentiated inside an iteration runs as code of the iteration, its ops
+    events.  One whose Python is not rewritten (code from ``exec`` such as an IPython
+    ``%%time`` cell, an installed package out of scope) would hand JAX our placeholders
+    directly: it runs as one op of the iteration instead, recorded as JAX runs it."""
+    inner = unwrap(fun)
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    code = getattr(getattr(inner, "__func__", inner), "__code__", None)
+    if not isinstance(code, types.CodeType) or frames.runs_rewritten(code):
+        return fun
+
+    def one_op(*args, **kwargs):
+        return current().op(fun, args, kwargs)
+    one_op.__wrapped__ = fun  # (its guard key is fun's: trace_rules.body_key)
+    return one_op
+
+
+def _with_routed_function(utility, args, kwargs):
+    """``jax.tree.map(f, ...)`` and the like run as Python; a DL op ``f`` is called as if
+    from a rewritten site (an op of the open iteration, or eager outside one)."""
+    f = args[0]
+    if is_dl_op(f):
+        args = (functools.partial(on_site, None, f),) + args[1:]
+    return utility(*args, **kwargs)
 
 
 def _gradient_function(it, make, args, kwargs):

@@ -35,7 +35,7 @@ def update(changes):
     unknown = set(changes) - set(settings)
     if unknown:
         raise TypeError(f"terra_bc.config: unknown setting(s) {sorted(unknown)}; "
-                        f"known: {sorted(settings) + ['functions', 'loops']}")
+                        f"known: {sorted(settings) + ['exclude', 'functions', 'include', 'loops']}")
     for name, value in changes.items():
         want = type(settings[name])
         if type(value) is not want or want is int and value < 0:

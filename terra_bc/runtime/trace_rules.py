@@ -8,8 +8,10 @@ iteration such calls go to the runtime, everything else is plain Python.
 """
 from __future__ import annotations
 
+import functools
 import os
 import types
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -19,6 +21,11 @@ JAX_DIRS = (os.path.dirname(jax.__file__) + os.sep,)
 # the iteration's own code (its ops are events), block_until_ready/device_get fetch.
 NOT_OPS_FILES = (os.sep + "tree_util.py", os.sep + "tree.py")
 NOT_OPS_NAMES = frozenset({"block_until_ready", "device_get"})
+# Pytree utilities that call a function they are given (jax.tree.map(jnp.sum, grads)):
+# routed, so that such a function, when it is a DL op, is called as an op of the iteration
+# (JAX's own code, which calls it, is not rewritten).  See dispatch.on_site.
+CALLS_GIVEN_FUNCTION = frozenset({"tree_map", "map", "tree_map_with_path", "map_with_path",
+                                  "tree_reduce", "reduce"})
 GRAD_FUNCTIONS = ("grad_f", "grad_f_aux")  # what jax.grad returns
 VALUE_AND_GRAD_FUNCTION = "value_and_grad_f"
 API_WRAPPER = "reraise_with_filtered_traceback"  # traceback_util's wrapper of JAX's API
@@ -36,10 +43,20 @@ def _is_dl_op(callee):
     fn = getattr(callee, "__func__", callee)
     code = getattr(fn, "__code__", None)
     if isinstance(code, types.CodeType):  # (a class's __code__ may be a descriptor)
-        return (code.co_filename.startswith(JAX_DIRS) and not code.co_filename.endswith(NOT_OPS_FILES)
-                and code.co_name not in NOT_OPS_NAMES)
+        if not code.co_filename.startswith(JAX_DIRS):
+            return False
+        if code.co_filename.endswith(NOT_OPS_FILES):
+            return code.co_name in CALLS_GIVEN_FUNCTION
+        return code.co_name not in NOT_OPS_NAMES
     module = getattr(type(callee), "__module__", "") or ""
     return module.startswith(("jax", "jaxlib")) and callable(callee)
+
+
+def calls_given_function(callee):
+    """Is ``callee`` a pytree utility that calls the function it is given first?"""
+    code = getattr(callee, "__code__", None)
+    return (isinstance(code, types.CodeType) and code.co_name in CALLS_GIVEN_FUNCTION
+            and code.co_filename.startswith(JAX_DIRS) and code.co_filename.endswith(NOT_OPS_FILES))
 
 
 def traces_its_body(callee):
@@ -80,9 +97,21 @@ def cells(fn):
 
 def body_key(fun):
     """The guard key of a function whose body runs as code of the iteration (grad, vjp): its
-    code.  Its closure (a fresh lambda over this step's batch) needs no guard: every op of
-    the body is checked as it runs."""
-    return getattr(unwrap(fun), "__code__", fun)
+    code.  Its closure (a fresh lambda over this step's batch), a partial's arguments or a
+    callable object's attributes (a library's wrapper made afresh each step) need no guard:
+    every op of the body is checked as it runs."""
+    fun = unwrap(fun)
+    for _ in range(16):  # (a bound: an object may claim any attribute)
+        if isinstance(fun, functools.partial):
+            fun = fun.func
+        elif isinstance(getattr(fun, "__wrapped__", None), Callable):
+            fun = fun.__wrapped__
+        else:
+            break
+    code = getattr(getattr(fun, "__func__", fun), "__code__", None)
+    if not isinstance(code, types.CodeType):
+        code = getattr(getattr(type(fun), "__call__", None), "__code__", None)
+    return code if isinstance(code, types.CodeType) else fun
 
 
 class Grad(NamedTuple):

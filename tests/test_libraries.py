@@ -1,0 +1,321 @@
+"""Library code that computes with JAX co-executes: its call sites are rewritten like the
+user's (terra_bc/scope.py decides which packages), its loops and functions never become
+units, and the user's loop around it is the unit.  Each program runs eagerly first."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import optax
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import terra_bc
+from terra_bc import _hook, scope
+
+RTOL, ATOL = 1e-5, 1e-6
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def loops_on():
+    terra_bc.set_loops(True)
+    terra_bc.reset_stats()
+    yield
+    terra_bc.set_loops(False)
+
+
+# ------------------------------------------------------------------ which code is rewritten
+
+def test_jax_numpy_and_terra_bc_are_never_rewritten():
+    for fn in (jnp.sum, jax.grad, np.sum, terra_bc.function):
+        code = getattr(fn, "__code__", None) or fn.__wrapped__.__code__
+        assert not scope.in_scope(code.co_filename, "user"), fn
+    for fn in (jnp.sum, jax.grad, terra_bc.function):  # not even under --scope all
+        code = getattr(fn, "__code__", None) or fn.__wrapped__.__code__
+        assert not scope.in_scope(code.co_filename, "all"), fn
+
+
+def test_libraries_that_require_jax_are_rewritten_others_are_not():
+    assert scope.in_scope(optax.adam.__code__.co_filename, "user")
+    assert scope.wants_jax("optax")
+    assert not scope.in_scope(pytest.main.__code__.co_filename, "user")
+    assert scope.in_scope(pytest.main.__code__.co_filename, "all")
+    import json
+    assert not scope.in_scope(json.dumps.__code__.co_filename, "user")
+    assert scope.in_scope(__file__, "user")  # the user's own code
+    assert not scope.is_library(__file__) and scope.is_library(optax.adam.__code__.co_filename)
+
+
+def test_include_and_exclude_change_the_decision():
+    optax_file, pytest_file = optax.adam.__code__.co_filename, pytest.main.__code__.co_filename
+    try:
+        settings = terra_bc.config(exclude=["optax"], include=["_pytest", "pytest"])
+        assert settings["exclude"] == ["optax"] and "pytest" in settings["include"]
+        assert not scope.in_scope(optax_file, "user")
+        assert scope.in_scope(pytest_file, "user")
+    finally:
+        terra_bc.config(exclude=[], include=[])
+    assert scope.in_scope(optax_file, "user") and not scope.in_scope(pytest_file, "user")
+    with pytest.raises(TypeError):
+        terra_bc.config(include="optax")  # a string is not a list of names
+
+
+def _fake_library(root, name, requires):
+    """A package installed into ``root`` with its metadata beside it (pip --target)."""
+    pkg = os.path.join(root, name)
+    os.makedirs(pkg)
+    with open(os.path.join(pkg, "__init__.py"), "w") as f:
+        f.write(textwrap.dedent("""
+            import jax.numpy as jnp
+
+            def scaled_sum(xs):
+                total = 0.0
+                for x in xs:
+                    total = total + jnp.sum(x) * 2.0
+                return total
+        """))
+    info = os.path.join(root, f"{name}-1.0.dist-info")
+    os.makedirs(info)
+    with open(os.path.join(info, "METADATA"), "w") as f:
+        f.write(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        f.writelines(f"Requires-Dist: {r}\n" for r in requires)
+    with open(os.path.join(info, "top_level.txt"), "w") as f:
+        f.write(name + "\n")
+    with open(os.path.join(info, "RECORD"), "w") as f:
+        f.write(f"{name}/__init__.py,,\n")
+
+
+def test_library_installed_outside_site_dirs_is_a_library(tmp_path):
+    """On PYTHONPATH with its metadata beside it: a library.  One that requires jax is
+    rewritten without loop marks; one that does not (matplotlib-like) is left alone."""
+    _fake_library(str(tmp_path), "jaxlike", ["jax>=0.4"])
+    _fake_library(str(tmp_path), "plotlike", ["numpy", 'jax; extra == "jax"'])
+    script = tmp_path / "prog.py"
+    script.write_text(textwrap.dedent("""
+        import jax.numpy as jnp
+        import jaxlike, plotlike
+        from terra_bc import _hook
+        from terra_bc._hook import LoopMark
+        xs = [jnp.ones(3), jnp.ones(3)]
+        for step in range(4):
+            a, b = jaxlike.scaled_sum(xs), plotlike.scaled_sum(xs)
+        print(float(a), float(b))
+        rewritten = _hook.cached_decision(jaxlike.scaled_sum.__code__)
+        print(type(rewritten).__name__,
+              any(isinstance(c, LoopMark) for c in rewritten.co_consts),
+              _hook.cached_decision(plotlike.scaled_sum.__code__))
+    """))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+    out = subprocess.run([sys.executable, "-m", "terra_bc", str(script)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    values, decisions = out.stdout.strip().splitlines()
+    assert values == "12.0 12.0"
+    assert decisions == "code False None"  # rewritten, no loop marks; left alone
+
+
+# ------------------------------------------------------------------ optax
+
+def optax_training(steps):
+    """An optax loop as its tutorials write it: chain, clip_by_global_norm, a schedule."""
+    data = np.random.default_rng(0)
+    X = jnp.asarray(data.normal(size=(64, 8)), jnp.float32)
+    Y = jnp.asarray(data.integers(0, 4, 64))
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    params = {"w1": jax.random.normal(k1, (8, 16)) * 0.3, "b1": jnp.zeros(16),
+              "w2": jax.random.normal(k2, (16, 4)) * 0.3, "b2": jnp.zeros(4)}
+
+    def loss_fn(p, x, y):
+        h = jax.nn.relu(x @ p["w1"] + p["b1"])
+        return optax.softmax_cross_entropy_with_integer_labels(h @ p["w2"] + p["b2"], y).mean()
+
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adam(optax.cosine_decay_schedule(1e-2, steps)))
+    opt_state = tx.init(params)
+    losses = []
+    for step in range(steps):
+        loss, grads = jax.value_and_grad(loss_fn)(params, X, Y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        losses.append(float(loss))
+    return losses, params, opt_state
+
+
+def test_optax_loop_coexecutes_and_matches_eager():
+    want_losses, want_params, want_state = optax_training(12)
+    with terra_bc.enabled():
+        got_losses, got_params, got_state = optax_training(12)
+    np.testing.assert_allclose(got_losses, want_losses, rtol=RTOL, atol=ATOL)
+    for got, want in zip(jax.tree.leaves((got_params, got_state)),
+                         jax.tree.leaves((want_params, want_state))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=RTOL, atol=ATOL)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 8, stats
+    assert stats["eager_fallbacks"] == 0, stats
+    assert stats["ops_skipped"] > 100 * 8, stats  # optax's own ops are skipped too
+
+
+def test_tree_map_of_a_jax_function_is_an_op_of_the_iteration():
+    """jax.tree.map(jnp.sum, tree) from user or library code: jnp.sum is called by JAX's
+    tree code, which is not rewritten; it still runs as an op of the iteration."""
+    tree = {"a": jnp.arange(3.0), "b": jnp.ones((2, 2))}
+
+    def run():
+        out = []
+        for step in range(5):
+            sums = jax.tree.map(jnp.sum, jax.tree.map(lambda x: x * step, tree))
+            out.append(float(sums["a"] + sums["b"]))
+        return out
+
+    want = run()
+    with terra_bc.enabled():
+        got = run()
+    assert got == want
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 3 and stats["eager_fallbacks"] == 0, stats
+
+
+def test_scope_all_runs_a_jax_program(tmp_path):
+    """--scope all rewrites every library but JAX itself, and the program's results are
+    eager's."""
+    script = tmp_path / "prog.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        from tests.test_libraries import optax_training
+        losses, params, _ = optax_training(6)
+        print(repr([round(v, 5) for v in losses]))
+    """))
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    plain = subprocess.run([sys.executable, str(script), ROOT], env=env, capture_output=True,
+                           text=True, timeout=300)
+    hooked = subprocess.run([sys.executable, "-m", "terra_bc", "--scope", "all", str(script), ROOT],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert plain.returncode == 0, plain.stderr
+    assert hooked.returncode == 0, hooked.stderr
+    assert hooked.stdout == plain.stdout
+
+
+# ------------------------------------------------------------------ transforms of code we do not rewrite
+
+_EXEC_SOURCE = """
+import jax.numpy as jnp
+def loss(w, x):
+    return jnp.mean((x @ w) ** 2)
+"""
+
+
+def test_grad_of_a_function_we_do_not_rewrite_is_one_op():
+    """A loss defined by exec (as IPython's %%time cells are) is out of scope: its gradient
+    is computed as JAX computes it, one op of the iteration, and equals eager's."""
+    namespace = {}
+    exec(compile(_EXEC_SOURCE, "<timed exec>", "exec"), namespace)
+    loss = namespace["loss"]
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 4)), jnp.float32)
+
+    def run():
+        w, out = jnp.ones((4, 2)), []
+        for step in range(6):
+            value, g = jax.value_and_grad(loss)(w, x)
+            w = w - 0.1 * g
+            _, pullback = jax.vjp(loss, w, x)
+            out.append((float(value), float(pullback(1.0)[0].sum())))
+        return out, w
+
+    want_out, want_w = run()
+    with terra_bc.enabled():
+        got_out, got_w = run()
+    np.testing.assert_allclose(got_out, want_out, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(np.asarray(got_w), np.asarray(want_w), rtol=RTOL, atol=ATOL)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 3 and stats["eager_fallbacks"] == 0, stats
+
+
+# ------------------------------------------------------------------ Equinox and Flax NNX
+
+def equinox_training(steps):
+    """Equinox as its tutorials write it: eqx.nn.MLP, filter_value_and_grad, optax,
+    eqx.apply_updates, and a Python early-stop check on float(loss)."""
+    import equinox as eqx
+    data = np.random.default_rng(0)
+    X = jnp.asarray(data.normal(size=(64, 4)), jnp.float32)
+    Y = jnp.sin(X.sum(1, keepdims=True))
+    model = eqx.nn.MLP(4, 1, 16, 2, key=jax.random.PRNGKey(0))
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(eqx.filter(model, eqx.is_array))
+
+    @eqx.filter_value_and_grad
+    def loss_fn(m, x, y):
+        return jnp.mean((jax.vmap(m)(x) - y) ** 2)
+
+    losses = []
+    for step in range(steps):
+        loss, grads = loss_fn(model, X, Y)
+        updates, opt_state = tx.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        model = eqx.apply_updates(model, updates)
+        losses.append(float(loss))
+        if losses[-1] < 1e-6:
+            break
+    return losses, eqx.filter(model, eqx.is_array)
+
+
+def nnx_training(steps):
+    """Flax NNX as its tutorials write it: an nnx.Module with Linear, Dropout and
+    BatchNorm, nnx.value_and_grad, nnx.Optimizer(...).update mutating the model in place."""
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(4, 16, rngs=rngs)
+            self.bn = nnx.BatchNorm(16, rngs=rngs)
+            self.drop = nnx.Dropout(0.2, rngs=rngs)
+            self.l2 = nnx.Linear(16, 1, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(self.drop(nnx.relu(self.bn(self.l1(x)))))
+
+    data = np.random.default_rng(0)
+    X = jnp.asarray(data.normal(size=(64, 4)), jnp.float32)
+    Y = jnp.sin(X.sum(1, keepdims=True))
+    model = MLP(nnx.Rngs(0))
+    # (SGD: BatchNorm cancels l1's bias gradient, and Adam would scale that float noise
+    # up to learning-rate-sized steps, in eager and compiled runs alike.)
+    optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=nnx.Param)
+
+    def loss_fn(m, x, y):
+        return jnp.mean((m(x) - y) ** 2)
+
+    losses = []
+    for step in range(steps):
+        loss, grads = nnx.value_and_grad(loss_fn)(model, X, Y)
+        optimizer.update(model, grads)
+        losses.append(float(loss))
+    return losses, nnx.state(model), optimizer.step.value
+
+
+def _numbers(x):
+    """An array's numbers (a PRNG key's data: the RNG streams' state is compared too)."""
+    x = jnp.asarray(x)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return np.asarray(x)
+
+
+@pytest.mark.parametrize("training", [equinox_training, nnx_training])
+def test_module_library_loop_coexecutes_and_matches_eager(training):
+    want = training(10)
+    terra_bc.reset_stats()
+    with terra_bc.enabled():
+        got = training(10)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=ATOL)
+    got_leaves, want_leaves = jax.tree.leaves(got[1:]), jax.tree.leaves(want[1:])
+    assert len(got_leaves) == len(want_leaves)
+    for g, w in zip(got_leaves, want_leaves):
+        np.testing.assert_allclose(_numbers(g), _numbers(w), rtol=1e-4, atol=1e-5)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 6, stats
+    assert stats["eager_fallbacks"] == 0, stats
