@@ -305,7 +305,78 @@ def _numbers(x):
     return np.asarray(x)
 
 
-@pytest.mark.parametrize("training", [equinox_training, nnx_training])
+def linen_training(steps):
+    """Flax linen as its tutorials write it: a CNN with BatchNorm, a TrainState carrying
+    batch_stats, state.apply_fn inside jax.value_and_grad(has_aux=True), apply_gradients.
+    Module.apply is wrapped by JAX's api_boundary: it must run as Python, op by op."""
+    import flax.linen as nn
+    from flax.training import train_state
+
+    class CNN(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = nn.Conv(4, (3, 3))(x)
+            x = nn.BatchNorm(use_running_average=not train)(x)
+            return nn.Dense(3)(nn.relu(x).reshape((x.shape[0], -1)))
+
+    class TrainState(train_state.TrainState):
+        batch_stats: dict
+
+    data = np.random.default_rng(0)
+    X = jnp.asarray(data.normal(size=(16, 6, 6, 1)), jnp.float32)
+    Y = jnp.asarray(data.integers(0, 3, 16))
+    model = CNN()
+    variables = model.init(jax.random.PRNGKey(0), X, train=False)
+    state = TrainState.create(apply_fn=model.apply, params=variables["params"],
+                              tx=optax.sgd(0.05), batch_stats=variables["batch_stats"])
+
+    def loss_fn(params, batch_stats):
+        logits, updates = state.apply_fn({"params": params, "batch_stats": batch_stats}, X,
+                                         train=True, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, Y).mean(), updates
+
+    losses = []
+    for step in range(steps):
+        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.batch_stats)
+        state = state.apply_gradients(grads=grads).replace(batch_stats=updates["batch_stats"])
+        losses.append(float(loss))
+    return losses, state.params, state.batch_stats
+
+
+def haiku_training(steps):
+    """Haiku as its tutorials write it: hk.transform_with_state with BatchNorm (module
+    methods are wrapped by jax.named_call: they must run as Python, op by op), optax."""
+    import haiku as hk
+
+    def forward(x, is_training):
+        x = hk.Linear(16)(x)
+        x = hk.BatchNorm(True, True, 0.9)(x, is_training)
+        return hk.Linear(1)(jax.nn.relu(x))
+
+    data = np.random.default_rng(0)
+    X = jnp.asarray(data.normal(size=(64, 4)), jnp.float32)
+    Y = jnp.sin(X.sum(1, keepdims=True))
+    model = hk.transform_with_state(forward)
+    params, state = model.init(jax.random.PRNGKey(0), X, True)
+    tx = optax.sgd(0.05)
+    opt_state = tx.init(params)
+
+    def loss_fn(params, state, x, y):
+        pred, state = model.apply(params, state, None, x, True)
+        return jnp.mean((pred - y) ** 2), state
+
+    losses = []
+    for step in range(steps):
+        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, X, Y)
+        updates, opt_state = tx.update(grads, opt_state)
+        params = optax.apply_updates(params, updates)
+        losses.append(float(loss))
+    return losses, params, state
+
+
+@pytest.mark.parametrize("training", [equinox_training, nnx_training, linen_training,
+                                      haiku_training])
 def test_module_library_loop_coexecutes_and_matches_eager(training):
     want = training(10)
     terra_bc.reset_stats()

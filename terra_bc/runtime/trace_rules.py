@@ -29,6 +29,10 @@ CALLS_GIVEN_FUNCTION = frozenset({"tree_map", "map", "tree_map_with_path", "map_
 GRAD_FUNCTIONS = ("grad_f", "grad_f_aux")  # what jax.grad returns
 VALUE_AND_GRAD_FUNCTION = "value_and_grad_f"
 API_WRAPPER = "reraise_with_filtered_traceback"  # traceback_util's wrapper of JAX's API
+# JAX wrappers that only add context around what they wrap (file, function name): the
+# traceback filter of api_boundary, and a name-stack scope (jax.named_call).
+TRANSPARENT_WRAPPERS = frozenset({("traceback_util.py", API_WRAPPER),
+                                  ("source_info_util.py", "wrapper")})
 
 
 def is_dl_op(callee):
@@ -45,6 +49,15 @@ def _is_dl_op(callee):
     if isinstance(code, types.CodeType):  # (a class's __code__ may be a descriptor)
         if not code.co_filename.startswith(JAX_DIRS):
             return False
+        if (code.co_filename.rsplit(os.sep, 1)[-1], code.co_name) in TRANSPARENT_WRAPPERS:
+            # JAX's wrappers that only add context wrap library functions too (flax's
+            # Module.apply, haiku's module methods): what they wrap decides, so a library's
+            # function runs as Python, op by op.
+            # (What runs is the wrapper's closure: __wrapped__ may name the user's function
+            # even where JAX's own code runs, as for what jax.value_and_grad returns.)
+            free = cells(fn)
+            inner = free.get("fun", free.get("func"))
+            return inner is None or _is_dl_op(inner)
         if code.co_filename.endswith(NOT_OPS_FILES):
             return code.co_name in CALLS_GIVEN_FUNCTION
         return code.co_name not in NOT_OPS_NAMES
