@@ -99,3 +99,21 @@ def test_usage_errors(script):
     missing = run(["-m", "terra_bc", "nope.py"], script.parent)
     plain = run(["nope.py"], script.parent)
     assert missing.returncode == plain.returncode == 2 and "can't open file" in missing.stderr
+
+
+def test_include_and_exclude_reach_the_scope_rules(tmp_path):
+    """--include/--exclude (repeatable, comma-separated) decide for code not seen yet."""
+    prog = tmp_path / "scoped.py"
+    prog.write_text(textwrap.dedent('''
+        import optax, pytest, terra_bc
+        from terra_bc import scope
+        print(sorted(terra_bc.config()["include"]), sorted(terra_bc.config()["exclude"]))
+        print(scope.in_scope(optax.adam.__code__.co_filename, "user"),
+              scope.in_scope(pytest.main.__code__.co_filename, "user"))
+    '''))
+    out = run(["-m", "terra_bc", "--exclude", "optax", "--include=pytest,_pytest", str(prog)],
+              tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["['_pytest', 'pytest'] ['optax']", "False True"]
+    bad = run(["-m", "terra_bc", "--include", "--stats", str(prog)], tmp_path)
+    assert bad.returncode == 2 and "--include needs a package name" in bad.stderr
