@@ -186,8 +186,12 @@ def _pair_calls(bc):
         if items[n].name == "CALL_FUNCTION_EX" and producer.name not in ("PUSH_NULL", "LOAD_GLOBAL"):
             continue
         consumers.setdefault(id(producer), (producer, []))[1].append(n)
-    # A producer feeding two consumers (never emitted by CPython) is left alone.
-    return {ns[0]: producer for producer, ns in consumers.values() if len(ns) == 1}, states
+    # A producer may feed several plain calls: 3.12+ copies a call into both arms of a
+    # conditional argument (`jnp.array(a if c else jnp.sqrt(a))`).  Its one replacement
+    # then serves each of them (the site is keyed by the first); an unpacking call, whose
+    # own instruction changes too, is left alone there.
+    return {sorted(ns)[0]: producer for producer, ns in consumers.values()
+            if len(ns) == 1 or all(items[n].name != "CALL_FUNCTION_EX" for n in ns)}, states
 
 
 def _for_loops(bc, stacks, stacksize):

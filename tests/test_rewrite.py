@@ -146,3 +146,32 @@ def test_site_forwards_positional_and_keyword_arguments():
     with pytest.raises(TypeError, match=r"max\(\) argument after \* must be an iterable, not int"):
         unpacking(max, 5)
     assert "count=" in repr(site)
+
+
+def _outer_call_of_a_conditional(f, g, x, flag):
+    return f(x if flag else g(x))
+
+
+def test_a_call_copied_into_both_arms_of_a_conditional_argument_is_rewritten():
+    """3.12+ copies the outer call into both arms of ``f(x if c else g(x))``: one producer
+    (the callee's load) feeds two CALLs.  Both must go through the site, in either arm."""
+    code = _outer_call_of_a_conditional.__code__
+    calls = [i for i in dis.get_instructions(code) if i.opname == "CALL"]
+    new = rewrite(code).code
+    fn = types.FunctionType(new, globals())
+    seen = []
+
+    def f(v):
+        seen.append(("f", v))
+        return v + 1
+
+    def g(v):
+        seen.append(("g", v))
+        return v * 10
+
+    before = terra_bc.stats()["sites_executed"]
+    assert fn(f, g, 2, True) == 3 and fn(f, g, 2, False) == 21
+    assert seen == [("f", 2), ("g", 2), ("f", 20)]
+    # Every call made went through a site: f twice, g once.
+    assert terra_bc.stats()["sites_executed"] - before == 3
+    assert len(calls) in (2, 3)  # 3 where the compiler copied f's call into both arms
