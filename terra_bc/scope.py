@@ -123,14 +123,21 @@ def _top_level(real):
 
 def _installed_beside(entry, top):
     """Was ``top`` installed into ``entry`` with its metadata (pip --target, a venv's
-    site directory on PYTHONPATH)?  A user's editable project keeps its metadata elsewhere."""
-    dists = _distribution_map().get(top, ())
-    if not dists:
+    site directory on PYTHONPATH): a ``.dist-info`` of the distribution that owns it?  A
+    user's project installed for development keeps a ``.egg-info`` (or nothing) there."""
+    owners = {_normalized(d) for d in _distribution_map().get(top, ())}
+    if not owners:
         return False
     try:
-        return any(name.endswith((".dist-info", ".egg-info")) for name in os.listdir(entry))
+        names = os.listdir(entry)
     except OSError:
         return False
+    return any(name.endswith(".dist-info") and _normalized(name.split("-", 1)[0]) in owners
+               for name in names)
+
+
+def _normalized(name):
+    return re.sub(r"[-_.]+", "_", name).lower()
 
 
 def _distribution_map():
