@@ -1,4 +1,8 @@
-"""The ten example programs (issue 5): eager vs ``python -m terra_bc``.
+"""The example programs: eager vs ``python -m terra_bc``.
+
+The ten programs after the Terra paper (issue 5) and the library programs
+(``examples/lib_*.py``: optax, Flax NNX, Flax linen, Equinox, written as their tutorials
+write them); each library program's ``--jit`` (the library's own jit) must match eager too.
 
 Every program runs in quick mode in its own process, eagerly and under
 ``python -m terra_bc --stats``; the checksums must agree and the stats line
@@ -25,8 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.run import (BEGIN, END, PROGRAMS, RTOL, SPLIT_PROGRAMS, checksums_match,  # noqa: E402
-                            command, exception_summary, parse_output, write_section)
+from benchmarks.run import (BEGIN, END, LIBRARY_PROGRAMS, PROGRAMS, RTOL,  # noqa: E402
+                            SPLIT_PROGRAMS, checksums_match, command, exception_summary,
+                            parse_output, write_section)
+
+ALL_PROGRAMS = PROGRAMS + LIBRARY_PROGRAMS
 
 QUICK_STEPS = 10  # sdpoint's random paths need a few steps to repeat (a bug showed at step 7)
 TIMEOUT_S = 300
@@ -52,6 +59,8 @@ def _run_modes(program, env, with_terra):
         runs["terra_bc"] = _run(program, "terra_bc", env)
     if program in SPLIT_PROGRAMS:
         runs["jit_split"] = _run(program, "jit_split", env)
+    if program in LIBRARY_PROGRAMS:
+        runs["jit"] = _run(program, "jit", env)
     return runs
 
 
@@ -80,7 +89,7 @@ def _describe(run):
     return f"exit {run['returncode']}; stderr tail:\n{run['stderr'][-2000:]}"
 
 
-@pytest.mark.parametrize("program", PROGRAMS)
+@pytest.mark.parametrize("program", ALL_PROGRAMS)
 def test_eager_runs(runs, program):
     eager = runs[program].result()["eager"]
     assert eager["returncode"] == 0, _describe(eager)
@@ -97,7 +106,16 @@ def test_jit_split_matches_eager(runs, program):
     assert checksums_match(split["checksum"], eager["checksum"]), (split["checksum"], eager["checksum"])
 
 
-@pytest.mark.parametrize("program", PROGRAMS)
+@pytest.mark.parametrize("program", LIBRARY_PROGRAMS)
+def test_library_jit_matches_eager(runs, program):
+    """The library's own jit of the step (the benchmark's jit column) computes what eager does."""
+    result = runs[program].result()
+    eager, jitted = result["eager"], result["jit"]
+    assert jitted["returncode"] == 0, _describe(jitted)
+    assert checksums_match(jitted["checksum"], eager["checksum"]), (jitted["checksum"], eager["checksum"])
+
+
+@pytest.mark.parametrize("program", ALL_PROGRAMS)
 def test_terra_bc_matches_eager(runs, program, terra_bc_available):
     if not terra_bc_available:
         pytest.skip("terra_bc cannot be imported yet (python -m terra_bc unavailable)")
@@ -117,7 +135,7 @@ NOT_COEXECUTED_YET = {}  # program -> why; none left since jax.vjp of user code 
 
 @pytest.mark.parametrize("program", [
     pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=NOT_COEXECUTED_YET[p]))
-    if p in NOT_COEXECUTED_YET else p for p in PROGRAMS])
+    if p in NOT_COEXECUTED_YET else p for p in ALL_PROGRAMS])
 def test_terra_bc_coexecutes(runs, program, terra_bc_available):
     """Matching eager is not enough: terra_bc must not silently run eagerly."""
     if not terra_bc_available:
@@ -166,4 +184,22 @@ def test_write_section_keeps_other_sections(tmp_path):
     write_section(path, f"{BEGIN}\nv2\n{END}\n")
     text = path.read_text()
     assert "keep me" in text and "me too" in text and "v2" in text and "v1" not in text
+    assert text.count(BEGIN) == 1 and text.count(END) == 1
+
+
+def test_results_of_a_few_programs_merge_into_the_file(tmp_path):
+    """`--programs a,b` replaces a and b's entries and keeps the others, each with its run."""
+    import json
+    from benchmarks.run import load_previous, merge, render_markdown
+    path = tmp_path / "results.json"
+    old_meta = {"date": "then", "steps": 20, "repeats": 1, "quick": False, "chart": None}
+    entry = {"eager": {"outcome": "ok", "step_ms": 2.0}, "terra_bc": {"outcome": "ok", "step_ms": 1.0}}
+    path.write_text(json.dumps({"meta": old_meta, "programs": {"dropblock": entry, "gpt2": entry}}))
+    new_run = {"date": "now", "steps": 5, "repeats": 1, "quick": True}
+    merged = merge(load_previous(path), {"lib_optax_mlp": {**entry, "run": new_run},
+                                         "gpt2": {**entry, "run": new_run}})
+    assert list(merged) == ["dropblock", "gpt2", "lib_optax_mlp"]
+    assert merged["dropblock"]["run"]["date"] == "then" and merged["gpt2"]["run"]["date"] == "now"
+    text = render_markdown({"chart": None}, merged)
+    assert "Rows come from several runs" in text and "## Library programs" in text
     assert text.count(BEGIN) == 1 and text.count(END) == 1
