@@ -125,7 +125,7 @@ def _installed_beside(entry, top):
     """Was ``top`` installed into ``entry`` with its metadata (pip --target, a venv's
     site directory on PYTHONPATH): a ``.dist-info`` of the distribution that owns it?  A
     user's project installed for development keeps a ``.egg-info`` (or nothing) there."""
-    owners = {_normalized(d) for d in _distribution_map().get(top, ())}
+    owners = {_normalized(d) for d in _owners(top)}
     if not owners:
         return False
     try:
@@ -140,14 +140,21 @@ def _normalized(name):
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
-def _distribution_map():
+def _owners(top):
+    """Names of the installed distributions that own top-level package ``top``.  Most are
+    named as they are imported (optax, flax, jax): asked directly, ~1 ms; the others
+    (dm-haiku's haiku, absl-py's absl) from the full map, read once (~90 ms)."""
+    try:
+        return (importlib.metadata.distribution(top).metadata["Name"],)
+    except Exception:
+        pass
     global _distributions
     if _distributions is None:
         try:
             _distributions = importlib.metadata.packages_distributions()
         except Exception:
             _distributions = {}
-    return _distributions
+    return tuple(_distributions.get(top, ()))
 
 
 _REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
@@ -158,7 +165,7 @@ def wants_jax(top):
     answer = _wants_jax.get(top)
     if answer is None:
         answer = False
-        for dist in _distribution_map().get(top, ()):
+        for dist in _owners(top):
             try:
                 requires = importlib.metadata.distribution(dist).requires or ()
             except Exception:
