@@ -61,3 +61,13 @@ def report(step_times, value):
     """Print the two machine-readable lines every example ends with."""
     print("timing: " + json.dumps({"step_times": [round(t, 6) for t in step_times]}))
     print(f"checksum: {float(value)!r}", flush=True)
+
+
+def mnist_like_batch(rng, n):
+    """MNIST-shaped stand-in: ten classes of noisy oriented stripes, 28x28x1, in [0, 1]."""
+    label = rng.integers(0, 10, size=n)
+    yy, xx = np.mgrid[0:28, 0:28]
+    angle = label[:, None, None] * np.pi / 10
+    image = 0.5 + 0.5 * np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 0.7)
+    image = np.clip(image + 0.5 * rng.standard_normal((n, 28, 28)), 0.0, 1.0)
+    return {"image": image[..., None].astype(np.float32), "label": label.astype(np.int32)}

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from _common import checksum, param_change, parse_args, report
+from _common import checksum, mnist_like_batch, param_change, parse_args, report
 
 BATCH, LOG_EVERY = 16, 5
 
@@ -74,16 +74,6 @@ def train_step(state, batch):
     return state, metrics
 
 
-def make_batch(rng, n):
-    """MNIST-shaped stand-in: ten classes of noisy oriented stripes, 28x28x1, in [0, 1]."""
-    label = rng.integers(0, 10, size=n)
-    yy, xx = np.mgrid[0:28, 0:28]
-    angle = label[:, None, None] * np.pi / 10
-    image = 0.5 + 0.5 * np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 0.7)
-    image = np.clip(image + 0.5 * rng.standard_normal((n, 28, 28)), 0.0, 1.0)
-    return {"image": image[..., None].astype(np.float32), "label": label.astype(np.int32)}
-
-
 def main():
     args = parse_args(__doc__)
     rng = np.random.default_rng(args.seed)
@@ -94,7 +84,7 @@ def main():
     history, times = {"loss": [], "accuracy": []}, []
     for step in range(args.steps):
         t0 = time.perf_counter()
-        batch = make_batch(rng, BATCH)
+        batch = mnist_like_batch(rng, BATCH)
         state, metrics = step_fn(state, batch)
         for name, value in metrics.items():
             history[name].append(float(value))
@@ -102,7 +92,7 @@ def main():
         if step % LOG_EVERY == 0:
             print(f"step {step:3d}  loss {history['loss'][-1]:.4f}  accuracy {history['accuracy'][-1]:.3f}")
 
-    batch = make_batch(np.random.default_rng(4321), 128)
+    batch = mnist_like_batch(np.random.default_rng(4321), 128)
     logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
                             batch["image"], train=False)
     test_acc = float(jnp.mean(jnp.argmax(logits, -1) == batch["label"]))

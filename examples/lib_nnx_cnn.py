@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from _common import checksum, param_change, parse_args, report
+from _common import checksum, mnist_like_batch, param_change, parse_args, report
 
 BATCH, LOG_EVERY = 16, 5
 
@@ -59,16 +59,6 @@ def train_step(model, optimizer, metrics, batch):
     optimizer.update(model, grads)  # in-place updates
 
 
-def make_batch(rng, n):
-    """MNIST-shaped stand-in: ten classes of noisy oriented stripes, 28x28x1, in [0, 1]."""
-    label = rng.integers(0, 10, size=n)
-    yy, xx = np.mgrid[0:28, 0:28]
-    angle = label[:, None, None] * np.pi / 10
-    image = 0.5 + 0.5 * np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 0.7)
-    image = np.clip(image + 0.5 * rng.standard_normal((n, 28, 28)), 0.0, 1.0)
-    return {"image": image[..., None].astype(np.float32), "label": label.astype(np.int32)}
-
-
 def main():
     args = parse_args(__doc__)
     rng = np.random.default_rng(args.seed)
@@ -86,7 +76,7 @@ def main():
     model.train()  # Dropout on, BatchNorm uses batch statistics
     for step in range(args.steps):
         t0 = time.perf_counter()
-        batch = make_batch(rng, BATCH)
+        batch = mnist_like_batch(rng, BATCH)
         step_fn(model, optimizer, metrics, batch)
         for name, value in metrics.compute().items():  # the metric, read every step
             history[name].append(float(value))
@@ -96,7 +86,7 @@ def main():
             print(f"step {step:3d}  loss {history['loss'][-1]:.4f}  accuracy {history['accuracy'][-1]:.3f}")
 
     model.eval()  # Dropout off, BatchNorm uses its running averages
-    batch = make_batch(np.random.default_rng(4321), 128)
+    batch = mnist_like_batch(np.random.default_rng(4321), 128)
     test_acc = float(jnp.mean(jnp.argmax(model(batch["image"]), -1) == batch["label"]))
     print(f"test accuracy {test_acc:.3f}")
     report(times, checksum(param_change(nnx.to_pure_dict(nnx.state(model, nnx.Param)), params0),

@@ -15,6 +15,15 @@ def hook_off_after_test():
     assert not _hook.installed(), "a test left the frame hook installed"
 
 
+@pytest.fixture
+def loop_units_on():
+    """Loop units on and counters zeroed for the test; loop units off after it."""
+    terra_bc.set_loops(True)
+    terra_bc.reset_stats()
+    yield
+    terra_bc.set_loops(False)
+
+
 def swapped(fn):
     """The code terra_bc runs in place of fn.__code__ (None if left alone, ... if undecided)."""
     return _hook.cached_decision(fn.__code__)

@@ -20,12 +20,7 @@ RTOL, ATOL = 1e-5, 1e-6
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def loops_on():
-    terra_bc.set_loops(True)
-    terra_bc.reset_stats()
-    yield
-    terra_bc.set_loops(False)
+pytestmark = pytest.mark.usefixtures("loop_units_on")  # (conftest.py)
 
 
 # ------------------------------------------------------------------ which code is rewritten

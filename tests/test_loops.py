@@ -11,12 +11,7 @@ import terra_bc
 RTOL, ATOL = 1e-5, 1e-6
 
 
-@pytest.fixture(autouse=True)
-def loops_on():
-    terra_bc.set_loops(True)
-    terra_bc.reset_stats()
-    yield
-    terra_bc.set_loops(False)
+pytestmark = pytest.mark.usefixtures("loop_units_on")  # (conftest.py)
 
 
 def hooked(fn, *args):
