@@ -385,3 +385,29 @@ def test_module_library_loop_coexecutes_and_matches_eager(training):
     stats = terra_bc.stats()
     assert stats["iterations_coexecuted"] >= 6, stats
     assert stats["eager_fallbacks"] == 0, stats
+
+
+def test_excluding_a_library_the_gradient_goes_through_gives_eager_results(tmp_path):
+    """--exclude equinox: equinox calls jax.value_and_grad itself, from code we do not
+    rewrite, on the user's rewritten loss.  JAX's tracers must not reach the recorder: the
+    unit runs eagerly (the reason is in explain()), with eager's results."""
+    script = tmp_path / "prog.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        import terra_bc
+        from tests.test_libraries import equinox_training
+        losses, _ = equinox_training(5)
+        print(repr([round(v, 6) for v in losses]))
+        print("transforms this code" in terra_bc.explain(), file=sys.stderr)
+    """))
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    plain = subprocess.run([sys.executable, str(script), ROOT], env=env, capture_output=True,
+                           text=True, timeout=300)
+    hooked = subprocess.run([sys.executable, "-m", "terra_bc", "--exclude", "equinox",
+                             str(script), ROOT], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    assert hooked.returncode == 0, hooked.stderr
+    assert hooked.stdout == plain.stdout
+    assert hooked.stderr.strip().splitlines()[-1] == "True"

@@ -115,6 +115,14 @@ def _record_op(it, fn, key, where, tree, leaves):
 
 
 def op(it, fn, key, args, kwargs):
+    if not _recorder_is_current(it):
+        # JAX is transforming this code from outside what we see (jax.grad called by a
+        # library out of scope on the user's function): its tracers must not reach the
+        # recorder.  The op runs as JAX runs it; the unit will run eagerly.
+        it.path.eager_reason = it.path.eager_reason or (
+            "JAX transforms this code from a caller terra_bc does not rewrite "
+            "(a library out of scope)")
+        return fn(*args, **kwargs)
     leaves, tree = tree_flatten((args, kwargs))
     where = user_line()
     # After leaving a path, the ops that follow usually match it event for event: numbers
@@ -149,6 +157,12 @@ def op(it, fn, key, args, kwargs):
            outs=outs, fast=guards.fast_spec(key, tuple(specs), out_tree, outs, flat))
     counts["ops_traced"] += 1
     return tree_unflatten(out_tree, wrapped)
+
+
+def _recorder_is_current(it):
+    with jax.extend.core.take_current_trace() as trace:
+        pass
+    return it.recording is None or it.recording.owns_trace(trace)
 
 
 def _refused(it, fn, key, where, tree, leaves, args, kwargs, error):
