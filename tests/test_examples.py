@@ -97,22 +97,22 @@ def test_eager_runs(runs, program):
     assert eager["checksum"] is not None and math.isfinite(eager["checksum"])
 
 
+def _assert_mode_matches_eager(result, mode):
+    eager, other = result["eager"], result[mode]
+    assert other["returncode"] == 0, _describe(other)
+    assert checksums_match(other["checksum"], eager["checksum"]), (other["checksum"], eager["checksum"])
+
+
 @pytest.mark.parametrize("program", sorted(SPLIT_PROGRAMS))
 def test_jit_split_matches_eager(runs, program):
     """The benchmark's jax.jit upper bound must compute what the eager program computes."""
-    result = runs[program].result()
-    eager, split = result["eager"], result["jit_split"]
-    assert split["returncode"] == 0, _describe(split)
-    assert checksums_match(split["checksum"], eager["checksum"]), (split["checksum"], eager["checksum"])
+    _assert_mode_matches_eager(runs[program].result(), "jit_split")
 
 
 @pytest.mark.parametrize("program", LIBRARY_PROGRAMS)
 def test_library_jit_matches_eager(runs, program):
     """The library's own jit of the step (the benchmark's jit column) computes what eager does."""
-    result = runs[program].result()
-    eager, jitted = result["eager"], result["jit"]
-    assert jitted["returncode"] == 0, _describe(jitted)
-    assert checksums_match(jitted["checksum"], eager["checksum"]), (jitted["checksum"], eager["checksum"])
+    _assert_mode_matches_eager(runs[program].result(), "jit")
 
 
 @pytest.mark.parametrize("program", ALL_PROGRAMS)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+import jax
+
 from .. import _hook
 
 TRACE, COEXEC, EAGER = "tracing", "co-execution", "eager"
@@ -65,3 +67,14 @@ def close_iteration(it):
     if not _routing_everywhere:
         _routing_everywhere = True
         _hook.set_route_always(True)
+
+
+def plain_trace(recording=None):
+    """Is the current JAX trace the one this thread runs ops under: ``recording``'s (an
+    iteration that is tracing), else the eager one?  Not so while JAX transforms user code
+    (grad, jit, vmap) from a caller terra_bc does not route."""
+    with jax.extend.core.take_current_trace() as trace:
+        pass
+    if recording is not None:
+        return recording.owns_trace(trace)
+    return type(trace).__name__ == "EvalTrace"

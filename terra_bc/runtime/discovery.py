@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import inspect
 
-import jax
-
 from .. import _hook, scope
 from ..counters import counts
 from . import context
-from .context import TRACE, LoopTurn, thread
+from .context import TRACE, LoopTurn, plain_trace, thread
 from .settings import MIN_UNIT_OPS, settings
 from .units import Unit
 from .values import user_line
@@ -40,7 +38,7 @@ def on_loop(mark, token, exiting):
     outer = context.current()
     if cur is None and outer is not None and not _loop_takes_over(outer, token):
         return False
-    if thread.opaque or not _plain_trace(cur):
+    if thread.opaque or not plain_trace(cur.iteration.recording if cur is not None else None):
         return False  # JAX is tracing user code (grad, jit, vmap): its loops are its own
     if cur is not None:
         if cur.token == token:
@@ -82,15 +80,6 @@ def _loop_takes_over(outer, token):
     return True
 
 
-def _plain_trace(cur):
-    """Is the current JAX trace the eager one (or, inside a turn, its recorder)?"""
-    with jax.extend.core.take_current_trace() as trace:
-        pass
-    if cur is not None and cur.iteration.recording is not None:
-        return cur.iteration.recording.owns_trace(trace)
-    return type(trace).__name__ == "EvalTrace"
-
-
 def _end_turn(ok):
     turn = thread.loop
     thread.loop = None
@@ -127,7 +116,7 @@ def on_call(unit, token, state):
         return None
     if context.current() is not None or thread.opaque or unit.eager_reason:
         return None
-    if unit.warming_up(plain_calls=1) or not _plain_trace(None):  # a unit from the 2nd call
+    if unit.warming_up(plain_calls=1) or not plain_trace():  # a unit from the 2nd call
         return None
     it, _ = unit.begin((), {})
     it.auto = True

@@ -19,7 +19,7 @@ from ..jaxpr_builder import Id
 from . import autodiff, discovery
 from .context import EAGER, current, thread
 from .placeholders import eager
-from .trace_rules import calls_given_function, grad_spec, is_api_wrapper, is_dl_op, unwrap
+from .trace_rules import calls_given_function, code_of, grad_spec, is_api_wrapper, is_dl_op
 
 
 def on_site(site, callee, *args, **kwargs):
@@ -59,11 +59,8 @@ def _python_or_one_op(fun):
     events.  One whose Python is not rewritten (code from ``exec`` such as an IPython
     ``%%time`` cell, an installed package out of scope) would hand JAX our placeholders
     directly: it runs as one op of the iteration instead, recorded as JAX runs it."""
-    inner = unwrap(fun)
-    while isinstance(inner, functools.partial):
-        inner = inner.func
-    code = getattr(getattr(inner, "__func__", inner), "__code__", None)
-    if not isinstance(code, types.CodeType) or frames.runs_rewritten(code):
+    code = code_of(fun)
+    if code is None or frames.runs_rewritten(code):
         return fun
 
     def one_op(*args, **kwargs):

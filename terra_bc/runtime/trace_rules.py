@@ -59,7 +59,7 @@ def _is_dl_op(callee):
             inner = free.get("fun", free.get("func"))
             return inner is None or _is_dl_op(inner)
         if code.co_filename.endswith(NOT_OPS_FILES):
-            return code.co_name in CALLS_GIVEN_FUNCTION
+            return _calls_given_function(code)
         return code.co_name not in NOT_OPS_NAMES
     module = getattr(type(callee), "__module__", "") or ""
     return module.startswith(("jax", "jaxlib")) and callable(callee)
@@ -68,8 +68,12 @@ def _is_dl_op(callee):
 def calls_given_function(callee):
     """Is ``callee`` a pytree utility that calls the function it is given first?"""
     code = getattr(callee, "__code__", None)
-    return (isinstance(code, types.CodeType) and code.co_name in CALLS_GIVEN_FUNCTION
-            and code.co_filename.startswith(JAX_DIRS) and code.co_filename.endswith(NOT_OPS_FILES))
+    return isinstance(code, types.CodeType) and _calls_given_function(code)
+
+
+def _calls_given_function(code):
+    return (code.co_name in CALLS_GIVEN_FUNCTION and code.co_filename.startswith(JAX_DIRS)
+            and code.co_filename.endswith(NOT_OPS_FILES))
 
 
 def traces_its_body(callee):
@@ -108,6 +112,16 @@ def cells(fn):
     return out
 
 
+def code_of(fun):
+    """The code object a call of ``fun`` runs first, through JAX's API wrappers, partials
+    and bound methods (None for a callable object or a builtin)."""
+    fun = unwrap(fun)
+    while isinstance(fun, functools.partial):
+        fun = fun.func
+    code = getattr(getattr(fun, "__func__", fun), "__code__", None)
+    return code if isinstance(code, types.CodeType) else None
+
+
 def body_key(fun):
     """The guard key of a function whose body runs as code of the iteration (grad, vjp): its
     code.  Its closure (a fresh lambda over this step's batch), a partial's arguments or a
@@ -121,8 +135,8 @@ def body_key(fun):
             fun = fun.__wrapped__
         else:
             break
-    code = getattr(getattr(fun, "__func__", fun), "__code__", None)
-    if not isinstance(code, types.CodeType):
+    code = code_of(fun)
+    if code is None:
         code = getattr(getattr(type(fun), "__call__", None), "__code__", None)
     return code if isinstance(code, types.CodeType) else fun
 

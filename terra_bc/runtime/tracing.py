@@ -15,6 +15,7 @@ from jax.tree_util import tree_flatten, tree_unflatten
 from ..counters import counts
 from ..jaxpr_builder import RecTracer
 from . import guards, launching
+from .context import plain_trace
 from .events import (BreakEvent, ComputedIn, EnterEvent, FeedIn, OpEvent, PlaceholderIn,
                      PlaceholderOut, StaticIn, StaticOut, key_name)
 from .placeholders import OPERATORS, Placeholder, concrete, eager
@@ -115,7 +116,7 @@ def _record_op(it, fn, key, where, tree, leaves):
 
 
 def op(it, fn, key, args, kwargs):
-    if not _recorder_is_current(it):
+    if not plain_trace(it.recording):
         # JAX is transforming this code from outside what we see (jax.grad called by a
         # library out of scope on the user's function): its tracers must not reach the
         # recorder.  The op runs as JAX runs it; the unit will run eagerly.
@@ -157,12 +158,6 @@ def op(it, fn, key, args, kwargs):
            outs=outs, fast=guards.fast_spec(key, tuple(specs), out_tree, outs, flat))
     counts["ops_traced"] += 1
     return tree_unflatten(out_tree, wrapped)
-
-
-def _recorder_is_current(it):
-    with jax.extend.core.take_current_trace() as trace:
-        pass
-    return it.recording is None or it.recording.owns_trace(trace)
 
 
 def _refused(it, fn, key, where, tree, leaves, args, kwargs, error):
