@@ -479,6 +479,197 @@ static PyTypeObject LoopIterType = {
     .tp_iternext = (iternextfunc)loopiter_next,
 };
 
+/* ------------------------------------------------------------------ while loops
+ *
+ * A `while` loop has no iterator to watch.  The rewriter calls its LoopHead (no argument)
+ * where each turn begins (the target of the loop's back edge) and a LoopExit wherever
+ * control leaves the loop (the targets of its exit edges, exception handlers outside it
+ * included); a return or an exception leaving the frame ends an open turn at the frame's
+ * end (hook below).  The loop's execution is identified by its frame, which is also the
+ * token given to the runtime.  The same rules as for `for` loops: three quiet turns while
+ * undecided and the loop is plain Python; a turn that made no DL-op call does not end the
+ * iteration (conditions re-entered by `continue`, turns that only do Python work). */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *key;
+    int state;          /* 0 undecided, 1 a unit (set by the runtime), -1 plain Python */
+    int quiet_turns;
+    int open;           /* the runtime has an iteration open for this loop */
+    void *frame;        /* the frame running this loop now (NULL: not entered) */
+    unsigned long long dl_at_turn;
+} LoopHeadObject;
+
+typedef struct {
+    PyObject_HEAD
+    LoopHeadObject *head;
+    int raised;         /* an exception handler's entry: the turn did not complete */
+} LoopExitObject;
+
+static PyTypeObject LoopHeadType;
+
+/* The head whose turn is open in this thread, told when its frame ends (strong ref). */
+static THREAD_LOCAL LoopHeadObject *open_head = NULL;
+
+#if PY_VERSION_HEX >= 0x030d0000
+#define CURRENT_FRAME(ts) ((void *)(ts)->current_frame)
+#else
+#define CURRENT_FRAME(ts) ((void *)(ts)->cframe->current_frame)
+#endif
+
+static void
+notify_head(LoopHeadObject *head, int exiting)
+{
+    PyObject *type, *val, *tb;
+    PyErr_Fetch(&type, &val, &tb);
+    PyObject *r = call_quietly(loop_handler, Py_BuildValue(
+        "(OKi)", (PyObject *)head, (unsigned long long)(uintptr_t)head->frame, exiting));
+    head->open = r != NULL && PyObject_IsTrue(r) > 0;
+    Py_XDECREF(r);
+    PyErr_Restore(type, val, tb);
+    if (head->open)
+        Py_XSETREF(open_head, (LoopHeadObject *)Py_NewRef(head));
+    else if (open_head == head)
+        Py_CLEAR(open_head);
+}
+
+/* The loop is left (exiting 1: normally, 2: by an exception). */
+static void
+leave_loop(LoopHeadObject *head, int exiting)
+{
+    if (head->open && loop_handler != NULL)
+        notify_head(head, exiting);
+    head->open = 0;
+    head->frame = NULL;
+    if (open_head == head)
+        Py_CLEAR(open_head);
+}
+
+static PyObject *
+loophead_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *key;
+    if (!PyArg_ParseTuple(args, "O:LoopHead", &key))
+        return NULL;
+    LoopHeadObject *self = (LoopHeadObject *)type->tp_alloc(type, 0);
+    if (self != NULL)
+        self->key = Py_NewRef(key);
+    return (PyObject *)self;
+}
+
+static void
+loophead_dealloc(LoopHeadObject *self)
+{
+    Py_XDECREF(self->key);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+loophead_call(PyObject *callable, PyObject *args, PyObject *kwds)
+{
+    LoopHeadObject *head = (LoopHeadObject *)callable;
+    if (loop_handler == NULL || head->state < 0 || in_callback || traced())
+        Py_RETURN_NONE;
+    void *frame = CURRENT_FRAME(PyThreadState_GET());
+    if (head->frame != frame) { /* the loop is entered: its first turn begins */
+        head->frame = frame;
+        head->open = 0;
+    }
+    else {
+        int busy = dl_calls != head->dl_at_turn; /* the turn that just ended called DL ops */
+        if (head->state == 0 && !busy && !head->open) {
+            if (++head->quiet_turns >= 3)
+                head->state = -1;
+        }
+        else if (busy || !head->open) {
+            notify_head(head, 0);
+        }
+    }
+    head->dl_at_turn = dl_calls;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+loopexit_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *head;
+    int raised = 0;
+    if (!PyArg_ParseTuple(args, "O|p:LoopExit", &head, &raised))
+        return NULL;
+    if (!PyObject_TypeCheck(head, &LoopHeadType)) {
+        PyErr_SetString(PyExc_TypeError, "LoopExit(head): head must be a LoopHead");
+        return NULL;
+    }
+    LoopExitObject *self = (LoopExitObject *)type->tp_alloc(type, 0);
+    if (self != NULL) {
+        self->head = (LoopHeadObject *)Py_NewRef(head);
+        self->raised = raised;
+    }
+    return (PyObject *)self;
+}
+
+static void
+loopexit_dealloc(LoopExitObject *self)
+{
+    Py_XDECREF(self->head);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+loopexit_call(PyObject *callable, PyObject *args, PyObject *kwds)
+{
+    LoopExitObject *self = (LoopExitObject *)callable;
+    LoopHeadObject *head = self->head;
+    if (head->frame != NULL && head->frame == CURRENT_FRAME(PyThreadState_GET()))
+        leave_loop(head, self->raised ? 2 : 1);
+    Py_RETURN_NONE;
+}
+
+/* A frame ends: the turn of a while loop open in it ends with it (a return inside the loop,
+ * or an exception leaving the frame). */
+static inline void
+frame_ends(void *frame, int raised)
+{
+    if (open_head != NULL && open_head->frame == frame)
+        leave_loop(open_head, raised ? 2 : 1);
+}
+
+static PyMemberDef loophead_members[] = {
+    {"key", T_OBJECT, offsetof(LoopHeadObject, key), READONLY, "(filename, qualname, line, offset)"},
+    {"state", T_INT, offsetof(LoopHeadObject, state), 0, "0 undecided, 1 unit, -1 plain Python"},
+    {NULL},
+};
+
+static PyMemberDef loopexit_members[] = {
+    {"head", T_OBJECT, offsetof(LoopExitObject, head), READONLY, "the loop's LoopHead"},
+    {"raised", T_INT, offsetof(LoopExitObject, raised), READONLY, "an exception handler's entry"},
+    {NULL},
+};
+
+static PyTypeObject LoopHeadType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "terra_bc._hook.LoopHead",
+    .tp_basicsize = sizeof(LoopHeadObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Called with no argument where each turn of a while loop begins.",
+    .tp_new = loophead_new,
+    .tp_dealloc = (destructor)loophead_dealloc,
+    .tp_call = loophead_call,
+    .tp_members = loophead_members,
+};
+
+static PyTypeObject LoopExitType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "terra_bc._hook.LoopExit",
+    .tp_basicsize = sizeof(LoopExitObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "LoopExit(head, raised=False): called with no argument where a while loop is left.",
+    .tp_new = loopexit_new,
+    .tp_dealloc = (destructor)loopexit_dealloc,
+    .tp_call = loopexit_call,
+    .tp_members = loopexit_members,
+};
+
 /* ------------------------------------------------------------------ frame hook */
 
 /* With any eval hook installed, CPython stops inlining Python-to-Python calls: each call
@@ -626,11 +817,15 @@ hook(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
     Py_DECREF(code);
     frames_swapped++;
     void *mark = NULL;
+    PyObject *result;
     if (call_handler != NULL && !routing /* inside an iteration: part of it */
         && !(((PyCodeObject *)replacement)->co_flags & CO_GENERATOR)
         && CODE_GET_EXTRA(replacement, mark_index, &mark) == 0 && mark != NULL)
-        return run_as_unit(ts, frame, (PyObject *)mark);
-    return run_previous(ts, frame, throwflag);
+        result = run_as_unit(ts, frame, (PyObject *)mark);
+    else
+        result = run_previous(ts, frame, throwflag);
+    frame_ends(frame, result == NULL);
+    return result;
 }
 
 static void
@@ -849,7 +1044,10 @@ PyInit__hook(void)
         return NULL;
     }
     if (PyType_Ready(&LoopMarkType) < 0 || PyType_Ready(&LoopIterType) < 0
-        || PyModule_AddObjectRef(m, "LoopMark", (PyObject *)&LoopMarkType) < 0) {
+        || PyType_Ready(&LoopHeadType) < 0 || PyType_Ready(&LoopExitType) < 0
+        || PyModule_AddObjectRef(m, "LoopMark", (PyObject *)&LoopMarkType) < 0
+        || PyModule_AddObjectRef(m, "LoopHead", (PyObject *)&LoopHeadType) < 0
+        || PyModule_AddObjectRef(m, "LoopExit", (PyObject *)&LoopExitType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from bytecode import Bytecode, Instr, Label, TryBegin
 from bytecode.concrete import _ConvertBytecodeToConcrete
 
-from ._hook import LoopMark, Site
+from ._hook import LoopExit, LoopHead, LoopMark, Site
 
 PY313 = sys.version_info >= (3, 13)
 PY311 = sys.version_info < (3, 12)
@@ -67,11 +67,22 @@ def rewrite(code: types.CodeType, loops: bool = True) -> Rewritten | None:
     _restore_handler_depths(code, bc, offsets)
     pairs, stacks = _pair_calls(bc)
     # A generator's loop turn would stay open while it is suspended: no loop units there.
-    marks = [] if not loops or code.co_flags & GENERATOR_FLAGS else \
-        _for_loops(bc, stacks, code.co_stacksize)
-    if not pairs and not marks:
+    marked = loops and not code.co_flags & GENERATOR_FLAGS
+    marks = _for_loops(bc, stacks, code.co_stacksize) if marked else []
+    whiles = _while_loops(code, bc, stacks, offsets) if marked else []
+    if not pairs and not marks and not whiles:
         return None
-    new_bc, expansion, sites = _apply(code, bc, pairs, marks, offsets)
+    try:
+        return _build(code, bc, pairs, marks, whiles, offsets)
+    except Unsupported:
+        if not whiles:
+            raise
+        # The calls are what matter most: without while-loop marks rather than not at all.
+        return _build(code, bc, pairs, marks, [], offsets) if pairs or marks else None
+
+
+def _build(code, bc, pairs, marks, whiles, offsets):
+    new_bc, expansion, sites = _apply(code, bc, pairs, marks, whiles, offsets)
     new_code = _assemble(code, new_bc)
     _verify(code, new_code, expansion)
     return Rewritten(new_code, tuple(sites))
@@ -208,6 +219,131 @@ def _for_loops(bc, stacks, stacksize):
     return loops
 
 
+@dataclass(frozen=True)
+class WhileLoop:
+    head: int     # index in the bytecode of the instruction each turn begins at
+    exits: tuple  # (index, raised) of each instruction control reaches on leaving the loop
+
+
+def _while_loops(code, bc, stacks, offsets):
+    """The loops that are not ``for`` loops, as natural loops of the control-flow graph
+    (exception edges included): the head of each back edge whose target dominates its
+    source, the loop body, and where control goes on leaving the body.  A loop is left
+    out where the stack has no room for a mark's call (two more values) at its head or at
+    one of its exits."""
+    items = list(bc)
+    succ, back = _control_flow(code, items, offsets)
+    if not back:
+        return []
+    dominators = _dominators(succ, entry=min(succ))
+    preds = {n: [] for n in succ}
+    for n, edges in succ.items():
+        for m, _ in edges:
+            preds[m].append(n)
+    heads = {}
+    for n, h in back:
+        if n in dominators and _dominates(dominators, h, n) and items[h].name != "FOR_ITER":
+            heads.setdefault(h, set()).update(_natural_loop(preds, n, h))
+    room = lambda k: k in stacks and len(stacks[k]) + 2 <= code.co_stacksize  # noqa: E731
+    loops = []
+    for h, body in sorted(heads.items()):
+        exits = sorted({(m, raised) for n in body for m, raised in succ[n] if m not in body})
+        if room(h) and all(room(m) for m, _ in exits):
+            loops.append(WhileLoop(h, tuple(exits)))
+    return loops
+
+
+def _control_flow(code, items, offsets):
+    """Successors of each instruction (index -> [(index, by an exception)]) and the
+    backward jumps (source, target) that may close loops."""
+    at_offset = {offsets[id(x)]: n for n, x in enumerate(items) if isinstance(x, Instr)}
+    order = sorted(at_offset.values())
+    following = dict(zip(order, order[1:]))
+    label_at = {id(x): n for n, x in enumerate(items) if isinstance(x, Label)}
+    first_instr = lambda k: next(j for j in range(k, len(items)) if isinstance(items[j], Instr))  # noqa: E731
+    handler = {}
+    for e in dis._parse_exception_table(code):
+        for off in range(e.start, e.end, 2):
+            if off in at_offset:
+                handler[at_offset[off]] = at_offset[e.target]
+    succ, back = {}, []
+    for n in order:
+        instr = items[n]
+        edges = []
+        if instr.has_jump():
+            target = first_instr(label_at[id(instr.arg)])
+            edges.append((target, False))
+            if target <= n and "BACKWARD" in instr.name and "NO_INTERRUPT" not in instr.name:
+                back.append((n, target))
+        if not (instr.is_uncond_jump() or instr.is_final()) and n in following:
+            edges.append((following[n], False))
+        if n in handler:
+            edges.append((handler[n], True))
+        succ[n] = edges
+    return succ, back
+
+
+def _dominators(succ, entry):
+    """Each reachable node's immediate dominator (the entry's is itself), by Cooper, Harvey
+    and Kennedy's iterative algorithm over reverse postorder."""
+    order, seen, stack = [], {entry}, [(entry, iter(succ[entry]))]
+    while stack:  # postorder, without recursion
+        node, edges = stack[-1]
+        nxt = next((m for m, _ in edges if m not in seen), None)
+        if nxt is None:
+            order.append(node)
+            stack.pop()
+            continue
+        seen.add(nxt)
+        stack.append((nxt, iter(succ[nxt])))
+    rank = {n: k for k, n in enumerate(order)}  # postorder number: the entry's is highest
+    preds = {n: [] for n in order}
+    for n in order:
+        for m, _ in succ[n]:
+            preds[m].append(n)
+    idom = {entry: entry}
+
+    def meet(a, b):
+        while a != b:
+            while rank[a] < rank[b]:
+                a = idom[a]
+            while rank[b] < rank[a]:
+                b = idom[b]
+        return a
+
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(order[:-1]):
+            done = [p for p in preds[n] if p in idom]
+            new = done[0]
+            for p in done[1:]:
+                new = meet(p, new)
+            if idom.get(n) != new:
+                idom[n], changed = new, True
+    return idom
+
+
+def _dominates(idom, a, b):
+    """Does ``a`` dominate ``b`` (both reachable)?"""
+    while b != a:
+        if idom[b] == b:
+            return False
+        b = idom[b]
+    return True
+
+
+def _natural_loop(preds, source, head):
+    """The nodes that reach ``source`` without passing ``head``, and ``head``."""
+    body, work = {head, source}, [source]
+    while work:
+        for p in preds[work.pop()]:
+            if p not in body:
+                body.add(p)
+                work.append(p)
+    return body
+
+
 def _step(instr, stack, jump):
     name = instr.name
     if name == "SWAP":
@@ -276,10 +412,33 @@ def _loop_mark(instr, mark):
             [Instr("CALL", 0, location=loc), instr])
 
 
-def _apply(code, bc, pairs, loops, offsets):
+def _call_no_args(obj, loc):
+    """Instructions that call ``obj()`` and drop the result (two more values on the stack)."""
+    load = Instr("LOAD_CONST", obj, location=loc)
+    null = Instr("PUSH_NULL", location=loc)
+    call = ([Instr("PRECALL", 0, location=loc)] if PY311 else []) + [Instr("CALL", 0, location=loc)]
+    return ([load, null] if PY313 else [null, load]) + call + [Instr("POP_TOP", location=loc)]
+
+
+def _while_marks(code, items, whiles, offsets):
+    """Instructions to run before some instructions (index -> list): each while loop's
+    LoopHead call where its turns begin, its LoopExit calls where it is left."""
+    before, heads = {}, []
+    for loop in whiles:
+        head = LoopHead(_site_key(code, offsets[id(items[loop.head])]))
+        heads.append(head)
+        for n, raised in loop.exits:
+            before.setdefault(n, []).append(LoopExit(head, raised))
+        before.setdefault(loop.head, []).append(head)  # after exits landing there too
+    calls = {n: [i for obj in objs for i in _call_no_args(obj, items[n].location)]
+             for n, objs in before.items()}
+    return calls, heads
+
+
+def _apply(code, bc, pairs, loops, whiles, offsets):
     items = list(bc)
     replace = {}
-    sites = []
+    before, sites = _while_marks(code, items, whiles, offsets)
     for n in loops:
         mark = LoopMark(_site_key(code, offsets[id(items[n])]))
         sites.append(mark)
@@ -295,8 +454,8 @@ def _apply(code, bc, pairs, loops, offsets):
     new = bc.copy()
     new.clear()
     expansion = []  # for each original Instr, how many Instrs it became
-    for item in items:
-        out = replace.get(id(item), [item])
+    for n, item in enumerate(items):
+        out = before.get(n, []) + replace.get(id(item), [item])
         new.extend(out)
         if isinstance(item, Instr):
             expansion.append(len(out))

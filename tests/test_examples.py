@@ -1,8 +1,10 @@
 """The example programs: eager vs ``python -m terra_bc``.
 
 The ten programs after the Terra paper (issue 5) and the library programs
-(``examples/lib_*.py``: optax, Flax NNX, Flax linen, Equinox, written as their tutorials
-write them); each library program's ``--jit`` (the library's own jit) must match eager too.
+(``examples/lib_*.py``: optax, Flax NNX, Flax linen, Equinox, Haiku, written as their
+tutorials write them, and a DQN on gymnasium's CartPole-v1 whose episodes are
+``while not done:`` loops); each library program's ``--jit`` (the library's own jit) must
+match eager too.
 
 Every program runs in quick mode in its own process, eagerly and under
 ``python -m terra_bc --stats``; the checksums must agree and the stats line

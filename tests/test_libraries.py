@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 import terra_bc
 from terra_bc import _hook, scope
+from terra_bc.runtime import trace_rules
 
 RTOL, ATOL = 1e-5, 1e-6
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,6 +173,61 @@ def test_tree_map_of_a_jax_function_is_an_op_of_the_iteration():
     assert got == want
     stats = terra_bc.stats()
     assert stats["iterations_coexecuted"] >= 3 and stats["eager_fallbacks"] == 0, stats
+
+
+def test_metadata_functions_run_as_python_not_as_ops():
+    """result_type, issubdtype, isrealobj, typeof... read what a placeholder carries: no
+    event, no guard, and the same answers as eager."""
+    from terra_bc.runtime.events import key_name
+    from terra_bc.runtime.units import all_units
+
+    def run():
+        x, out = jnp.ones((4, 3)), []
+        for step in range(8):
+            y = jnp.cos(x) + step
+            meta = (jnp.result_type(y, 1.0), jnp.issubdtype(y.dtype, jnp.floating),
+                    jnp.isrealobj(y), jnp.iscomplexobj(y), str(jax.typeof(y)),
+                    jnp.promote_types(y.dtype, jnp.int32), jnp.can_cast(y.dtype, jnp.float64))
+            x = x * 0.9 + jnp.tanh(y) * 0.01
+            out.append((meta, float(jnp.sum(x))))
+        return out
+
+    want = run()
+    with terra_bc.enabled():
+        got = run()
+    assert [m for m, _ in got] == [m for m, _ in want]
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=RTOL)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 5 and stats["eager_fallbacks"] == 0, stats
+    recorded = {key_name(ev.key) for unit in list(all_units) for path in unit.paths
+                for ev in path.events}
+    assert {"cos", "tanh"} <= recorded
+    assert not recorded & set(trace_rules.METADATA_FUNCTIONS), recorded
+
+
+def test_numpy_scalar_in_a_shape_stays_static():
+    """hk.Flatten computes the flattened size with NumPy (an np.int64) inside the loss JAX
+    differentiates: fed like an array, reshape could not record it; it is baked instead."""
+    def run():
+        w, out = jnp.full((12, 2), 0.1), []
+        for step in range(8):
+            x = jnp.ones((4, 3, 4)) * (step + 1)
+
+            def loss(w):
+                flat = jnp.reshape(x, (x.shape[0], np.prod(x.shape[1:]) // np.int64(1)))
+                return jnp.mean((flat @ w) ** 2)
+
+            value, g = jax.value_and_grad(loss)(w)
+            w = w - 1e-4 * g
+            out.append(float(value))
+        return out
+
+    want = run()
+    with terra_bc.enabled():
+        got = run()
+    np.testing.assert_allclose(got, want, rtol=RTOL)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 5 and stats["eager_fallbacks"] == 0, stats
 
 
 def test_scope_all_runs_a_jax_program(tmp_path):

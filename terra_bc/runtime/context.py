@@ -35,10 +35,10 @@ thread = _Thread()
 @dataclass(slots=True, eq=False)
 class LoopTurn:
     """The turn of a loop unit open in this thread."""
-    mark: object              # the loop's _hook.LoopMark
-    token: int                # its LoopIter (the loop statement running now)
+    mark: object              # the loop's _hook.LoopMark (for) or _hook.LoopHead (while)
+    token: int                # the running loop statement: its LoopIter (for), frame (while)
     iteration: object         # the Iteration this turn runs as
-    inner_turns: dict = field(default_factory=dict)  # token -> turns of loops nested in it
+    inner_turns: dict = field(default_factory=dict)  # (mark, token) -> turns of loops nested in it
 
 
 _routing_everywhere = False

@@ -1,7 +1,8 @@
 """Units found without code changes (``python -m terra_bc``): loops and functions.
 
-* A ``for`` loop whose turns call DL ops is a unit, each turn an iteration (``on_loop``,
-  called by ``_hook.c``'s watched loop iterator at each turn and when the loop is left).
+* A ``for`` or ``while`` loop whose turns call DL ops is a unit, each turn an iteration
+  (``on_loop``, called by ``_hook.c`` at each turn and when the loop is left: a ``for``
+  loop's watched iterator, a ``while`` loop's LoopHead and LoopExit calls).
 * A function that ran a DL op outside any iteration is marked (``mark_caller``); from its
   second call each call is an iteration (``on_call``), unless it records too few ops.
 
@@ -28,24 +29,27 @@ functions_on = False
 # ------------------------------------------------------------------ loop units
 
 def on_loop(mark, token, exiting):
-    """A watched ``for`` loop begins a turn (exiting=0) or is left (1; 2: by an exception).
-    Returns whether an iteration is open for this loop afterwards (see ``_hook.c``)."""
+    """A watched loop begins a turn (exiting=0) or is left (1; 2: by an exception).
+    ``mark``: the ``for`` loop's LoopMark (``token``: its LoopIter) or the ``while`` loop's
+    LoopHead (``token``: its frame).  Returns whether an iteration is open for this loop
+    afterwards (see ``_hook.c``)."""
     cur = thread.loop
+    loop = (mark, token)  # one execution of one loop statement
     if exiting:
-        if cur is not None and cur.token == token:
+        if cur is not None and (cur.mark, cur.token) == loop:
             _end_turn(ok=exiting == 1)
         return False
     outer = context.current()
-    if cur is None and outer is not None and not _loop_takes_over(outer, token):
+    if cur is None and outer is not None and not _loop_takes_over(outer, loop):
         return False
     if thread.opaque or not plain_trace(cur.iteration.recording if cur is not None else None):
         return False  # JAX is tracing user code (grad, jit, vmap): its loops are its own
     if cur is not None:
-        if cur.token == token:
+        if (cur.mark, cur.token) == loop:
             _end_turn(ok=True)
         else:  # nested in another loop's turn: part of it, unless it turns often
-            cur.inner_turns[token] = cur.inner_turns.get(token, 0) + 1
-            if cur.inner_turns[token] <= settings["inner_turns"]:
+            cur.inner_turns[loop] = cur.inner_turns.get(loop, 0) + 1
+            if cur.inner_turns[loop] <= settings["inner_turns"]:
                 return False
             cur.mark.state = -1  # the outer loop is not the repeating level
             _end_turn(ok=True)
@@ -64,14 +68,14 @@ def on_loop(mark, token, exiting):
     return True
 
 
-def _loop_takes_over(outer, token):
+def _loop_takes_over(outer, loop):
     """Inside a function's iteration a loop is part of it, unless the function was found
     automatically and the loop turns often: then the loop is the repeating level, and the
     function's iteration ends here (the function runs plainly from now on)."""
     if not outer.auto or outer.opaque_depth or outer.grad_depth:
         return False
-    outer.loop_turns[token] = outer.loop_turns.get(token, 0) + 1
-    if outer.loop_turns[token] <= settings["inner_turns"]:
+    outer.loop_turns[loop] = outer.loop_turns.get(loop, 0) + 1
+    if outer.loop_turns[loop] <= settings["inner_turns"]:
         return False
     unit = outer.unit
     unit.eager_reason = "a loop inside it turns more often: the loop is the unit"

@@ -17,10 +17,16 @@ from typing import NamedTuple
 import jax
 
 JAX_DIRS = (os.path.dirname(jax.__file__) + os.sep,)
+# JAX functions that read only dtypes, shapes and types (what a placeholder carries as it
+# is): they run as Python, not as events to guard and skip.  (jax.eval_shape stays an op:
+# it runs the function it is given under JAX's tracing, which caches it as jit does; as an
+# op it is skipped with its shapes checked.)
+METADATA_FUNCTIONS = frozenset({"result_type", "promote_types", "can_cast", "issubdtype",
+                                "isdtype", "isrealobj", "iscomplexobj", "typeof"})
 # JAX functions that are Python-level utilities, not ops: tree_map(f, ...) must run f as
 # the iteration's own code (its ops are events), block_until_ready/device_get fetch.
 NOT_OPS_FILES = (os.sep + "tree_util.py", os.sep + "tree.py")
-NOT_OPS_NAMES = frozenset({"block_until_ready", "device_get"})
+NOT_OPS_NAMES = frozenset({"block_until_ready", "device_get"}) | METADATA_FUNCTIONS
 # Pytree utilities that call a function they are given (jax.tree.map(jnp.sum, grads)):
 # routed, so that such a function, when it is a DL op, is called as an op of the iteration
 # (JAX's own code, which calls it, is not rewritten).  See dispatch.on_site.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import jax
+import numpy as np
 from jax.tree_util import tree_flatten, tree_unflatten
 
 from ..counters import counts
@@ -71,9 +72,12 @@ def enter(it, shape, leaves, args, kwargs):
     return with_arrays(args, kwargs, values)
 
 
-def input_spec(it, x, fed_number):
+def input_spec(it, x, fed_number, kept=False):
     """(spec, value to call with) for one input leaf; ``fed_number``: feed a Python number
-    (an operator's operand, or a leaf that changed between iterations)."""
+    (an operator's operand, or a leaf that changed between iterations); ``kept``: a NumPy
+    scalar JAX needs static (a shape computed with NumPy), baked like a Python number."""
+    if kept:
+        return StaticIn(x), x
     if guards.unsettled(x, it):
         return PlaceholderIn(x._id), x._rec
     if it.path.recorder.owns(x) and it.path.eager_reason:
@@ -89,30 +93,33 @@ def input_spec(it, x, fed_number):
     return StaticIn(x), x
 
 
-def _run_recorded(it, fn, tree, leaves, fed_number):
-    specs, values = zip(*(input_spec(it, x, fed_number(i)) for i, x in enumerate(leaves))) \
-        if leaves else ((), ())
+def _run_recorded(it, fn, tree, leaves, fed_number, kept=frozenset()):
+    specs, values = zip(*(input_spec(it, x, fed_number(i), i in kept)
+                          for i, x in enumerate(leaves))) if leaves else ((), ())
     a, k = tree_unflatten(tree, list(values))
     return specs, fn(*a, **k)
 
 
 def _record_op(it, fn, key, where, tree, leaves):
     """Run ``fn`` recorded; its inputs' specs and its output.  Numbers at leaves the unit
-    learnt are dynamic are fed; if JAX needs one static after all, it stays static."""
+    learnt are dynamic are fed; if JAX needs one static after all, it stays static.  NumPy
+    scalars are fed like arrays, unless JAX needed them static here before."""
     operands = fn in OPERATORS
     unit = it.unit
     name = key_name(key)
     dynamic = {i for i in range(len(leaves)) if (where, name, i) in unit.dynamic}
+    scalars = set() if operands else {i for i, x in enumerate(leaves) if isinstance(x, np.generic)}
+    kept = {i for i in scalars if (where, name, i) in unit.static}
     try:
-        return _run_recorded(it, fn, tree, leaves, lambda i: operands or i in dynamic)
+        return _run_recorded(it, fn, tree, leaves, lambda i: operands or i in dynamic, kept)
     except Exception:
-        if not dynamic:
+        if not dynamic and kept == scalars:
             raise
         # JAX needs that number static (a shape, an axis): keep it so from now on.
-        keys = {(where, name, i) for i in dynamic}
+        keys = {(where, name, i) for i in dynamic | scalars}
         unit.dynamic -= keys
         unit.static |= keys
-        return _run_recorded(it, fn, tree, leaves, lambda i: operands)
+        return _run_recorded(it, fn, tree, leaves, lambda i: operands, scalars)
 
 
 def op(it, fn, key, args, kwargs):
