@@ -784,13 +784,32 @@ def compile_segment(segment: Segment, on_compile=None):
     if fn is not None:
         _cache_stats["hits"] += 1
         return fn
-    fn = jax.jit(jaxpr_as_fun(segment.jaxpr))
+    fn = _one_jit_call(segment.jaxpr)  # (no new executable: not counted as a compile)
+    if fn is None:
+        fn = jax.jit(jaxpr_as_fun(segment.jaxpr))
+        _cache_stats["compiles"] += 1
+        counts["compiles"] += 1
+        if on_compile is not None:
+            on_compile()
     _compiled[segment.key] = fn
-    _cache_stats["compiles"] += 1
-    counts["compiles"] += 1
-    if on_compile is not None:
-        on_compile()
     return fn
+
+
+def _one_jit_call(closed):
+    """A segment that is exactly one call of a jitted function (all its outputs, its inputs
+    in order: a step the user jitted) runs that call: JAX finds the executable it compiled
+    for the user's own call, where jitting the segment would compile the step again."""
+    jaxpr = closed.jaxpr
+    if len(jaxpr.eqns) != 1 or closed.consts:
+        return None
+    eqn = jaxpr.eqns[0]
+    if eqn.primitive.name not in ("jit", "pjit") or list(eqn.invars) != list(jaxpr.invars) \
+            or list(eqn.outvars) != list(jaxpr.outvars):
+        return None
+
+    def call(*args):
+        return eqn.primitive.bind(*args, **eqn.params)
+    return call
 
 
 def compile_count() -> int:

@@ -26,6 +26,7 @@ from bytecode.concrete import _ConvertBytecodeToConcrete
 from ._hook import LoopExit, LoopHead, LoopMark, Site
 
 PY313 = sys.version_info >= (3, 13)
+EXTENDED_ARG = dis.opmap["EXTENDED_ARG"]
 PY311 = sys.version_info < (3, 12)
 # Consumers of a call pair; 3.11 reads its layout at PRECALL (CALL then only pops the pair).
 CALL_OPS = {"PRECALL"} if PY311 else {"CALL", "CALL_KW"}
@@ -94,9 +95,9 @@ def _instr_offsets(code, bc):
     """Byte offset of each abstract Instr of ``bc`` in ``code`` (aligned by opname)."""
     real = _real_instructions(code)
     instrs = [i for i in bc if isinstance(i, Instr)]
-    if [i.opname for i in real] != [i.name for i in instrs]:
+    if [name for _, name in real] != [i.name for i in instrs]:
         raise Unsupported("bytecode's instruction list does not align with the code")
-    return {id(ins): r.offset for ins, r in zip(instrs, real)}
+    return {id(ins): offset for ins, (offset, _) in zip(instrs, real)}
 
 
 def _restore_handler_depths(code, bc, offsets):
@@ -506,12 +507,29 @@ def _verify(old, new, expansion):
 
 
 def _real_instructions(code):
-    """The instructions of ``code`` as ``dis`` lists them, without EXTENDED_ARG (nor CACHE)."""
-    return [i for i in dis.get_instructions(code) if i.opname != "EXTENDED_ARG"]
+    """(offset, opname) of each instruction of ``code`` as ``dis`` lists them, without
+    EXTENDED_ARG (nor CACHE), read straight from ``co_code`` (``dis.get_instructions``
+    builds a full record per instruction: most of the rewriter's time)."""
+    raw, out, k = code.co_code, [], 0
+    while k < len(raw):
+        op = raw[k]
+        name = dis.opname[op]
+        if op != EXTENDED_ARG:
+            out.append((k, name))
+        k += 2 + 2 * _cache_entries(op, name)
+    return out
+
+
+if isinstance(dis._inline_cache_entries, dict):  # 3.13: by name
+    def _cache_entries(op, name):
+        return dis._inline_cache_entries.get(name, 0)
+else:
+    def _cache_entries(op, name):
+        return dis._inline_cache_entries[op]
 
 
 def _units(code):
-    return [i.offset for i in _real_instructions(code)]
+    return [offset for offset, _ in _real_instructions(code)]
 
 
 def _index_of_offset(units):

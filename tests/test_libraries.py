@@ -230,6 +230,28 @@ def test_numpy_scalar_in_a_shape_stays_static():
     assert stats["iterations_coexecuted"] >= 5 and stats["eager_fallbacks"] == 0, stats
 
 
+def test_a_step_the_user_jitted_is_not_compiled_again():
+    """A loop whose turn is one jax.jit call and a fetch: the segment is that call, run with
+    the executable JAX compiled for the user's own call (no compile of ours)."""
+    step = jax.jit(lambda w, x: (w - 0.1 * jnp.tanh(x.T @ (x @ w)), jnp.sum(x @ w)))
+
+    def run():
+        w, out = jnp.full((4, 4), 0.2), []
+        for k in range(10):
+            w, loss = step(w, jnp.ones((2, 4)) * k)
+            out.append(float(loss))
+        return out, w
+
+    want = run()
+    with terra_bc.enabled():
+        got = run()
+    np.testing.assert_allclose(got[0], want[0], rtol=RTOL)
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=RTOL)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 7 and stats["segments_launched"] >= 7, stats
+    assert stats["compiles"] == 0, stats
+
+
 def test_scope_all_runs_a_jax_program(tmp_path):
     """--scope all rewrites every library but JAX itself, and the program's results are
     eager's."""
