@@ -1,8 +1,9 @@
 /* terra_bc._hook: the PEP 523 frame hook and the call-site dispatcher.
  *
  * Kept as small as it can be: decisions are made in Python, with one exception kept here
- * because it runs at every loop turn: a watched loop that makes three turns in a row
- * without a DL-op call is plain Python and is never watched again (loopiter_next).  The
+ * because it runs at every loop turn: a turn without a DL-op call is not reported, and a
+ * `for` loop that ran to its end (three turns or more) without any is plain Python and is
+ * never watched again (loopiter_next).  The
  * hook asks a Python callback once per code object whether to run other code in its
  * place, caches the answer in a code extra, and runs that code by swapping it into the
  * frame before evaluation.
@@ -333,14 +334,15 @@ typedef struct {
     PyObject_HEAD
     PyObject *key;
     int state;          /* 0 undecided, 1 a unit (set by the runtime), -1 plain Python */
-    int quiet_turns;    /* turns in a row without a DL-op call while undecided */
 } LoopMarkObject;
 
 typedef struct {
     PyObject_HEAD
     LoopMarkObject *mark;
     PyObject *inner;
+    unsigned long long dl_at_start;  /* DL-op calls before the loop: did it make any? */
     unsigned long long dl_at_turn;
+    Py_ssize_t turns;
     int open;           /* the runtime has an iteration open for this loop */
     int started;        /* next() has been called once */
 } LoopIterObject;
@@ -382,10 +384,21 @@ loopmark_call(LoopMarkObject *self, PyObject *args, PyObject *kwds)
     }
     it->mark = (LoopMarkObject *)Py_NewRef(self);
     it->inner = inner;
-    it->dl_at_turn = dl_calls;
+    it->dl_at_start = it->dl_at_turn = dl_calls;
+    it->turns = 0;
     it->open = 0;
     it->started = 0;
     return (PyObject *)it;
+}
+
+/* The loop is left: a whole execution of three turns or more without a DL-op call (warm-up
+ * turns that act at random and then start calling JAX are not one) is plain Python. */
+static void
+loop_left(LoopIterObject *it)
+{
+    LoopMarkObject *mark = it->mark;
+    if (mark->state == 0 && it->turns >= 3 && dl_calls == it->dl_at_start)
+        mark->state = -1;
 }
 
 /* Tell the runtime handler(mark, token, exiting) -> is an iteration open for this loop
@@ -419,16 +432,13 @@ loopiter_next(LoopIterObject *it)
             notify_loop(it, raised ? 2 : 1);
             PyErr_Restore(type, val, tb);
         }
+        loop_left(it);
     }
     else if (it->started) {
         int busy = dl_calls != it->dl_at_turn; /* the turn that just ended called DL ops */
-        if (mark->state == 0 && !busy && !it->open) {
-            if (++mark->quiet_turns >= 3)
-                mark->state = -1; /* three quiet turns: plain Python, never wrapped again */
-        }
-        else if (PyErr_Occurred() == NULL) {
+        it->turns++;
+        if ((busy || it->open || mark->state > 0) && PyErr_Occurred() == NULL)
             notify_loop(it, 0);
-        }
     }
     it->started = 1;
     it->dl_at_turn = dl_calls;
@@ -446,6 +456,8 @@ loopiter_dealloc(LoopIterObject *it)
         notify_loop(it, type != NULL ? 2 : 1);
         PyErr_Restore(type, val, tb);
     }
+    if (loop_handler != NULL && it->mark->state >= 0)
+        loop_left(it);
     Py_XDECREF(it->mark);
     Py_XDECREF(it->inner);
     PyObject_Free(it);
@@ -486,15 +498,15 @@ static PyTypeObject LoopIterType = {
  * control leaves the loop (the targets of its exit edges, exception handlers outside it
  * included); a return or an exception leaving the frame ends an open turn at the frame's
  * end (hook below).  The loop's execution is identified by its frame, which is also the
- * token given to the runtime.  The same rules as for `for` loops: three quiet turns while
- * undecided and the loop is plain Python; a turn that made no DL-op call does not end the
- * iteration (conditions re-entered by `continue`, turns that only do Python work). */
+ * token given to the runtime.  A turn that made no DL-op call is not reported and does not
+ * end the open iteration (conditions re-entered by `continue`, turns that only do Python
+ * work); the head's call is made at every turn anyway, so a while loop is never declared
+ * plain Python on its own. */
 
 typedef struct {
     PyObject_HEAD
     PyObject *key;
     int state;          /* 0 undecided, 1 a unit (set by the runtime), -1 plain Python */
-    int quiet_turns;
     int open;           /* the runtime has an iteration open for this loop */
     void *frame;        /* the frame running this loop now (NULL: not entered) */
     unsigned long long dl_at_turn;
@@ -575,15 +587,8 @@ loophead_call(PyObject *callable, PyObject *args, PyObject *kwds)
         head->frame = frame;
         head->open = 0;
     }
-    else {
-        int busy = dl_calls != head->dl_at_turn; /* the turn that just ended called DL ops */
-        if (head->state == 0 && !busy && !head->open) {
-            if (++head->quiet_turns >= 3)
-                head->state = -1;
-        }
-        else if (busy || !head->open) {
-            notify_head(head, 0);
-        }
+    else if (dl_calls != head->dl_at_turn) { /* the turn that just ended called DL ops */
+        notify_head(head, 0);
     }
     head->dl_at_turn = dl_calls;
     Py_RETURN_NONE;

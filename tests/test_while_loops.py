@@ -79,12 +79,16 @@ def test_code_after_the_loop_is_not_in_the_last_turn():
 
 
 class Env:
-    """A deterministic stand-in for a gym environment: episodes end after `length` steps."""
+    """A deterministic stand-in for a gym environment: episode k ends after lengths[k % n]
+    steps (one length: every episode as long)."""
 
-    def __init__(self, length):
-        self.length, self.t = length, 0
+    def __init__(self, lengths):
+        self.lengths = lengths if isinstance(lengths, list) else [lengths]
+        self.episode, self.length, self.t = -1, 0, 0
 
     def reset(self):
+        self.episode += 1
+        self.length = self.lengths[self.episode % len(self.lengths)]
         self.t = 0
         return np.full(4, 0.1, np.float32)
 
@@ -120,6 +124,19 @@ def dqn_like(episodes, length, batch=8):
                 losses.append(float(loss))
         returns.append(total)
     return returns, losses, w
+
+
+@pytest.mark.parametrize("lengths", [10, [9, 12, 7, 11]], ids=["short", "varying"])
+def test_short_episodes_keep_the_while_loop_as_the_unit(lengths):
+    """Episodes shorter than settings["inner_turns"]: the episode loop, already a unit when
+    the loop around it turns again, stays the unit (the outer loop would record a whole
+    episode per iteration, a new path whenever the episode length changes)."""
+    want = dqn_like(8, lengths)
+    got = hooked(dqn_like, 8, lengths)
+    assert_close(got, want)
+    s = terra_bc.stats()
+    assert s["iterations_coexecuted"] >= 50 and s["eager_fallbacks"] == 0, s
+    assert s["iterations_traced"] <= 6, s
 
 
 def test_dqn_like_while_loop_forms_a_unit():
@@ -208,10 +225,12 @@ def test_continue_goes_back_to_the_condition():
 
 
 def test_plain_python_while_loops_are_left_alone():
+    from terra_bc.runtime import discovery
+
     def count(n):
         k, total = 0, 0
         while k < n:
-            total += abs(k)  # a call, but no DL op: after three quiet turns, never watched
+            total += abs(k)  # a call, but no DL op: no turn is reported to the runtime
             k += 1
         return total
 
@@ -220,7 +239,41 @@ def test_plain_python_while_loops_are_left_alone():
     assert s["iterations_traced"] == 0 and s["iterations_coexecuted"] == 0, s
     ran = _hook.cached_decision(count.__code__)
     heads = [c for c in ran.co_consts if isinstance(c, _hook.LoopHead)]
-    assert len(heads) == 1 and heads[0].state == -1
+    assert len(heads) == 1 and heads[0] not in discovery._loop_units
+
+
+def warm_up_then_train(steps, learning_starts, kind):
+    """Turns that act at random in NumPy until `learning_starts`, then call JAX: the loop
+    becomes a unit once its turns call JAX (CleanRL's DQN loop is written so)."""
+    w, rng, losses = jnp.full((4, 2), 0.1), np.random.default_rng(0), []
+
+    def turn(step):
+        nonlocal w
+        if step < learning_starts:
+            rng.random()  # a random action, no DL op
+            return
+        g = jax.grad(lambda w: jnp.sum(jnp.tanh(jnp.ones((3, 4)) * step @ w) ** 2))(w)
+        w = w - 0.01 * g
+        losses.append(float(jnp.sum(w)))
+
+    if kind == "for":
+        for step in range(steps):
+            turn(step)
+    else:
+        step = 0
+        while step < steps:
+            turn(step)
+            step += 1
+    return losses, w
+
+
+@pytest.mark.parametrize("kind", ["for", "while"])
+def test_a_loop_quiet_at_first_becomes_a_unit_once_it_calls_jax(kind):
+    want = warm_up_then_train(40, 10, kind)
+    got = hooked(warm_up_then_train, 40, 10, kind)
+    assert_close(got, want)
+    s = terra_bc.stats()
+    assert s["iterations_coexecuted"] >= 20 and s["eager_fallbacks"] == 0, s
 
 
 def test_rewriter_marks_heads_and_exits():

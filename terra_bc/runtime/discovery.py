@@ -49,7 +49,7 @@ def on_loop(mark, token, exiting):
             _end_turn(ok=True)
         else:  # nested in another loop's turn: part of it, unless it turns often
             cur.inner_turns[loop] = cur.inner_turns.get(loop, 0) + 1
-            if cur.inner_turns[loop] <= settings["inner_turns"]:
+            if cur.inner_turns[loop] <= settings["inner_turns"] and not _known_while(mark):
                 return False
             cur.mark.state = -1  # the outer loop is not the repeating level
             _end_turn(ok=True)
@@ -66,6 +66,13 @@ def on_loop(mark, token, exiting):
     it, _ = unit.begin((), {})
     thread.loop = LoopTurn(mark, token, it)
     return True
+
+
+def _known_while(mark):
+    """A ``while`` loop that was already a unit with a recorded path (its turns ran as
+    iterations before the loop around it turned again: an episode loop) stays the unit."""
+    unit = _loop_units.get(mark)
+    return isinstance(mark, _hook.LoopHead) and unit is not None and bool(unit.paths)
 
 
 def _loop_takes_over(outer, loop):
@@ -88,6 +95,24 @@ def _end_turn(ok):
     turn = thread.loop
     thread.loop = None
     turn.iteration.unit.end(turn.iteration, ok)
+    _prefer_varying_while(turn)
+
+
+def _prefer_varying_while(turn):
+    """A ``while`` loop inside the turn whose trip count changed since the loop around it
+    last turned (episodes of different lengths, under ``inner_turns`` steps) makes every
+    turn around it a new path: the inner loop is the repeating level, and the outer loop
+    runs as plain Python from now on."""
+    trips = {}
+    for (mark, _), n in turn.inner_turns.items():
+        if isinstance(mark, _hook.LoopHead):
+            trips[mark] = trips.get(mark, 0) + n
+    unit = turn.iteration.unit
+    before, unit.inner_trips = unit.inner_trips, trips
+    if before is not None and any(before.get(mark, n) != n for mark, n in trips.items()):
+        turn.mark.state = -1
+        unit.eager_reason = "a while loop inside it turns a different number of times: " \
+                            "that loop is the unit"
 
 
 def set_loops(on):
