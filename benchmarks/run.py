@@ -2,8 +2,10 @@
 
 Two lists: the ten programs after the Terra paper (``PROGRAMS``) and the programs written
 with a third-party library the way its own tutorials write them (``LIBRARY_PROGRAMS``,
-``examples/lib_*.py``: optax, Flax NNX, Flax linen, Equinox, Haiku, and a DQN on
-gymnasium's CartPole with optax), whose ``jit`` mode is the library's own jit wrapper
+``examples/lib_*.py``: optax, Flax NNX, Flax linen, Equinox, Haiku, a DQN on
+gymnasium's CartPole with optax, and a CleanRL-style DQN after CleanRL's ``dqn_jax.py``
+whose ``for`` loop's first turns act at random without calling JAX, with a linen TrainState
+and an update every second step), whose ``jit`` mode is the library's own jit wrapper
 (``jax.jit``, ``nnx.jit``, ``eqx.filter_jit``) and which have no ``jit_split`` variant.
 
 Each (program, mode) runs in its own process, so compile caches, memory and
@@ -55,7 +57,8 @@ SPLIT_PROGRAMS = {"dropblock", "bert_qa", "sdpoint", "resnet", "faster_rcnn", "y
 # library's jit of the step (named here for the tables), there is no --jit-split.
 LIBRARY_JIT = {"lib_optax_mlp": "jax.jit", "lib_nnx_cnn": "nnx.jit",
                "lib_linen_cnn": "jax.jit", "lib_equinox_mlp": "eqx.filter_jit",
-               "lib_haiku_mlp": "jax.jit", "lib_dqn_cartpole": "jax.jit"}
+               "lib_haiku_mlp": "jax.jit", "lib_dqn_cartpole": "jax.jit",
+               "lib_dqn_cleanrl": "jax.jit"}
 LIBRARY_PROGRAMS = list(LIBRARY_JIT)
 ALL_PROGRAMS = PROGRAMS + LIBRARY_PROGRAMS
 RTOL = 1e-4  # compiled paths may reassociate float sums; see docs/examples.md
@@ -375,10 +378,12 @@ def _render_library(results):
     lines = ["## Library programs: eager vs the library's jit vs terra_bc", ""]
     lines += _provenance(results)
     lines += ["", "Programs written with optax, Flax NNX, Flax linen, Equinox and Haiku the way each "
-              "library's tutorials write them, plus a DQN on gymnasium's CartPole-v1 as JAX users "
-              "typically write it (`examples/lib_*.py`, [libraries.md](libraries.md)); the DQN's "
-              "steps are environment steps (`while not done:` episodes, host-side environment, "
-              "NumPy replay buffer). "
+              "library's tutorials write them, plus two DQNs on gymnasium's CartPole-v1 "
+              "(`examples/lib_*.py`, [libraries.md](libraries.md)): one as JAX users typically "
+              "write it (`while not done:` episodes), one written after CleanRL's `dqn_jax.py` "
+              "(a `for` loop whose first turns act at random without calling JAX, a linen "
+              "TrainState with target parameters, an update every second step); the DQNs' steps "
+              "are environment steps (host-side environment, NumPy replay buffer). "
               "*library jit* is the tutorial's own jit of the step (`--jit`: the wrapper named in "
               "the table); there is no hand-split variant. Per-step time and *ok* as above; whole "
               "run is the wall time of the process (imports, data, compilation and every step), "

@@ -330,10 +330,14 @@ static PyTypeObject SiteType = {
  * a LoopIter that tells the runtime when a turn begins (a turn that made DL-op calls),
  * and when the loop is left: exhausted, or the iterator dropped (break, return, raise). */
 
-typedef struct {
-    PyObject_HEAD
-    PyObject *key;
+/* What a loop's mark (LoopMark, LoopHead) starts with: what the runtime reads and sets. */
+#define LOOP_MARK_FIELDS \
+    PyObject_HEAD \
+    PyObject *key; \
     int state;          /* 0 undecided, 1 a unit (set by the runtime), -1 plain Python */
+
+typedef struct {
+    LOOP_MARK_FIELDS
 } LoopMarkObject;
 
 typedef struct {
@@ -349,11 +353,12 @@ typedef struct {
 
 static PyTypeObject LoopIterType;
 
+/* LoopMark(key) and LoopHead(key). */
 static PyObject *
 loopmark_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     PyObject *key;
-    if (!PyArg_ParseTuple(args, "O:LoopMark", &key))
+    if (!PyArg_ParseTuple(args, "O", &key))
         return NULL;
     LoopMarkObject *self = (LoopMarkObject *)type->tp_alloc(type, 0);
     if (self != NULL)
@@ -504,9 +509,7 @@ static PyTypeObject LoopIterType = {
  * plain Python on its own. */
 
 typedef struct {
-    PyObject_HEAD
-    PyObject *key;
-    int state;          /* 0 undecided, 1 a unit (set by the runtime), -1 plain Python */
+    LOOP_MARK_FIELDS
     int open;           /* the runtime has an iteration open for this loop */
     void *frame;        /* the frame running this loop now (NULL: not entered) */
     unsigned long long dl_at_turn;
@@ -555,25 +558,6 @@ leave_loop(LoopHeadObject *head, int exiting)
     head->frame = NULL;
     if (open_head == head)
         Py_CLEAR(open_head);
-}
-
-static PyObject *
-loophead_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    PyObject *key;
-    if (!PyArg_ParseTuple(args, "O:LoopHead", &key))
-        return NULL;
-    LoopHeadObject *self = (LoopHeadObject *)type->tp_alloc(type, 0);
-    if (self != NULL)
-        self->key = Py_NewRef(key);
-    return (PyObject *)self;
-}
-
-static void
-loophead_dealloc(LoopHeadObject *self)
-{
-    Py_XDECREF(self->key);
-    Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static PyObject *
@@ -639,12 +623,6 @@ frame_ends(void *frame, int raised)
         leave_loop(open_head, raised ? 2 : 1);
 }
 
-static PyMemberDef loophead_members[] = {
-    {"key", T_OBJECT, offsetof(LoopHeadObject, key), READONLY, "(filename, qualname, line, offset)"},
-    {"state", T_INT, offsetof(LoopHeadObject, state), 0, "0 undecided, 1 unit, -1 plain Python"},
-    {NULL},
-};
-
 static PyMemberDef loopexit_members[] = {
     {"head", T_OBJECT, offsetof(LoopExitObject, head), READONLY, "the loop's LoopHead"},
     {"raised", T_INT, offsetof(LoopExitObject, raised), READONLY, "an exception handler's entry"},
@@ -657,10 +635,10 @@ static PyTypeObject LoopHeadType = {
     .tp_basicsize = sizeof(LoopHeadObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Called with no argument where each turn of a while loop begins.",
-    .tp_new = loophead_new,
-    .tp_dealloc = (destructor)loophead_dealloc,
+    .tp_new = loopmark_new,
+    .tp_dealloc = (destructor)loopmark_dealloc,
     .tp_call = loophead_call,
-    .tp_members = loophead_members,
+    .tp_members = loopmark_members,
 };
 
 static PyTypeObject LoopExitType = {

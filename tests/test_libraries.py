@@ -252,6 +252,37 @@ def test_a_step_the_user_jitted_is_not_compiled_again():
     assert stats["compiles"] == 0, stats
 
 
+def test_linen_module_sized_by_a_numpy_integer_coexecutes():
+    """gymnasium's action_space.n is an np.int64; as a linen Dense's features, flax's
+    Scope.param checks the parameter's shape with jax.eval_shape(lambda: init(key, shape))
+    on every apply: no array of ours goes in, so JAX's tracing of it is JAX's business
+    (it made the unit run eagerly)."""
+    import flax.linen as nn
+
+    class Q(nn.Module):
+        actions: int
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(self.actions)(nn.relu(nn.Dense(8)(x)))
+
+    q = Q(actions=np.int64(2))
+    params = q.init(jax.random.PRNGKey(0), np.ones(4, np.float32))
+
+    def loop():
+        out = []
+        for i in range(10):
+            out.append(float(q.apply(params, np.full(4, i, np.float32)).sum()))
+        return out
+
+    want = loop()
+    with terra_bc.enabled():
+        got = loop()
+    np.testing.assert_allclose(got, want, rtol=RTOL)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 7 and stats["eager_fallbacks"] == 0, stats
+
+
 def test_scope_all_runs_a_jax_program(tmp_path):
     """--scope all rewrites every library but JAX itself, and the program's results are
     eager's."""

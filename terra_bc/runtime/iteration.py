@@ -107,9 +107,15 @@ class Iteration:
             if out is not MISS:
                 return out
         if not any(map(is_array, tree_leaves((args, kwargs)))):
-            # No array in: a constructor (jnp.zeros, PRNGKey) or a transform being made
-            # (jax.grad(f)); run it.  An array it makes enters later ops as a feed.
-            return fn(*args, **kwargs)
+            # No array in: a constructor (jnp.zeros, PRNGKey), a transform being made
+            # (jax.grad(f)) or one that traces a function of no array of ours
+            # (jax.eval_shape(lambda: init(key, shape)) in flax); run it as an opaque op,
+            # whose inner calls are JAX's.  An array it makes enters later ops as a feed.
+            self.opaque_depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.opaque_depth -= 1
         key = callee_key(fn) if key is None else key
         if mode == TRACE:
             return tracing.op(self, fn, key, args, kwargs)

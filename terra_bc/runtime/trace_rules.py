@@ -83,12 +83,13 @@ def _calls_given_function(code):
 
 
 def traces_its_body(callee):
-    """Opaque DL ops whose Python body JAX itself only traces (jit, vmap, lax control flow):
-    the Python they run is JAX's business, not code of the iteration."""
+    """Opaque DL ops whose Python body JAX itself only traces (jit, vmap, lax control flow,
+    eval_shape): the Python they run is JAX's business, not code of the iteration."""
     if type(callee).__name__ == "PjitFunction":
         return True
     code = getattr(unwrap(getattr(callee, "__func__", callee)), "__code__", None)
-    return code is not None and ("control_flow" in code.co_filename or code.co_name == "vmap_f")
+    return code is not None and ("control_flow" in code.co_filename
+                                 or code.co_name in ("vmap_f", "eval_shape"))
 
 
 def is_api_wrapper(callee):
