@@ -95,24 +95,6 @@ def _end_turn(ok):
     turn = thread.loop
     thread.loop = None
     turn.iteration.unit.end(turn.iteration, ok)
-    _prefer_varying_while(turn)
-
-
-def _prefer_varying_while(turn):
-    """A ``while`` loop inside the turn whose trip count changed since the loop around it
-    last turned (episodes of different lengths, under ``inner_turns`` steps) makes every
-    turn around it a new path: the inner loop is the repeating level, and the outer loop
-    runs as plain Python from now on."""
-    trips = {}
-    for (mark, _), n in turn.inner_turns.items():
-        if isinstance(mark, _hook.LoopHead):
-            trips[mark] = trips.get(mark, 0) + n
-    unit = turn.iteration.unit
-    before, unit.inner_trips = unit.inner_trips, trips
-    if before is not None and any(before.get(mark, n) != n for mark, n in trips.items()):
-        turn.mark.state = -1
-        unit.eager_reason = "a while loop inside it turns a different number of times: " \
-                            "that loop is the unit"
 
 
 def set_loops(on):

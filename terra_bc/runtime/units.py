@@ -41,7 +41,6 @@ class Unit:
         self.compiles = 0       # segments compiled for it (settings["max_compiles"])
         self.memo = {}          # what the last iteration remembered (Iteration.remember)
         self.code = None        # a function unit's code (discovery), else None
-        self.inner_trips = None  # a loop unit's inner while loops' turns, last turn (discovery)
 
     def __repr__(self):
         return f"<Unit {self.name}: {len(self.paths)} path(s)>"
