@@ -396,8 +396,9 @@ loopmark_call(LoopMarkObject *self, PyObject *args, PyObject *kwds)
     return (PyObject *)it;
 }
 
-/* The loop is left: a whole execution of three turns or more without a DL-op call (warm-up
- * turns that act at random and then start calling JAX are not one) is plain Python. */
+/* The loop is left (its iterator is freed: exhausted, break, return, raise): a whole
+ * execution of three turns or more without a DL-op call (warm-up turns that act at random
+ * and then start calling JAX are not one) is plain Python. */
 static void
 loop_left(LoopIterObject *it)
 {
@@ -437,7 +438,6 @@ loopiter_next(LoopIterObject *it)
             notify_loop(it, raised ? 2 : 1);
             PyErr_Restore(type, val, tb);
         }
-        loop_left(it);
     }
     else if (it->started) {
         int busy = dl_calls != it->dl_at_turn; /* the turn that just ended called DL ops */

@@ -26,8 +26,8 @@ from bytecode.concrete import _ConvertBytecodeToConcrete
 from ._hook import LoopExit, LoopHead, LoopMark, Site
 
 PY313 = sys.version_info >= (3, 13)
-EXTENDED_ARG = dis.opmap["EXTENDED_ARG"]
 PY311 = sys.version_info < (3, 12)
+EXTENDED_ARG = dis.opmap["EXTENDED_ARG"]
 # Consumers of a call pair; 3.11 reads its layout at PRECALL (CALL then only pops the pair).
 CALL_OPS = {"PRECALL"} if PY311 else {"CALL", "CALL_KW"}
 CALL_OPCODES = {dis.opmap[name] for name in ("CALL", "CALL_KW", "PRECALL", "CALL_FUNCTION_EX")
@@ -236,11 +236,11 @@ def _while_loops(code, bc, stacks, offsets):
     succ, back = _control_flow(code, items, offsets)
     if not back:
         return []
-    dominators = _dominators(succ, entry=min(succ))
     preds = {n: [] for n in succ}
     for n, edges in succ.items():
         for m, _ in edges:
             preds[m].append(n)
+    dominators = _dominators(succ, preds, entry=min(succ))
     heads = {}
     for n, h in back:
         if n in dominators and _dominates(dominators, h, n) and items[h].name != "FOR_ITER":
@@ -284,9 +284,10 @@ def _control_flow(code, items, offsets):
     return succ, back
 
 
-def _dominators(succ, entry):
+def _dominators(succ, preds, entry):
     """Each reachable node's immediate dominator (the entry's is itself), by Cooper, Harvey
-    and Kennedy's iterative algorithm over reverse postorder."""
+    and Kennedy's iterative algorithm over reverse postorder (unreachable predecessors,
+    which never get one, are skipped)."""
     order, seen, stack = [], {entry}, [(entry, iter(succ[entry]))]
     while stack:  # postorder, without recursion
         node, edges = stack[-1]
@@ -298,10 +299,6 @@ def _dominators(succ, entry):
         seen.add(nxt)
         stack.append((nxt, iter(succ[nxt])))
     rank = {n: k for k, n in enumerate(order)}  # postorder number: the entry's is highest
-    preds = {n: [] for n in order}
-    for n in order:
-        for m, _ in succ[n]:
-            preds[m].append(n)
     idom = {entry: entry}
 
     def meet(a, b):

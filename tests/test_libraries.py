@@ -17,6 +17,11 @@ import terra_bc
 from terra_bc import _hook, scope
 from terra_bc.runtime import trace_rules
 
+try:
+    from conftest import on_and_off
+except ImportError:  # imported by the subprocess programs below for their training loops
+    on_and_off = None
+
 RTOL, ATOL = 1e-5, 1e-6
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -167,9 +172,7 @@ def test_tree_map_of_a_jax_function_is_an_op_of_the_iteration():
             out.append(float(sums["a"] + sums["b"]))
         return out
 
-    want = run()
-    with terra_bc.enabled():
-        got = run()
+    want, got = on_and_off(run)
     assert got == want
     stats = terra_bc.stats()
     assert stats["iterations_coexecuted"] >= 3 and stats["eager_fallbacks"] == 0, stats
@@ -192,9 +195,7 @@ def test_metadata_functions_run_as_python_not_as_ops():
             out.append((meta, float(jnp.sum(x))))
         return out
 
-    want = run()
-    with terra_bc.enabled():
-        got = run()
+    want, got = on_and_off(run)
     assert [m for m, _ in got] == [m for m, _ in want]
     np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=RTOL)
     stats = terra_bc.stats()
@@ -222,9 +223,7 @@ def test_numpy_scalar_in_a_shape_stays_static():
             out.append(float(value))
         return out
 
-    want = run()
-    with terra_bc.enabled():
-        got = run()
+    want, got = on_and_off(run)
     np.testing.assert_allclose(got, want, rtol=RTOL)
     stats = terra_bc.stats()
     assert stats["iterations_coexecuted"] >= 5 and stats["eager_fallbacks"] == 0, stats
@@ -242,9 +241,7 @@ def test_a_step_the_user_jitted_is_not_compiled_again():
             out.append(float(loss))
         return out, w
 
-    want = run()
-    with terra_bc.enabled():
-        got = run()
+    want, got = on_and_off(run)
     np.testing.assert_allclose(got[0], want[0], rtol=RTOL)
     np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=RTOL)
     stats = terra_bc.stats()
@@ -275,9 +272,7 @@ def test_linen_module_sized_by_a_numpy_integer_coexecutes():
             out.append(float(q.apply(params, np.full(4, i, np.float32)).sum()))
         return out
 
-    want = loop()
-    with terra_bc.enabled():
-        got = loop()
+    want, got = on_and_off(loop)
     np.testing.assert_allclose(got, want, rtol=RTOL)
     stats = terra_bc.stats()
     assert stats["iterations_coexecuted"] >= 7 and stats["eager_fallbacks"] == 0, stats

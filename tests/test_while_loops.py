@@ -14,6 +14,8 @@ import terra_bc
 from terra_bc import _hook
 from terra_bc.rewrite import rewrite
 
+from conftest import on_and_off
+
 RTOL, ATOL = 1e-5, 1e-6
 
 pytestmark = pytest.mark.usefixtures("loop_units_on")  # (conftest.py)
@@ -30,11 +32,6 @@ def line_of(fn, text):
     lines, first = inspect.getsourcelines(fn)
     k = next(k for k, line in enumerate(lines) if text in line)
     return f"{fn.__code__.co_filename}:{first + k}"
-
-
-def hooked(fn, *args):
-    with terra_bc.enabled():
-        return fn(*args)
 
 
 def assert_close(got, want):
@@ -59,8 +56,7 @@ def sgd_while(steps, log_every=5):
 
 
 def test_while_loop_coexecutes_turn_by_turn():
-    want = sgd_while(30)
-    got = hooked(sgd_while, 30)
+    want, got = on_and_off(sgd_while, 30)
     assert_close(got, want)
     s = terra_bc.stats()
     assert s["iterations_coexecuted"] >= 25, s
@@ -68,8 +64,7 @@ def test_while_loop_coexecutes_turn_by_turn():
 
 
 def test_code_after_the_loop_is_not_in_the_last_turn():
-    want = sgd_while(20, log_every=1)
-    got = hooked(sgd_while, 20, 1)
+    want, got = on_and_off(sgd_while, 20, 1)
     assert_close(got, want)
     s = terra_bc.stats()
     assert s["iterations_coexecuted"] >= 15, s
@@ -131,8 +126,7 @@ def test_short_episodes_keep_the_while_loop_as_the_unit(lengths):
     """Episodes shorter than settings["inner_turns"]: the episode loop, already a unit when
     the loop around it turns again, stays the unit (the outer loop would record a whole
     episode per iteration, a new path whenever the episode length changes)."""
-    want = dqn_like(8, lengths)
-    got = hooked(dqn_like, 8, lengths)
+    want, got = on_and_off(dqn_like, 8, lengths)
     assert_close(got, want)
     s = terra_bc.stats()
     assert s["iterations_coexecuted"] >= 50 and s["eager_fallbacks"] == 0, s
@@ -141,8 +135,7 @@ def test_short_episodes_keep_the_while_loop_as_the_unit(lengths):
 
 def test_dqn_like_while_loop_forms_a_unit():
     # Episodes longer than settings["inner_turns"]: the `while` loop is the repeating level.
-    want = dqn_like(3, 25)
-    got = hooked(dqn_like, 3, 25)
+    want, got = on_and_off(dqn_like, 3, 25)
     assert_close(got, want)
     s = terra_bc.stats()
     assert s["iterations_coexecuted"] >= 30 and s["ops_skipped"] > 0, s
@@ -171,9 +164,7 @@ def leave_early(n, how):
 
 @pytest.mark.parametrize("how", ["break", "return", "raise"])
 def test_leaving_a_while_loop_ends_the_turn(how):
-    want = [leave_early(12, how) for _ in range(2)]
-    terra_bc.reset_stats()
-    got = hooked(lambda: [leave_early(12, how) for _ in range(2)])
+    want, got = on_and_off(lambda: [leave_early(12, how) for _ in range(2)])
     for (gv, gs), (wv, ws) in zip(got, want):
         assert gs == ws
         np.testing.assert_allclose(gv, wv, rtol=RTOL)
@@ -217,8 +208,7 @@ def with_continue(n):
 
 
 def test_continue_goes_back_to_the_condition():
-    want = with_continue(30)
-    got = hooked(with_continue, 30)
+    want, got = on_and_off(with_continue, 30)
     assert got[1] == want[1]
     np.testing.assert_allclose(got[0], want[0], rtol=RTOL)
     assert terra_bc.stats()["iterations_coexecuted"] > 0
@@ -234,7 +224,8 @@ def test_plain_python_while_loops_are_left_alone():
             k += 1
         return total
 
-    assert hooked(count, 1000) == sum(range(1000))
+    plain, got = on_and_off(count, 1000)
+    assert plain == got == sum(range(1000))
     s = terra_bc.stats()
     assert s["iterations_traced"] == 0 and s["iterations_coexecuted"] == 0, s
     ran = _hook.cached_decision(count.__code__)
@@ -269,8 +260,7 @@ def warm_up_then_train(steps, learning_starts, kind):
 
 @pytest.mark.parametrize("kind", ["for", "while"])
 def test_a_loop_quiet_at_first_becomes_a_unit_once_it_calls_jax(kind):
-    want = warm_up_then_train(40, 10, kind)
-    got = hooked(warm_up_then_train, 40, 10, kind)
+    want, got = on_and_off(warm_up_then_train, 40, 10, kind)
     assert_close(got, want)
     s = terra_bc.stats()
     assert s["iterations_coexecuted"] >= 20 and s["eager_fallbacks"] == 0, s
