@@ -17,7 +17,8 @@ FRAME_KEYS = ("code_objects_rewritten", "code_objects_refused", "code_objects_le
               "call_sites_rewritten")
 RUNTIME_KEYS = ("iterations_traced", "iterations_coexecuted", "divergences", "eager_fallbacks",
                 "compiles", "segments_launched", "fetches", "feeds", "ops_skipped",
-                "ops_traced", "ops_eager", "paths_recorded")
+                "ops_traced", "ops_eager", "paths_recorded", "trace_launches")
+SECONDS_KEYS = ("compile_seconds",)  # floats: time Python spent waiting (rounded to ms)
 
 
 def snapshot() -> dict:
@@ -28,6 +29,7 @@ def snapshot() -> dict:
     skipped, feeds = _hook.fast_counters()  # ops skipped in C count as skipped ops
     out["ops_skipped"] += skipped
     out["feeds"] += feeds
+    out.update({k: round(counts[k], 3) for k in SECONDS_KEYS})
     return out
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import operator
+import time
 import types
 import weakref
 
@@ -93,20 +94,32 @@ class _Const:
         return f"_Const({self.val!r})"
 
 
+_LAZY = object()  # the value of a tracer recorded abstractly, not computed yet
+
+
 class RecTracer(Tracer):
-    """A recorded value: ``id`` (stable within its Recorder), ``aval``, eager value ``val``.
+    """A recorded value: ``id`` (stable within its Recorder), ``aval``, concrete ``val``.
 
     Behaves like a jax.Array.  Conversions to Python/NumPy values return the real value
     and are reported to the Recorder's ``on_fetch``.  After its Recorder's block has
     exited it behaves as its concrete value (a plain constant to anything that uses it).
+    A tracer recorded abstractly (``Recorder.compute_values``) gets its value on first read.
     """
-    __slots__ = ("val", "id")
+    __slots__ = ("_v", "id", "const")
 
-    def __init__(self, trace, val, id, aval):
+    def __init__(self, trace, val, id, aval, const=False):
         self._trace = trace
         self.aval = aval
-        self.val = val
+        self._v = val
         self.id = id
+        self.const = const  # computed from constants alone (abstract recording computes it)
+
+    @property
+    def val(self):
+        v = self._v
+        if v is _LAZY:
+            v = self._v = self._trace.value_of(self)
+        return v
 
     # Never advertise the value: JAX would specialise the graph on it (see module doc).
     def to_concrete_value(self):
@@ -211,14 +224,56 @@ class _RecordingTrace(Trace):
         # eqns[k] = (primitive, params, in_atoms, out_ids); an atom is an int id or _Const.
         self.eqns = []
         self.avals = []          # avals[id]
+        self.compute = None      # compute(tracers) -> their values (abstract recording)
+        self.lazy = False        # record primitives abstractly (see abstract())
+        self.unvalued = []       # weakrefs to the tracers recorded abstractly
 
     # -- helpers
-    def new(self, val, aval=None):
+    def new(self, val, aval=None, const=False):
         if aval is None:
             aval = val.aval if type(val) is ArrayImpl else jax.typeof(val)
         i = len(self.avals)
         self.avals.append(aval)
-        return RecTracer(self, val, i, aval)
+        return RecTracer(self, val, i, aval, const)
+
+    def new_abstract(self, aval):
+        i = len(self.avals)
+        self.avals.append(aval)
+        t = RecTracer(self, _LAZY, i, aval)
+        self.unvalued.append(weakref.ref(t))
+        return t
+
+    def value_of(self, tracer):
+        if self.compute is None:
+            raise RuntimeError("terra_bc: a value recorded abstractly was read after its "
+                               "iteration ended without being computed")
+        return self.compute([tracer])[0]
+
+    def abstract(self):
+        """Record primitives without computing them?  Only on top of eager evaluation (under
+        a transform of a caller's the parent needs real values) and never where JAX checks
+        every value as it is computed (debug_nans / debug_infs) or runs op by op."""
+        return self.lazy and type(self.parent).__name__ == "EvalTrace" and not (
+            jax.config.jax_debug_nans or jax.config.jax_debug_infs or jax.config.jax_disable_jit)
+
+    def unwrap_abstract(self, xs):
+        """(atoms, avals, graph) of primitive inputs, computing no recorded value; ``graph``:
+        does one depend on the graph's inputs?  Work on constants alone (a library's
+        constant, ``0.9 * jax_array``) is computed as it is recorded, as eager JAX would:
+        what uses it is fed its value."""
+        atoms, avals, graph = [], [], False
+        for x in xs:
+            if type(x) is not RecTracer and isinstance(x, Tracer) and hasattr(x, "full_lower"):
+                x = x.full_lower()
+            if type(x) is RecTracer and x._trace is self:
+                atoms.append(x.id)
+                avals.append(x.aval)
+                graph = graph or not x.const
+            else:
+                c = _Const(x.val if type(x) is RecTracer else x)
+                atoms.append(c)
+                avals.append(c.get_aval())
+        return tuple(atoms), avals, graph
 
     def unwrap(self, xs):
         vals, atoms = [], []
@@ -237,15 +292,41 @@ class _RecordingTrace(Trace):
 
     # -- Trace interface
     def process_primitive(self, prim, tracers, params, /):
+        const = False
+        if self.lazy and self.abstract():
+            atoms, avals, graph = self.unwrap_abstract(tracers)
+            if graph:
+                out = self.record_abstract(prim, atoms, avals, params)
+                if out is not None:
+                    return out
+            const = not graph
         vals, atoms = self.unwrap(tracers)
         parent = self.parent
         with set_current_trace(parent):
             out = parent.process_primitive(prim, vals, params)
         if prim.multiple_results:
-            outs = [self.new(v) for v in out]
+            outs = [self.new(v, const=const) for v in out]
             self.eqns.append((prim, params, atoms, tuple(t.id for t in outs)))
             return outs
-        t = self.new(out)
+        t = self.new(out, const=const)
+        self.eqns.append((prim, params, atoms, (t.id,)))
+        return t
+
+    def record_abstract(self, prim, atoms, avals, params):
+        """Record ``prim`` from its inputs' avals alone; None where it must run now: JAX has
+        no shape rule for it from avals, or it has effects (a print, a callback), which
+        happen in program order only if it runs where Python calls it."""
+        try:
+            out_avals, effects = prim.abstract_eval(*avals, **params)
+        except Exception:
+            return None
+        if effects:
+            return None
+        if prim.multiple_results:
+            outs = [self.new_abstract(a) for a in out_avals]
+            self.eqns.append((prim, params, atoms, tuple(t.id for t in outs)))
+            return outs
+        t = self.new_abstract(out_avals)
         self.eqns.append((prim, params, atoms, (t.id,)))
         return t
 
@@ -292,8 +373,18 @@ class _RecordingTrace(Trace):
     def stage(self, tracers, bind):
         """Stage ``bind`` into a small jaxpr (JAX's own staging rule makes the one
         custom_jvp_call / custom_vjp_call equation), run it eagerly, record its equations."""
-        vals, atoms = self.unwrap(tracers)
+        abstract = const = False
+        if self.abstract():
+            atoms, avals, abstract = self.unwrap_abstract(tracers)
+            const = not abstract
+        if abstract:
+            vals = [_spec(a) for a in avals]
+        else:
+            vals, atoms = self.unwrap(tracers)
         closed = jax.make_jaxpr(lambda *xs: list(bind(xs)))(*vals)
+        if abstract and any(e.effects for e in _inner(closed).eqns):
+            vals, atoms = self.unwrap(tracers)  # (effects happen where Python calls them)
+            abstract = False
         env = {}
         for v, a in zip(_inner(closed).invars, atoms):
             env[v] = a
@@ -301,7 +392,7 @@ class _RecordingTrace(Trace):
         for v, c in zip(_inner(closed).constvars, closed.consts):
             if type(c) is RecTracer and c._trace is self:  # closed over a recorded value
                 env[v] = c.id
-                consts.append(c.val)
+                consts.append(None if abstract else c.val)
             else:
                 env[v] = _Const(c.val if type(c) is RecTracer else c)
                 consts.append(env[v].val)
@@ -315,16 +406,28 @@ class _RecordingTrace(Trace):
                 env[o] = i
                 outs.append(i)
             self.eqns.append((e.primitive, e.params, ins, tuple(outs)))
-        with set_current_trace(self.parent):
-            out_vals = jaxpr_as_fun(ClosedJaxpr(_inner(closed), consts))(*vals)
+        if abstract:
+            out_vals = [_LAZY] * len(_inner(closed).outvars)
+        else:
+            with set_current_trace(self.parent):
+                out_vals = jaxpr_as_fun(ClosedJaxpr(_inner(closed), consts))(*vals)
         result = []
         for o, val in zip(_inner(closed).outvars, out_vals):
             a = o.val if isinstance(o, Literal) else env[o]
-            if isinstance(a, int):
-                result.append(RecTracer(self, val, a, self.avals[a]))
+            if not isinstance(a, int):
+                result.append(val if val is not _LAZY else a.val if isinstance(a, _Const) else a)
+            elif val is _LAZY:
+                t = RecTracer(self, _LAZY, a, self.avals[a])
+                self.unvalued.append(weakref.ref(t))
+                result.append(t)
             else:
-                result.append(val)
+                result.append(RecTracer(self, val, a, self.avals[a], const))
         return result
+
+
+def _spec(aval):
+    """A stand-in for an input of ``aval`` to trace a function on (jax.make_jaxpr)."""
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
 
 
 # ----------------------------------------------------------------------------- recorder
@@ -397,6 +500,31 @@ class Recorder:
         """A tracer for value ``id`` of a forked prefix, carrying its concrete ``value``."""
         trace = self._live()
         return RecTracer(trace, value, id, trace.avals[id])
+
+    def compute_values(self, compute, lazy=True):
+        """Record primitives abstractly (``lazy``): a value is computed only when it is
+        read, by ``compute(tracers)`` (their values, in order).  ``compute=None``: back to
+        computing every primitive as it is recorded."""
+        trace = self._live()
+        trace.compute, trace.lazy = compute, lazy and compute is not None
+
+    def unvalued(self):
+        """The tracers recorded abstractly that are still alive and have no value yet."""
+        trace = self._live()
+        out, keep = [], []
+        for w in trace.unvalued:
+            t = w()
+            if t is not None and t._v is _LAZY:
+                out.append(t)
+                keep.append(w)
+        trace.unvalued = keep
+        return out
+
+    @staticmethod
+    def give_value(tracer, value):
+        """Set the value of a tracer recorded abstractly (computed by the caller)."""
+        if tracer._v is _LAZY:
+            tracer._v = value
 
     def concrete(self, tracer):
         """The eager value of a recorded tracer (records nothing, reports no fetch)."""
@@ -786,13 +914,30 @@ def compile_segment(segment: Segment, on_compile=None):
         return fn
     fn = _one_jit_call(segment.jaxpr)  # (no new executable: not counted as a compile)
     if fn is None:
-        fn = jax.jit(jaxpr_as_fun(segment.jaxpr))
+        fn = _timed_first_call(jax.jit(jaxpr_as_fun(segment.jaxpr)))
         _cache_stats["compiles"] += 1
         counts["compiles"] += 1
         if on_compile is not None:
             on_compile()
     _compiled[segment.key] = fn
     return fn
+
+
+def _timed_first_call(jitted):
+    """``jitted``, whose first call (where JAX traces, lowers and compiles it, on the calling
+    thread) adds its duration to ``compile_seconds`` in terra_bc.stats()."""
+    first = [True]
+
+    def call(*args):
+        if first[0]:
+            first[0] = False
+            t0 = time.perf_counter()
+            try:
+                return jitted(*args)
+            finally:
+                counts["compile_seconds"] += time.perf_counter() - t0
+        return jitted(*args)
+    return call
 
 
 def _one_jit_call(closed):

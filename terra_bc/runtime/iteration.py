@@ -25,6 +25,7 @@ from .context import COEXEC, EAGER, TRACE
 from .events import FetchEvent
 from .guards import callee_key
 from .placeholders import Placeholder, concrete, eager
+from .settings import settings
 from .values import MISS, arrays_in, is_array
 
 
@@ -32,7 +33,7 @@ class Iteration:
     # The C fast path reads mode, opaque_depth, path, pos, env and live by these names.
     __slots__ = ("unit", "mode", "path", "pos", "fork_stop", "left", "auto", "loop_turns",
                  "env", "seg_start", "tracers", "live", "opaque_depth", "recording",
-                 "grad_depth", "memo", "was_routing", "hook_was_enabled")
+                 "grad_depth", "memo", "was_routing", "hook_was_enabled", "trace_launches")
 
     def __init__(self, unit, mode, path):
         self.unit, self.mode, self.path = unit, mode, path
@@ -50,6 +51,7 @@ class Iteration:
         self.grad_depth = 0     # > 0 while a differentiated function's Python runs
         self.memo = {}          # see remember
         self.was_routing = self.hook_was_enabled = False  # the thread before it (context)
+        self.trace_launches = 0  # segments run to compute values recorded abstractly
 
     def __repr__(self):
         return f"<Iteration of {self.unit.name}: {self.mode}, event {self.pos}>"
@@ -192,8 +194,15 @@ class Iteration:
         for p in alive:
             p._rec = self.tracers[p._id] = new.recorder.adopt(p._id, self.env[p._id])
         self.path, self.mode, self.fork_stop, self.left = new, TRACE, stop, old
-        self.recording = new.recorder
-        self.recording.__enter__()
+        self.start_recording()
+
+    def start_recording(self):
+        """Record this iteration's ops into its path (tracing): abstractly where the unit
+        allows it, each value computed when read (launching.compute_recorded)."""
+        rec = self.recording = self.path.recorder
+        rec.__enter__()
+        rec.compute_values(launching.computer(self),
+                           lazy=settings["abstract_tracing"] and self.unit.abstract_tracing)
 
     def _path_ending_here(self):
         """Co-execution ended before this path did: the recorded path that ends here, or a
@@ -222,7 +231,14 @@ class Iteration:
             launching.settle(self, alive)
             return
         if self.mode == TRACE:
-            unit.escaping |= {p._id for p in launching.alive(self) if p._val is None}
+            alive = launching.alive(self)
+            unit.escaping |= {p._id for p in alive if p._val is None}
+            rec = self.path.recorder
+            unvalued = {t.id for t in rec.unvalued()}
+            if unvalued:  # values recorded abstractly that Python still holds
+                launching.launch(self, rec.mark(), sorted(launching.held(self) & unvalued), alive)
+                launching.give_values(self)
+            rec.compute_values(None)
             path = self.path
             if path.eager_reason:
                 unit.eager_reason = path.eager_reason

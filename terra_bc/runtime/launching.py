@@ -10,12 +10,15 @@ arrays launched segments return (and to the values Python fed).
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 
 import jax
+from jax.extend.core import set_current_trace
 
 from ..counters import counts
-from .settings import settings
-from .values import NUMBER_TYPES, device_number
+from .context import TRACE
+from .settings import LAZY_LAUNCHES, settings
+from .values import MISS, NUMBER_TYPES, device_number
 
 _LIVE_REFS = 3  # sys.getrefcount(p) of a placeholder only it.live holds, inside alive()
 
@@ -26,13 +29,31 @@ def alive(it):
     return [p for p in it.live if sys.getrefcount(p) > _LIVE_REFS]
 
 
+def held(it):
+    """Ids of values recorded abstractly (tracing) that later work may read: those of live
+    placeholders and of tracers Python holds itself (a gradient's residuals, a value a
+    library kept).  What the rest of the path reads is not recorded yet; only these can be."""
+    ids = {p._id for p in alive(it)}
+    tracers = it.tracers
+    for t in it.path.recorder.unvalued():
+        # References: the list, `t`, getrefcount's argument; it.tracers and the
+        # placeholder wrapping it (tracing.wrap) for an op's output.
+        if sys.getrefcount(t) > (5 if tracers.get(t.id) is t else 3):
+            ids.add(t.id)
+    return ids
+
+
 def launch(it, stop, need, alive_now=None):
     """Run the recorded equations [it.seg_start, stop) that later work needs, and make sure
     the values ``need`` names are computed.  ``alive_now``: alive(it), if known."""
     if stop > it.seg_start:
-        produced, reads_after = it.path.plan(it.seg_start, stop)
-        kept = {p._id for p in (alive(it) if alive_now is None else alive_now)}
-        outputs = tuple(sorted(produced & (reads_after | kept | set(need) | it.unit.escaping)))
+        if it.mode == TRACE:  # the path goes on being recorded: no plan is final yet
+            produced = it.path.recorder.wiring(it.seg_start, stop)[1]
+            outputs = tuple(sorted(produced & (held(it) | set(need) | it.unit.escaping)))
+        else:
+            produced, reads_after = it.path.plan(it.seg_start, stop)
+            kept = {p._id for p in (alive(it) if alive_now is None else alive_now)}
+            outputs = tuple(sorted(produced & (reads_after | kept | set(need) | it.unit.escaping)))
         if outputs:
             run(it, it.seg_start, stop, outputs)
         it.seg_start = stop
@@ -58,14 +79,45 @@ def run(it, start, stop, outputs):
         if start == 0:
             raise RuntimeError(f"terra_bc: no value for graph inputs {missing}")
         run(it, 0, start, missing)
-    if it.recording is None:  # (while recording, JAX would record making the array)
+    # (While recording, the segment runs under the trace the recording runs eager work on.)
+    with nullcontext() if it.recording is None else set_current_trace(it.recording.parent_trace()):
         x64 = jax.config.jax_enable_x64
         values = exe(*[device_number(v, x64) if type(v) in NUMBER_TYPES else v
                        for v in map(env.__getitem__, seg.inputs)])
-    else:
-        values = exe(*map(env.__getitem__, seg.inputs))
     env.update(zip(seg.outputs, values))
     counts["segments_launched"] += 1
+
+
+def compute_recorded(it, tracers):
+    """The values of tracers recorded abstractly (``Recorder.compute_values``): the
+    equations recorded so far run as a segment, as co-execution will launch them at this
+    point of the path, and every held value it computes is handed to its tracer.  A traced
+    iteration that needs values too often records eagerly from then on (``LAZY_LAUNCHES``)."""
+    need = [t.id for t in tracers if t.id not in it.env]
+    if need:
+        rec = it.path.recorder
+        launch(it, rec.mark(), need)
+        counts["trace_launches"] += 1
+        it.trace_launches += 1
+        if it.trace_launches >= LAZY_LAUNCHES:
+            it.unit.abstract_tracing = False
+            rec.compute_values(computer(it), lazy=False)
+        give_values(it)
+    return [it.env[t.id] for t in tracers]
+
+
+def computer(it):
+    """The Recorder's callback for values of ``it``'s tracers recorded abstractly."""
+    return lambda tracers: compute_recorded(it, tracers)
+
+
+def give_values(it):
+    """Hand computed values to the tracers recorded abstractly that are still alive."""
+    env, rec = it.env, it.path.recorder
+    for t in rec.unvalued():
+        v = env.get(t.id, MISS)
+        if v is not MISS:
+            rec.give_value(t, v)
 
 
 def value(it, id, stop):

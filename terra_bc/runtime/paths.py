@@ -52,13 +52,26 @@ class Path:
         return plan
 
     def segment(self, start, stop, outputs, on_compile=None):
-        """(Segment, executable) computing ``outputs`` from equations [start, stop)."""
+        """(Segment, executable) computing ``outputs`` from equations [start, stop).  A
+        segment of the same equations computing more outputs serves too: the traced
+        iteration launched it when the rest of the path was not recorded yet, keeping
+        every value Python held; its extra outputs cost less than compiling again."""
         key = (start, stop, outputs)
         entry = self.segments.get(key)
         if entry is None:
-            seg = self.recorder.segment(outputs, start, stop)
-            entry = self.segments[key] = (seg, jaxpr_builder.compile_segment(seg, on_compile))
+            entry = self._wider(start, stop, outputs)
+            if entry is None:
+                seg = self.recorder.segment(outputs, start, stop)
+                entry = (seg, jaxpr_builder.compile_segment(seg, on_compile))
+            self.segments[key] = entry
         return entry
+
+    def _wider(self, start, stop, outputs):
+        want = set(outputs)
+        for (a, b, outs), entry in self.segments.items():
+            if a == start and b == stop and want.issubset(outs):
+                return entry
+        return None
 
     def shared_prefix(self, other):
         """How many first events this path shares with ``other`` (the same objects)."""

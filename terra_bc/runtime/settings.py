@@ -23,10 +23,14 @@ settings = {
     "warmup": env_int("TERRA_BC_WARMUP", 0),            # first calls of a unit run plainly
     "inner_turns": env_int("TERRA_BC_INNER_TURNS", 16),  # see discovery.on_loop
     "dynamic_numbers": os.environ.get("TERRA_BC_DYNAMIC_NUMBERS", "1") != "0",
+    # A traced iteration records ops abstractly and computes a value only when Python
+    # reads it, by the segment co-execution will reuse (docs/whole-run.md).
+    "abstract_tracing": os.environ.get("TERRA_BC_ABSTRACT_TRACING", "1") != "0",
 }
 
 RETRACE_WINDOW = 8     # a unit that traced a new path in each of its last 8 calls is frozen
 MIN_UNIT_OPS = 4       # a function unit recording fewer DL ops costs more than it saves
+LAZY_LAUNCHES = 6      # a traced iteration reading recorded values this often records eagerly
 DEVICE_NUMBERS = 4096  # fed Python numbers kept as device arrays (values.device_number)
 
 

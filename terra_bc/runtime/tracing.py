@@ -40,6 +40,7 @@ def feed(it, x):
         x = x.val
     t = it.path.recorder.input(x)
     it.tracers[t.id] = t
+    it.env[t.id] = t.val  # (what a segment launched while tracing reads for it)
     return t
 
 

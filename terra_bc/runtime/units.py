@@ -41,6 +41,7 @@ class Unit:
         self.compiles = 0       # segments compiled for it (settings["max_compiles"])
         self.memo = {}          # what the last iteration remembered (Iteration.remember)
         self.code = None        # a function unit's code (discovery), else None
+        self.abstract_tracing = True  # off once a traced iteration read values too often
 
     def __repr__(self):
         return f"<Unit {self.name}: {len(self.paths)} path(s)>"
@@ -84,8 +85,7 @@ class Unit:
         context.open_iteration(it)
         try:
             if mode == TRACE:
-                it.path.recorder.__enter__()
-                it.recording = it.path.recorder
+                it.start_recording()
             return it, it.enter(args, kwargs)
         except BaseException:  # (a feed JAX refuses): leave this thread as it was found
             if it.recording is not None:
