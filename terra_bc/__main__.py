@@ -1,4 +1,4 @@
-"""``python -m terra_bc [--scope user|all] [--include PKG] [--exclude PKG] [--stats] [--off] (script.py | -m module) [args]``
+"""``python -m terra_bc [--scope user|all] [--include PKG] [--exclude PKG] [--stats] [--off] [--cache-dir DIR] (script.py | -m module) [args]``
 
 Behaves as ``python script.py`` / ``python -m module`` would: same ``sys.argv``,
 ``sys.path[0]``, ``__main__`` module, exit codes and tracebacks (which start at the user's
@@ -16,7 +16,7 @@ import sys
 import types
 
 USAGE = ("usage: python -m terra_bc [--scope user|all] [--include PKG] [--exclude PKG] [--stats] "
-         "[--off] [--no-loops] [--no-functions] (script.py | -m module) [args ...]")
+         "[--off] [--no-loops] [--no-functions] [--cache-dir DIR] (script.py | -m module) [args ...]")
 
 
 def parse(argv):
@@ -37,6 +37,12 @@ def parse(argv):
             opts["loops"] = arg == "--loops"
         elif arg in ("--functions", "--no-functions"):
             opts["functions"] = arg == "--functions"
+        elif arg.partition("=")[0] == "--cache-dir":
+            value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += "=" not in arg
+            if not value or value.startswith("-"):
+                _usage_error("--cache-dir needs a folder")
+            opts["cache_dir"] = value
         elif arg.partition("=")[0] in ("--scope", "--include", "--exclude"):
             name = arg.partition("=")[0][2:]
             value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
@@ -104,6 +110,8 @@ def main(argv):
     if opts["stats"]:
         atexit.register(print_stats)  # registered first, so it runs after the user's handlers
     terra_bc.set_scope(opts["scope"])
+    if opts.get("cache_dir"):
+        terra_bc.config(cache_dir=opts["cache_dir"])
     if opts["include"] or opts["exclude"]:
         terra_bc.config(include=sorted(terra_bc.config()["include"] + opts["include"]),
                         exclude=sorted(terra_bc.config()["exclude"] + opts["exclude"]))

@@ -1,8 +1,11 @@
-"""The jaxpr builder: records DL ops as jaxpr equations while they run eagerly (tracing mode).
+"""The jaxpr builder: records DL ops as jaxpr equations (tracing mode).
 
 ``Recorder`` makes a custom JAX trace current for the dynamic extent of a ``with`` block.
-Every primitive bound while it is current runs *for real* under the previous (parent)
-trace, so Python sees real values, and is appended to a flat list of equations.  Transforms
+Every primitive bound while it is current is appended to a flat list of equations.  By
+default it also runs *for real* under the previous (parent) trace, so Python sees real
+values.  With ``Recorder.compute_values(compute)`` it is recorded abstractly instead (its
+output avals from JAX's shape rule): a value is computed only when it is read, by the
+caller's ``compute`` (the runtime launches the equations recorded so far as a segment).  Transforms
 (``grad``, ``vjp``, ``jvp``, ``vmap``) run their own traces on top of ours and lower to
 primitives that reach us; higher-order primitives (``pjit``, ``cond``, ``while``, ``scan``,
 ``custom_jvp_call``, ``custom_vjp_call``) are recorded as one equation carrying their

@@ -53,11 +53,13 @@ def install():
 
 
 install()
+_settings.use_cache_dir(settings["cache_dir"])
 
 
 def config(**changes):
     """``terra_bc.config(max_paths=16, max_compiles=32, warmup=0, inner_turns=16,
-    dynamic_numbers=True, loops=None, functions=None, include=None, exclude=None)``: set
+    dynamic_numbers=True, abstract_tracing=True, cache_dir="", loops=None, functions=None,
+    include=None, exclude=None)``: set
     limits (only those given); returns the settings now in force.  ``loops`` / ``functions``
     switch the units found without decoration (``set_loops`` / ``set_functions``);
     ``include`` / ``exclude`` replace the lists of library packages rewritten or never

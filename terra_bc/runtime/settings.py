@@ -26,6 +26,8 @@ settings = {
     # A traced iteration records ops abstractly and computes a value only when Python
     # reads it, by the segment co-execution will reuse (docs/whole-run.md).
     "abstract_tracing": os.environ.get("TERRA_BC_ABSTRACT_TRACING", "1") != "0",
+    # Compiled segments persist in JAX's compilation cache there ("": not kept).
+    "cache_dir": os.environ.get("TERRA_BC_CACHE_DIR", ""),
 }
 
 RETRACE_WINDOW = 8     # a unit that traced a new path in each of its last 8 calls is frozen
@@ -43,8 +45,31 @@ def update(changes):
     for name, value in changes.items():
         want = type(settings[name])
         if type(value) is not want or want is int and value < 0:
-            kind = "non-negative int" if want is int else "bool"
+            kind = {int: "non-negative int", bool: "bool", str: "str (a folder, or '')"}[want]
             raise ValueError(f"terra_bc.config: {name} must be a {kind}, got {value!r}")
         if name == "max_paths" and value < 1:
             raise ValueError("terra_bc.config: max_paths must be at least 1")
     settings.update(changes)
+    if "cache_dir" in changes:
+        use_cache_dir(settings["cache_dir"])
+
+
+def use_cache_dir(path):
+    """Keep compiled executables in JAX's persistent compilation cache at ``path`` (every
+    size, every compile time): a later run of the same program loads its segments, which
+    JAX keys by their HLO, the compile options and the jax/jaxlib versions.  It is JAX's
+    cache, so the program's own jitted functions are kept there too."""
+    if not path:
+        return
+    import jax  # (here: the settings module is read before JAX is needed)
+    path = os.path.abspath(os.path.expanduser(path))
+    os.makedirs(path, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir != path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        try:  # JAX opens its cache once, at the first compile: open it again at `path`
+            from jax._src import compilation_cache
+            compilation_cache.reset_cache()
+        except (ImportError, AttributeError):
+            pass
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -1,6 +1,8 @@
-"""Tracing mode: DL ops run eagerly under the jaxpr builder and become events of a new path.
+"""Tracing mode: DL ops are recorded by the jaxpr builder and become events of a new path.
 
-Python sees real values.  Each op's inputs are recorded as specs (``events``): this
+Python sees real values: the builder records ops abstractly and a value Python reads is
+computed then, by the equations recorded so far run as a segment (``launching.
+compute_recorded``; eager-valued recording where the unit reads values too often).  Each op's inputs are recorded as specs (``events``): this
 iteration's placeholders, values fed from Python, and static values baked in; its outputs
 become placeholders wrapping the recording's tracers.  An op JAX refuses to record (a
 data-dependent shape) is a graph break: it runs eagerly every iteration.

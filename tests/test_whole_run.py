@@ -1,0 +1,257 @@
+"""Whole-run behaviour: abstract tracing and the persistent cache (docs/whole-run.md).
+
+Abstract tracing changes *when* values are computed in a traced iteration, never what Python
+sees: every test compares values and Python side effects with eager JAX (and with eager-valued
+tracing), and checks from terra_bc.stats() how the traced iteration computed them.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import terra_bc
+from terra_bc.runtime.settings import LAZY_LAUNCHES
+
+RTOL, ATOL = 1e-4, 1e-6
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def abstract_tracing_on():
+    terra_bc.config(abstract_tracing=True)
+    terra_bc.reset_stats()
+    yield
+    terra_bc.config(abstract_tracing=True)
+
+
+def params(seed, sizes):
+    r = np.random.default_rng(seed)
+    return [(jnp.asarray(r.normal(size=(a, b)) * 0.3, jnp.float32), jnp.zeros(b, jnp.float32))
+            for a, b in zip(sizes[:-1], sizes[1:])]
+
+
+def batches(seed, n, width):
+    r = np.random.default_rng(seed)
+    return [(jnp.asarray(r.normal(size=(8, width)), jnp.float32),
+             jnp.asarray(r.normal(size=(8, 1)), jnp.float32)) for _ in range(n)]
+
+
+def make_step(log):
+    """An SGD step that fetches the loss mid-step and branches on it (Python-adapted lr),
+    draws a NumPy mask (a feed), and logs: three ways Python reads or feeds values."""
+    masks = np.random.default_rng(7)
+
+    def loss_fn(ps, x, y):
+        h = x
+        for w, b in ps[:-1]:
+            h = jnp.tanh(h @ w + b)
+            h = h * jnp.asarray(masks.random(h.shape) > 0.1, jnp.float32)
+        w, b = ps[-1]
+        return jnp.mean((h @ w + b - y) ** 2)
+
+    def step(ps, x, y, lr):
+        loss, grads = jax.value_and_grad(loss_fn)(ps, x, y)
+        value = float(loss)                      # a fetch in the middle of the step
+        lr = lr * (0.5 if value > 1.0 else 1.01)
+        log.append(round(value, 4))
+        new = [(w - lr * gw, b - lr * gb) for (w, b), (gw, gb) in zip(ps, grads)]
+        return new, lr, jnp.sum(new[0][0])
+    return step
+
+
+def train(decorate, sizes, n=8):
+    log = []
+    step = make_step(log)
+    if decorate:
+        step = decorate(step)
+    ps, lr, outs = params(3, sizes), 0.05, []
+    for x, y in batches(4, n, sizes[0]):
+        ps, lr, s = step(ps, x, y, lr)
+        outs.append(s)
+    return ps, lr, outs, log
+
+
+def assert_same(got, want):
+    g_ps, g_lr, g_outs, g_log = got
+    w_ps, w_lr, w_outs, w_log = want
+    assert g_log == w_log
+    assert g_lr == pytest.approx(w_lr, rel=RTOL)
+    for g, w in zip(jax.tree_util.tree_leaves((g_ps, g_outs)), jax.tree_util.tree_leaves((w_ps, w_outs))):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=RTOL, atol=ATOL)
+
+
+def test_traced_iteration_computes_by_the_segments_coexecution_reuses():
+    sizes = (6, 17, 17, 1)  # (widths no other test uses: the compile cache is shared)
+    want = train(None, sizes)
+    terra_bc.reset_stats()
+    got = train(terra_bc.function, sizes)
+    assert_same(got, want)
+    s = terra_bc.stats()
+    assert s["iterations_traced"] == 1 and s["iterations_coexecuted"] == 7, s
+    # The traced iteration ran two segments, to the fetch and to its end; the 7 co-executed
+    # iterations launch the same two each, and nothing is compiled after the first call.
+    assert s["trace_launches"] == 1 and s["segments_launched"] == 16, s
+    assert s["compiles"] == 2 and s["divergences"] == 0, s
+    assert s["compile_seconds"] > 0
+
+
+def test_eager_valued_tracing_gives_the_same_values_and_effects():
+    sizes = (6, 19, 19, 1)
+    want = train(None, sizes)
+    terra_bc.config(abstract_tracing=False)
+    got = train(terra_bc.function, sizes)
+    assert_same(got, want)
+    s = terra_bc.stats()
+    assert s["trace_launches"] == 0 and s["compiles"] == 2, s
+
+
+def test_a_traced_iteration_that_reads_values_often_records_eagerly_after_a_few():
+    """Each fetch in a traced iteration costs a segment compile: past LAZY_LAUNCHES of them
+    the rest of the iteration records eagerly, and so do the unit's later traces."""
+    n = LAZY_LAUNCHES + 4
+    seen = []
+
+    def step(x):
+        for _ in range(n):
+            x = jnp.sin(x) + 1.0
+            seen.append(round(float(jnp.sum(x)), 4))  # a fetch after each op
+        return x
+
+    x0 = jnp.linspace(0.0, 1.0, 7)
+    want = step(x0)
+    want_seen, seen[:] = list(seen), []
+    unit = terra_bc.function(step)
+    got = unit(x0)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=RTOL)
+    assert seen == want_seen
+    s = terra_bc.stats()
+    assert s["trace_launches"] == LAZY_LAUNCHES, s
+    assert unit.__terra_bc_unit__.abstract_tracing is False
+    seen[:] = []
+    np.testing.assert_allclose(np.asarray(unit(x0)), np.asarray(want), rtol=RTOL)
+    assert seen == want_seen
+
+
+def test_work_on_constants_alone_is_computed_where_it_is_recorded():
+    """``0.9 * jax_array`` inside a traced iteration touches no graph value: it is computed
+    as eager JAX would (and fed to what uses it), not launched as a segment."""
+    ema = [jnp.float32(1.0)]
+
+    def step(x):
+        decayed = 0.9 * ema[0]             # constants only: computed as it is recorded
+        ema[0] = decayed + 0.1 * jnp.mean(x)
+        return jnp.tanh(x) * 2.0
+
+    x = jnp.arange(5.0)
+    unit = terra_bc.function(step)
+    out = unit(x)
+    s = terra_bc.stats()
+    assert s["trace_launches"] == 0, s     # nothing was read before the iteration's end
+    np.testing.assert_allclose(np.asarray(out), np.tanh(np.arange(5.0)) * 2.0, rtol=RTOL)
+    np.testing.assert_allclose(float(ema[0]), 0.9 + 0.1 * 2.0, rtol=RTOL)
+
+
+def test_a_graph_break_in_a_traced_iteration_gets_computed_inputs():
+    """x[mask] (a data-dependent shape) runs eagerly: its inputs are computed first."""
+    def step(x):
+        y = jnp.cos(x) * 3.0
+        kept = y[y > 0.0]                  # refused by the recorder: a graph break
+        return jnp.sum(kept * 2.0), y + 1.0
+
+    x = jnp.linspace(-3.0, 3.0, 11)
+    want = step(x)
+    unit = terra_bc.function(step)
+    for _ in range(3):
+        got = unit(x)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=RTOL, atol=ATOL)
+    assert terra_bc.stats()["iterations_coexecuted"] == 2
+
+
+def test_config_checks_the_new_settings():
+    with pytest.raises(ValueError):
+        terra_bc.config(abstract_tracing=1)
+    with pytest.raises(ValueError):
+        terra_bc.config(cache_dir=3)
+
+
+# ----------------------------------------------------------------------------- cache
+
+PROGRAM = """
+import numpy as np, jax, jax.numpy as jnp, terra_bc
+
+def step(ws, x):
+    loss, g = jax.value_and_grad(lambda ws: jnp.mean((jnp.ACT(x @ ws[0]) @ ws[1]) ** 2))(ws)
+    return [w - 0.1 * gw for w, gw in zip(ws, g)], loss
+
+r = np.random.default_rng(0)
+ws = [jnp.asarray(r.normal(size=(5, 9)), jnp.float32), jnp.asarray(r.normal(size=(9, 2)), jnp.float32)]
+x = jnp.asarray(r.normal(size=(4, 5)), jnp.float32)
+step = terra_bc.function(step)
+for _ in range(4):
+    ws, loss = step(ws, x)
+print("loss %.6f" % float(loss))
+"""
+
+
+def run_program(tmp_path, cache, act="tanh"):
+    path = tmp_path / "prog.py"
+    path.write_text(PROGRAM.replace("ACT", act))
+    env = dict(os.environ, TERRA_BC_CACHE_DIR=str(cache), PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+def entries(cache):
+    return sorted(os.listdir(cache))
+
+
+def test_a_second_run_loads_every_executable_from_the_cache(tmp_path):
+    cache = tmp_path / "cache"
+    first = run_program(tmp_path, cache)
+    kept = entries(cache)
+    assert any("stage" in k or "terra" in k for k in kept), kept  # segments are kept
+    second = run_program(tmp_path, cache)
+    assert second.stdout == first.stdout
+    assert entries(cache) == kept      # nothing compiled anew: every executable was loaded
+
+
+def test_changed_code_compiles_what_changed(tmp_path):
+    cache = tmp_path / "cache"
+    run_program(tmp_path, cache)
+    kept = set(entries(cache))
+    changed = run_program(tmp_path, cache, act="sin")
+    new = set(entries(cache)) - kept
+    assert new, "a changed op in the step must miss the cache"
+    assert changed.stdout.startswith("loss ")
+
+
+def test_a_corrupted_cache_entry_is_ignored_with_a_warning(tmp_path):
+    cache = tmp_path / "cache"
+    first = run_program(tmp_path, cache)
+    for name in entries(cache):
+        (cache / name).write_bytes(b"not an executable")
+    again = run_program(tmp_path, cache)
+    assert again.stdout == first.stdout
+    assert "Warning" in again.stderr
+
+
+def test_cache_dir_setting_points_jax_at_the_folder(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        terra_bc.config(cache_dir=str(tmp_path / "c"))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
+        assert os.path.isdir(tmp_path / "c")
+    finally:
+        terra_bc.config(cache_dir="")
+        jax.config.update("jax_compilation_cache_dir", before)
+        from jax._src import compilation_cache
+        compilation_cache.reset_cache()
