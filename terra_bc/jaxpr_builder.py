@@ -25,6 +25,7 @@ Rules this module keeps (see docs/DESIGN "Facts already checked"):
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import operator
 import time
@@ -229,6 +230,8 @@ class _RecordingTrace(Trace):
         self.avals = []          # avals[id]
         self.compute = None      # compute(tracers) -> their values (abstract recording)
         self.lazy = False        # record primitives abstractly (see abstract())
+        self.in_op = 0           # > 0 while a recorded op runs (Recorder.recording_op)
+        self.literals = {}       # id -> Python scalar: values no equation makes (stage_value)
         self.unvalued = []       # weakrefs to the tracers recorded abstractly
 
     # -- helpers
@@ -261,9 +264,10 @@ class _RecordingTrace(Trace):
 
     def unwrap_abstract(self, xs):
         """(atoms, avals, graph) of primitive inputs, computing no recorded value; ``graph``:
-        does one depend on the graph's inputs?  Work on constants alone (a library's
-        constant, ``0.9 * jax_array``) is computed as it is recorded, as eager JAX would:
-        what uses it is fed its value."""
+        does one depend on the graph's inputs?  Work on constants alone outside a recorded
+        op (``0.9 * jax_array`` in the user's code) is computed as it is recorded, as eager
+        JAX would: what uses it is fed its value.  Inside one (the zeros of a gradient) it
+        is part of the op's recorded computation."""
         atoms, avals, graph = [], [], False
         for x in xs:
             if type(x) is not RecTracer and isinstance(x, Tracer) and hasattr(x, "full_lower"):
@@ -298,7 +302,7 @@ class _RecordingTrace(Trace):
         const = False
         if self.lazy and self.abstract():
             atoms, avals, graph = self.unwrap_abstract(tracers)
-            if graph:
+            if graph or self.in_op:
                 out = self.record_abstract(prim, atoms, avals, params)
                 if out is not None:
                     return out
@@ -363,6 +367,12 @@ class _RecordingTrace(Trace):
     def stage_value(self, val):
         if type(val) is RecTracer and val._trace is self:
             return val
+        if self.in_op and _is_scalar(val) and self.abstract():
+            # A Python scalar JAX lifts inside a recorded op (0.05 in `0.05 * g`): a literal
+            # of the recording, where the parent would make a device array of it.
+            t = self.new(val, jax.typeof(val), const=True)
+            self.literals[t.id] = val
+            return t
         with set_current_trace(self.parent):
             return self.parent.stage_value(val)
 
@@ -378,7 +388,8 @@ class _RecordingTrace(Trace):
         custom_jvp_call / custom_vjp_call equation), run it eagerly, record its equations."""
         abstract = const = False
         if self.abstract():
-            atoms, avals, abstract = self.unwrap_abstract(tracers)
+            atoms, avals, graph = self.unwrap_abstract(tracers)
+            abstract = graph or self.in_op > 0
             const = not abstract
         if abstract:
             vals = [_spec(a) for a in avals]
@@ -484,7 +495,9 @@ class Recorder:
                 raise TypeError(f"Recorder.input wants a concrete value, got {type(value)}")
             value = value.val
         if not isinstance(value, jax.Array):
-            value = jax.numpy.asarray(value)   # Python scalars stay weakly typed
+            # A transfer, made outside the recording (Python scalars stay weakly typed).
+            with set_current_trace(trace.parent):
+                value = jax.device_put(value)
         return trace.new(value)
 
     def fork(self, stop, num_values) -> "Recorder":
@@ -497,12 +510,24 @@ class Recorder:
         copy = new._live()
         copy.eqns = trace.eqns[:stop]
         copy.avals = trace.avals[:num_values]
+        copy.literals = {i: v for i, v in trace.literals.items() if i < num_values}
         return new
 
     def adopt(self, id, value) -> RecTracer:
         """A tracer for value ``id`` of a forked prefix, carrying its concrete ``value``."""
         trace = self._live()
         return RecTracer(trace, value, id, trace.avals[id])
+
+    @contextlib.contextmanager
+    def recording_op(self):
+        """While one op of the iteration is recorded: its work on constants is recorded
+        abstractly with the rest of it (see _RecordingTrace.unwrap_abstract)."""
+        trace = self._live()
+        trace.in_op += 1
+        try:
+            yield
+        finally:
+            trace.in_op -= 1
 
     def compute_values(self, compute, lazy=True):
         """Record primitives abstractly (``lazy``): a value is computed only when it is
@@ -621,7 +646,7 @@ def _build_segment(trace, out_ids, start, stop):
 
 
 def _build_segment_nogc(trace, out_ids, start, stop):
-    eqns, avals = trace.eqns, trace.avals
+    eqns, avals, literals = trace.eqns, trace.avals, trace.literals
     # Dead-code elimination, backwards: keep an equation if an output is needed or it
     # has effects (a debug print or callback must still happen when replayed).
     needed = set(out_ids)
@@ -643,6 +668,8 @@ def _build_segment_nogc(trace, out_ids, start, stop):
     local = {}               # id -> small int, for the structural key
 
     def read(a):
+        if isinstance(a, int) and a in literals:
+            a = _Const(literals[a], avals[a])
         if isinstance(a, int):
             v = var.get(a)
             if v is None:
@@ -917,13 +944,21 @@ def compile_segment(segment: Segment, on_compile=None):
         return fn
     fn = _one_jit_call(segment.jaxpr)  # (no new executable: not counted as a compile)
     if fn is None:
-        fn = _timed_first_call(jax.jit(jaxpr_as_fun(segment.jaxpr)))
+        fn = _timed_first_call(jax.jit(_named(jaxpr_as_fun(segment.jaxpr))))
         _cache_stats["compiles"] += 1
         counts["compiles"] += 1
         if on_compile is not None:
             on_compile()
     _compiled[segment.key] = fn
     return fn
+
+
+def _named(fun):
+    """``fun`` under the name JAX gives its executable (logs, profiles, the persistent
+    cache's file names): ``jit_terra_bc_segment``."""
+    def terra_bc_segment(*args):
+        return fun(*args)
+    return terra_bc_segment
 
 
 def _timed_first_call(jitted):

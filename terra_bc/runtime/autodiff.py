@@ -127,8 +127,9 @@ def _trace_grad(it, spec, start, diff, out):
     primals = [tracing.tracer(it, i) for i in diff_ids]
     it.opaque_depth += 1
     try:
-        value_t, vjp = jax.vjp(lambda *xs: outputs_of(*xs)[0], *primals)
-        flat = vjp(jnp.ones_like(value_t))
+        with rec.recording_op():
+            value_t, vjp = jax.vjp(lambda *xs: outputs_of(*xs)[0], *primals)
+            flat = vjp(jnp.ones_like(value_t))
     finally:
         it.opaque_depth -= 1
     grads, k = [], 0

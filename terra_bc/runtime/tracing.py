@@ -142,7 +142,8 @@ def op(it, fn, key, args, kwargs):
     it.opaque_depth += 1
     nested_before = it.unit.nested_calls
     try:
-        specs, out = _record_op(it, fn, key, where, tree, leaves)
+        with it.path.recorder.recording_op():
+            specs, out = _record_op(it, fn, key, where, tree, leaves)
     except Exception as e:
         # JAX refused to record it (a data-dependent shape: x[mask], nonzero) or our
         # unwrapping failed: run the op as plain JAX would (the user's error propagates).

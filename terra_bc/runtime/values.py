@@ -81,7 +81,7 @@ def device_number(x, x64):
     made = None
     if value is None:  # seen before: it comes back, so make its array (once)
         try:
-            made = jnp.asarray(x)
+            made = jax.device_put(x)  # (a transfer: jnp.asarray would compile a conversion)
         except Exception:  # (an int too large for the default int type: jit will say so)
             return x
         if type(made) is not ArrayImpl:  # under a JAX transformation: not a constant
