@@ -8,6 +8,11 @@ Programs (small, so eager time is per-op dispatch and compiling, as in real smal
   mlp_fetch  the harder variant: a NumPy-drawn mask after each hidden layer, ``float(loss)``
              read in the middle of the step and a Python-adapted learning rate fed back
              (jax.jit would freeze the mask and cannot branch on the loss: not a baseline).
+  paths, adaptive_lr, dynamic_shapes, greedy_decode
+             benchmarks/control.py's programs (see there) run whole from a cold process: a
+             path drawn among 3 each step; fetch + Python-adapted lr + clipping; boxes with
+             data-dependent counts and NumPy NMS; decoding with a growing KV-cache list (one
+             step: one prompt).
 
 Modes, each a fresh process (``--child``):
 
@@ -40,6 +45,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = {"mlp": ("eager", "jit", "jit_warm", "terra_bc", "terra_bc_eager", "terra_bc_warm"),
             "mlp_fetch": ("eager", "terra_bc", "terra_bc_eager", "terra_bc_warm")}
+# benchmarks/control.py's programs, whole: each benchmark step is one step of the program
+CONTROL = ("paths", "adaptive_lr", "dynamic_shapes", "greedy_decode")
+PROGRAMS.update({p: ("eager", "terra_bc", "terra_bc_eager") for p in CONTROL})
 SHOWN = 6      # first iterations in the table
 RTOL = 1e-4
 BEGIN, END = "<!-- first-iterations:begin -->", "<!-- first-iterations:end -->"
@@ -47,7 +55,59 @@ BEGIN, END = "<!-- first-iterations:begin -->", "<!-- first-iterations:end -->"
 
 # ----------------------------------------------------------------------------- child
 
+def child_control(program, mode, steps):
+    import numpy as np
+    import jax
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import control
+    wrap = (lambda f: f)
+    if mode.startswith("terra_bc"):
+        import terra_bc
+        wrap = terra_bc.function
+    run, values, _, log = getattr(control, "make_" + program)(wrap)
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        run(i)
+        jax.block_until_ready(jax.tree_util.tree_leaves(values()))
+        times.append((time.perf_counter() - t0) * 1e3)
+    leaves = [np.asarray(v, np.float64) for v in jax.tree_util.tree_leaves(values()) if v is not None]
+    out = {"times_ms": times, "checksum": float(sum(np.sum(v) for v in leaves)),
+           "log": _plain(log[-200:]),
+           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if mode.startswith("terra_bc"):
+        out["stats"] = _stats()
+    print("RESULT " + json.dumps(out))
+
+
+def _plain(x):
+    """A side-effect log as JSON values (numbers as floats), compared with a tolerance."""
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return repr(x)
+
+
+def _same_log(a, b):
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_log(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= RTOL * max(1.0, abs(b))
+    return a == b
+
+
+def _stats():
+    import terra_bc
+    return {k: v for k, v in terra_bc.stats().items()
+            if k in ("iterations_traced", "iterations_coexecuted", "compiles",
+                     "trace_launches", "compile_seconds", "divergences", "eager_fallbacks")}
+
+
 def child(program, mode, steps):
+    if program in CONTROL:
+        return child_control(program, mode, steps)
     import numpy as np
     import jax
     import jax.numpy as jnp
@@ -97,10 +157,7 @@ def child(program, mode, steps):
            "checksum": float(sum(float(jnp.sum(w)) for w, _ in params)),
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if mode.startswith("terra_bc"):
-        import terra_bc
-        out["stats"] = {k: v for k, v in terra_bc.stats().items()
-                        if k in ("iterations_traced", "iterations_coexecuted", "compiles",
-                                 "trace_launches", "compile_seconds", "divergences")}
+        out["stats"] = _stats()
     print("RESULT " + json.dumps(out))
 
 
@@ -149,7 +206,7 @@ def bench(program, steps, repeats, log=print):
         first = [statistics.median(r["times_ms"][i] for r in rs) for i in range(min(steps, 50))]
         tail = [statistics.median(r["times_ms"][steps // 2:]) for r in rs]
         ok = all(abs(r["checksum"] - ref["checksum"]) <= RTOL * max(1.0, abs(ref["checksum"]))
-                 for r in rs)
+                 and _same_log(r.get("log"), ref.get("log")) for r in rs)
         summary[m] = {"first_ms": first, "steady_ms": statistics.median(tail),
                       "whole_s": statistics.median(r["whole_s"] for r in rs),
                       "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in rs),

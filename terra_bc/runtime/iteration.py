@@ -202,7 +202,7 @@ class Iteration:
         rec = self.recording = self.path.recorder
         rec.__enter__()
         rec.compute_values(launching.computer(self),
-                           lazy=settings["abstract_tracing"] and self.unit.abstract_tracing)
+                           lazy=settings["abstract_tracing"] and self.unit.traces_abstractly())
 
     def _path_ending_here(self):
         """Co-execution ended before this path did: the recorded path that ends here, or a
@@ -228,6 +228,7 @@ class Iteration:
             launching.launch(self, self.path.recorder.mark(),
                              [p._id for p in alive if p._val is None], alive)
             unit.last_path = self.path
+            unit.reused.add(id(self.path))
             launching.settle(self, alive)
             return
         if self.mode == TRACE:

@@ -42,6 +42,7 @@ class Unit:
         self.memo = {}          # what the last iteration remembered (Iteration.remember)
         self.code = None        # a function unit's code (discovery), else None
         self.abstract_tracing = True  # off once a traced iteration read values too often
+        self.reused = set()     # id()s of paths an iteration co-executed to their end
 
     def __repr__(self):
         return f"<Unit {self.name}: {len(self.paths)} path(s)>"
@@ -50,6 +51,15 @@ class Unit:
         """Count a call; is it one of the first ``warmup`` (+ plain_calls) run plainly?"""
         self.calls += 1
         return self.calls <= settings["warmup"] + plain_calls
+
+    def traces_abstractly(self):
+        """Record the next trace abstractly?  That compiles the path it records as it goes,
+        which pays where paths come back: not in a unit that has read values too often
+        while tracing, nor in one most of whose paths (of 4 or more) never came back
+        (shapes that change every call: a growing cache), whose traces record eagerly and
+        compile a path only once an iteration co-executes it."""
+        n = len(self.paths)
+        return self.abstract_tracing and (n < 4 or 2 * len(self.reused) >= n)
 
     def note_compile(self):
         self.compiles += 1
