@@ -164,7 +164,8 @@ def child(program, mode, steps):
 # ----------------------------------------------------------------------------- parent
 
 def run_child(program, mode, steps, cache):
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     for k in ("TERRA_BC_CACHE_DIR", "JAX_COMPILATION_CACHE_DIR", "TERRA_BC_ABSTRACT_TRACING"):
         env.pop(k, None)
     if mode == "terra_bc_eager":
@@ -263,8 +264,12 @@ def plot(results, path):
     except ImportError:
         print("matplotlib not installed (pip install -e '.[bench]'): no plot")
         return
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
-    for ax, (program, summary) in zip(axes[0], results.items()):
+    cols = min(3, len(results))
+    rows = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(results):]:
+        ax.set_visible(False)
+    for ax, (program, summary) in zip(axes.flat, results.items()):
         for m, s in summary.items():
             ax.plot(range(1, len(s["first_ms"]) + 1), s["first_ms"], marker=".", label=m)
         ax.set_yscale("log")
@@ -286,9 +291,14 @@ def main(argv=None):
     p.add_argument("--chart", default=os.path.join(ROOT, "docs", "first_iterations.png"))
     p.add_argument("--json", default=None)
     p.add_argument("--child", nargs=3, metavar=("PROGRAM", "MODE", "STEPS"))
+    p.add_argument("--replot", metavar="JSON", help="only draw --chart from a --json file")
     a = p.parse_args(argv)
     if a.child:
         child(a.child[0], a.child[1], int(a.child[2]))
+        return
+    if a.replot:
+        with open(a.replot) as f:
+            plot(json.load(f), a.chart)
         return
     results = {prog: bench(prog, a.steps, a.repeats) for prog in a.programs.split(",")}
     text = render(results, a.steps, a.repeats)
