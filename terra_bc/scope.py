@@ -151,10 +151,36 @@ def _owners(top):
     global _distributions
     if _distributions is None:
         try:
-            _distributions = importlib.metadata.packages_distributions()
+            _distributions = _packages_distributions()
         except Exception:
             _distributions = {}
     return tuple(_distributions.get(top, ()))
+
+
+def _packages_distributions():
+    """Top-level package -> names of the distributions that install it, from each
+    distribution's top_level.txt or else its RECORD's paths.  importlib.metadata's own
+    packages_distributions() stats every file a RECORD lists (seconds in a large
+    environment on a slow file system: 2.4 s measured on a GPU image); the paths' text is
+    enough here."""
+    out = {}
+    for dist in importlib.metadata.distributions():
+        name = getattr(dist, "_normalized_name", None) or dist.metadata["Name"]
+        text = dist.read_text("top_level.txt")
+        if text:
+            tops = set(text.split())
+        else:
+            tops = set()
+            for line in (dist.read_text("RECORD") or "").splitlines():
+                first = line.split(",", 1)[0].split("/", 1)[0]
+                if first.endswith(".py"):
+                    first = first[:-3]
+                if first and not first.endswith((".dist-info", ".data", ".pth")) \
+                        and first not in ("..", "__pycache__"):
+                    tops.add(first)
+        for top in tops:
+            out.setdefault(top, []).append(name)
+    return out
 
 
 _REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
