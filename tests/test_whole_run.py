@@ -133,6 +133,7 @@ def test_a_traced_iteration_that_reads_values_often_records_eagerly_after_a_few(
     s = terra_bc.stats()
     assert s["trace_launches"] == LAZY_LAUNCHES, s
     assert unit.__terra_bc_unit__.abstract_tracing is False
+    assert "next trace: eager-valued (a traced call read values too often" in terra_bc.explain(unit)
     seen[:] = []
     np.testing.assert_allclose(np.asarray(unit(x0)), np.asarray(want), rtol=RTOL)
     assert seen == want_seen
@@ -154,6 +155,7 @@ def test_work_on_constants_alone_is_computed_where_it_is_recorded():
     s = terra_bc.stats()
     assert s["trace_launches"] == 0, s     # nothing was read before the iteration's end
     np.testing.assert_allclose(np.asarray(out), np.tanh(np.arange(5.0)) * 2.0, rtol=RTOL)
+    assert "next trace: abstract" in terra_bc.explain(unit)
     np.testing.assert_allclose(float(ema[0]), 0.9 + 0.1 * 2.0, rtol=RTOL)
 
 
@@ -255,3 +257,24 @@ def test_cache_dir_setting_points_jax_at_the_folder(tmp_path):
         jax.config.update("jax_compilation_cache_dir", before)
         from jax._src import compilation_cache
         compilation_cache.reset_cache()
+
+
+def test_a_unit_whose_paths_never_come_back_traces_eagerly_valued():
+    """Abstract tracing compiles each path it records; a unit whose shapes change every
+    call (4 paths, none co-executed again) records its next traces eagerly instead."""
+    def step(x):
+        return jnp.sum(jnp.tanh(x) * 2.0) + jnp.max(x)
+
+    unit = terra_bc.function(step)
+    core = unit.__terra_bc_unit__
+    for n in range(1, 7):
+        x = jnp.linspace(0.0, 1.0, n)
+        np.testing.assert_allclose(float(unit(x)), float(step(x)), rtol=RTOL)
+        if n == 4:
+            assert len(core.paths) == 4 and not core.reused
+            assert not core.traces_abstractly()
+    assert "paths were co-executed again" in terra_bc.explain(unit)
+    # A path that comes back is co-executed, and counts as reused.
+    x = jnp.linspace(0.0, 1.0, 3)
+    np.testing.assert_allclose(float(unit(x)), float(step(x)), rtol=RTOL)
+    assert core.reused

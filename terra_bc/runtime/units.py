@@ -61,6 +61,15 @@ class Unit:
         n = len(self.paths)
         return self.abstract_tracing and (n < 4 or 2 * len(self.reused) >= n)
 
+    def tracing_mode(self):
+        """How the next trace records, and why (for explain())."""
+        if not self.abstract_tracing:
+            return "eager-valued (a traced call read values too often: LAZY_LAUNCHES)"
+        if not self.traces_abstractly():
+            return (f"eager-valued ({len(self.reused)} of its {len(self.paths)} paths "
+                    "were co-executed again)")
+        return "abstract"
+
     def note_compile(self):
         self.compiles += 1
 
