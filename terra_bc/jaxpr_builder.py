@@ -518,6 +518,19 @@ class Recorder:
         trace = self._live()
         return RecTracer(trace, value, id, trace.avals[id])
 
+    def adopt_abstract(self, id) -> RecTracer:
+        """A tracer for value ``id`` of a forked prefix not computed yet: its equations are
+        this recording's too, and it is computed with them when read."""
+        trace = self._live()
+        t = RecTracer(trace, _LAZY, id, trace.avals[id])
+        trace.unvalued.append(weakref.ref(t))
+        return t
+
+    @property
+    def abstract(self) -> bool:
+        """Does it record abstractly now (compute_values with lazy=True)?"""
+        return self._trace is not None and self._trace.lazy
+
     @contextlib.contextmanager
     def recording_op(self):
         """While one op of the iteration is recorded: its work on constants is recorded

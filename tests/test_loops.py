@@ -61,9 +61,9 @@ def test_inline_training_loop_coexecutes_turn_by_turn():
     assert s["iterations_coexecuted"] >= 9, s   # turn 1 eager, turn 2 traced, then co-executed
     # Turn 3 leaves turn 2's path at `w - 0.1 * gw` (turn 2's w came from the eager turn 1:
     # ArrayImpl - placeholder is a reflected subtraction; from turn 3 on it is a placeholder's
-    # own): one segment computes the traced turn, one the prefix, one the rest of turn 3
-    # (traced), one the new path whole.
-    assert s["iterations_traced"] <= 2 and s["compiles"] <= 4, s
+    # own): one segment computes the traced turn 2, one the new path turn 3 records (its
+    # prefix with it), which later turns launch too.
+    assert s["iterations_traced"] <= 2 and s["compiles"] <= 2, s
     assert s["ops_skipped"] > 0 and s["fetches"] >= 9, s
 
 

@@ -278,3 +278,38 @@ def test_a_unit_whose_paths_never_come_back_traces_eagerly_valued():
     x = jnp.linspace(0.0, 1.0, 3)
     np.testing.assert_allclose(float(unit(x)), float(step(x)), rtol=RTOL)
     assert core.reused
+
+
+def test_a_divergence_records_the_new_path_from_its_start_one_segment_per_path():
+    """Leaving a path mid-iteration, the rest is recorded abstractly with the prefix not
+    computed yet: the iteration's end computes the new path whole, by the segment that
+    path's later iterations launch.  One compile per path, however often Python switches."""
+    choices = [0, 0, 1, 1, 0, 2, 2, 1, 0, 2, 1, 1]
+    log = []
+
+    def step(x, w, choice):
+        h = jnp.tanh(x @ w)
+        log.append(choice)
+        if choice == 0:
+            h = h * 2.0
+        elif choice == 1:
+            h = jnp.sin(h) + 1.0
+        else:
+            h = jnp.cos(h) - h
+        return jnp.sum(h * h), h
+
+    r = np.random.default_rng(5)
+    x = jnp.asarray(r.normal(size=(3, 4)), jnp.float32)
+    w = jnp.asarray(r.normal(size=(4, 5)), jnp.float32)
+    want = [step(x, w, c) for c in choices]
+    want_log, log[:] = list(log), []
+    terra_bc.reset_stats()
+    unit = terra_bc.function(step)
+    got = [unit(x, w, c) for c in choices]
+    assert log == want_log
+    for g, e in zip(got, want):
+        for a, b in zip(g, e):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL)
+    s = terra_bc.stats()
+    assert s["paths_recorded"] == 3 and s["divergences"] >= 2, s
+    assert s["compiles"] == 3, s

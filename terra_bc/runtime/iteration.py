@@ -181,10 +181,16 @@ class Iteration:
         last = old.events[pos - 1] if pos else None
         stop = last.mark if last else 0
         alive = [p for p in launching.alive(self) if p._val is None]
-        launching.launch(self, stop, [p._id for p in alive])
+        to_eager = self.unit.frozen and not self.grad_depth  # (a gradient needs the recording)
+        # Traced abstractly, the rest of the iteration records the new path from its start:
+        # the prefix not launched yet is computed with it (one segment, the one the path's
+        # later iterations launch) rather than alone (a segment used once).
+        abstract = not to_eager and settings["abstract_tracing"] and self.unit.traces_abstractly()
+        if not abstract:
+            launching.launch(self, stop, [p._id for p in alive])
         if pos == 0:  # nothing co-executed: an iteration traced (or run eagerly) from its start
             counts["iterations_coexecuted"] -= 1
-        if self.unit.frozen and not self.grad_depth:  # (a gradient needs the recording)
+        if to_eager:
             self.mode = EAGER
             counts["eager_fallbacks"] += 1
             launching.settle(self)
@@ -192,7 +198,9 @@ class Iteration:
         counts["iterations_traced"] += pos == 0
         new = old.fork(pos)
         for p in alive:
-            p._rec = self.tracers[p._id] = new.recorder.adopt(p._id, self.env[p._id])
+            value = self.env.get(p._id, MISS)
+            p._rec = self.tracers[p._id] = (new.recorder.adopt(p._id, value) if value is not MISS
+                                            else new.recorder.adopt_abstract(p._id))
         self.path, self.mode, self.fork_stop, self.left = new, TRACE, stop, old
         self.start_recording()
 
@@ -233,7 +241,7 @@ class Iteration:
             return
         if self.mode == TRACE:
             alive = launching.alive(self)
-            unit.escaping |= {p._id for p in alive if p._val is None}
+            self.path.escaping |= {p._id for p in alive if p._val is None}
             rec = self.path.recorder
             unvalued = {t.id for t in rec.unvalued()}
             if unvalued:  # values recorded abstractly that Python still holds

@@ -49,11 +49,11 @@ def launch(it, stop, need, alive_now=None):
     if stop > it.seg_start:
         if it.mode == TRACE:  # the path goes on being recorded: no plan is final yet
             produced = it.path.recorder.wiring(it.seg_start, stop)[1]
-            outputs = tuple(sorted(produced & (held(it) | set(need) | it.unit.escaping)))
+            outputs = tuple(sorted(produced & (held(it) | set(need) | it.path.escaping)))
         else:
             produced, reads_after = it.path.plan(it.seg_start, stop)
             kept = {p._id for p in (alive(it) if alive_now is None else alive_now)}
-            outputs = tuple(sorted(produced & (reads_after | kept | set(need) | it.unit.escaping)))
+            outputs = tuple(sorted(produced & (reads_after | kept | set(need) | it.path.escaping)))
         if outputs:
             run(it, it.seg_start, stop, outputs)
         it.seg_start = stop

@@ -28,20 +28,24 @@ class Path:
     recomputing anything.  A recorded path never changes once kept: a new way through the
     unit is a new Path.  The C fast path reads ``events``."""
 
-    __slots__ = ("recorder", "events", "segments", "plans", "eager_reason")
+    __slots__ = ("recorder", "events", "segments", "plans", "eager_reason", "escaping")
 
-    def __init__(self, recorder=None, events=()):
+    def __init__(self, recorder=None, events=(), escaping=()):
         self.recorder = recorder if recorder is not None else jaxpr_builder.Recorder(_fetched_inside_op)
         self.events = list(events)
         self.segments = {}      # (start, stop, outputs) -> (Segment, executable)
         self.plans = {}         # (start, stop) -> (ids produced there, ids read after stop)
         self.eager_reason = None  # why tracing it found the unit cannot be co-executed
+        # Value ids that outlived a traced iteration of this path: launches keep them.  Per
+        # path: ids past a fork point name different values on each path.
+        self.escaping = set(escaping)
 
     def fork(self, pos):
         """A new path sharing this one's first ``pos`` events and their recording."""
         last = self.events[pos - 1] if pos else None
-        recorder = self.recorder.fork(last.mark if last else 0, last.nvals if last else 0)
-        return Path(recorder, self.events[:pos])
+        nvals = last.nvals if last else 0
+        recorder = self.recorder.fork(last.mark if last else 0, nvals)
+        return Path(recorder, self.events[:pos], (i for i in self.escaping if i < nvals))
 
     def plan(self, start, stop):
         """What equations [start, stop) produce and what the rest of the path reads."""

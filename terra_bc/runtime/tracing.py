@@ -57,7 +57,11 @@ def tracer(it, id):
     prefix gets one from its computed value (``Recorder.adopt``)."""
     t = it.tracers.get(id)
     if t is None:
-        t = it.tracers[id] = it.path.recorder.adopt(id, launching.value(it, id, it.fork_stop))
+        rec = it.path.recorder
+        if id not in it.env and rec.abstract:  # computed when read, with what follows
+            t = it.tracers[id] = rec.adopt_abstract(id)
+        else:
+            t = it.tracers[id] = rec.adopt(id, launching.value(it, id, it.fork_stop))
     return t
 
 

@@ -33,7 +33,6 @@ class Unit:
         self.frozen = None      # why no more paths are made (past a branch point: eager)
         self.dynamic = set()    # (line, op, leaf index): numbers fed, not baked (they changed)
         self.static = set()     # ... and those JAX needs static (feeding them failed)
-        self.escaping = set()   # value ids that outlived a traced iteration
         self.eager_reason = None  # why the unit cannot be co-executed: it runs eagerly
         self.nested_calls = 0   # routed calls made while an opaque op ran (see tracing.op)
         self.recent = collections.deque(maxlen=RETRACE_WINDOW)  # did each recent call trace?
