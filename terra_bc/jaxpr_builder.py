@@ -182,16 +182,22 @@ class RecTracer(Tracer):
 
     # __hash__ stays None (inherited): unhashable, exactly like jax.Array.
 
-    # -- not value reads: synchronisation and placement come from the eager value.
+    # -- not value reads: synchronisation and placement come from the eager value.  Where
+    # the process has one device, a value recorded abstractly will be computed there: its
+    # placement is known without computing it (libraries ask: Flax NNX's Variables).
     def block_until_ready(self):
         jax.block_until_ready(self.val)
         return self
 
     @property
     def sharding(self):
+        if self._v is _LAZY and jax.device_count() == 1:
+            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return self.val.sharding
 
     def devices(self):
+        if self._v is _LAZY and jax.device_count() == 1:
+            return {jax.devices()[0]}
         return self.val.devices()
 
 

@@ -313,3 +313,21 @@ def test_a_divergence_records_the_new_path_from_its_start_one_segment_per_path()
     s = terra_bc.stats()
     assert s["paths_recorded"] == 3 and s["divergences"] >= 2, s
     assert s["compiles"] == 3, s
+
+
+def test_placement_of_a_value_recorded_abstractly_needs_no_launch():
+    """Libraries ask where a value lives (Flax NNX reads ``.sharding``): with one device the
+    answer is known without computing the value."""
+    def step(x):
+        y = jnp.tanh(x)
+        where = y.sharding
+        return y * 2.0, where
+
+    x = jnp.arange(4.0)
+    want, want_where = step(x)
+    unit = terra_bc.function(step)
+    got, where = unit(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=RTOL)
+    if jax.device_count() == 1:
+        assert where == want_where
+        assert terra_bc.stats()["trace_launches"] == 0
