@@ -117,3 +117,23 @@ def test_include_and_exclude_reach_the_scope_rules(tmp_path):
     assert out.stdout.splitlines() == ["['_pytest', 'pytest'] ['optax']", "False True"]
     bad = run(["-m", "terra_bc", "--include", "--stats", str(prog)], tmp_path)
     assert bad.returncode == 2 and "--include needs a package name" in bad.stderr
+
+
+def test_cache_dir_keeps_the_runs_executables(tmp_path):
+    prog = tmp_path / "train.py"
+    prog.write_text(
+        "import jax.numpy as jnp\n"
+        "w = jnp.ones((3, 3))\n"
+        "for i in range(4):\n"
+        "    w = jnp.tanh(w @ w) * 0.5 + 0.1\n"
+        "print(float(jnp.sum(w)))\n")
+    cache = tmp_path / "cache"
+    first = run(["-m", "terra_bc", "--cache-dir", str(cache), str(prog)], tmp_path)
+    assert first.returncode == 0, first.stderr
+    kept = sorted(p.name for p in cache.iterdir())
+    assert any("terra_bc_segment" in name for name in kept), kept
+    again = run(["-m", "terra_bc", f"--cache-dir={cache}", str(prog)], tmp_path)
+    assert again.returncode == 0 and again.stdout == first.stdout
+    assert sorted(p.name for p in cache.iterdir()) == kept
+    missing = run(["-m", "terra_bc", "--cache-dir"], tmp_path)  # no folder given
+    assert missing.returncode == 2 and "--cache-dir needs a folder" in missing.stderr
