@@ -191,14 +191,16 @@ class RecTracer(Tracer):
 
     @property
     def sharding(self):
-        if self._v is _LAZY and jax.device_count() == 1:
-            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return self.val.sharding
+        device = self._only_device()
+        return self.val.sharding if device is None else jax.sharding.SingleDeviceSharding(device)
 
     def devices(self):
-        if self._v is _LAZY and jax.device_count() == 1:
-            return {jax.devices()[0]}
-        return self.val.devices()
+        device = self._only_device()
+        return self.val.devices() if device is None else {device}
+
+    def _only_device(self):
+        """The device a value not computed yet will be on, where there is only one."""
+        return jax.devices()[0] if self._v is _LAZY and jax.device_count() == 1 else None
 
 
 def _to_numpy(v, dtype):
@@ -249,9 +251,12 @@ class _RecordingTrace(Trace):
         return RecTracer(self, val, i, aval, const)
 
     def new_abstract(self, aval):
-        i = len(self.avals)
         self.avals.append(aval)
-        t = RecTracer(self, _LAZY, i, aval)
+        return self.unvalued_tracer(len(self.avals) - 1)
+
+    def unvalued_tracer(self, id):
+        """A tracer for recorded value ``id`` with no value yet (computed when read)."""
+        t = RecTracer(self, _LAZY, id, self.avals[id])
         self.unvalued.append(weakref.ref(t))
         return t
 
@@ -437,9 +442,7 @@ class _RecordingTrace(Trace):
             if not isinstance(a, int):
                 result.append(val if val is not _LAZY else a.val if isinstance(a, _Const) else a)
             elif val is _LAZY:
-                t = RecTracer(self, _LAZY, a, self.avals[a])
-                self.unvalued.append(weakref.ref(t))
-                result.append(t)
+                result.append(self.unvalued_tracer(a))
             else:
                 result.append(RecTracer(self, val, a, self.avals[a], const))
         return result
@@ -527,10 +530,7 @@ class Recorder:
     def adopt_abstract(self, id) -> RecTracer:
         """A tracer for value ``id`` of a forked prefix not computed yet: its equations are
         this recording's too, and it is computed with them when read."""
-        trace = self._live()
-        t = RecTracer(trace, _LAZY, id, trace.avals[id])
-        trace.unvalued.append(weakref.ref(t))
-        return t
+        return self._live().unvalued_tracer(id)
 
     @property
     def abstract(self) -> bool:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from .events import FeedIn, key_name
-from .settings import settings
 from .units import Unit, all_units
 
 
@@ -18,8 +17,7 @@ def explain(fn=None):
     name = getattr(unit.fn, "__qualname__", None) or unit.name
     state = (f"runs eagerly: {unit.eager_reason}" if unit.eager_reason else
              f"{len(unit.paths)} path(s)" + (f"; no new paths: {unit.frozen}" if unit.frozen else ""))
-    lines = [f"unit {name}: {state}; {unit.compiles} compile(s); next trace: "
-             f"{unit.tracing_mode() if settings['abstract_tracing'] else 'eager-valued (setting)'}"]
+    lines = [f"unit {name}: {state}; {unit.compiles} compile(s); next trace: {unit.tracing_mode()}"]
     for n, path in enumerate(unit.paths):
         lines.extend(_describe_path(unit, n, path))
     return "\n".join(lines)

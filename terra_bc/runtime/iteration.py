@@ -25,7 +25,6 @@ from .context import COEXEC, EAGER, TRACE
 from .events import FetchEvent
 from .guards import callee_key
 from .placeholders import Placeholder, concrete, eager
-from .settings import settings
 from .values import MISS, arrays_in, is_array
 
 
@@ -185,7 +184,7 @@ class Iteration:
         # Traced abstractly, the rest of the iteration records the new path from its start:
         # the prefix not launched yet is computed with it (one segment, the one the path's
         # later iterations launch) rather than alone (a segment used once).
-        abstract = not to_eager and settings["abstract_tracing"] and self.unit.traces_abstractly()
+        abstract = not to_eager and self.unit.traces_abstractly()
         if not abstract:
             launching.launch(self, stop, [p._id for p in alive])
         if pos == 0:  # nothing co-executed: an iteration traced (or run eagerly) from its start
@@ -209,8 +208,7 @@ class Iteration:
         allows it, each value computed when read (launching.compute_recorded)."""
         rec = self.recording = self.path.recorder
         rec.__enter__()
-        rec.compute_values(launching.computer(self),
-                           lazy=settings["abstract_tracing"] and self.unit.traces_abstractly())
+        rec.compute_values(launching.computer(self), lazy=self.unit.traces_abstractly())
 
     def _path_ending_here(self):
         """Co-execution ended before this path did: the recorded path that ends here, or a
@@ -236,7 +234,7 @@ class Iteration:
             launching.launch(self, self.path.recorder.mark(),
                              [p._id for p in alive if p._val is None], alive)
             unit.last_path = self.path
-            unit.reused.add(id(self.path))
+            unit.reused.add(self.path)
             launching.settle(self, alive)
             return
         if self.mode == TRACE:

@@ -41,7 +41,7 @@ class Unit:
         self.memo = {}          # what the last iteration remembered (Iteration.remember)
         self.code = None        # a function unit's code (discovery), else None
         self.abstract_tracing = True  # off once a traced iteration read values too often
-        self.reused = set()     # id()s of paths an iteration co-executed to their end
+        self.reused = set()     # paths an iteration co-executed to their end
 
     def __repr__(self):
         return f"<Unit {self.name}: {len(self.paths)} path(s)>"
@@ -58,10 +58,13 @@ class Unit:
         (shapes that change every call: a growing cache), whose traces record eagerly and
         compile a path only once an iteration co-executes it."""
         n = len(self.paths)
-        return self.abstract_tracing and (n < 4 or 2 * len(self.reused) >= n)
+        return (settings["abstract_tracing"] and self.abstract_tracing
+                and (n < 4 or 2 * len(self.reused) >= n))
 
     def tracing_mode(self):
         """How the next trace records, and why (for explain())."""
+        if not settings["abstract_tracing"]:
+            return "eager-valued (setting)"
         if not self.abstract_tracing:
             return "eager-valued (a traced call read values too often: LAZY_LAUNCHES)"
         if not self.traces_abstractly():
