@@ -41,7 +41,8 @@ from jax.extend.core import (ClosedJaxpr, DebugInfo, Jaxpr, Literal, Var, jaxpr_
 
 from .counters import counts
 
-__all__ = ["Recorder", "RecTracer", "Segment", "compile_segment", "compile_count",
+__all__ = ["Recorder", "RecTracer", "Segment", "compile_segment", "cached_executable",
+           "jit_segment", "keep_executable", "evaluate_segment", "compile_count",
            "clear_compile_cache"]
 
 _no_effects = frozenset()
@@ -956,20 +957,76 @@ jax.extend.core.get_opaque_trace_state = _trace_state_eager_sees
 def compile_segment(segment: Segment, on_compile=None):
     """A jitted executable for ``segment``: takes input values in ``segment.inputs`` order,
     returns the output values as a list.  Structurally identical segments share one.  A new
-    executable counts as a compile in ``terra_bc.stats()`` and calls ``on_compile()``."""
+    executable counts as a compile in ``terra_bc.stats()`` and calls ``on_compile()``; it is
+    compiled at its first call, on the calling thread."""
+    fn = cached_executable(segment)
+    if fn is None:
+        fn = keep_executable(segment, _timed_first_call(jit_segment(segment)))
+        if on_compile is not None:
+            on_compile()
+    return fn
+
+
+def cached_executable(segment: Segment):
+    """The executable already made for a segment of ``segment``'s structure, else None.  A
+    segment that is one call of a jitted function runs that call (no compile of ours)."""
     fn = _compiled.get(segment.key)
     if fn is not None:
         _cache_stats["hits"] += 1
         return fn
-    fn = _one_jit_call(segment.jaxpr)  # (no new executable: not counted as a compile)
-    if fn is None:
-        fn = _timed_first_call(jax.jit(_named(jaxpr_as_fun(segment.jaxpr))))
-        _cache_stats["compiles"] += 1
-        counts["compiles"] += 1
-        if on_compile is not None:
-            on_compile()
-    _compiled[segment.key] = fn
+    fn = _one_jit_call(segment.jaxpr)
+    if fn is not None:
+        _compiled[segment.key] = fn
     return fn
+
+
+def jit_segment(segment: Segment):
+    """``segment`` as a ``jax.jit`` function, not compiled yet (``.lower(...).compile()``
+    compiles it ahead of its first call, on any thread)."""
+    return jax.jit(_named(jaxpr_as_fun(segment.jaxpr)))
+
+
+def keep_executable(segment: Segment, fn, wait_only=False):
+    """Cache ``fn`` (from ``jit_segment``) as the executable of ``segment``'s structure and
+    count it as a compile; its first call is timed (``_timed_first_call``)."""
+    fn = _timed_first_call(fn, wait_only)
+    _compiled[segment.key] = fn
+    _cache_stats["compiles"] += 1
+    counts["compiles"] += 1
+    return fn
+
+
+def evaluate_segment(segment: Segment, args):
+    """Run ``segment``'s equations eagerly, one JAX dispatch each (no compile of the whole).
+    Bound as eager JAX binds them, outside the name stack of the source they were recorded
+    at (``jax.core.eval_jaxpr`` enters it, and JAX keys the executables of eager ``jit``
+    calls by it: each would be compiled again)."""
+    closed = segment.jaxpr
+    jaxpr = closed.jaxpr
+    env = dict(zip(jaxpr.constvars, closed.consts))
+    env.update(zip(jaxpr.invars, args))
+    for eqn in jaxpr.eqns:
+        prim = eqn.primitive
+        ins = [a.val if isinstance(a, Literal) else env[a] for a in eqn.invars]
+        if _plain_context(eqn.ctx):
+            out = prim.bind(*ins, **prim.get_bind_params(eqn.params))
+        else:
+            with eqn.ctx.manager:
+                out = prim.bind(*ins, **prim.get_bind_params(eqn.params))
+        if prim.multiple_results:
+            env.update(zip(eqn.outvars, out))
+        else:
+            env[eqn.outvars[0]] = out
+    return [a.val if isinstance(a, Literal) else env[a] for a in jaxpr.outvars]
+
+
+def _plain_context(ctx):
+    """Was the equation recorded in the context eager JAX runs in now?  Entering its context
+    (an abstract mesh among it) changes JAX's cache key for eager ``jit`` calls; only a
+    context that differs (a compute type, metadata, another PRNG mode) is entered."""
+    return (ctx.compute_type is None and ctx.xla_metadata is None
+            and ctx.threefry_partitionable == jax.config.jax_threefry_partitionable
+            and not getattr(getattr(ctx, "cur_abstract_mesh", None), "axis_names", ()))
 
 
 def _named(fun):
@@ -980,9 +1037,10 @@ def _named(fun):
     return terra_bc_segment
 
 
-def _timed_first_call(jitted):
-    """``jitted``, whose first call (where JAX traces, lowers and compiles it, on the calling
-    thread) adds its duration to ``compile_seconds`` in terra_bc.stats()."""
+def _timed_first_call(jitted, wait_only=False):
+    """``jitted``, whose first call (where JAX traces it, and lowers and compiles it unless
+    that was done ahead: ``wait_only``) blocks the calling thread: its duration is added to
+    ``compile_wait_seconds`` and, where it compiled, to ``compile_seconds``."""
     first = [True]
 
     def call(*args):
@@ -992,7 +1050,10 @@ def _timed_first_call(jitted):
             try:
                 return jitted(*args)
             finally:
-                counts["compile_seconds"] += time.perf_counter() - t0
+                took = time.perf_counter() - t0
+                counts["compile_wait_seconds"] += took
+                if not wait_only:
+                    counts["compile_seconds"] += took
         return jitted(*args)
     return call
 

@@ -973,12 +973,13 @@ def test_many_iterations_stay_coexecuted():
 def test_steady_mode_from_the_second_iteration(abstract):
     """The engine's warm-up, call by call.  Abstract tracing: the 1st call records its ops
     and computes what Python holds at its end by the one segment it compiles; every later
-    call co-executes on that segment, compiling nothing.  Eager-valued tracing: the 1st call
-    computes op by op, the 2nd compiles the segment (benchmarks/coexec.py (c) times both)."""
+    call co-executes on that segment, compiling nothing.  Eager-valued tracing with compiles
+    on the calling thread: the 1st call computes op by op, the 2nd compiles the segment
+    (benchmarks/coexec.py (c) times both; test_background_compile.py: compiles later)."""
     # (widths no other test uses: the structural compile cache is shared by all units)
     width = 13 if abstract else 15
     params, batches = mlp_params(12, (4, width, width, 2)), data(13, n=8)
-    terra_bc.config(abstract_tracing=abstract)
+    terra_bc.config(abstract_tracing=abstract, background_compile=False)
     unit = terra_bc.function(make_train_step())
     terra_bc.reset_stats()
     seen = []
@@ -987,7 +988,7 @@ def test_steady_mode_from_the_second_iteration(abstract):
         s = stats()
         seen.append((s["iterations_traced"], s["iterations_coexecuted"], s["compiles"],
                      s["segments_launched"], s["divergences"]))
-    terra_bc.config(abstract_tracing=True)
+    terra_bc.config(abstract_tracing=True, background_compile=True)
     if abstract:
         assert seen == [(1, k, 1, k + 1, 0) for k in range(8)], seen
     else:

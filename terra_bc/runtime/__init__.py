@@ -10,6 +10,7 @@ One module per concern; each imports only those above it in this list:
   events        typed records: input/output specs, one event class per kind
   guards        callee keys, matching, the C fast path's spec, changed numbers
   paths         Path: one recorded path (a unit's TraceGraph is its paths)
+  compiling     whether a new segment compiles now, later on a worker, or runs eagerly
   launching     which recorded equations run when; settling placeholders
   coexecution   co-execution mode's general path; Divergence and ``retried``
   tracing       tracing mode: ops recorded as events of a new path
@@ -58,7 +59,8 @@ _settings.use_cache_dir(settings["cache_dir"])
 
 def config(**changes):
     """``terra_bc.config(max_paths=16, max_compiles=32, warmup=0, inner_turns=16,
-    dynamic_numbers=True, abstract_tracing=True, cache_dir="", loops=None, functions=None,
+    dynamic_numbers=True, abstract_tracing=True, background_compile=True, cache_dir="",
+    loops=None, functions=None,
     include=None, exclude=None)``: set
     limits (only those given); returns the settings now in force.  ``loops`` / ``functions``
     switch the units found without decoration (``set_loops`` / ``set_functions``);

@@ -1,6 +1,7 @@
 """``terra_bc.explain``: a text report of what a unit recorded and why it runs as it does."""
 from __future__ import annotations
 
+from . import compiling
 from .events import FeedIn, key_name
 from .units import Unit, all_units
 
@@ -17,7 +18,10 @@ def explain(fn=None):
     name = getattr(unit.fn, "__qualname__", None) or unit.name
     state = (f"runs eagerly: {unit.eager_reason}" if unit.eager_reason else
              f"{len(unit.paths)} path(s)" + (f"; no new paths: {unit.frozen}" if unit.frozen else ""))
-    lines = [f"unit {name}: {state}; {unit.compiles} compile(s); next trace: {unit.tracing_mode()}"]
+    lines = [f"unit {name}: {state}; {unit.compiles} compile(s), {unit.eager_launches} segment "
+             f"launch(es) run eagerly; next trace: {unit.tracing_mode()}; new segments "
+             + ("compile when running them eagerly has cost their compile time, on a worker"
+                if unit.compiles_later() else "compile at their first launch")]
     for n, path in enumerate(unit.paths):
         lines.extend(_describe_path(unit, n, path))
     return "\n".join(lines)
@@ -37,9 +41,11 @@ def _describe_path(unit, n, path):
     lines = [head]
     for ev in path.events[shared:]:
         lines.extend(_describe_event(ev))
-    for (start, stop, outs), (seg, _) in path.segments.items():
+    for (start, stop, outs), entry in path.segments.items():
+        seg = entry.segment
         lines.append(f"    segment [{start}, {stop}): {len(seg.jaxpr.eqns)} ops, "
-                     f"{len(seg.inputs)} inputs, {len(outs)} outputs")
+                     f"{len(seg.inputs)} inputs, {len(outs)} outputs, "
+                     f"{compiling.state(entry)}")
     return lines
 
 

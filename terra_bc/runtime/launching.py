@@ -16,6 +16,7 @@ import jax
 from jax.extend.core import set_current_trace
 
 from ..counters import counts
+from . import compiling
 from .context import TRACE
 from .settings import LAZY_LAUNCHES, settings
 from .values import MISS, NUMBER_TYPES, device_number
@@ -65,7 +66,8 @@ def launch(it, stop, need, alive_now=None):
 def run(it, start, stop, outputs):
     """Launch the segment [start, stop) -> outputs of the iteration's path."""
     unit = it.unit
-    seg, exe = it.path.segment(start, stop, outputs, unit.note_compile)
+    entry = it.path.segment(start, stop, outputs)
+    seg = entry.segment
     if unit.compiles > settings["max_compiles"] and not unit.eager_reason:
         # Variants keep needing new executables (lengths, shapes): compiling costs more
         # than it saves; the unit runs eagerly from its next call.
@@ -82,8 +84,8 @@ def run(it, start, stop, outputs):
     # (While recording, the segment runs under the trace the recording runs eager work on.)
     with nullcontext() if it.recording is None else set_current_trace(it.recording.parent_trace()):
         x64 = jax.config.jax_enable_x64
-        values = exe(*[device_number(v, x64) if type(v) in NUMBER_TYPES else v
-                       for v in map(env.__getitem__, seg.inputs)])
+        values = compiling.run(it, entry, [device_number(v, x64) if type(v) in NUMBER_TYPES else v
+                                           for v in map(env.__getitem__, seg.inputs)])
     env.update(zip(seg.outputs, values))
     counts["segments_launched"] += 1
 

@@ -7,6 +7,17 @@ from .. import jaxpr_builder
 from .context import TRACE, current
 
 
+class SegmentEntry:
+    """A segment of a path and its executable, once it has one (``compiling.run``)."""
+    __slots__ = ("segment", "exe")
+
+    def __init__(self, segment, exe=None):
+        self.segment, self.exe = segment, exe
+
+    def __repr__(self):
+        return f"SegmentEntry({self.segment!r}, {'compiled' if self.exe else 'not compiled'})"
+
+
 class ValueDependent(Exception):
     """JAX read the concrete value of a recorded input while running an op (a shape, an
     index): the recorded equations would bake that value in, so the op is not recorded."""
@@ -33,7 +44,7 @@ class Path:
     def __init__(self, recorder=None, events=(), escaping=()):
         self.recorder = recorder if recorder is not None else jaxpr_builder.Recorder(_fetched_inside_op)
         self.events = list(events)
-        self.segments = {}      # (start, stop, outputs) -> (Segment, executable)
+        self.segments = {}      # (start, stop, outputs) -> SegmentEntry
         self.plans = {}         # (start, stop) -> (ids produced there, ids read after stop)
         self.eager_reason = None  # why tracing it found the unit cannot be co-executed
         # Value ids that outlived a traced iteration of this path: launches keep them.  Per
@@ -55,8 +66,8 @@ class Path:
                                                 self.recorder.wiring(stop)[0])
         return plan
 
-    def segment(self, start, stop, outputs, on_compile=None):
-        """(Segment, executable) computing ``outputs`` from equations [start, stop).  A
+    def segment(self, start, stop, outputs):
+        """The ``SegmentEntry`` computing ``outputs`` from equations [start, stop).  A
         segment of the same equations computing more outputs serves too: the traced
         iteration launched it when the rest of the path was not recorded yet, keeping
         every value Python held; its extra outputs cost less than compiling again."""
@@ -65,17 +76,19 @@ class Path:
         if entry is None:
             entry = self._wider(start, stop, outputs)
             if entry is None:
-                seg = self.recorder.segment(outputs, start, stop)
-                entry = (seg, jaxpr_builder.compile_segment(seg, on_compile))
+                entry = SegmentEntry(self.recorder.segment(outputs, start, stop))
             self.segments[key] = entry
         return entry
 
     def _wider(self, start, stop, outputs):
         want = set(outputs)
+        best = None  # (one with an executable first)
         for (a, b, outs), entry in self.segments.items():
             if a == start and b == stop and want.issubset(outs):
-                return entry
-        return None
+                if entry.exe is not None:
+                    return entry
+                best = best or entry
+        return best
 
     def shared_prefix(self, other):
         """How many first events this path shares with ``other`` (the same objects)."""

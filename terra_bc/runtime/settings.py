@@ -26,6 +26,9 @@ settings = {
     # A traced iteration records ops abstractly and computes a value only when Python
     # reads it, by the segment co-execution will reuse (docs/whole-run.md).
     "abstract_tracing": os.environ.get("TERRA_BC_ABSTRACT_TRACING", "1") != "0",
+    # A unit that traces eagerly-valued compiles a new segment on a worker thread once
+    # running it eagerly has cost its expected compile time (runtime/compiling.py).
+    "background_compile": os.environ.get("TERRA_BC_BACKGROUND_COMPILE", "1") != "0",
     # Compiled segments persist in JAX's compilation cache there ("": not kept).
     "cache_dir": os.environ.get("TERRA_BC_CACHE_DIR", ""),
 }
@@ -33,6 +36,9 @@ settings = {
 RETRACE_WINDOW = 8     # a unit that traced a new path in each of its last 8 calls is frozen
 MIN_UNIT_OPS = 4       # a function unit recording fewer DL ops costs more than it saves
 LAZY_LAUNCHES = 6      # a traced iteration reading recorded values this often records eagerly
+COMPILE_SECONDS_PER_EQUATION = 0.005  # expected compile time per equation until measured
+COMPILE_SECONDS_MIN = 0.05   # ... and at least this (a 26-equation MLP step: 0.19 s, 2-core CPU)
+BACKGROUND_SHARE = 0.5       # Python ran ~45% slower while a compile ran on the worker
 DEVICE_NUMBERS = 4096  # fed Python numbers kept as device arrays (values.device_number)
 
 

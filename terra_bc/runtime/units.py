@@ -38,6 +38,7 @@ class Unit:
         self.recent = collections.deque(maxlen=RETRACE_WINDOW)  # did each recent call trace?
         self.calls = 0          # calls so far, for settings["warmup"]
         self.compiles = 0       # segments compiled for it (settings["max_compiles"])
+        self.eager_launches = 0  # segment launches run eagerly, not compiled (compiling.py)
         self.memo = {}          # what the last iteration remembered (Iteration.remember)
         self.code = None        # a function unit's code (discovery), else None
         self.abstract_tracing = True  # off once a traced iteration read values too often
@@ -60,6 +61,12 @@ class Unit:
         n = len(self.paths)
         return (settings["abstract_tracing"] and self.abstract_tracing
                 and (n < 4 or 2 * len(self.reused) >= n))
+
+    def compiles_later(self):
+        """Does a new segment run eagerly until compiling it pays, then compile on a worker
+        (runtime/compiling.py)?  Where traces record eagerly-valued: JAX compiled the
+        primitives then, so running them eagerly costs what eager JAX pays."""
+        return settings["background_compile"] and not self.traces_abstractly()
 
     def tracing_mode(self):
         """How the next trace records, and why (for explain())."""

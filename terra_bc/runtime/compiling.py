@@ -1,0 +1,199 @@
+"""Compiling segments: whether a new segment is compiled, on which thread, and what runs
+until it is ready.  The one place that decides it (``run``).
+
+* A segment a unit that traces abstractly needs is compiled on the calling thread, at its
+  first launch.  A traced iteration has no values but the ones segments compute, and one
+  compile (what ``jax.jit``'s first call pays) costs less than running the equations
+  eagerly a first time (eager JAX compiles every primitive once per shape).
+* A unit whose traces record eagerly-valued (its paths or shapes keep changing, or the
+  setting) has run its primitives eagerly already, so JAX holds their executables.  A new
+  segment of such a unit runs its equations eagerly (``jaxpr_builder.evaluate_segment``) and
+  is compiled only once that has paid: when the time its eager runs took reaches what the
+  compile will cost Python (ski rental: rent until the rent paid equals the price), and never
+  at its first launch (a path seen once is not compiled).  It is compiled on a worker thread
+  while Python goes on running it eagerly, so its price is the share of the compile Python
+  loses meanwhile (``BACKGROUND_SHARE``: XLA compiles without the GIL, JAX lowers with it);
+  the first launch after the compile is done runs the executable.  No iteration waits for it.
+
+``terra_bc.stats()``: ``compiles`` (executables made), ``compiles_background`` (of them on
+the worker), ``compiles_skipped`` (launches run eagerly because compiling had not paid yet),
+``segments_eager`` (every launch run eagerly), ``compile_seconds`` (compile time, on any
+thread) and ``compile_wait_seconds`` (time Python was blocked by a compile or a first call).
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .. import jaxpr_builder
+from ..counters import counts
+from .settings import BACKGROUND_SHARE, COMPILE_SECONDS_MIN, COMPILE_SECONDS_PER_EQUATION
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """A segment compiled on the worker thread: ``fn`` (its jit function) is lowered for
+    ``args`` (the values of the launch that asked for it) and compiled."""
+    segment: object
+    fn: object
+    args: list | None
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class SegmentCost:
+    """What running a segment eagerly has cost so far (its structure's key)."""
+    launches: int = 0
+    eager_seconds: float = 0.0
+    job: Job | None = None
+
+
+_costs = {}                    # Segment.key -> SegmentCost (segments not compiled yet)
+_rate = [0.0, 0]               # compile seconds and equations measured on the worker
+
+
+def run(it, entry, args):
+    """Launch ``entry`` (a ``paths.SegmentEntry``) on ``args``: its executable if it has
+    one, else as this module decides.  Returns the output values."""
+    exe = entry.exe
+    if exe is None:
+        exe = entry.exe = jaxpr_builder.cached_executable(entry.segment)
+    if exe is not None:
+        return exe(*args)
+    if not compiles_later(it):
+        made = jaxpr_builder.compile_count()
+        entry.exe = jaxpr_builder.compile_segment(entry.segment, it.unit.note_compile)
+        if jaxpr_builder.compile_count() == made:
+            return entry.exe(*args)
+        t0 = time.perf_counter()  # (its first call compiles it)
+        values = entry.exe(*args)
+        _measured(entry.segment, time.perf_counter() - t0)
+        return values
+    seg = entry.segment
+    cost = _costs.get(seg.key)
+    if cost is None:
+        cost = _costs[seg.key] = SegmentCost()
+    job = cost.job
+    if job is not None and job.done.is_set():
+        del _costs[seg.key]
+        entry.exe = _take(job, it)
+        return entry.exe(*args)
+    if job is None:
+        counts["compiles_skipped"] += 1
+        if cost.launches and cost.eager_seconds >= BACKGROUND_SHARE * expected_compile_seconds(seg):
+            cost.job = _submit(seg, args)
+            it.unit.note_compile()
+    counts["segments_eager"] += 1
+    it.unit.eager_launches += 1
+    t0 = time.perf_counter()
+    values = jaxpr_builder.evaluate_segment(seg, args)
+    cost.eager_seconds += time.perf_counter() - t0
+    cost.launches += 1
+    return values
+
+
+def compiles_later(it):
+    """Does a new segment of ``it`` run eagerly until compiling it pays (else: compile now)?"""
+    return it.recording is None and it.unit.compiles_later()
+
+
+def state(entry):
+    """How ``entry``'s segment runs now (explain())."""
+    if entry.exe is not None:
+        return "compiled"
+    cost = _costs.get(entry.segment.key)
+    if cost is None:
+        return "not launched"
+    job = cost.job
+    return (f"run eagerly {cost.launches} time(s)"
+            + ("" if job is None else "; compiled, ready" if job.done.is_set() else "; compiling"))
+
+
+def expected_compile_seconds(segment):
+    """The compile time expected for ``segment``: its equations at the rate measured on the
+    compiles so far (a prior until then)."""
+    seconds, eqns = _rate
+    per_eqn = seconds / eqns if eqns >= 50 else COMPILE_SECONDS_PER_EQUATION
+    return max(COMPILE_SECONDS_MIN, per_eqn * len(segment.jaxpr.jaxpr.eqns))
+
+
+def _measured(segment, seconds):
+    _rate[0] += seconds
+    _rate[1] += len(segment.jaxpr.jaxpr.eqns)
+
+
+def _take(job, it):
+    """The executable of a finished job (compiled again here if the worker failed)."""
+    if job.error is not None:
+        return jaxpr_builder.compile_segment(job.segment)
+    _measured(job.segment, job.seconds)
+    counts["compile_seconds"] += job.seconds
+    # Its first call traces it again and finds the executable compiled: timed as a wait.
+    return jaxpr_builder.keep_executable(job.segment, job.fn, wait_only=True)
+
+
+# ------------------------------------------------------------------ the worker thread
+
+_queue = collections.deque()
+_wake = threading.Condition()
+_worker = None
+_running = None                # the job the worker is compiling
+
+
+def _submit(segment, args):
+    global _worker
+    job = Job(segment, jaxpr_builder.jit_segment(segment), list(args))
+    counts["compiles_background"] += 1
+    with _wake:
+        _queue.append(job)
+        if _worker is None:
+            _worker = threading.Thread(target=_work, name="terra_bc-compile", daemon=True)
+            _worker.start()
+            atexit.register(_at_exit)
+        _wake.notify()
+    return job
+
+
+def _work():
+    global _running
+    while True:
+        with _wake:
+            while not _queue:
+                _wake.wait()
+            job = _running = _queue.popleft()
+        t0 = time.perf_counter()
+        try:
+            job.fn.lower(*job.args).compile()
+        except BaseException as e:  # (the main thread compiles it again and sees the error)
+            job.error = e
+        job.seconds = time.perf_counter() - t0
+        job.args = None
+        with _wake:
+            _running = None
+        job.done.set()
+
+
+def wait_for_compiles(timeout=None):
+    """Block until every compile handed to the worker is done (tests, benchmarks)."""
+    while True:
+        with _wake:
+            job = _running or (_queue[-1] if _queue else None)
+        if job is None or not job.done.wait(timeout):
+            return job is None
+
+
+def _at_exit():
+    """Compiles nobody will use are dropped; the one under way is waited for (the process
+    must not tear JAX's backend down under it)."""
+    with _wake:
+        for job in _queue:
+            job.args = None
+        _queue.clear()
+        job = _running
+    if job is not None:
+        job.done.wait(120)
