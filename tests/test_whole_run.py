@@ -102,13 +102,21 @@ def test_traced_iteration_computes_by_the_segments_coexecution_reuses():
 
 
 def test_eager_valued_tracing_gives_the_same_values_and_effects():
-    sizes = (6, 19, 19, 1)
-    want = train(None, sizes)
-    terra_bc.config(abstract_tracing=False)
-    got = train(terra_bc.function, sizes)
-    assert_same(got, want)
-    s = terra_bc.stats()
-    assert s["trace_launches"] == 0 and s["compiles"] == 2, s
+    # Compiled at once, or run eagerly until that pays (sizes of their own: executables are
+    # shared by structure).
+    for background, sizes in ((False, (6, 19, 19, 1)), (True, (6, 21, 21, 1))):
+        want = train(None, sizes)
+        terra_bc.config(abstract_tracing=False, background_compile=background)
+        terra_bc.reset_stats()
+        got = train(terra_bc.function, sizes)
+        assert_same(got, want)
+        s = terra_bc.stats()
+        assert s["trace_launches"] == 0, s
+        if background:
+            assert s["segments_eager"] > 0 and s["compile_wait_seconds"] == 0, s
+        else:
+            assert s["compiles"] == 2 and s["segments_eager"] == 0, s
+    terra_bc.config(background_compile=True)
 
 
 def test_a_traced_iteration_that_reads_values_often_records_eagerly_after_a_few():
