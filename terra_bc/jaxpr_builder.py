@@ -25,6 +25,7 @@ Rules this module keeps (see docs/DESIGN "Facts already checked"):
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import gc
 import operator
@@ -242,6 +243,7 @@ class _RecordingTrace(Trace):
         self.in_op = 0           # > 0 while a recorded op runs (Recorder.recording_op)
         self.literals = {}       # id -> Python scalar: values no equation makes (stage_value)
         self.unvalued = []       # weakrefs to the tracers recorded abstractly
+        self.abstract_eqns = []  # indexes of the equations recorded without computing them
 
     # -- helpers
     def new(self, val, aval=None, const=False):
@@ -341,6 +343,7 @@ class _RecordingTrace(Trace):
             return None
         if effects:
             return None
+        self.abstract_eqns.append(len(self.eqns))
         if prim.multiple_results:
             outs = [self.new_abstract(a) for a in out_avals]
             self.eqns.append((prim, params, atoms, tuple(t.id for t in outs)))
@@ -423,6 +426,8 @@ class _RecordingTrace(Trace):
                 env[v] = _Const(c.val if type(c) is RecTracer else c)
                 consts.append(env[v].val)
         for e in _inner(closed).eqns:
+            if abstract:
+                self.abstract_eqns.append(len(self.eqns))
             ins = tuple(_Const(x.val, x.aval) if isinstance(x, Literal) else env[x]
                         for x in e.invars)
             outs = []
@@ -521,6 +526,7 @@ class Recorder:
         copy.eqns = trace.eqns[:stop]
         copy.avals = trace.avals[:num_values]
         copy.literals = {i: v for i, v in trace.literals.items() if i < num_values}
+        copy.abstract_eqns = trace.abstract_eqns[:bisect.bisect_left(trace.abstract_eqns, stop)]
         return new
 
     def adopt(self, id, value) -> RecTracer:
@@ -532,6 +538,12 @@ class Recorder:
         """A tracer for value ``id`` of a forked prefix not computed yet: its equations are
         this recording's too, and it is computed with them when read."""
         return self._live().unvalued_tracer(id)
+
+    def not_computed(self, start, stop) -> int:
+        """How many of equations [start, stop) were recorded abstractly: running them
+        eagerly would first compile their primitives, as eager JAX's first step does."""
+        marked = self._live().abstract_eqns
+        return bisect.bisect_left(marked, stop) - bisect.bisect_left(marked, start)
 
     @property
     def abstract(self) -> bool:
@@ -961,7 +973,7 @@ def compile_segment(segment: Segment, on_compile=None):
     compiled at its first call, on the calling thread."""
     fn = cached_executable(segment)
     if fn is None:
-        fn = keep_executable(segment, _timed_first_call(jit_segment(segment)))
+        fn = keep_executable(segment, jit_segment(segment))
         if on_compile is not None:
             on_compile()
     return fn

@@ -179,8 +179,8 @@ def test_explain_says_how_segments_compile(compiles_at_second_launch):
     step = terra_bc.function(make_step([], 1.0))
     run_steps(step, weights(4, 14), 3)
     text = terra_bc.explain(step)
-    assert "compile when running them eagerly has cost their compile time" in text
-    assert "run eagerly 2 time(s)" in text
+    assert "next trace: eager-valued (setting)" in text
+    assert text.count("run eagerly 2 time(s); compiling") + text.count("run eagerly 2 time(s); compiled, ready") == 2, text
 
 
 def test_the_process_exits_cleanly_with_a_compile_in_flight(tmp_path):

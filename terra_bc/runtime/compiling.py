@@ -1,13 +1,16 @@
 """Compiling segments: whether a new segment is compiled, on which thread, and what runs
 until it is ready.  The one place that decides it (``run``).
 
-* A segment a unit that traces abstractly needs is compiled on the calling thread, at its
-  first launch.  A traced iteration has no values but the ones segments compute, and one
-  compile (what ``jax.jit``'s first call pays) costs less than running the equations
-  eagerly a first time (eager JAX compiles every primitive once per shape).
-* A unit whose traces record eagerly-valued (its paths or shapes keep changing, or the
-  setting) has run its primitives eagerly already, so JAX holds their executables.  A new
-  segment of such a unit runs its equations eagerly (``jaxpr_builder.evaluate_segment``) and
+* A segment a traced iteration launches is compiled on the calling thread: the iteration
+  has no values but the ones segments compute, and one compile (what ``jax.jit``'s first
+  call pays) costs less than running the equations eagerly a first time (eager JAX compiles
+  every primitive once per shape).  So is a segment more of whose equations were recorded
+  abstractly (never run eagerly) than running them eagerly is worth: each costs a
+  primitive's first compile (``EAGER_FIRST_RUN_SECONDS``) against the segment's expected
+  compile time.
+* Any other new segment (recorded eagerly-valued: a unit whose paths or shapes keep
+  changing, or the setting; JAX holds the executables of its primitives) runs its
+  equations eagerly (``jaxpr_builder.evaluate_segment``) and
   is compiled only once that has paid: when the time its eager runs took reaches what the
   compile will cost Python (ski rental: rent until the rent paid equals the price), and never
   at its first launch (a path seen once is not compiled).  It is compiled on a worker thread
@@ -30,7 +33,8 @@ from dataclasses import dataclass, field
 
 from .. import jaxpr_builder
 from ..counters import counts
-from .settings import BACKGROUND_SHARE, COMPILE_SECONDS_MIN, COMPILE_SECONDS_PER_EQUATION
+from .settings import (BACKGROUND_SHARE, COMPILE_SECONDS_MIN, COMPILE_SECONDS_PER_EQUATION,
+                       EAGER_FIRST_RUN_SECONDS, settings)
 
 
 @dataclass(slots=True, eq=False)
@@ -65,7 +69,7 @@ def run(it, entry, args):
         exe = entry.exe = jaxpr_builder.cached_executable(entry.segment)
     if exe is not None:
         return exe(*args)
-    if not compiles_later(it):
+    if not compiles_later(it, entry):
         made = jaxpr_builder.compile_count()
         entry.exe = jaxpr_builder.compile_segment(entry.segment, it.unit.note_compile)
         if jaxpr_builder.compile_count() == made:
@@ -97,20 +101,24 @@ def run(it, entry, args):
     return values
 
 
-def compiles_later(it):
-    """Does a new segment of ``it`` run eagerly until compiling it pays (else: compile now)?"""
-    return it.recording is None and it.unit.compiles_later()
+def compiles_later(it, entry):
+    """Does ``entry``'s segment run eagerly until compiling it pays (else: compile now)?
+    Not in a traced iteration, nor where more of its equations were recorded abstractly
+    than running eagerly is worth: each would compile its primitive first."""
+    return (settings["background_compile"] and it.recording is None and
+            entry.cold * EAGER_FIRST_RUN_SECONDS < expected_compile_seconds(entry.segment))
 
 
 def state(entry):
     """How ``entry``'s segment runs now (explain())."""
     if entry.exe is not None:
         return "compiled"
+    cold = f"{entry.cold} equation(s) recorded abstractly; " if entry.cold else ""
     cost = _costs.get(entry.segment.key)
     if cost is None:
-        return "not launched"
+        return cold + "not launched"
     job = cost.job
-    return (f"run eagerly {cost.launches} time(s)"
+    return (cold + f"run eagerly {cost.launches} time(s)"
             + ("" if job is None else "; compiled, ready" if job.done.is_set() else "; compiling"))
 
 

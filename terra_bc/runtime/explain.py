@@ -19,9 +19,7 @@ def explain(fn=None):
     state = (f"runs eagerly: {unit.eager_reason}" if unit.eager_reason else
              f"{len(unit.paths)} path(s)" + (f"; no new paths: {unit.frozen}" if unit.frozen else ""))
     lines = [f"unit {name}: {state}; {unit.compiles} compile(s), {unit.eager_launches} segment "
-             f"launch(es) run eagerly; next trace: {unit.tracing_mode()}; new segments "
-             + ("compile when running them eagerly has cost their compile time, on a worker"
-                if unit.compiles_later() else "compile at their first launch")]
+             f"launch(es) run eagerly; next trace: {unit.tracing_mode()}"]
     for n, path in enumerate(unit.paths):
         lines.extend(_describe_path(unit, n, path))
     return "\n".join(lines)

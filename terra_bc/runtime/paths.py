@@ -8,11 +8,12 @@ from .context import TRACE, current
 
 
 class SegmentEntry:
-    """A segment of a path and its executable, once it has one (``compiling.run``)."""
-    __slots__ = ("segment", "exe")
+    """A segment of a path, its executable once it has one (``compiling.run``), and how many
+    of its equations were recorded abstractly (``cold``: JAX has not run them eagerly)."""
+    __slots__ = ("segment", "exe", "cold")
 
-    def __init__(self, segment, exe=None):
-        self.segment, self.exe = segment, exe
+    def __init__(self, segment, cold, exe=None):
+        self.segment, self.cold, self.exe = segment, cold, exe
 
     def __repr__(self):
         return f"SegmentEntry({self.segment!r}, {'compiled' if self.exe else 'not compiled'})"
@@ -76,7 +77,8 @@ class Path:
         if entry is None:
             entry = self._wider(start, stop, outputs)
             if entry is None:
-                entry = SegmentEntry(self.recorder.segment(outputs, start, stop))
+                entry = SegmentEntry(self.recorder.segment(outputs, start, stop),
+                                     self.recorder.not_computed(start, stop))
             self.segments[key] = entry
         return entry
 

@@ -38,6 +38,7 @@ MIN_UNIT_OPS = 4       # a function unit recording fewer DL ops costs more than 
 LAZY_LAUNCHES = 6      # a traced iteration reading recorded values this often records eagerly
 COMPILE_SECONDS_PER_EQUATION = 0.005  # expected compile time per equation until measured
 COMPILE_SECONDS_MIN = 0.05   # ... and at least this (a 26-equation MLP step: 0.19 s, 2-core CPU)
+EAGER_FIRST_RUN_SECONDS = 0.03  # an equation run eagerly a first time: its compile (measured)
 BACKGROUND_SHARE = 0.5       # Python ran ~45% slower while a compile ran on the worker
 DEVICE_NUMBERS = 4096  # fed Python numbers kept as device arrays (values.device_number)
 

@@ -60,13 +60,7 @@ class Unit:
         compile a path only once an iteration co-executes it."""
         n = len(self.paths)
         return (settings["abstract_tracing"] and self.abstract_tracing
-                and (n < 4 or 2 * len(self.reused) >= n))
-
-    def compiles_later(self):
-        """Does a new segment run eagerly until compiling it pays, then compile on a worker
-        (runtime/compiling.py)?  Where traces record eagerly-valued: JAX compiled the
-        primitives then, so running them eagerly costs what eager JAX pays."""
-        return settings["background_compile"] and not self.traces_abstractly()
+                and (n < 2 or 2 * len(self.reused) >= n))
 
     def tracing_mode(self):
         """How the next trace records, and why (for explain())."""
