@@ -105,8 +105,8 @@ def compiles_later(it, entry):
     """Does ``entry``'s segment run eagerly until compiling it pays (else: compile now)?
     Not in a traced iteration, nor where more of its equations were recorded abstractly
     than running eagerly is worth: each would compile its primitive first."""
-    return (settings["background_compile"] and it.recording is None and
-            entry.cold * EAGER_FIRST_RUN_SECONDS < expected_compile_seconds(entry.segment))
+    return settings["background_compile"] and it.recording is None and (
+        not entry.cold or entry.cold * EAGER_FIRST_RUN_SECONDS < expected_compile_seconds(entry.segment))
 
 
 def state(entry):
