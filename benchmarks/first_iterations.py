@@ -102,7 +102,8 @@ def _stats():
     import terra_bc
     return {k: v for k, v in terra_bc.stats().items()
             if k in ("iterations_traced", "iterations_coexecuted", "compiles",
-                     "trace_launches", "compile_seconds", "divergences", "eager_fallbacks")}
+                     "compiles_background", "segments_eager", "trace_launches",
+                     "compile_seconds", "compile_wait_seconds", "divergences", "eager_fallbacks")}
 
 
 def child(program, mode, steps):

@@ -54,10 +54,11 @@ class Unit:
 
     def traces_abstractly(self):
         """Record the next trace abstractly?  That compiles the path it records as it goes,
-        which pays where paths come back: not in a unit that has read values too often
-        while tracing, nor in one most of whose paths (of 4 or more) never came back
-        (shapes that change every call: a growing cache), whose traces record eagerly and
-        compile a path only once an iteration co-executes it."""
+        which pays where paths come back: the first trace, and new paths of a unit at
+        least half of whose paths came back.  Not in a unit that has read values too often
+        while tracing, nor in one whose paths mostly never came back (shapes that change
+        every call: a growing cache): its traces record eagerly-valued, and a path's
+        segments run eagerly until compiling them pays (compiling.py)."""
         n = len(self.paths)
         return (settings["abstract_tracing"] and self.abstract_tracing
                 and (n < 2 or 2 * len(self.reused) >= n))
