@@ -33,6 +33,17 @@ so no mode profits from compilations paid by the mode that ran before it.
                    (terra_bc) or the whole decode of a prompt (terra_bc_prompt).
                    Aim >= 1x eager.
 
+Harder variants (issue 12: the four above are too kind to whole runs):
+
+(e) tree           a TreeRNN over 6 fixed random binary trees (depth <= 5, width 64), one
+                   drawn at random each step: value_and_grad + SGD, float(loss) every step.
+                   Each tree is a path of its own structure; eager reuses one set of per-op
+                   executables for all of them.  Aim >= 1x eager.
+(f) greedy_decode_long  (d) with 40 distinct prompts, 3 layers of width 96, up to 64 new
+                   tokens: more cache lengths, each seen fewer times.  Aim >= 0.95x eager.
+(g) dynamic_shapes_hard  (c) with 1,024 anchors and a threshold Python draws each step from
+                   [0.55, 0.75]: far wider spread of kept-box counts.  Aim >= 0.95x eager.
+
 Checks, at the end of the race (every mode ran the same steps from the same seeds): values
 (parameters, outputs) must agree with eager's to max |got - want| / max |want| <= 1e-4 per
 array, and Python side effects (chosen paths; logged losses, norms, rates to rtol 1e-4; kept
@@ -183,18 +194,21 @@ def nms(boxes, scores, iou_thr=0.3):
     return np.asarray(keep, np.int32)
 
 
-def make_dynamic_shapes(wrap, seed=0, N=256, F=64, H=128, thr=0.65):
+def make_dynamic_shapes(wrap, seed=0, grid=16, F=64, H=128, thr=0.65):
+    """``thr=None``: a threshold drawn each step from [0.55, 0.75] (see the hard variant)."""
+    N, fixed_thr = grid * grid, thr
     r = np.random.default_rng(300)
     params = {"W1": glorot(r, F, H), "b1": jnp.zeros((H,)), "W2": glorot(r, H, H),
               "b2": jnp.zeros((H,)), "Ws": glorot(r, H, 1), "Wb": normal(r, (H, 4), 0.02)}
-    cx, cy = np.meshgrid(*[(np.arange(16) + 0.5) / 16] * 2)   # a 16 x 16 grid of anchors
+    cx, cy = np.meshgrid(*[(np.arange(grid) + 0.5) / grid] * 2)  # a grid x grid of anchors
     anchors = jnp.asarray(np.stack([cx.ravel(), cy.ravel(), np.full(N, 0.15),
                                     np.full(N, 0.15)], 1).astype(np.float32))
     gt = jnp.asarray(np.sort(r.uniform(0, 1, (8, 2, 2)), axis=1).reshape(8, 4)[:, [0, 2, 1, 3]]
                      .astype(np.float32))
     data_rng, log, outs = np.random.default_rng(seed), [], []
+    thr_rng = random.Random(seed)
 
-    def detect(p, x):
+    def detect(p, x, thr):
         h = jax.nn.relu(x @ p["W1"] + p["b1"])
         h = jax.nn.relu(layer_norm(h @ p["W2"] + p["b2"]))
         scores = jax.nn.sigmoid(h @ p["Ws"])[:, 0]
@@ -220,7 +234,8 @@ def make_dynamic_shapes(wrap, seed=0, N=256, F=64, H=128, thr=0.65):
         return kb, summary
 
     def run(i, f=wrap(detect)):
-        outs.append(f(params, data_rng.standard_normal((N, F)).astype(np.float32)))
+        t = thr_rng.uniform(0.55, 0.75) if fixed_thr is None else fixed_thr
+        outs.append(f(params, data_rng.standard_normal((N, F)).astype(np.float32), t))
     return run, lambda: outs[-1], lambda: outs, log
 
 
@@ -275,6 +290,62 @@ def make_greedy_decode(wrap, seed=0, unit="step", n_prompts=16, V=100, D=64, L=2
         out, last["logits"] = dec(P, prompts[i % n_prompts])
         log.append(out)
     return run, lambda: last["logits"], lambda: last["logits"], log
+
+
+# ------------------------------------------------------------------ harder variants
+
+def make_tree(wrap, seed=0, V=50, D=64, C=5, lr=0.05, n_trees=6, depth=5):
+    """(e) A recursive model over binary trees (a TreeRNN): ``n_trees`` fixed trees, one
+    drawn at random each step; the forward recurses in Python over the tree, so each tree is
+    a path of a different structure (tens to ~60 nodes), while eager JAX reuses the same
+    per-op executables for every tree (all node vectors have one shape).  value_and_grad +
+    SGD, ``float(loss)`` every step."""
+    r = np.random.default_rng(500)
+    params = {"emb": normal(r, (V, D), 0.5), "Wl": glorot(r, D, D), "Wr": glorot(r, D, D),
+              "b": jnp.zeros((D,)), "out": glorot(r, D, C)}
+
+    def grow(d):
+        if d == 0 or (d < depth - 1 and r.random() < 0.3):
+            return int(r.integers(0, V))
+        return (grow(d - 1), grow(d - 1))
+    trees = [grow(depth) for _ in range(n_trees)]
+    labels = [jnp.asarray([k % C]) for k in range(n_trees)]
+    rng, log = random.Random(seed), []
+
+    def encode(p, t):
+        if isinstance(t, int):
+            return p["emb"][t]
+        left, right = encode(p, t[0]), encode(p, t[1])
+        return jnp.tanh(left @ p["Wl"] + right @ p["Wr"] + p["b"])
+
+    def loss_fn(p, tree, y):
+        return xent((encode(p, tree) @ p["out"])[None], y)
+
+    def step(p, tree, y):
+        loss, g = jax.value_and_grad(loss_fn)(p, tree, y)
+        log.append(float(loss))
+        return {k: p[k] - lr * g[k] for k in p}, loss
+
+    st = {"p": params, "loss": None}
+
+    def run(i, f=wrap(step)):
+        k = rng.randrange(n_trees)
+        st["p"], st["loss"] = f(st["p"], trees[k], labels[k])
+    return run, lambda: (st["p"], st["loss"]), lambda: (st["p"], st["loss"]), log
+
+
+def make_greedy_decode_long(wrap, seed=0, unit="step"):
+    """(f) greedy_decode, harder: 40 distinct prompts (no prompt repeats within 40 steps), a
+    3-layer decoder of width 96, up to 64 new tokens: more KV-cache lengths, each seen
+    fewer times, and bigger paths to compile."""
+    return make_greedy_decode(wrap, seed, unit, n_prompts=40, D=96, L=3, max_len=64)
+
+
+def make_dynamic_shapes_hard(wrap, seed=0):
+    """(g) dynamic_shapes, harder: 1,024 anchors (a 32 x 32 grid) and a score threshold
+    drawn by Python each step from [0.55, 0.75], so kept-box counts spread far wider (a
+    Python number that changes every step, fed after one retrace)."""
+    return make_dynamic_shapes(wrap, seed, grid=32, thr=None)
 
 
 # ------------------------------------------------------------------ the race
@@ -378,6 +449,11 @@ PROGRAMS = {
     "d": ("greedy_decode", 1.0, lambda a: bench(
         make_greedy_decode, {"terra_bc": {"unit": "step"}, "terra_bc_prompt": {"unit": "prompt"}},
         a, scale=4, prewarm=True)),
+    "e": ("tree", 1.0, lambda a: bench(make_tree, {"terra_bc": {}}, a)),
+    "f": ("greedy_decode_long", 0.95, lambda a: bench(
+        make_greedy_decode_long, {"terra_bc": {}}, a, scale=4, prewarm=True)),
+    "g": ("dynamic_shapes_hard", 0.95,
+          lambda a: bench(make_dynamic_shapes_hard, {"terra_bc": {}}, a, prewarm=True)),
 }
 
 
@@ -427,7 +503,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=200, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--only", default="abcd", help="programs to run, e.g. 'ab' or 'a,c'")
+    p.add_argument("--only", default="abcdefg", help="programs to run, e.g. 'ab' or 'a,c'")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     res = {"platform": platform.platform(), "python": platform.python_version(),

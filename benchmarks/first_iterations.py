@@ -13,6 +13,10 @@ Programs (small, so eager time is per-op dispatch and compiling, as in real smal
              path drawn among 3 each step; fetch + Python-adapted lr + clipping; boxes with
              data-dependent counts and NumPy NMS; decoding with a growing KV-cache list (one
              step: one prompt).
+  tree, greedy_decode_long, dynamic_shapes_hard
+             control.py's harder variants: a TreeRNN over 6 random trees; 40 distinct
+             prompts decoded by a bigger model; 1,024 anchors and a threshold drawn by Python
+             each step.
 
 Modes, each a fresh process (``--child``):
 
@@ -46,7 +50,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS = {"mlp": ("eager", "jit", "jit_warm", "terra_bc", "terra_bc_eager", "terra_bc_warm"),
             "mlp_fetch": ("eager", "terra_bc", "terra_bc_eager", "terra_bc_warm")}
 # benchmarks/control.py's programs, whole: each benchmark step is one step of the program
-CONTROL = ("paths", "adaptive_lr", "dynamic_shapes", "greedy_decode")
+CONTROL = ("paths", "adaptive_lr", "dynamic_shapes", "greedy_decode", "tree",
+           "greedy_decode_long", "dynamic_shapes_hard")
 PROGRAMS.update({p: ("eager", "terra_bc", "terra_bc_eager") for p in CONTROL})
 SHOWN = 6      # first iterations in the table
 RTOL = 1e-4
@@ -292,19 +297,23 @@ def main(argv=None):
     p.add_argument("--chart", default=os.path.join(ROOT, "docs", "first_iterations.png"))
     p.add_argument("--json", default=None)
     p.add_argument("--child", nargs=3, metavar=("PROGRAM", "MODE", "STEPS"))
-    p.add_argument("--replot", metavar="JSON", help="only draw --chart from a --json file")
+    p.add_argument("--replot", metavar="JSON", nargs="+",
+                   help="run nothing: write --markdown and --chart from --json files (merged, "
+                        "later files' programs replacing earlier ones')")
     a = p.parse_args(argv)
     if a.child:
         child(a.child[0], a.child[1], int(a.child[2]))
         return
     if a.replot:
-        with open(a.replot) as f:
-            plot(json.load(f), a.chart)
-        return
-    results = {prog: bench(prog, a.steps, a.repeats) for prog in a.programs.split(",")}
+        results = {}
+        for path in a.replot:
+            with open(path) as f:
+                results.update(json.load(f))
+    else:
+        results = {prog: bench(prog, a.steps, a.repeats) for prog in a.programs.split(",")}
     text = render(results, a.steps, a.repeats)
     print(text)
-    if a.json:
+    if a.json and not a.replot:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)
     if a.markdown:
