@@ -445,6 +445,9 @@ loopiter_next(LoopIterObject *it)
         if ((busy || it->open || mark->state > 0) && PyErr_Occurred() == NULL)
             notify_loop(it, 0);
     }
+    else if (PyErr_Occurred() == NULL) {
+        notify_loop(it, 3);  /* the first turn begins: the runtime may open an iteration */
+    }
     it->started = 1;
     it->dl_at_turn = dl_calls;
     return value;
@@ -570,6 +573,8 @@ loophead_call(PyObject *callable, PyObject *args, PyObject *kwds)
     if (head->frame != frame) { /* the loop is entered: its first turn begins */
         head->frame = frame;
         head->open = 0;
+        if (head->state > 0)    /* a loop known to be a unit: its first turn is an iteration */
+            notify_head(head, 3);
     }
     else if (dl_calls != head->dl_at_turn) { /* the turn that just ended called DL ops */
         notify_head(head, 0);

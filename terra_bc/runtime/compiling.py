@@ -69,6 +69,9 @@ def run(it, entry, args):
         exe = entry.exe = jaxpr_builder.cached_executable(entry.segment)
     if exe is not None:
         return exe(*args)
+    if it.abandoning:  # (its unit is not the repeating level: this graph does not come back)
+        counts["segments_eager"] += 1
+        return jaxpr_builder.evaluate_segment(entry.segment, args)
     if not compiles_later(it, entry):
         made = jaxpr_builder.compile_count()
         entry.exe = jaxpr_builder.compile_segment(entry.segment, it.unit.note_compile)

@@ -39,6 +39,7 @@ class LoopTurn:
     token: int                # the running loop statement: its LoopIter (for), frame (while)
     iteration: object         # the Iteration this turn runs as
     inner_turns: dict = field(default_factory=dict)  # (mark, token) -> turns of loops nested in it
+    first: bool = False       # the loop's first turn (dropped if it calls no JAX)
 
 
 _routing_everywhere = False

@@ -28,14 +28,22 @@ functions_on = False
 
 # ------------------------------------------------------------------ loop units
 
+FIRST_TURN = 3  # on_loop's ``exiting`` when a loop's first turn begins (see _hook.c)
+
+
 def on_loop(mark, token, exiting):
-    """A watched loop begins a turn (exiting=0) or is left (1; 2: by an exception).
-    ``mark``: the ``for`` loop's LoopMark (``token``: its LoopIter) or the ``while`` loop's
-    LoopHead (``token``: its frame).  Returns whether an iteration is open for this loop
-    afterwards (see ``_hook.c``)."""
+    """A watched loop begins a turn (exiting=0; FIRST_TURN: its first) or is left (1; 2: by
+    an exception).  ``mark``: the ``for`` loop's LoopMark (``token``: its LoopIter) or the
+    ``while`` loop's LoopHead (``token``: its frame).  Returns whether an iteration is open
+    for this loop afterwards (see ``_hook.c``).
+
+    A loop's first turn is an iteration too (traced, it costs about a ``jax.jit`` first
+    call, where run plainly it cost an eager first step and the second turn still traced):
+    one that called no JAX is forgotten (``_end_turn``)."""
     cur = thread.loop
     loop = (mark, token)  # one execution of one loop statement
-    if exiting:
+    first = exiting == FIRST_TURN
+    if exiting and not first:
         if cur is not None and (cur.mark, cur.token) == loop:
             _end_turn(ok=exiting == 1)
         return False
@@ -46,13 +54,21 @@ def on_loop(mark, token, exiting):
         return False  # JAX is tracing user code (grad, jit, vmap): its loops are its own
     if cur is not None:
         if (cur.mark, cur.token) == loop:
-            _end_turn(ok=True)
-        else:  # nested in another loop's turn: part of it, unless it turns often
-            cur.inner_turns[loop] = cur.inner_turns.get(loop, 0) + 1
-            if cur.inner_turns[loop] <= settings["inner_turns"] and not _known_while(mark):
+            if not _end_turn(ok=True):
                 return False
-            cur.mark.state = -1  # the outer loop is not the repeating level
-            _end_turn(ok=True)
+        else:  # nested in another loop's turn: part of it, unless it turns often
+            outer_it = cur.iteration
+            if outer_it.grad_depth or outer_it.opaque_depth:
+                return False  # (inside a differentiated function or an op: part of it)
+            cur.inner_turns[loop] = cur.inner_turns.get(loop, 0) + 1
+            # In an outer loop's first turn, before it ever was an iteration, the first
+            # loop to turn twice is the unit (the outer one may still be, from its 2nd turn).
+            tentative = cur.first and not cur.iteration.unit.paths
+            limit = 1 if tentative else settings["inner_turns"]
+            if cur.inner_turns[loop] <= limit and not _known_while(mark):
+                return False
+            cur.mark.state = 0 if tentative else -1  # the outer loop is not the repeating level
+            _end_turn(ok=True, abandon=True)
     unit = _loop_units.get(mark)
     if unit is None:
         unit = _loop_units[mark] = Unit(None, f"loop at {user_line()}")
@@ -64,7 +80,7 @@ def on_loop(mark, token, exiting):
     if unit.warming_up():
         return False
     it, _ = unit.begin((), {})
-    thread.loop = LoopTurn(mark, token, it)
+    thread.loop = LoopTurn(mark, token, it, first=first)
     return True
 
 
@@ -86,15 +102,28 @@ def _loop_takes_over(outer, loop):
         return False
     unit = outer.unit
     unit.eager_reason = "a loop inside it turns more often: the loop is the unit"
-    unit.end(outer, ok=True)
+    unit.end(outer, ok=True, abandon=True)
     _hook.set_unit_mark(unit.code, None)
     return True
 
 
-def _end_turn(ok):
+def _end_turn(ok, abandon=False):
+    """End the open turn's iteration.  ``abandon``: the loop is not the repeating level (a
+    loop inside it turns more often): what its turn recorded runs eagerly, not compiled.
+    Returns False where the turn was a loop's first and called no JAX: the iteration is
+    forgotten, and the loop is undecided again (see _hook.c: turns that call no JAX are not
+    reported while no iteration is open)."""
     turn = thread.loop
     thread.loop = None
-    turn.iteration.unit.end(turn.iteration, ok)
+    it = turn.iteration
+    unit = it.unit
+    if turn.first and ok and not abandon and it.mode == TRACE and not unit.paths \
+            and all(ev.kind == "enter" for ev in it.path.events):
+        unit.discard(it)
+        turn.mark.state = 0
+        return False
+    unit.end(it, ok, abandon)
+    return True
 
 
 def set_loops(on):

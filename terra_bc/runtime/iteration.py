@@ -32,7 +32,8 @@ class Iteration:
     # The C fast path reads mode, opaque_depth, path, pos, env and live by these names.
     __slots__ = ("unit", "mode", "path", "pos", "fork_stop", "left", "auto", "loop_turns",
                  "env", "seg_start", "tracers", "live", "opaque_depth", "recording",
-                 "grad_depth", "memo", "was_routing", "hook_was_enabled", "trace_launches")
+                 "grad_depth", "memo", "was_routing", "hook_was_enabled", "trace_launches",
+                 "abandoning")
 
     def __init__(self, unit, mode, path):
         self.unit, self.mode, self.path = unit, mode, path
@@ -51,6 +52,7 @@ class Iteration:
         self.memo = {}          # see remember
         self.was_routing = self.hook_was_enabled = False  # the thread before it (context)
         self.trace_launches = 0  # segments run to compute values recorded abstractly
+        self.abandoning = False  # finishing as a unit that is not the repeating level
 
     def __repr__(self):
         return f"<Iteration of {self.unit.name}: {self.mode}, event {self.pos}>"
@@ -221,11 +223,13 @@ class Iteration:
         self.unit.add_path(new)
         return new
 
-    def finish(self, ok):
-        """End of the iteration: launch what is left, settle placeholders, keep the path."""
+    def finish(self, ok, abandon=False):
+        """End of the iteration: launch what is left, settle placeholders, keep the path.
+        ``abandon``: what is left runs eagerly (compiling.run) and no path is kept."""
         if self.recording is not None:
             self.recording.__exit__(None, None, None)
             self.recording = None
+        self.abandoning = abandon
         unit = self.unit
         if self.mode == COEXEC:
             if self.pos != len(self.path.events):
@@ -249,7 +253,7 @@ class Iteration:
             path = self.path
             if path.eager_reason:
                 unit.eager_reason = path.eager_reason
-            elif ok:
+            elif ok and not abandon:
                 unit.add_path(path)
                 unit.last_path = path
         launching.settle(self)

@@ -92,6 +92,15 @@ class Unit:
             self.end(it, ok)
         return eager_value(result)
 
+    def discard(self, it):
+        """Forget ``it``, an iteration that called no JAX (a loop's first turn, opened before
+        the loop was known to call any): not counted, no path kept."""
+        context.close_iteration(it)
+        if it.recording is not None:
+            it.recording.__exit__(None, None, None)
+            it.recording = None
+        counts["iterations_traced"] -= 1
+
     def add_path(self, path):
         if self.frozen or len(self.paths) >= settings["max_paths"]:
             self.frozen = self.frozen or f"made {len(self.paths)} paths (max_paths)"
@@ -116,10 +125,12 @@ class Unit:
             context.close_iteration(it)
             raise
 
-    def end(self, it, ok):
+    def end(self, it, ok, abandon=False):
+        """Close ``it``; ``abandon``: the unit is not the repeating level after all (a loop
+        inside it is): what it recorded runs eagerly and no path is kept."""
         context.close_iteration(it)  # (routing everywhere from now on: see there)
         self.memo = it.memo
-        it.finish(ok)
+        it.finish(ok, abandon)
         # Tracing costs more than eager: a unit that keeps making new paths makes no more;
         # where Python leaves its recorded paths, the rest of the iteration runs eagerly.
         self.recent.append(it.mode == TRACE)
