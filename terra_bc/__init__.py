@@ -56,3 +56,15 @@ def stats() -> dict:
 
 def reset_stats():
     counters.reset()
+
+
+def load_ipython_extension(shell):
+    """``%load_ext terra_bc``: the hook on for cells, loop and function units on, and the
+    ``%%terra_bc`` cell magic.  IPython is imported here, never by ``import terra_bc``."""
+    from . import ipython
+    ipython.load_ipython_extension(shell)
+
+
+def unload_ipython_extension(shell):
+    from . import ipython
+    ipython.unload_ipython_extension(shell)

@@ -103,7 +103,7 @@ class EventReport(NamedTuple):
         ins = ", ".join(map(str, self.ins))
         outs = ", ".join(map(str, self.outs))
         if self.kind == "fetch":
-            return f"fetch ({self.name}) of {ins}" + (f", made by {self.source}," if self.source else "")
+            return f"fetch ({self.name}) of {ins}" + (f" (made by {self.source})" if self.source else "")
         if self.kind == "eager":
             return f"graph break: {self.name}({ins}) runs eagerly"
         if self.kind == "enter":
@@ -245,8 +245,14 @@ def _path_report(unit, name, n, path, nodes):
 def _segment_report(key, entry):
     start, stop, outs = key
     seg = entry.segment
-    return SegmentReport(start, stop, tuple(str(e.primitive) for e in seg.jaxpr.eqns),
+    return SegmentReport(start, stop, tuple(map(_op_name, seg.jaxpr.eqns)),
                          len(seg.inputs), len(outs), compiling.state(entry))
+
+
+def _op_name(eqn):
+    """An equation's primitive, or the function a ``jit`` equation calls (jnp.tanh's)."""
+    name = str(eqn.primitive)
+    return str(eqn.params.get("name", name)) if name in ("jit", "pjit") else name
 
 
 def _value(spec, made):
