@@ -66,6 +66,29 @@ def test_a_report_shows_ops_fetches_and_where_paths_leave_each_other():
     assert "op cos(" in str(second) and "op sin(" not in str(second)
 
 
+def squares(w, x):
+    return jnp.sum(jnp.tanh(x @ w) ** 2)
+
+
+def test_a_report_names_differentiated_code_and_graph_breaks():
+    import jax
+
+    def step(w, x):
+        loss, g = jax.value_and_grad(squares)(w, x)
+        positive = x[x > 0]                      # a data-dependent shape: a graph break
+        return w - 0.1 * g, float(loss) + float(jnp.sum(positive))
+
+    step = terra_bc.function(step)
+    w, x = jnp.ones((3, 2)), jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    for _ in range(2):
+        w, _ = step(w, x)
+    text = str(terra_bc.explain(step))
+    assert "grad-begin grad of squares(v0 f32[3,2])" in text
+    assert "graph break: getitem(" in text and "bool[4,3]" in text
+    assert "(made by grad of squares at " in text  # the loss fetched: made by the gradient
+    assert "op sum(feed f32[6]" in text           # the break's result enters as a feed
+
+
 def test_a_report_is_a_snapshot():
     step = make_branching_step()
     run_both_ways(step)

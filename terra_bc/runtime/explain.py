@@ -16,13 +16,9 @@ def explain(fn=None):
     if fn is not None:
         unit = unit_of(fn, "explain")
         return Report((unit_report(unit, _name(unit)),))
-    units = sorted((u for u in list(all_units) if u.paths or u.eager_reason), key=_order)
+    units = sorted((u for u in list(all_units) if u.paths or u.eager_reason), key=lambda u: u.serial)
     names = [_name(u) for u in units]
     return Report(tuple(unit_report(u, label) for u, label in zip(units, _told_apart(units, names))))
-
-
-def _order(unit):
-    return unit.serial
 
 
 def _name(unit):

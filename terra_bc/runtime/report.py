@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 import re
 import sys
+import types
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -103,7 +104,7 @@ class EventReport(NamedTuple):
         ins = ", ".join(map(str, self.ins))
         outs = ", ".join(map(str, self.outs))
         if self.kind == "fetch":
-            return f"fetch ({self.name}) of {ins}" + (f" (made by {self.source})" if self.source else "")
+            return f"fetch ({self.name}) of {ins}" + (f" ({self.source})" if self.source else "")
         if self.kind == "eager":
             return f"graph break: {self.name}({ins}) runs eagerly"
         if self.kind == "enter":
@@ -259,7 +260,8 @@ def _value(spec, made):
     """An input or output spec as a ValueReport (a placeholder's aval from what made it)."""
     t = type(spec)
     if t is PlaceholderIn:
-        return ValueReport("value", made.get(spec.id, ("", "?", ""))[1], "", spec.id)
+        known = made.get(spec.id)
+        return ValueReport("value", known.aval if known else "?", "", spec.id)
     if t is FeedIn:
         return ValueReport("feed", _aval_text(spec.aval), getattr(spec.type, "__name__", ""), spec.id)
     if t in (StaticIn, StaticOut):
@@ -269,27 +271,50 @@ def _value(spec, made):
     return ValueReport("computed", _aval_text(spec.aval))
 
 
+class Made(NamedTuple):
+    """Where a value of a path came from: ``how`` ("made by sum", "fed into mul") and where."""
+    how: str
+    aval: str
+    where: str
+
+
+def _specs(ev, made):
+    """(inputs, outputs) of an event as ValueReports, by its kind."""
+    t = type(ev)
+    if t is FetchEvent:
+        return (_value(PlaceholderIn(ev.id), made),), ()
+    if t is BeginEvent:
+        return tuple(ValueReport("value", _aval_text(a), "", i) for i, a in zip(ev.ids, ev.avals)), ()
+    if t is ForwardEndEvent:
+        return (), tuple(_value(PlaceholderIn(i), made) for i in ev.ids)
+    ins = tuple(_value(spec, made) for spec in ev.args) if t in (OpEvent, BreakEvent, EnterEvent) else ()
+    outs = tuple(_value(spec, made) for spec in ev.outs) if t in (OpEvent, GradEndEvent) else ()
+    return ins, outs
+
+
+def _key_text(key):
+    """An event's guard key as a name: a callee's, a conversion's ("float"), a transform's
+    of user code ("grad of loss": its key is (kind, the body's code, options...))."""
+    if key is None or isinstance(key, str):
+        return key or ""
+    if isinstance(key, tuple) and len(key) > 1 and isinstance(key[0], str):
+        body = key[1]
+        return f"{key[0]} of {body.co_qualname if isinstance(body, types.CodeType) else key_name(body)}"
+    return key_name(key)
+
+
 def _event_report(ev, node, made):
     where = shown_location(ev.where)
-    name = ev.key if isinstance(ev.key, str) else key_name(ev.key) if ev.key is not None else ""
-    ins, outs, source = (), (), ""
-    t = type(ev)
-    if t in (OpEvent, BreakEvent, EnterEvent):
-        ins = tuple(_value(spec, made) for spec in ev.args)
-    if t in (OpEvent, GradEndEvent):
-        outs = tuple(_value(spec, made) for spec in ev.outs)
-    if t is BeginEvent:
-        ins = tuple(ValueReport("value", _aval_text(a), "", i) for i, a in zip(ev.ids, ev.avals))
-    if t is ForwardEndEvent:
-        outs = tuple(_value(PlaceholderIn(i), made) for i in ev.ids)
-    if t is FetchEvent:
-        ins = (_value(PlaceholderIn(ev.id), made),)
-        maker, _, at = made.get(ev.id, ("", "", ""))
-        source = f"{maker} at {at}" if maker else ""
-    what = name or "the unit's arguments"
-    for v in ins + outs:
-        if v.id is not None and v.id not in made:
-            made[v.id] = (what if v in outs else f"fed into {what}", v.aval, where)
+    name = _key_text(ev.key)
+    ins, outs = _specs(ev, made)
+    what = name or "the unit"
+    for v in outs:
+        made.setdefault(v.id, Made(f"made by {what}", v.aval, where))
+    for v in ins:
+        if v.kind == "feed":
+            made.setdefault(v.id, Made(f"fed into {what}", v.aval, where))
+    known = made.get(ev.id) if type(ev) is FetchEvent else None
+    source = f"{known.how} at {known.where}" if known else ""
     return EventReport(node, ev.kind, name, ins, outs, where, source)
 
 
