@@ -194,10 +194,14 @@ def test_reset_forgets_the_paths_and_the_next_call_traces():
 
 
 def count_warnings(calls, about):
+    """How many warnings about ``about`` ``calls()`` gave; each must point at the user's
+    line that called the unit (this file), not at terra_bc's."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # (count each: the unit's own once is tested)
         calls()
-    return sum(about in str(w.message) for w in caught)
+    mine = [w for w in caught if about in str(w.message)]
+    assert all(w.filename == __file__ for w in mine), [w.filename for w in mine]
+    return len(mine)
 
 
 def test_a_unit_warns_once_when_it_stops_making_paths(limits):

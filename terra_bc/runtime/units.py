@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
+import sys
 import warnings
 import weakref
 
@@ -18,7 +19,7 @@ from .context import COEXEC, TRACE
 from .iteration import Iteration
 from .paths import Path
 from .settings import RETRACE_WINDOW, settings
-from .values import eager_value
+from .values import PACKAGE_DIR, eager_value
 
 all_units = weakref.WeakSet()  # for explain() and reset()
 _serials = itertools.count()   # units in the order they were made (explain() lists them so)
@@ -164,8 +165,12 @@ class Unit:
 
 
 def _warn(message):
-    # Once per unit and limit: the state it reports (frozen, eager) is set only once.
-    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    """Warn (once per unit and limit: the state reported is set once) at the user's line
+    that called into terra_bc, not at terra_bc's own."""
+    level, frame = 2, sys._getframe(1)  # (stacklevel 2: the caller of _warn)
+    while frame is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
 def unit_of(fn, caller):
