@@ -89,6 +89,25 @@ def test_a_report_names_differentiated_code_and_graph_breaks():
     assert "op sum(feed f32[6]" in text           # the break's result enters as a feed
 
 
+def test_html_columns_of_a_short_and_a_long_path():
+    def step(x):
+        if float(jnp.sum(x)) > 1:
+            return x * 2.0
+        for _ in range(5):
+            x = jnp.sin(x)
+        return x
+
+    step = terra_bc.function(step)
+    for sign in (1, -1, 1):
+        step(jnp.ones(3) * sign)
+    short, long = terra_bc.explain(step).paths
+    page = terra_bc.explain(step)._repr_html_()
+    assert len(long.events) - len(short.events) >= 4
+    assert page.count("op sin(") == 5 and page.count("op mul(") == 1
+    assert page.count("border-top:3px solid #c00") == 2  # each path's first event of its own
+    assert page.count('colspan="2"') == long.shared and long.parent == short.number
+
+
 def test_a_report_is_a_snapshot():
     step = make_branching_step()
     run_both_ways(step)

@@ -320,6 +320,7 @@ def _event_report(ev, node, made):
 
 # **** HTML ****
 
+MAX_HTML_ROWS = 300  # events shown per column (a notebook slows down on larger tables)
 _COLORS = {"fetch": "#fff3c4", "eager": "#ffd6d6", "enter": "#eeeeee", "feed": "#dcecff"}
 _STYLE = ("border-collapse:collapse;font-family:monospace;font-size:12px;"
           "text-align:left;vertical-align:top")
@@ -342,23 +343,34 @@ def _cell(ev, span, leaves):
     return f'<td colspan="{span}" style="{style}">{event_html(ev)}</td>'
 
 
+def _leaves(paths, me, k):
+    """Is ``me``'s event k where it leaves another path (one sharing its event k-1 that
+    goes on differently, or ends there)?"""
+    if k == 0:
+        return False
+    before, here = me.events[k - 1].node, me.events[k].node
+    return any(len(p.events) >= k and p.events[k - 1].node == before
+               and (len(p.events) == k or p.events[k].node != here) for p in paths)
+
+
 def _event_rows(paths):
     """Rows of events, one column per path; an event paths share spans their columns."""
-    rows = []
-    for k in range(max((len(p.events) for p in paths), default=0)):
+    rows, longest = [], max((len(p.events) for p in paths), default=0)
+    for k in range(min(longest, MAX_HTML_ROWS)):
         cells, i = [], 0
         while i < len(paths):
             ev = paths[i].events[k] if k < len(paths[i].events) else None
             j = i + 1
-            while (j < len(paths) and ev is not None and k < len(paths[j].events)
+            while (ev is not None and j < len(paths) and k < len(paths[j].events)
                    and paths[j].events[k].node == ev.node):
                 j += 1
-            leaves = ev is not None and k > 0 and any(
-                p.events[k - 1].node == paths[i].events[k - 1].node and
-                (k >= len(p.events) or p.events[k].node != ev.node) for p in paths)
-            cells.append(_cell(ev, j - i, leaves) if ev is not None else "<td></td>")
+            cells.append(_cell(ev, j - i, _leaves(paths, paths[i], k)) if ev is not None
+                         else "<td></td>")
             i = j
         rows.append(f"<tr><th>{k}</th>{''.join(cells)}</tr>")
+    if longest > MAX_HTML_ROWS:
+        rows.append(f'<tr><td colspan="{len(paths) + 1}">... {longest - MAX_HTML_ROWS} more '
+                    "events: print the report for all of them</td></tr>")
     return rows
 
 
