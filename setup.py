@@ -27,5 +27,6 @@ class build_py_and_startup(build_py):
         return super().get_outputs(include_bytecode) + [os.path.join(self._top(), STARTUP_PTH)]
 
 
-setup(cmdclass={"build_py": build_py_and_startup}, ext_modules=[Extension("terra_bc._hook", ["terra_bc/_hook.c", "terra_bc/_fastop.c"],
-                                 depends=["terra_bc/_fastop.h"], extra_compile_args=["-std=gnu11"])])
+setup(cmdclass={"build_py": build_py_and_startup},
+      ext_modules=[Extension("terra_bc._hook", ["terra_bc/_hook.c", "terra_bc/_fastop.c"],
+                             depends=["terra_bc/_fastop.h"], extra_compile_args=["-std=gnu11"])])

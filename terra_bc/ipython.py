@@ -35,7 +35,8 @@ class CellStats(NamedTuple):
         printer.text(str(self))
 
     def _repr_html_(self):
-        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:+g}</td></tr>" for k, v in self.changes)
+        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:+g}</td></tr>"
+                       for k, v in self.changes)
         return (f"<table><tr><th>terra_bc</th><th>this cell</th></tr>{rows}</table>"
                 if rows else "<p>terra_bc: no units ran in this cell</p>")
 

@@ -145,7 +145,8 @@ class UnitDiff(Shown):
 
 def _common(a, b):
     n = 0
-    while n < min(len(a.events), len(b.events)) and a.events[n].signature() == b.events[n].signature():
+    while (n < min(len(a.events), len(b.events))
+           and a.events[n].signature() == b.events[n].signature()):
         n += 1
     return n
 
@@ -173,11 +174,12 @@ class ReportDiff(Shown):
     unpaired: tuple
 
     def __str__(self):
-        return "\n\n".join([str(d) for d in self.units] +
-                           [f"only {side}: unit {u.name}" for side, u in self.unpaired]) or "no units"
+        only = [f"only {side}: unit {u.name}" for side, u in self.unpaired]
+        return "\n\n".join([str(d) for d in self.units] + only) or "no units"
 
     def _repr_html_(self):
-        only = "".join(f"<li>only {side}: unit {html.escape(u.name)}</li>" for side, u in self.unpaired)
+        only = "".join(f"<li>only {side}: unit {html.escape(u.name)}</li>"
+                       for side, u in self.unpaired)
         return "".join(d._repr_html_() for d in self.units) + (f"<ul>{only}</ul>" if only else "")
 
 
@@ -215,7 +217,8 @@ def _html_cell(ev):
 
 
 def _html_table(d):
-    rows = [f"<tr><th>{html.escape(d.left)}</th><th>{html.escape(d.right)}</th><th>differs</th></tr>"]
+    rows = [f"<tr><th>{html.escape(d.left)}</th><th>{html.escape(d.right)}</th>"
+            "<th>differs</th></tr>"]
     for item in d.items[:MAX_ROWS * 2]:
         if isinstance(item, int):
             rows.append(f'<tr><td colspan="3" style="color:#777">{item} shared events</td></tr>')

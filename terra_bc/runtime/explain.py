@@ -16,9 +16,10 @@ def explain(fn=None):
     if fn is not None:
         unit = unit_of(fn, "explain")
         return Report((unit_report(unit, _name(unit)),))
-    units = sorted((u for u in list(all_units) if u.paths or u.eager_reason), key=lambda u: u.serial)
-    names = [_name(u) for u in units]
-    return Report(tuple(unit_report(u, label) for u, label in zip(units, _told_apart(units, names))))
+    units = sorted((u for u in list(all_units) if u.paths or u.eager_reason),
+                   key=lambda u: u.serial)
+    labels = _told_apart(units, [_name(u) for u in units])
+    return Report(tuple(unit_report(u, label) for u, label in zip(units, labels)))
 
 
 def _name(unit):

@@ -190,7 +190,8 @@ class UnitReport(Shown):
 
     def header(self):
         return (f"unit {self.name}: {self.state}; {self.compiles} compile(s), "
-                f"{self.eager_launches} segment launch(es) run eagerly; next trace: {self.next_trace}")
+                f"{self.eager_launches} segment launch(es) run eagerly; "
+                f"next trace: {self.next_trace}")
 
     def __str__(self):
         return "\n".join([self.header()] + [line for p in self.paths for line in p.lines(True)])
@@ -221,8 +222,9 @@ class Report(Shown):
 
 def unit_report(unit, name):
     """A snapshot of ``unit`` (shown as ``name``)."""
-    state = (f"runs eagerly: {unit.eager_reason}" if unit.eager_reason else
-             f"{len(unit.paths)} path(s)" + (f"; no new paths: {unit.frozen}" if unit.frozen else ""))
+    frozen = f"; no new paths: {unit.frozen}" if unit.frozen else ""
+    state = (f"runs eagerly: {unit.eager_reason}" if unit.eager_reason
+             else f"{len(unit.paths)} path(s){frozen}")
     nodes = {}  # id(Event) -> node number: paths share the Event objects of their prefix
     paths = tuple(_path_report(unit, name, n, path, nodes) for n, path in enumerate(unit.paths))
     return UnitReport(shown_location(name), state, unit.compiles, unit.eager_launches,
@@ -263,7 +265,8 @@ def _value(spec, made):
         known = made.get(spec.id)
         return ValueReport("value", known.aval if known else "?", "", spec.id)
     if t is FeedIn:
-        return ValueReport("feed", _aval_text(spec.aval), getattr(spec.type, "__name__", ""), spec.id)
+        python_type = getattr(spec.type, "__name__", "")
+        return ValueReport("feed", _aval_text(spec.aval), python_type, spec.id)
     if t in (StaticIn, StaticOut):
         return ValueReport("static", "", repr(spec.value)[:60])
     if t is PlaceholderOut:
@@ -284,10 +287,12 @@ def _specs(ev, made):
     if t is FetchEvent:
         return (_value(PlaceholderIn(ev.id), made),), ()
     if t is BeginEvent:
-        return tuple(ValueReport("value", _aval_text(a), "", i) for i, a in zip(ev.ids, ev.avals)), ()
+        return tuple(ValueReport("value", _aval_text(a), "", i)
+                     for i, a in zip(ev.ids, ev.avals)), ()
     if t is ForwardEndEvent:
         return (), tuple(_value(PlaceholderIn(i), made) for i in ev.ids)
-    ins = tuple(_value(spec, made) for spec in ev.args) if t in (OpEvent, BreakEvent, EnterEvent) else ()
+    has_args = t in (OpEvent, BreakEvent, EnterEvent)
+    ins = tuple(_value(spec, made) for spec in ev.args) if has_args else ()
     outs = tuple(_value(spec, made) for spec in ev.outs) if t in (OpEvent, GradEndEvent) else ()
     return ins, outs
 
@@ -299,7 +304,8 @@ def _key_text(key):
         return key or ""
     if isinstance(key, tuple) and len(key) > 1 and isinstance(key[0], str):
         body = key[1]
-        return f"{key[0]} of {body.co_qualname if isinstance(body, types.CodeType) else key_name(body)}"
+        body = body.co_qualname if isinstance(body, types.CodeType) else key_name(body)
+        return f"{key[0]} of {body}"
     return key_name(key)
 
 

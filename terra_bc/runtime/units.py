@@ -150,7 +150,6 @@ class Unit:
             self.frozen = self.frozen or (f"traced new paths in {sum(self.recent)} of its last "
                                           f"{RETRACE_WINDOW} calls (its path or shapes change)")
 
-
     def reset(self):
         """Forget what the unit learned from its calls: its next call traces afresh."""
         it = context.current()
