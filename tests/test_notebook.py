@@ -64,6 +64,8 @@ def test_a_report_shows_ops_fetches_and_where_paths_leave_each_other():
     assert f"leaves path 1 after {second.shared} events" in page
     assert "op cos(" in second._repr_html_() and "op sin(" not in second._repr_html_()
     assert "op cos(" in str(second) and "op sin(" not in str(second)
+    pretty = pytest.importorskip("IPython.lib.pretty")
+    assert pretty.pretty(rep) == text and pretty.pretty(second) == str(second)
 
 
 def squares(w, x):
