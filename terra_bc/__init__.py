@@ -9,11 +9,22 @@ from __future__ import annotations
 import contextlib
 
 from . import counters, frames, runtime
-from .frames import disable, enable, enabled as is_enabled, set_scope
-from .runtime import config, explain, set_functions, set_loops
+from .frames import disable, enabled as is_enabled, set_scope
+from .runtime import config, diff, explain, reset, set_functions, set_loops
 
 __all__ = ["enable", "disable", "enabled", "function", "stats", "reset_stats", "set_scope",
-           "explain", "set_loops", "set_functions", "config"]
+           "explain", "diff", "reset", "set_loops", "set_functions", "config"]
+
+
+def enable(loops: bool | None = None, functions: bool | None = None):
+    """Enable the frame hook in this thread.  ``loops`` / ``functions`` switch on (True) or
+    off (False) the units found without decoration, as ``python -m terra_bc`` does; None
+    leaves them as they are."""
+    if loops is not None:
+        set_loops(loops)
+    if functions is not None:
+        set_functions(functions)
+    frames.enable()
 
 
 @contextlib.contextmanager
@@ -45,3 +56,15 @@ def stats() -> dict:
 
 def reset_stats():
     counters.reset()
+
+
+def load_ipython_extension(shell):
+    """``%load_ext terra_bc``: the hook on for cells, loop and function units on, and the
+    ``%%terra_bc`` cell magic.  IPython is imported here, never by ``import terra_bc``."""
+    from . import ipython
+    ipython.load_ipython_extension(shell)
+
+
+def unload_ipython_extension(shell):
+    from . import ipython
+    ipython.unload_ipython_extension(shell)

@@ -19,10 +19,17 @@ USAGE = ("usage: python -m terra_bc [--scope user|all] [--include PKG] [--exclud
          "[--off] [--no-loops] [--no-functions] [--cache-dir DIR] (script.py | -m module) [args ...]")
 
 
+def unit_switches():
+    """(loops, functions): loop and function units are on unless TERRA_BC_LOOPS /
+    TERRA_BC_FUNCTIONS is 0 (the command line's and ``terra_bc.auto``'s default)."""
+    return (os.environ.get("TERRA_BC_LOOPS", "1") != "0",
+            os.environ.get("TERRA_BC_FUNCTIONS", "1") != "0")
+
+
 def parse(argv):
+    loops, functions = unit_switches()
     opts = {"scope": "user", "stats": False, "off": False, "include": [], "exclude": [],
-            "loops": os.environ.get("TERRA_BC_LOOPS", "1") != "0",
-            "functions": os.environ.get("TERRA_BC_FUNCTIONS", "1") != "0"}
+            "loops": loops, "functions": functions}
     i = 0
     while i < len(argv):
         arg = argv[i]

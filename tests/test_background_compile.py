@@ -178,7 +178,7 @@ def test_setting_off_compiles_at_the_first_launch():
 def test_explain_says_how_segments_compile(compiles_at_second_launch):
     step = terra_bc.function(make_step([], 1.0))
     run_steps(step, weights(4, 14), 3)
-    text = terra_bc.explain(step)
+    text = str(terra_bc.explain(step))
     assert "next trace: eager-valued (setting)" in text
     assert text.count("run eagerly 2 time(s); compiling") + text.count("run eagerly 2 time(s); compiled, ready") == 2, text
 

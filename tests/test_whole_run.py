@@ -141,7 +141,7 @@ def test_a_traced_iteration_that_reads_values_often_records_eagerly_after_a_few(
     s = terra_bc.stats()
     assert s["trace_launches"] == LAZY_LAUNCHES, s
     assert unit.__terra_bc_unit__.abstract_tracing is False
-    assert "next trace: eager-valued (a traced call read values too often" in terra_bc.explain(unit)
+    assert "next trace: eager-valued (a traced call read values too often" in str(terra_bc.explain(unit))
     seen[:] = []
     np.testing.assert_allclose(np.asarray(unit(x0)), np.asarray(want), rtol=RTOL)
     assert seen == want_seen
@@ -163,7 +163,7 @@ def test_work_on_constants_alone_is_computed_where_it_is_recorded():
     s = terra_bc.stats()
     assert s["trace_launches"] == 0, s     # nothing was read before the iteration's end
     np.testing.assert_allclose(np.asarray(out), np.tanh(np.arange(5.0)) * 2.0, rtol=RTOL)
-    assert "next trace: abstract" in terra_bc.explain(unit)
+    assert "next trace: abstract" in str(terra_bc.explain(unit))
     np.testing.assert_allclose(float(ema[0]), 0.9 + 0.1 * 2.0, rtol=RTOL)
 
 
@@ -281,7 +281,7 @@ def test_a_unit_whose_paths_never_come_back_traces_eagerly_valued():
         if n == 4:
             assert len(core.paths) == 4 and not core.reused
             assert not core.traces_abstractly()
-    assert "paths were co-executed again" in terra_bc.explain(unit)
+    assert "paths were co-executed again" in str(terra_bc.explain(unit))
     # A path that comes back is co-executed, and counts as reused.
     x = jnp.linspace(0.0, 1.0, 3)
     np.testing.assert_allclose(float(unit(x)), float(step(x)), rtol=RTOL)

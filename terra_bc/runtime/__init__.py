@@ -19,7 +19,9 @@ One module per concern; each imports only those above it in this list:
   units         Unit, ``@terra_bc.function``
   discovery     loop units and function units found without decoration
   dispatch      on_site: where rewritten call sites send DL-op calls
-  explain       the text report
+  report        reports: snapshots of units and paths that print and render as HTML
+  diff          how two reports differ (paths, units, whole reports)
+  explain       explain(): a report of one unit or of every unit
 
 ``install`` connects the C extension to it, once, at import.
 """
@@ -29,6 +31,7 @@ from .. import _hook, scope
 from . import settings as _settings
 from .context import COEXEC
 from .discovery import set_functions, set_loops
+from .diff import diff
 from .dispatch import on_site
 from .events import OpEvent
 from .explain import explain
@@ -37,10 +40,10 @@ from .paths import Path
 from .placeholders import STAND_IN, Placeholder
 from .settings import settings
 from .trace_rules import is_dl_op
-from .units import Unit, function
+from .units import Unit, function, reset
 from .values import MISS, ArrayImpl
 
-__all__ = ["config", "explain", "function", "set_functions", "set_loops", "settings",
+__all__ = ["config", "diff", "explain", "function", "reset", "set_functions", "set_loops", "settings",
            "Iteration", "Placeholder", "Unit"]
 
 

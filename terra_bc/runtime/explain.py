@@ -1,60 +1,45 @@
-"""``terra_bc.explain``: a text report of what a unit recorded and why it runs as it does."""
+"""``terra_bc.explain``: a report of what units recorded and why they run as they do."""
 from __future__ import annotations
 
-from . import compiling
-from .events import FeedIn, key_name
-from .units import Unit, all_units
+import collections
+
+from .report import Report, unit_report
+from .units import all_units, unit_of
 
 
 def explain(fn=None):
-    """A text report of a unit's TraceGraph (of every unit with fn=None): its paths, where
-    each leaves the others (the case Python decided there), fetches, feeds and graph breaks
-    with their source lines, segments with their op counts, and compiles."""
-    if fn is None:
-        return "\n\n".join(explain(u) for u in list(all_units)) or "no units yet"
-    unit = getattr(fn, "__terra_bc_unit__", fn)
-    if not isinstance(unit, Unit):
-        raise TypeError("explain() takes a @terra_bc.function (or a unit)")
-    name = getattr(unit.fn, "__qualname__", None) or unit.name
-    state = (f"runs eagerly: {unit.eager_reason}" if unit.eager_reason else
-             f"{len(unit.paths)} path(s)" + (f"; no new paths: {unit.frozen}" if unit.frozen else ""))
-    lines = [f"unit {name}: {state}; {unit.compiles} compile(s), {unit.eager_launches} segment "
-             f"launch(es) run eagerly; next trace: {unit.tracing_mode()}"]
-    for n, path in enumerate(unit.paths):
-        lines.extend(_describe_path(unit, n, path))
-    return "\n".join(lines)
+    """A ``Report`` (prints as text, renders as HTML in a notebook) of a unit's TraceGraph,
+    or of every unit that has paths with fn=None: its paths, where each leaves the others
+    (the case Python decided there), fetches, feeds and graph breaks with their source
+    lines, ops with their shapes, segments and compiles.  A snapshot: it does not change
+    when the unit does."""
+    if fn is not None:
+        unit = unit_of(fn, "explain")
+        return Report((unit_report(unit, _name(unit)),))
+    units = sorted((u for u in list(all_units) if u.paths or u.eager_reason),
+                   key=lambda u: u.serial)
+    labels = _told_apart(units, [_name(u) for u in units])
+    return Report(tuple(unit_report(u, label) for u, label in zip(units, labels)))
 
 
-def _describe_path(unit, n, path):
-    shared, parent = 0, None  # the earlier path it shares most events with
-    for m, other in enumerate(unit.paths[:n]):
-        k = path.shared_prefix(other)
-        if k > shared:
-            shared, parent = k, m
-    head = f"  path {n + 1}: {len(path.events)} events, {path.recorder.mark()} equations"
-    if parent is not None:
-        at = path.events[shared] if shared < len(path.events) else None
-        head += (f"; shares its first {shared} events with path {parent + 1}, then " +
-                 (f"{at.kind} {key_name(at.key) if at.key else ''} at {at.where}" if at else "ends"))
-    lines = [head]
-    for ev in path.events[shared:]:
-        lines.extend(_describe_event(ev))
-    for (start, stop, outs), entry in path.segments.items():
-        seg = entry.segment
-        lines.append(f"    segment [{start}, {stop}): {len(seg.jaxpr.eqns)} ops, "
-                     f"{len(seg.inputs)} inputs, {len(outs)} outputs, "
-                     f"{compiling.state(entry)}")
-    return lines
+def _name(unit):
+    return getattr(unit.fn, "__qualname__", None) or unit.name
 
 
-def _describe_event(ev):
-    if ev.kind == "fetch":
-        return [f"    fetch ({ev.key}) of value {ev.id} at {ev.where}"]
-    if ev.kind == "eager":
-        return [f"    graph break: {key_name(ev.key)} runs eagerly at {ev.where}"]
-    if ev.kind in ("op", "enter"):
-        feeds = sum(1 for spec in ev.args if type(spec) is FeedIn)
-        if feeds:
-            what = key_name(ev.key) if ev.key else "the unit"
-            return [f"    feed of {feeds} value(s) into {what} at {ev.where}"]
-    return []
+def _told_apart(units, names):
+    """Names, with where each was defined added where several units share one (a function
+    redefined in a notebook), and a number where even that is shared."""
+    counts = collections.Counter(names)
+    names = [f"{n} ({_defined_at(u)})" if counts[n] > 1 and _defined_at(u) else n
+             for u, n in zip(units, names)]
+    counts, seen = collections.Counter(names), collections.Counter()
+    told = []
+    for n in names:
+        seen[n] += 1
+        told.append(f"{n} #{seen[n]}" if counts[n] > 1 else n)
+    return told
+
+
+def _defined_at(unit):
+    code = getattr(getattr(unit.fn, "__wrapped__", unit.fn), "__code__", None)
+    return f"{code.co_filename}:{code.co_firstlineno}" if code is not None else ""

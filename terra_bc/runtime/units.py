@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
+import sys
+import warnings
 import weakref
 
 from ..counters import counts
@@ -16,9 +19,10 @@ from .context import COEXEC, TRACE
 from .iteration import Iteration
 from .paths import Path
 from .settings import RETRACE_WINDOW, settings
-from .values import eager_value
+from .values import PACKAGE_DIR, eager_value
 
-all_units = weakref.WeakSet()  # for explain()
+all_units = weakref.WeakSet()  # for explain() and reset()
+_serials = itertools.count()   # units in the order they were made (explain() lists them so)
 
 
 class Unit:
@@ -27,13 +31,13 @@ class Unit:
     def __init__(self, fn, name=None):
         self.fn = fn
         self.name = name or getattr(fn, "__qualname__", "unit")
+        self.serial = next(_serials)
         all_units.add(self)
         self.paths = []         # recorded paths (sharing prefixes): the unit's TraceGraph
         self.last_path = None   # the path the last iteration took: the next one starts on it
         self.frozen = None      # why no more paths are made (past a branch point: eager)
         self.dynamic = set()    # (line, op, leaf index): numbers fed, not baked (they changed)
         self.static = set()     # ... and those JAX needs static (feeding them failed)
-        self.eager_reason = None  # why the unit cannot be co-executed: it runs eagerly
         self.nested_calls = 0   # routed calls made while an opaque op ran (see tracing.op)
         self.recent = collections.deque(maxlen=RETRACE_WINDOW)  # did each recent call trace?
         self.calls = 0          # calls so far, for settings["warmup"]
@@ -43,6 +47,21 @@ class Unit:
         self.code = None        # a function unit's code (discovery), else None
         self.abstract_tracing = True  # off once a traced iteration read values too often
         self.reused = set()     # paths an iteration co-executed to their end
+        self._eager_reason = None
+
+    @property
+    def eager_reason(self):
+        """Why the unit cannot be co-executed: it runs eagerly (None: it can)."""
+        return self._eager_reason
+
+    @eager_reason.setter
+    def eager_reason(self, reason):
+        # launching.run sets it when compiles pass max_compiles: the one place that knows
+        # this unit's calls now run eagerly, which the user should hear of once.
+        if reason and not self._eager_reason and self.compiles > settings["max_compiles"]:
+            _warn(f"terra_bc: unit {self.name} runs eagerly from now on: {reason}; "
+                  f"raise terra_bc.config(max_compiles=...) or terra_bc.reset() it")
+        self._eager_reason = reason
 
     def __repr__(self):
         return f"<Unit {self.name}: {len(self.paths)} path(s)>"
@@ -103,7 +122,11 @@ class Unit:
 
     def add_path(self, path):
         if self.frozen or len(self.paths) >= settings["max_paths"]:
-            self.frozen = self.frozen or f"made {len(self.paths)} paths (max_paths)"
+            if not self.frozen:
+                self.frozen = f"made {len(self.paths)} paths (max_paths)"
+                _warn(f"terra_bc: unit {self.name} {self.frozen}: it makes no more paths, "
+                      "and runs eagerly where Python leaves them; raise "
+                      "terra_bc.config(max_paths=...) or terra_bc.reset() it")
             return
         self.paths.append(path)
         counts["paths_recorded"] += 1
@@ -137,6 +160,41 @@ class Unit:
         if len(self.recent) == RETRACE_WINDOW and all(self.recent):
             self.frozen = self.frozen or (f"traced new paths in {sum(self.recent)} of its last "
                                           f"{RETRACE_WINDOW} calls (its path or shapes change)")
+
+    def reset(self):
+        """Forget what the unit learned from its calls: its next call traces afresh."""
+        it = context.current()
+        if it is not None and it.unit is self:
+            raise RuntimeError(f"terra_bc.reset: unit {self.name} is running (an iteration is open)")
+        self.paths, self.last_path, self.frozen = [], None, None
+        self.dynamic, self.static, self.reused, self.memo = set(), set(), set(), {}
+        self.recent.clear()
+        self.compiles = self.eager_launches = self.nested_calls = 0
+        self.abstract_tracing = True
+        self._eager_reason = None
+
+
+def _warn(message):
+    """Warn (once per unit and limit: the state reported is set once) at the user's line
+    that called into terra_bc, not at terra_bc's own."""
+    level, frame = 2, sys._getframe(1)  # (stacklevel 2: the caller of _warn)
+    while frame is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
+
+
+def unit_of(fn, caller):
+    """The Unit of a ``@terra_bc.function`` (or a Unit itself)."""
+    unit = getattr(fn, "__terra_bc_unit__", fn)
+    if not isinstance(unit, Unit):
+        raise TypeError(f"{caller}() takes a @terra_bc.function (or a unit), not {type(fn).__name__}")
+    return unit
+
+
+def reset(fn=None):
+    """``terra_bc.reset(fn)``: forget a unit's recorded paths (every unit's with None)."""
+    for unit in [unit_of(fn, "reset")] if fn is not None else list(all_units):
+        unit.reset()
 
 
 def function(fn):

@@ -1,0 +1,384 @@
+"""Debugging in notebooks (issue 13): reports, diffs, reset, limit warnings, the notebook
+on-ramp (enable(), %load_ext, %%terra_bc) and enabling at interpreter start."""
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import jax.numpy as jnp
+import pytest
+
+import terra_bc
+from terra_bc.runtime.diff import PathDiff, ReportDiff
+from terra_bc.runtime.report import PathReport, Report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_branching_step():
+    """A unit whose step branches on a fetched value: sin on one side, cos + 1 on the other."""
+    def step(x):
+        y = jnp.tanh(x) * 0.5
+        if float(jnp.sum(y)) > 0:
+            y = jnp.sin(y)
+        else:
+            y = jnp.cos(y) + 1.0
+        return y * 2.0
+    return terra_bc.function(step)
+
+
+def run_both_ways(step):
+    for x in (jnp.ones(3), -jnp.ones(3), jnp.ones(3), -jnp.ones(3)):
+        step(x)
+
+
+@pytest.fixture
+def limits():
+    """Limits changed by a test are put back after it."""
+    saved = terra_bc.config()
+    yield
+    terra_bc.config(max_paths=saved["max_paths"], max_compiles=saved["max_compiles"])
+
+
+# **** reports ****
+
+def test_a_report_shows_ops_fetches_and_where_paths_leave_each_other():
+    step = make_branching_step()
+    run_both_ways(step)
+    rep = terra_bc.explain(step)
+    assert isinstance(rep, Report) and len(rep.paths) == 2
+    assert all(isinstance(p, PathReport) for p in rep.paths)
+    text = str(rep)
+    # The op each path takes, with its output's shape and dtype; the fetch names its op.
+    assert "op sin(" in text and "op cos(" in text and "-> v" in text and "f32[3]" in text
+    assert "fetch (float) of" in text and "(made by sum at " in text
+    assert "shares its first" in text and "then op cos" in text
+    first, second = rep.paths
+    assert [e.name for e in first.events if e.kind == "op"][-2:] == ["sin", "mul"]
+    assert [e.name for e in second.events if e.kind == "op"][-3:] == ["cos", "add", "mul"]
+    assert second.parent == 1 and first.events[second.shared].name == "sin"
+    assert second.events[second.shared].name == "cos"
+    page = rep._repr_html_()
+    assert "op sin(" in page and "op cos(" in page and "fetch (float) of" in page
+    assert f"leaves path 1 after {second.shared} events" in page
+    assert "op cos(" in second._repr_html_() and "op sin(" not in second._repr_html_()
+    assert "op cos(" in str(second) and "op sin(" not in str(second)
+    pretty = pytest.importorskip("IPython.lib.pretty")
+    assert pretty.pretty(rep) == text and pretty.pretty(second) == str(second)
+
+
+def squares(w, x):
+    return jnp.sum(jnp.tanh(x @ w) ** 2)
+
+
+def test_a_report_names_differentiated_code_and_graph_breaks():
+    import jax
+
+    def step(w, x):
+        loss, g = jax.value_and_grad(squares)(w, x)
+        positive = x[x > 0]                      # a data-dependent shape: a graph break
+        return w - 0.1 * g, float(loss) + float(jnp.sum(positive))
+
+    step = terra_bc.function(step)
+    w, x = jnp.ones((3, 2)), jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    for _ in range(2):
+        w, _ = step(w, x)
+    text = str(terra_bc.explain(step))
+    assert "grad-begin grad of squares(v0 f32[3,2])" in text
+    assert "graph break: getitem(" in text and "bool[4,3]" in text
+    assert "(made by grad of squares at " in text  # the loss fetched: made by the gradient
+    assert "op sum(feed f32[6]" in text           # the break's result enters as a feed
+
+
+def test_html_columns_of_a_short_and_a_long_path():
+    def step(x):
+        if float(jnp.sum(x)) > 1:
+            return x * 2.0
+        for _ in range(5):
+            x = jnp.sin(x)
+        return x
+
+    step = terra_bc.function(step)
+    for sign in (1, -1, 1):
+        step(jnp.ones(3) * sign)
+    short, long = terra_bc.explain(step).paths
+    page = terra_bc.explain(step)._repr_html_()
+    assert len(long.events) - len(short.events) >= 4
+    assert page.count("op sin(") == 5 and page.count("op mul(") == 1
+    assert page.count("border-top:3px solid #c00") == 2  # each path's first event of its own
+    assert page.count('colspan="2"') == long.shared and long.parent == short.number
+
+
+def test_a_report_is_a_snapshot():
+    step = make_branching_step()
+    run_both_ways(step)
+    rep = terra_bc.explain(step)
+    before = str(rep)
+    terra_bc.reset(step)
+    step(jnp.ones(3))
+    assert str(rep) == before
+    assert len(terra_bc.explain(step).paths) == 1
+
+
+def test_explain_of_every_unit_tells_units_of_the_same_name_apart():
+    first, second = make_branching_step(), make_branching_step()
+    first(jnp.ones(3))
+    second(jnp.ones(3))
+    names = [u.name for u in terra_bc.explain().units if u.name.startswith("make_branching_step")]
+    mine = [n for n in names if "test_notebook.py" in n]
+    assert len(mine) >= 2 and len(set(mine)) == len(mine), names
+
+
+# **** diff ****
+
+def test_diff_of_two_paths_names_the_differing_op_on_each_side():
+    step = make_branching_step()
+    run_both_ways(step)
+    rep = terra_bc.explain(step)
+    d = terra_bc.diff(rep.paths[0], rep.paths[1])
+    assert isinstance(d, PathDiff)
+    assert d.shared == rep.paths[1].shared
+    assert (d.first.left.name, d.first.right.name) == ("sin", "cos")
+    assert "op: sin vs cos" in d.first.differences
+    text = str(d)
+    assert f"{d.shared} shared events" in text and "op: sin vs cos" in text
+    assert "only on the right" in text  # cos's "+ 1.0" has no counterpart on the sin side
+    page = d._repr_html_()
+    assert "op sin(" in page and "op cos(" in page and "op: sin vs cos" in page
+
+
+def test_diff_of_a_path_with_itself_finds_no_difference():
+    step = make_branching_step()
+    run_both_ways(step)
+    path = terra_bc.explain(step).paths[0]
+    d = terra_bc.diff(path, path)
+    assert d.first is None and f"{len(path.events)} shared events: no difference" in str(d)
+
+
+SOURCE = """
+import jax.numpy as jnp
+def step(x):
+    y = jnp.clip(x, 0.0, {bound})
+    return jnp.tanh(y) * 2.0
+"""
+
+
+def define_step(bound, folder):
+    """``step`` as a notebook cell defines it (its source changing from one run to the next;
+    ipykernel compiles each cell under a file name of its own)."""
+    namespace, source = {}, SOURCE.format(bound=bound)
+    path = folder / f"cell_{len(list(folder.iterdir()))}.py"
+    path.write_text(source)
+    exec(compile(source, str(path), "exec"), namespace)
+    return terra_bc.function(namespace["step"])
+
+
+def test_diff_of_reports_before_and_after_redefining_a_function(tmp_path):
+    step = define_step(0.5, tmp_path)
+    step(jnp.ones(3))
+    before = terra_bc.explain(step)
+    step = define_step(0.75, tmp_path)  # the "edit"
+    step(jnp.ones(3))
+    after = terra_bc.explain(step)
+    d = terra_bc.diff(before, after)
+    assert isinstance(d, ReportDiff) and len(d.units) == 1 and not d.unpaired
+    (path_diff,) = d.units[0].paths
+    assert path_diff.first.left.name == path_diff.first.right.name == "clip"
+    assert "input 3: static 0.5 vs static 0.75" in path_diff.first.differences
+    assert "static 0.5 vs static 0.75" in str(d) and "static 0.5 vs static 0.75" in d._repr_html_()
+
+
+def test_diff_takes_reports_of_the_same_level():
+    step = make_branching_step()
+    step(jnp.ones(3))
+    rep = terra_bc.explain(step)
+    with pytest.raises(TypeError):
+        terra_bc.diff(rep.paths[0], rep)
+
+
+# **** reset and limit warnings ****
+
+def test_reset_forgets_the_paths_and_the_next_call_traces():
+    step = make_branching_step()
+    run_both_ways(step)
+    traced = terra_bc.stats()["iterations_traced"]
+    step(jnp.ones(3))
+    assert terra_bc.stats()["iterations_traced"] == traced  # a recorded path: co-executed
+    terra_bc.reset(step)
+    assert step.__terra_bc_unit__.paths == []
+    step(jnp.ones(3))
+    assert terra_bc.stats()["iterations_traced"] == traced + 1
+    terra_bc.reset()  # every unit
+    step(-jnp.ones(3))
+    assert terra_bc.stats()["iterations_traced"] == traced + 2
+
+
+def count_warnings(calls, about):
+    """How many warnings about ``about`` ``calls()`` gave; each must point at the user's
+    line that called the unit (this file), not at terra_bc's."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # (count each: the unit's own once is tested)
+        calls()
+    mine = [w for w in caught if about in str(w.message)]
+    assert all(w.filename == __file__ for w in mine), [w.filename for w in mine]
+    return len(mine)
+
+
+def test_a_unit_warns_once_when_it_stops_making_paths(limits):
+    terra_bc.config(max_paths=1)
+    step = make_branching_step()
+    assert count_warnings(lambda: [run_both_ways(step) for _ in range(3)], "max_paths") == 1
+    assert "max_paths" in step.__terra_bc_unit__.frozen
+
+
+def test_a_unit_warns_once_when_it_goes_eager_at_max_compiles(limits):
+    terra_bc.config(max_compiles=0)
+    step = make_branching_step()
+    x = jnp.ones(11)  # (a shape no other test compiles for: the compile cache is shared)
+    assert count_warnings(lambda: [step(x) for _ in range(5)], "max_compiles") == 1
+    assert "max_compiles" in step.__terra_bc_unit__.eager_reason
+
+
+# **** enable(loops=...) ****
+
+def loop_of_steps(n):
+    x, seen = jnp.ones(4), []
+    for _ in range(n):
+        x = jnp.tanh(x * 1.5) + 0.1
+        seen.append(round(float(jnp.sum(x)), 5))
+    return seen
+
+
+def test_enable_with_loops_forms_a_loop_unit():
+    want = loop_of_steps(6)
+    terra_bc.reset_stats()
+    terra_bc.enable()  # as before: loop units stay off
+    assert loop_of_steps(6) == want
+    assert terra_bc.stats()["iterations_coexecuted"] == 0
+    terra_bc.disable()
+    try:
+        terra_bc.enable(loops=True)
+        assert loop_of_steps(6) == want
+    finally:
+        terra_bc.disable()
+        terra_bc.set_loops(False)
+    assert terra_bc.stats()["iterations_coexecuted"] >= 4
+    assert any(u.name.startswith("loop at ") and "test_notebook.py" in u.name
+               for u in terra_bc.explain().units)
+
+
+# **** enabling at interpreter start ****
+
+SCRIPT = """
+import sys
+import jax.numpy as jnp
+x, seen = jnp.ones(4), []
+for i in range(6):                      # (module level: a loop unit only if the hook is on)
+    x = jnp.tanh(x * 1.5) + 0.1
+    seen.append(round(float(jnp.sum(x)), 5))
+print(seen)
+if "terra_bc" in sys.modules:
+    import terra_bc
+    print("coexecuted", terra_bc.stats()["iterations_coexecuted"], file=sys.stderr)
+"""
+
+
+def run_python(args, tmp_path, **env):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TERRA_BC")}
+    return subprocess.run([sys.executable, *args], env=dict(clean, **env), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+
+
+def coexecuted(result):
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("coexecuted ")]
+    return int(lines[-1].split()[1]) if lines else None
+
+
+def test_auto_import_and_terra_bc_env_run_as_the_command_line_does(tmp_path):
+    (tmp_path / "plain.py").write_text(SCRIPT)
+    (tmp_path / "auto.py").write_text("import terra_bc.auto\n" + SCRIPT)
+    plain = run_python(["plain.py"], tmp_path)
+    cli = run_python(["-m", "terra_bc", "plain.py"], tmp_path)
+    auto = run_python(["auto.py"], tmp_path)
+    env = run_python(["plain.py"], tmp_path, TERRA_BC="1")
+    assert coexecuted(plain) is None  # terra_bc never imported
+    assert coexecuted(cli) >= 4
+    assert coexecuted(auto) == coexecuted(env) == coexecuted(cli)
+    assert plain.stdout == cli.stdout == auto.stdout == env.stdout
+
+
+def test_without_terra_bc_set_terra_bc_is_not_imported(tmp_path):
+    probe = ["-c", "import sys; print('terra_bc' in sys.modules, 'jax' in sys.modules)"]
+    assert run_python(probe, tmp_path).stdout.split() == ["False", "False"]
+    assert run_python(probe, tmp_path, TERRA_BC="0").stdout.split() == ["False", "False"]
+    on = run_python(probe, tmp_path, TERRA_BC="1").stdout.split()
+    assert on[0] == "True", "terra_bc-startup.pth is not installed: reinstall (pip install -e .)"
+
+
+def test_an_exception_under_auto_exits_as_plain_python_does(tmp_path):
+    (tmp_path / "fails.py").write_text("import terra_bc.auto\nprint('ran')\n1 / 0\n")
+    result = run_python(["fails.py"], tmp_path)
+    assert result.returncode == 1 and result.stdout == "ran\n"
+    assert "ZeroDivisionError" in result.stderr and 'fails.py", line 3' in result.stderr
+
+
+def test_build_py_places_the_startup_pth_at_the_top_of_the_build(tmp_path):
+    build = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib",
+                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert build.returncode == 0, build.stderr
+    line = (tmp_path / "terra_bc-startup.pth").read_text()
+    assert line.startswith("import ") and "TERRA_BC" in line and "terra_bc.auto" in line
+    assert (tmp_path / "terra_bc" / "auto.py").exists()
+
+
+# **** IPython ****
+
+def test_import_terra_bc_does_not_import_ipython(tmp_path):
+    probe = ["-c", "import sys, terra_bc; print('IPython' in sys.modules)"]
+    assert run_python(probe, tmp_path).stdout.split() == ["False"]
+
+
+CELLS = [
+    "import sys; print(sys.executable)",
+    "%load_ext terra_bc",
+    textwrap.dedent("""\
+        import jax.numpy as jnp, terra_bc
+        @terra_bc.function
+        def step(x):
+            y = jnp.tanh(x)
+            if float(jnp.sum(y)) > 0:
+                return jnp.sin(y)
+            return jnp.cos(y) + 1.0
+        step(jnp.ones(3)), step(-jnp.ones(3))  # (two paths of step)
+        for x in (jnp.ones(3), -jnp.ones(3), jnp.ones(3)):
+            step(x)                            # (a loop unit: step is part of its turns)"""),
+    "terra_bc.explain(step)",
+    textwrap.dedent("""\
+        %%terra_bc
+        total = 0.0
+        for i in range(6):
+            total += float(jnp.sum(jnp.tanh(jnp.ones(4) * i) * 2.0 + 1.0))"""),
+    "print(terra_bc.explain())",
+]
+
+
+def test_a_notebook_loads_the_extension_and_renders_reports(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS])
+    nbclient.NotebookClient(nb, timeout=60, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [c.outputs for c in nb.cells]
+    assert outputs[0][0]["text"].strip() == sys.executable, "the kernel runs another Python"
+    (report,) = outputs[3]
+    page = report["data"]["text/html"]
+    # The cell defining step is In[3]: its lines are shown as IPython shows them.
+    assert "op sin(" in page and "op cos(" in page and "fetch (float) of" in page
+    assert "Cell In[3], line 4" in page
+    stats = [o for o in outputs[4] if "text/html" in o.get("data", {})]
+    assert stats and "iterations_coexecuted" in stats[0]["data"]["text/html"]
+    printed = "".join(o.get("text", "") for o in outputs[5])
+    assert "unit loop at Cell In[5], line 2" in printed  # the %%terra_bc cell's loop
+    assert "unit loop at Cell In[3], line 9" in printed  # a loop of a cell, after %load_ext
