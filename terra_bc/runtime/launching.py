@@ -68,10 +68,8 @@ def run(it, start, stop, outputs):
     unit = it.unit
     entry = it.path.segment(start, stop, outputs)
     seg = entry.segment
-    if unit.compiles > settings["max_compiles"] and not unit.eager_reason:
-        # Variants keep needing new executables (lengths, shapes): compiling costs more
-        # than it saves; the unit runs eagerly from its next call.
-        unit.eager_reason = f"compiled {unit.compiles} segments (max_compiles)"
+    if unit.compiles > settings["max_compiles"]:
+        unit.compiled_too_often()
     env = it.env
     missing = () if all(map(env.__contains__, seg.inputs)) else \
         tuple(sorted(i for i in seg.inputs if i not in env))

@@ -47,21 +47,16 @@ class Unit:
         self.code = None        # a function unit's code (discovery), else None
         self.abstract_tracing = True  # off once a traced iteration read values too often
         self.reused = set()     # paths an iteration co-executed to their end
-        self._eager_reason = None
+        self.eager_reason = None  # why the unit cannot be co-executed: it runs eagerly
 
-    @property
-    def eager_reason(self):
-        """Why the unit cannot be co-executed: it runs eagerly (None: it can)."""
-        return self._eager_reason
-
-    @eager_reason.setter
-    def eager_reason(self, reason):
-        # launching.run sets it when compiles pass max_compiles: the one place that knows
-        # this unit's calls now run eagerly, which the user should hear of once.
-        if reason and not self._eager_reason and self.compiles > settings["max_compiles"]:
-            _warn(f"terra_bc: unit {self.name} runs eagerly from now on: {reason}; "
+    def compiled_too_often(self):
+        """launching.run: its compiles passed max_compiles (variants keep needing new
+        executables: compiling costs more than it saves).  It runs eagerly from its next
+        call, and the user hears of it once."""
+        if not self.eager_reason:
+            self.eager_reason = f"compiled {self.compiles} segments (max_compiles)"
+            _warn(f"terra_bc: unit {self.name} runs eagerly from now on: {self.eager_reason}; "
                   f"raise terra_bc.config(max_compiles=...) or terra_bc.reset() it")
-        self._eager_reason = reason
 
     def __repr__(self):
         return f"<Unit {self.name}: {len(self.paths)} path(s)>"
@@ -171,7 +166,7 @@ class Unit:
         self.recent.clear()
         self.compiles = self.eager_launches = self.nested_calls = 0
         self.abstract_tracing = True
-        self._eager_reason = None
+        self.eager_reason = None
 
 
 def _warn(message):
