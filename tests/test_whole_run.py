@@ -113,7 +113,7 @@ def test_eager_valued_tracing_gives_the_same_values_and_effects():
         s = terra_bc.stats()
         assert s["trace_launches"] == 0, s
         if background:
-            assert s["segments_eager"] > 0 and s["compile_wait_seconds"] == 0, s
+            assert s["segments_eager"] > 0 and s["compiles"] <= s["compiles_background"], s
         else:
             assert s["compiles"] == 2 and s["segments_eager"] == 0, s
     terra_bc.config(background_compile=True)

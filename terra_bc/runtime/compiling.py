@@ -39,14 +39,15 @@ from .settings import (BACKGROUND_SHARE, COMPILE_SECONDS_MIN, COMPILE_SECONDS_PE
 
 @dataclass(slots=True, eq=False)
 class Job:
-    """A segment compiled on the worker thread: ``fn`` (its jit function) is lowered for
-    ``args`` (the values of the launch that asked for it) and compiled."""
+    """A segment compiled on the worker thread: ``fn`` (its jit function) was lowered for the
+    values of the launch that asked for it (``lowered``, on the calling thread: lowering is
+    Python and holds the GIL) and XLA compiles that on the worker, without the GIL."""
     segment: object
     fn: object
-    args: list | None
+    lowered: object
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0       # lowering and compiling
 
 
 @dataclass(slots=True)
@@ -157,9 +158,23 @@ _running = None                # the job the worker is compiling
 
 
 def _submit(segment, args):
+    """Lower ``segment`` for ``args`` here and hand its compile to the worker.  (Lowered on
+    the worker, it competed with Python for the GIL: an MLP step's segment was not compiled
+    after 30 steps.)"""
     global _worker
-    job = Job(segment, jaxpr_builder.jit_segment(segment), list(args))
+    fn = jaxpr_builder.jit_segment(segment)
+    t0 = time.perf_counter()
+    job = Job(segment, fn, None)
+    try:
+        job.lowered = fn.lower(*args)
+    except Exception as e:  # (compiled again on the calling thread, where it raises)
+        job.error = e
+    job.seconds = time.perf_counter() - t0
+    counts["compile_wait_seconds"] += job.seconds
     counts["compiles_background"] += 1
+    if job.error is not None:
+        job.done.set()
+        return job
     with _wake:
         _queue.append(job)
         if _worker is None:
@@ -179,14 +194,20 @@ def _work():
             job = _running = _queue.popleft()
         t0 = time.perf_counter()
         try:
-            job.fn.lower(*job.args).compile()
+            _compile(job)
         except BaseException as e:  # (the main thread compiles it again and sees the error)
             job.error = e
-        job.seconds = time.perf_counter() - t0
-        job.args = None
+        job.seconds += time.perf_counter() - t0
+        job.lowered = None
         with _wake:
             _running = None
         job.done.set()
+
+
+def _compile(job):
+    """The worker's part: XLA compiles the lowered segment (it fills JAX's caches, so the
+    jit function's first call finds the executable)."""
+    job.lowered.compile()
 
 
 def wait_for_compiles(timeout=None):
@@ -203,7 +224,7 @@ def _at_exit():
     must not tear JAX's backend down under it)."""
     with _wake:
         for job in _queue:
-            job.args = None
+            job.lowered = None
         _queue.clear()
         job = _running
     if job is not None:
