@@ -127,7 +127,8 @@ class GatedJit:
 def test_equal_results_and_effects_while_a_compile_is_in_flight(monkeypatch, compiles_at_second_launch):
     gate, started = threading.Event(), threading.Event()
     plain = jaxpr_builder.jit_segment
-    monkeypatch.setattr(jaxpr_builder, "jit_segment", lambda seg: GatedJit(plain(seg), gate, started))
+    monkeypatch.setattr(jaxpr_builder, "jit_segment",
+                        lambda seg, name: GatedJit(plain(seg, name), gate, started))
     log, want_log = [], []
     step = terra_bc.function(make_step(log, 1.05))
     try:

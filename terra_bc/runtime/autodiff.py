@@ -51,7 +51,7 @@ def differentiated_inputs(it, kind, key, leaves):
             elif not (is_array(x) and aval_of(x) == aval):
                 return False
         return True
-    ev = coexecution.next_event(it, kind, key, check)
+    ev = coexecution.next_event(it, kind, key, check, leaves)
     it.pos += 1
     phs, feeds = [], []
     for x, id, aval in zip(leaves, ev.ids, ev.avals):

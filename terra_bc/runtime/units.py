@@ -14,7 +14,7 @@ import warnings
 import weakref
 
 from ..counters import counts
-from . import context
+from . import context, journal
 from .context import COEXEC, TRACE
 from .iteration import Iteration
 from .paths import Path
@@ -48,6 +48,8 @@ class Unit:
         self.abstract_tracing = True  # off once a traced iteration read values too often
         self.reused = set()     # paths an iteration co-executed to their end
         self.eager_reason = None  # why the unit cannot be co-executed: it runs eagerly
+        self.journal = collections.deque(maxlen=journal.JOURNAL_SIZE)  # divergences, compiles...
+        self.fallbacks_noted = set()  # eager reasons journaled (each once: journal.fallback)
 
     def compiled_too_often(self):
         """launching.run: its compiles passed max_compiles (variants keep needing new
@@ -96,6 +98,7 @@ class Unit:
         if inside or self.eager_reason or self.warming_up():
             if self.eager_reason and not inside:
                 counts["eager_fallbacks"] += 1
+                journal.fallback(self, self.eager_reason)
             return self.fn(*args, **kwargs)  # inside another unit: part of its iteration
         it, (args, kwargs) = self.begin(args, kwargs)
         ok = False
@@ -167,6 +170,8 @@ class Unit:
         self.compiles = self.eager_launches = self.nested_calls = 0
         self.abstract_tracing = True
         self.eager_reason = None
+        self.journal.clear()
+        self.fallbacks_noted.clear()
 
 
 def _warn(message):
