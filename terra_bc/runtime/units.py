@@ -94,12 +94,15 @@ class Unit:
         self.compiles += 1
 
     def __call__(self, *args, **kwargs):
-        inside = context.current() is not None
-        if inside or self.eager_reason or self.warming_up():
-            if self.eager_reason and not inside:
+        if context.current() is not None or not context.plain_trace():
+            # Inside another unit: part of its iteration.  While JAX traces the unit
+            # (jax.jit, make_jaxpr, grad of it): the plain function, as JAX would see it.
+            return self.fn(*args, **kwargs)
+        if self.eager_reason or self.warming_up():
+            if self.eager_reason:
                 counts["eager_fallbacks"] += 1
                 journal.fallback(self, self.eager_reason)
-            return self.fn(*args, **kwargs)  # inside another unit: part of its iteration
+            return self.fn(*args, **kwargs)
         it, (args, kwargs) = self.begin(args, kwargs)
         ok = False
         try:
