@@ -28,6 +28,7 @@ def retried(method):
     guard in it failed (it then runs in tracing or eager mode, where nothing diverges)."""
     @functools.wraps(method)
     def run(it, *args, **kwargs):
+        __tracebackhide__ = True  # (pytest and IPython leave this frame out of tracebacks)
         try:
             return method(it, *args, **kwargs)
         except Divergence as failed:
@@ -114,6 +115,7 @@ def op(it, fn, key, args, kwargs):
 
 def graph_break(it, ev, fn, tree, leaves):
     """An op JAX would not record runs eagerly on its inputs' values."""
+    __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     launching.launch(it, ev.mark, [spec.id for spec in ev.args if type(spec) is PlaceholderIn])
     values = [it.env[x._id] if type(spec) is PlaceholderIn else concrete(x) if type(x) is Placeholder
               else x for x, spec in zip(leaves, ev.args)]

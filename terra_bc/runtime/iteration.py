@@ -94,6 +94,7 @@ class Iteration:
     # -- ops
     def op(self, fn, args, kwargs, key=None):
         """A DL op of this iteration, as its mode runs it."""
+        __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
         if self.opaque_depth:  # inside an opaque op: JAX is tracing; just run it
             self.unit.nested_calls += 1
             return fn(*args, **kwargs)
@@ -127,6 +128,7 @@ class Iteration:
     @retried
     def _matched_op(self, fn, key, args, kwargs):
         """Co-execution's general path; after a divergence, the op as the new mode runs it."""
+        __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
         if self.mode == COEXEC:
             return coexecution.op(self, fn, key, args, kwargs)
         return self.op(fn, args, kwargs, key)

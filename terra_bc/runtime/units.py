@@ -94,6 +94,7 @@ class Unit:
         self.compiles += 1
 
     def __call__(self, *args, **kwargs):
+        __tracebackhide__ = True  # (pytest and IPython leave this frame out of tracebacks)
         if context.current() is not None or not context.plain_trace():
             # Inside another unit: part of its iteration.  While JAX traces the unit
             # (jax.jit, make_jaxpr, grad of it): the plain function, as JAX would see it.
@@ -206,6 +207,7 @@ def function(fn):
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
+        __tracebackhide__ = True  # (pytest and IPython leave this frame out of tracebacks)
         return unit(*args, **kwargs)
 
     call.__wrapped__ = getattr(fn, "__wrapped__", fn)  # the user's own function
