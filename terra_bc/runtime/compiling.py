@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from .. import jaxpr_builder
 from ..counters import counts
-from . import journal
+from . import journal, timeline
 from .settings import (BACKGROUND_SHARE, COMPILE_SECONDS_MIN, COMPILE_SECONDS_PER_EQUATION,
                        EAGER_FIRST_RUN_SECONDS, settings)
 
@@ -89,6 +89,8 @@ def run(it, entry, args):
         t0 = time.perf_counter()  # (its first call compiles it)
         values = entry.exe(*args)
         _measured(entry.segment, time.perf_counter() - t0)
+        if timeline.on:
+            timeline.add(journal.segment_name(it, entry), "compile", t0, "on the calling thread")
         return values
     return _until_it_pays(it, entry, args)
 
@@ -218,6 +220,8 @@ def _work():
             job.error = e
         job.seconds = time.perf_counter() - t0
         job.args = None
+        if timeline.on:
+            timeline.add(job.name, "compile", t0, "on the worker thread")
         with _wake:
             _running = None
         job.done.set()

@@ -15,11 +15,13 @@ sharing that prefix.  ``op`` is the one place that switches on the mode for ops.
 """
 from __future__ import annotations
 
+import time
+
 from jax.tree_util import tree_leaves
 
 from .. import _hook
 from ..counters import counts
-from . import coexecution, journal, launching, tracing
+from . import coexecution, journal, launching, timeline, tracing
 from .coexecution import retried
 from .context import COEXEC, EAGER, TRACE
 from .events import FetchEvent
@@ -33,7 +35,7 @@ class Iteration:
     __slots__ = ("unit", "mode", "path", "pos", "fork_stop", "left", "auto", "loop_turns",
                  "env", "seg_start", "tracers", "live", "opaque_depth", "recording",
                  "grad_depth", "memo", "was_routing", "hook_was_enabled", "trace_launches",
-                 "abandoning")
+                 "abandoning", "started")
 
     def __init__(self, unit, mode, path):
         self.unit, self.mode, self.path = unit, mode, path
@@ -53,6 +55,7 @@ class Iteration:
         self.was_routing = self.hook_was_enabled = False  # the thread before it (context)
         self.trace_launches = 0  # segments run to compute values recorded abstractly
         self.abandoning = False  # finishing as a unit that is not the repeating level
+        self.started = 0.0      # when it began (perf_counter), if a timeline was recording
 
     def __repr__(self):
         return f"<Iteration of {self.unit.name}: {self.mode}, event {self.pos}>"
@@ -155,10 +158,20 @@ class Iteration:
     def fetch(self, ph, kind, convert):
         """Python needs the value of ``ph`` (``kind``: the conversion): a fetch event."""
         counts["fetches"] += 1
+        if journal.fetches or timeline.on:
+            return self._watched_fetch(ph, kind, convert)
+        return convert(self._fetched(ph, kind))
+
+    def _watched_fetch(self, ph, kind, convert):
+        """A fetch logged (``log="fetches"``) or timed (a timeline is recording)."""
         if journal.fetches:
             journal.say("fetches", "fetch (%s) in unit %s at %s: v%d %s (%s)", kind,
                         self.unit.name, user_line(), ph._id, journal.aval_text(ph.aval), self.mode)
-        return convert(self._fetched(ph, kind))
+        t0 = time.perf_counter()
+        value = convert(self._fetched(ph, kind))  # (Python waits here for the device)
+        if timeline.on:
+            timeline.add(f"fetch ({kind}) v{ph._id}", "fetch", t0, self.mode)
+        return value
 
     @retried
     def _fetched(self, ph, kind):

@@ -10,11 +10,12 @@ import collections
 import functools
 import itertools
 import sys
+import time
 import warnings
 import weakref
 
 from ..counters import counts
-from . import context, journal
+from . import context, journal, timeline
 from .context import COEXEC, TRACE
 from .iteration import Iteration
 from .paths import Path
@@ -138,6 +139,8 @@ class Unit:
         last = self.last_path
         mode = COEXEC if last is not None else TRACE
         it = Iteration(self, mode, last if last is not None else Path())
+        if timeline.on:
+            it.started = time.perf_counter()
         counts["iterations_coexecuted" if mode == COEXEC else "iterations_traced"] += 1
         context.open_iteration(it)
         try:
@@ -156,6 +159,8 @@ class Unit:
         context.close_iteration(it)  # (routing everywhere from now on: see there)
         self.memo = it.memo
         it.finish(ok, abandon)
+        if it.started and timeline.on:
+            timeline.add(f"iteration of {self.name}", "iteration", it.started, it.mode)
         # Tracing costs more than eager: a unit that keeps making new paths makes no more;
         # where Python leaves its recorded paths, the rest of the iteration runs eagerly.
         self.recent.append(it.mode == TRACE)
