@@ -154,7 +154,12 @@ def op(it, fn, key, args, kwargs):
     except Exception as e:
         # JAX refused to record it (a data-dependent shape: x[mask], nonzero) or our
         # unwrapping failed: run the op as plain JAX would (the user's error propagates).
-        return _refused(it, fn, key, where, tree, leaves, args, kwargs, e)
+        try:
+            return _refused(it, fn, key, where, tree, leaves, args, kwargs, e)
+        except Exception as again:
+            if again.__context__ is e:  # (the user's error, raised again eagerly: say it once)
+                again.__suppress_context__ = True
+            raise
     finally:
         it.opaque_depth -= 1
     if it.unit.nested_calls != nested_before and not traces_its_body(fn):
