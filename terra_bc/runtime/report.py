@@ -192,7 +192,7 @@ class UnitReport(Shown):
                 f"next trace: {self.next_trace}")
 
     def __str__(self):
-        happened = [f"  {shown_location(str(r))}" for r in self.journal]
+        happened = [f"    {shown_location(str(r))}" for r in self.journal]
         return "\n".join([self.header()] + [line for p in self.paths for line in p.lines(True)]
                          + (["  journal:"] + happened if happened else []))
 
