@@ -11,9 +11,10 @@ import contextlib
 from . import counters, frames, runtime
 from .frames import disable, enabled as is_enabled, set_scope
 from .runtime import config, diff, explain, reset, set_functions, set_loops
+from .runtime.timeline import record as timeline
 
 __all__ = ["enable", "disable", "enabled", "function", "stats", "reset_stats", "set_scope",
-           "explain", "diff", "reset", "set_loops", "set_functions", "config"]
+           "explain", "diff", "reset", "set_loops", "set_functions", "config", "timeline"]
 
 
 def enable(loops: bool | None = None, functions: bool | None = None):

@@ -103,11 +103,23 @@ def print_stats():
 
 
 def _user_traceback(tb):
-    """Drop terra_bc's own frames from the front of a traceback, as if the user's code ran first."""
+    """The traceback as if the user's code ran without terra_bc: its frames before the
+    user's code are dropped, and so are the rest of its frames, except where terra_bc raised
+    the exception itself (a bug report needs them: then only the frames marked
+    ``__tracebackhide__``, the wrappers pytest and IPython hide, are dropped)."""
     from terra_bc.frames import PACKAGE_DIR
-    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(PACKAGE_DIR):
+    entries = []
+    while tb is not None:
+        entries.append(tb)
         tb = tb.tb_next
-    return tb
+    ours = [e.tb_frame.f_code.co_filename.startswith(PACKAGE_DIR) for e in entries]
+    first = ours.index(False) if False in ours else len(entries)
+    raised_by_us = ours[-1] if ours else False
+    kept = [e for e, mine in list(zip(entries, ours))[first:]
+            if not mine or raised_by_us and not e.tb_frame.f_locals.get("__tracebackhide__")]
+    for e, after in zip(kept, kept[1:] + [None]):
+        e.tb_next = after
+    return kept[0] if kept else None
 
 
 def main(argv):

@@ -935,6 +935,7 @@ def _kind(t):
 
 # ----------------------------------------------------------------------------- compile
 
+SEGMENT_NAME = "terra_bc_segment"  # an executable's name where none is given
 _compiled = {}
 _cache_stats = {"compiles": 0, "hits": 0}  # since the process started (never reset)
 
@@ -966,14 +967,15 @@ def _trace_state_eager_sees(convention=None):
 jax.extend.core.get_opaque_trace_state = _trace_state_eager_sees
 
 
-def compile_segment(segment: Segment, on_compile=None):
+def compile_segment(segment: Segment, on_compile=None, name=SEGMENT_NAME):
     """A jitted executable for ``segment``: takes input values in ``segment.inputs`` order,
-    returns the output values as a list.  Structurally identical segments share one.  A new
-    executable counts as a compile in ``terra_bc.stats()`` and calls ``on_compile()``; it is
-    compiled at its first call, on the calling thread."""
+    returns the output values as a list.  Structurally identical segments share one (named
+    ``name`` by the segment that made it).  A new executable counts as a compile in
+    ``terra_bc.stats()`` and calls ``on_compile()``; it is compiled at its first call, on
+    the calling thread."""
     fn = cached_executable(segment)
     if fn is None:
-        fn = keep_executable(segment, jit_segment(segment))
+        fn = keep_executable(segment, jit_segment(segment, name))
         if on_compile is not None:
             on_compile()
     return fn
@@ -992,10 +994,10 @@ def cached_executable(segment: Segment):
     return fn
 
 
-def jit_segment(segment: Segment):
-    """``segment`` as a ``jax.jit`` function, not compiled yet (``.lower(...).compile()``
-    compiles it ahead of its first call, on any thread)."""
-    return jax.jit(_named(jaxpr_as_fun(segment.jaxpr)))
+def jit_segment(segment: Segment, name=SEGMENT_NAME):
+    """``segment`` as a ``jax.jit`` function named ``name`` (an identifier), not compiled
+    yet (``.lower(...).compile()`` compiles it ahead of its first call, on any thread)."""
+    return jax.jit(_named(jaxpr_as_fun(segment.jaxpr), name))
 
 
 def keep_executable(segment: Segment, fn, wait_only=False):
@@ -1041,12 +1043,15 @@ def _plain_context(ctx):
             and not getattr(getattr(ctx, "cur_abstract_mesh", None), "axis_names", ()))
 
 
-def _named(fun):
-    """``fun`` under the name JAX gives its executable (logs, profiles, the persistent
-    cache's file names): ``jit_terra_bc_segment``."""
-    def terra_bc_segment(*args):
+def _named(fun, name):
+    """``fun`` under the name JAX gives its executable, ``jit_<name>`` (logs, profiles, the
+    persistent cache's file names; the runtime names a segment by its unit, path and range:
+    ``journal.segment_name``).  It must not change from run to run: the persistent cache
+    keys an executable by its module, name included."""
+    def segment(*args):
         return fun(*args)
-    return terra_bc_segment
+    segment.__name__ = segment.__qualname__ = name
+    return segment
 
 
 def _timed_first_call(jitted, wait_only=False):

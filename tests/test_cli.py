@@ -131,7 +131,8 @@ def test_cache_dir_keeps_the_runs_executables(tmp_path):
     first = run(["-m", "terra_bc", "--cache-dir", str(cache), str(prog)], tmp_path)
     assert first.returncode == 0, first.stderr
     kept = sorted(p.name for p in cache.iterdir())
-    assert any("terra_bc_segment" in name for name in kept), kept
+    # (named after the loop unit, its path and range: the same each run)
+    assert any("terra_bc__loop_at_train_py_3__p1__" in name for name in kept), kept
     again = run(["-m", "terra_bc", f"--cache-dir={cache}", str(prog)], tmp_path)
     assert again.returncode == 0 and again.stdout == first.stdout
     assert sorted(p.name for p in cache.iterdir()) == kept

@@ -10,6 +10,8 @@ One module per concern; each imports only those above it in this list:
   events        typed records: input/output specs, one event class per kind
   guards        callee keys, matching, the C fast path's spec, changed numbers
   paths         Path: one recorded path (a unit's TraceGraph is its paths)
+  journal       records of divergences, compiles, fallbacks; the "terra_bc" logger
+  timeline      spans of iterations, launches, compiles, fetches while recording
   compiling     whether a new segment compiles now, later on a worker, or runs eagerly
   launching     which recorded equations run when; settling placeholders
   coexecution   co-execution mode's general path; Divergence and ``retried``
@@ -28,6 +30,7 @@ One module per concern; each imports only those above it in this list:
 from __future__ import annotations
 
 from .. import _hook, scope
+from . import journal
 from . import settings as _settings
 from .context import COEXEC
 from .discovery import set_functions, set_loops
@@ -58,17 +61,23 @@ def install():
 
 install()
 _settings.use_cache_dir(settings["cache_dir"])
+_settings.update({"log": settings["log"]})  # (checks TERRA_BC_LOG's names)
+journal.use_log(settings["log"])
 
 
 def config(**changes):
     """``terra_bc.config(max_paths=16, max_compiles=32, warmup=0, inner_turns=16,
     dynamic_numbers=True, abstract_tracing=True, background_compile=True, cache_dir="",
-    loops=None, functions=None,
+    log="", loops=None, functions=None,
     include=None, exclude=None)``: set
     limits (only those given); returns the settings now in force.  ``loops`` / ``functions``
     switch the units found without decoration (``set_loops`` / ``set_functions``);
     ``include`` / ``exclude`` replace the lists of library packages rewritten or never
-    rewritten (``terra_bc/scope.py``; for code objects not seen yet)."""
+    rewritten (``terra_bc/scope.py``; for code objects not seen yet).  ``log``: what the
+    ``terra_bc`` logger says ("divergences,compiles,fallbacks,fetches", a list of them,
+    "all" or "": ``runtime/journal.py``)."""
+    if not isinstance(changes.get("log", ""), str):
+        changes["log"] = ",".join(changes["log"])
     loops = changes.pop("loops", None)
     functions = changes.pop("functions", None)
     include, exclude = changes.pop("include", None), changes.pop("exclude", None)
@@ -76,6 +85,8 @@ def config(**changes):
         if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
             raise TypeError(f"terra_bc.config: {name} takes a list of package names, got {names!r}")
     _settings.update(changes)
+    if "log" in changes:
+        journal.use_log(settings["log"])
     if loops is not None:
         set_loops(bool(loops))
     if functions is not None:

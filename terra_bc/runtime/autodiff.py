@@ -51,7 +51,7 @@ def differentiated_inputs(it, kind, key, leaves):
             elif not (is_array(x) and aval_of(x) == aval):
                 return False
         return True
-    ev = coexecution.next_event(it, kind, key, check)
+    ev = coexecution.next_event(it, kind, key, check, leaves)
     it.pos += 1
     phs, feeds = [], []
     for x, id, aval in zip(leaves, ev.ids, ev.avals):
@@ -83,6 +83,7 @@ def end_event(it, kind, key, check=None):
 
 
 def _run_differentiated(it, fun, args, kwargs):
+    __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     it.grad_depth += 1
     try:
         return fun(*args, **kwargs)
@@ -97,6 +98,7 @@ def grad(it, callee, spec, args, kwargs):
     """``callee`` (made by jax.grad or value_and_grad, described by ``spec``) called on
     ``args``: ``spec.fun``'s Python runs as code of this iteration, then the equations it
     recorded are differentiated."""
+    __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     if it.mode == EAGER:
         return it.op(callee, args, kwargs)
     args = list(args)
@@ -183,6 +185,7 @@ def _forward_of(it, kind, fun, primals, has_aux):
     """``fun``'s Python runs as code of this iteration between "<kind>-begin" and
     "<kind>-end" events.  Returns (out, aux, plan, key of the op that differentiates the
     recorded forward); raises Divergence only at the begin event."""
+    __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     key = (kind, body_key(fun), has_aux)
     trees = [tree_flatten(p) for p in primals]
     phs = differentiated_inputs(it, kind + "-begin", key, [x for ls, _ in trees for x in ls])
@@ -208,6 +211,7 @@ def _forward_of(it, kind, fun, primals, has_aux):
 def vjp(it, fun, primals, has_aux=False):
     """``jax.vjp(fun, *primals)``: the function returned computes the cotangents of the
     recorded forward as one op of the iteration (an event like any other)."""
+    __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     if it.mode == EAGER:
         return it.op(jax.vjp, (fun,) + tuple(primals), {"has_aux": has_aux})
     out, aux, plan, key = _forward_of(it, "vjp", fun, primals, has_aux)
@@ -219,6 +223,7 @@ def vjp(it, fun, primals, has_aux=False):
 def jvp(it, fun, primals, tangents, has_aux=False):
     """``jax.jvp(fun, primals, tangents)``: the tangents of the recorded forward are one op
     of the iteration."""
+    __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     if it.mode == EAGER:
         return it.op(jax.jvp, (fun, primals, tangents), {"has_aux": has_aux})
     tangent_leaves, tangent_tree = tree_flatten(tuple(tangents))

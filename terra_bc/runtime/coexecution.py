@@ -19,7 +19,8 @@ from .values import with_arrays
 
 
 class Divergence(Exception):
-    """A guard failed: this iteration leaves its recorded path here."""
+    """A guard failed: this iteration leaves its recorded path here.  ``args``: what Python
+    did there (kind, guard key, argument leaves), for the journal's record."""
 
 
 def retried(method):
@@ -27,19 +28,20 @@ def retried(method):
     guard in it failed (it then runs in tracing or eager mode, where nothing diverges)."""
     @functools.wraps(method)
     def run(it, *args, **kwargs):
+        __tracebackhide__ = True  # (pytest and IPython leave this frame out of tracebacks)
         try:
             return method(it, *args, **kwargs)
-        except Divergence:
-            it.diverge()
+        except Divergence as failed:
+            it.diverge(failed.args)
             return method(it, *args, **kwargs)
     return run
 
 
-def next_event(it, kind, key, check=None):
+def next_event(it, kind, key, check=None, leaves=()):
     """The event Python has reached.  It is the next event of this path if that matches,
     else the next event of another recorded path with the same events so far (a case seen
     before: the iteration moves to that path, nothing is recomputed).  Divergence if no
-    recorded path goes on this way."""
+    recorded path goes on this way (carrying what Python did: ``leaves``, its arguments)."""
     pos, cur = it.pos, it.path
     ev = guards.continues(cur, pos, kind, key, check)  # the common case: this path goes on
     if ev is not None:
@@ -49,7 +51,7 @@ def next_event(it, kind, key, check=None):
         if ev is not None:
             it.path = path
             return ev
-    raise Divergence
+    raise Divergence(kind, key, leaves)
 
 
 def paths_here(it):
@@ -83,7 +85,7 @@ def enter(it, shape, leaves, args, kwargs):
         feeds.clear()
         return shape == ev.shape and all(
             guards.matches(it, x, spec, feeds) for x, spec in zip(leaves, ev.args))
-    ev = next_event(it, "enter", None, check)
+    ev = next_event(it, "enter", None, check, leaves)
     it.pos += 1
     bind(it, feeds)
     return with_arrays(args, kwargs, [it.new_placeholder(s.id, s.aval) for s in ev.args])
@@ -99,7 +101,7 @@ def op(it, fn, key, args, kwargs):
         return tree == ev.tree and len(leaves) == len(ev.args) and all(
             guards.matches(it, x, spec, feeds) for x, spec in zip(leaves, ev.args))
     try:
-        ev = next_event(it, "op", key, check)
+        ev = next_event(it, "op", key, check, leaves)
     except Divergence:
         guards.changed_numbers(it.unit, it.path, it.pos, key, tree, leaves)
         raise
@@ -113,6 +115,7 @@ def op(it, fn, key, args, kwargs):
 
 def graph_break(it, ev, fn, tree, leaves):
     """An op JAX would not record runs eagerly on its inputs' values."""
+    __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     launching.launch(it, ev.mark, [spec.id for spec in ev.args if type(spec) is PlaceholderIn])
     values = [it.env[x._id] if type(spec) is PlaceholderIn else concrete(x) if type(x) is Placeholder
               else x for x, spec in zip(leaves, ev.args)]

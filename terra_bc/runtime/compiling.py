@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from .. import jaxpr_builder
 from ..counters import counts
+from . import journal, timeline
 from .settings import (BACKGROUND_SHARE, COMPILE_SECONDS_MIN, COMPILE_SECONDS_PER_EQUATION,
                        EAGER_FIRST_RUN_SECONDS, settings)
 
@@ -45,6 +46,7 @@ class Job:
     segment: object
     fn: object
     lowered: object
+    name: str = ""
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     seconds: float = 0.0       # lowering and compiling
@@ -64,28 +66,46 @@ _rate = [0.0, 0]               # compile seconds and equations measured on the w
 
 def run(it, entry, args):
     """Launch ``entry`` (a ``paths.SegmentEntry``) on ``args``: its executable if it has
-    one, else as this module decides.  Returns the output values."""
+    one, else as this module decides.  Returns the output values.  Each decision is
+    journaled (a compile) or logged (an eager run) once, where it is made."""
     exe = entry.exe
     if exe is None:
         exe = entry.exe = jaxpr_builder.cached_executable(entry.segment)
     if exe is not None:
         return exe(*args)
     if it.abandoning:  # (its unit is not the repeating level: this graph does not come back)
+        if "compiles" in journal.logged:
+            journal.say("compiles", "%s runs eagerly: its unit is not the repeating level",
+                        journal.segment_name(it, entry))
         counts["segments_eager"] += 1
         return jaxpr_builder.evaluate_segment(entry.segment, args)
     if not compiles_later(it, entry):
         made = jaxpr_builder.compile_count()
-        entry.exe = jaxpr_builder.compile_segment(entry.segment, it.unit.note_compile)
+        entry.exe = jaxpr_builder.compile_segment(entry.segment, it.unit.note_compile,
+                                                  journal.segment_name(it, entry))
         if jaxpr_builder.compile_count() == made:
             return entry.exe(*args)
+        journal.note(it.unit, journal.Compiled, journal.path_number(it.unit, it.path), entry.start,
+                     entry.stop, "now, on the calling thread", _why_now(it, entry))
         t0 = time.perf_counter()  # (its first call compiles it)
         values = entry.exe(*args)
         _measured(entry.segment, time.perf_counter() - t0)
+        if timeline.on:
+            timeline.add(journal.segment_name(it, entry), "compile", t0, "on the calling thread")
         return values
+    return _until_it_pays(it, entry, args)
+
+
+def _until_it_pays(it, entry, args):
+    """Ski rental: run ``entry``'s equations eagerly until that has cost what compiling it
+    costs Python, then compile it on the worker; its first launch after that uses it."""
     seg = entry.segment
     cost = _costs.get(seg.key)
     if cost is None:
         cost = _costs[seg.key] = SegmentCost()
+        if "compiles" in journal.logged:
+            journal.say("compiles", "%s runs eagerly until compiling pays (expected compile "
+                        "%.2f s)", journal.segment_name(it, entry), expected_compile_seconds(seg))
     job = cost.job
     if job is not None and job.done.is_set():
         del _costs[seg.key]
@@ -93,9 +113,14 @@ def run(it, entry, args):
         return entry.exe(*args)
     if job is None:
         counts["compiles_skipped"] += 1
-        if cost.launches and cost.eager_seconds >= BACKGROUND_SHARE * expected_compile_seconds(seg):
-            cost.job = _submit(seg, args)
+        price = BACKGROUND_SHARE * expected_compile_seconds(seg)
+        if cost.launches and cost.eager_seconds >= price:
+            cost.job = _submit(seg, args, journal.segment_name(it, entry))
             it.unit.note_compile()
+            journal.note(it.unit, journal.Compiled, journal.path_number(it.unit, it.path),
+                         entry.start, entry.stop, "on the worker thread",
+                         f"its eager runs took {cost.eager_seconds:.3f} s, the share of its "
+                         f"expected compile Python would lose ({price:.3f} s)")
     counts["segments_eager"] += 1
     it.unit.eager_launches += 1
     t0 = time.perf_counter()
@@ -103,6 +128,17 @@ def run(it, entry, args):
     cost.eager_seconds += time.perf_counter() - t0
     cost.launches += 1
     return values
+
+
+def _why_now(it, entry):
+    """Why a new segment is compiled at its launch, on the calling thread (journal)."""
+    if it.recording is not None:
+        return "a traced iteration needs its values"
+    if not settings["background_compile"]:
+        return "background_compile is off"
+    return (f"{entry.cold} of its equations were recorded abstractly: running them eagerly "
+            f"would compile each (~{entry.cold * EAGER_FIRST_RUN_SECONDS:.2f} s), more than "
+            f"its expected compile ({expected_compile_seconds(entry.segment):.2f} s)")
 
 
 def compiles_later(it, entry):
@@ -157,14 +193,14 @@ _worker = None
 _running = None                # the job the worker is compiling
 
 
-def _submit(segment, args):
+def _submit(segment, args, name):
     """Lower ``segment`` for ``args`` here and hand its compile to the worker.  (Lowered on
     the worker, it competed with Python for the GIL: an MLP step's segment was not compiled
     after 30 steps.)"""
     global _worker
-    fn = jaxpr_builder.jit_segment(segment)
+    fn = jaxpr_builder.jit_segment(segment, name)
     t0 = time.perf_counter()
-    job = Job(segment, fn, None)
+    job = Job(segment, fn, None, name)
     try:
         job.lowered = fn.lower(*args)
     except Exception as e:  # (compiled again on the calling thread, where it raises)
@@ -199,6 +235,8 @@ def _work():
             job.error = e
         job.seconds += time.perf_counter() - t0
         job.lowered = None
+        if timeline.on:
+            timeline.add(job.name, "compile", t0, "on the worker thread")
         with _wake:
             _running = None
         job.done.set()

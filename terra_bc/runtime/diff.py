@@ -14,7 +14,8 @@ import html
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .report import PathReport, Report, UnitReport, Shown, event_color, event_html
+from .report import (PathReport, Report, UnitReport, Shown, event_color, event_html, journal_html,
+                     shown_location)
 
 MAX_ROWS = 40      # differing events shown per path pair (the rest are counted)
 COLUMN = 72        # width of the left column in text
@@ -119,19 +120,24 @@ def diff_paths(a, b):
 @dataclass(frozen=True, slots=True, repr=False)
 class UnitDiff(Shown):
     """Two units: their differing headers, and each path paired with the other side's path
-    sharing most events with it (``paths``); ``unpaired`` paths are on one side only."""
+    sharing most events with it (``paths``); ``unpaired`` paths are on one side only;
+    ``journal``: the right side's journal records the left's does not hold (what happened
+    between two reports of one unit: its divergences, compiles, fallbacks)."""
     left: str
     right: str
     headers: tuple
     paths: tuple
     unpaired: tuple
+    journal: tuple = ()
 
     def lines(self):
         lines = [f"unit {self.left} vs unit {self.right}"] + [f"  {h}" for h in self.headers]
         for d in self.paths:
             lines.extend("  " + line for line in d.lines())
-        return lines + [f"  only {side}: path {p.number} ({len(p.events)} events)"
-                        for side, p in self.unpaired]
+        since = [f"    {shown_location(str(r))}" for r in self.journal]
+        return (lines + [f"  only {side}: path {p.number} ({len(p.events)} events)"
+                         for side, p in self.unpaired]
+                + (["  since the left report:"] + since if since else []))
 
     def __str__(self):
         return "\n".join(self.lines())
@@ -140,7 +146,8 @@ class UnitDiff(Shown):
         heads = "".join(f"<li>{html.escape(h)}</li>" for h in self.headers)
         only = "".join(f"<li>only {side}: path {p.number}</li>" for side, p in self.unpaired)
         return (f"<div><b>unit {html.escape(self.left)} vs unit {html.escape(self.right)}</b>"
-                f"<ul>{heads}{only}</ul>{''.join(_html_table(d) for d in self.paths)}</div>")
+                f"<ul>{heads}{only}</ul>{''.join(_html_table(d) for d in self.paths)}"
+                f"{journal_html(self.journal, 'since the left report')}</div>")
 
 
 def _common(a, b):
@@ -164,7 +171,9 @@ def diff_units(a, b):
         pairs.append(diff_paths(p, best))
     paired = len(pairs)
     unpaired = tuple(("left", p) for p in a.paths[paired:]) + tuple(("right", q) for q in free)
-    return UnitDiff(a.name, b.name, headers, tuple(pairs), unpaired)
+    seen = {r.number for r in a.journal}
+    return UnitDiff(a.name, b.name, headers, tuple(pairs), unpaired,
+                    tuple(r for r in b.journal if r.number not in seen))
 
 
 @dataclass(frozen=True, slots=True, repr=False)

@@ -15,7 +15,7 @@ import inspect
 
 from .. import _hook, scope
 from ..counters import counts
-from . import context
+from . import context, journal
 from .context import TRACE, LoopTurn, plain_trace, thread
 from .settings import MIN_UNIT_OPS, settings
 from .units import Unit
@@ -76,6 +76,7 @@ def on_loop(mark, token, exiting):
     if unit.eager_reason:
         mark.state = -1
         counts["eager_fallbacks"] += 1
+        journal.fallback(unit, unit.eager_reason)
         return False
     if unit.warming_up():
         return False

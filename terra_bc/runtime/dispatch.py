@@ -24,6 +24,7 @@ from .trace_rules import calls_given_function, code_of, grad_spec, is_api_wrappe
 
 def on_site(site, callee, *args, **kwargs):
     """A rewritten call site called a DL op (see ``_hook.c``)."""
+    __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     if args and calls_given_function(callee):
         return _with_routed_function(callee, args, kwargs)
     it = current()
@@ -72,6 +73,7 @@ def _python_or_one_op(fun):
 def _with_routed_function(utility, args, kwargs):
     """``jax.tree.map(f, ...)`` and the like run as Python; a DL op ``f`` is called as if
     from a rewritten site (an op of the open iteration, or eager outside one)."""
+    __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     f = args[0]
     if is_dl_op(f):
         args = (functools.partial(on_site, None, f),) + args[1:]

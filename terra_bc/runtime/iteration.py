@@ -15,17 +15,19 @@ sharing that prefix.  ``op`` is the one place that switches on the mode for ops.
 """
 from __future__ import annotations
 
+import time
+
 from jax.tree_util import tree_leaves
 
 from .. import _hook
 from ..counters import counts
-from . import coexecution, launching, tracing
+from . import coexecution, journal, launching, timeline, tracing
 from .coexecution import retried
 from .context import COEXEC, EAGER, TRACE
 from .events import FetchEvent
 from .guards import callee_key
 from .placeholders import Placeholder, concrete, eager
-from .values import MISS, arrays_in, is_array
+from .values import MISS, arrays_in, is_array, user_line
 
 
 class Iteration:
@@ -33,7 +35,7 @@ class Iteration:
     __slots__ = ("unit", "mode", "path", "pos", "fork_stop", "left", "auto", "loop_turns",
                  "env", "seg_start", "tracers", "live", "opaque_depth", "recording",
                  "grad_depth", "memo", "was_routing", "hook_was_enabled", "trace_launches",
-                 "abandoning")
+                 "abandoning", "started")
 
     def __init__(self, unit, mode, path):
         self.unit, self.mode, self.path = unit, mode, path
@@ -53,6 +55,7 @@ class Iteration:
         self.was_routing = self.hook_was_enabled = False  # the thread before it (context)
         self.trace_launches = 0  # segments run to compute values recorded abstractly
         self.abandoning = False  # finishing as a unit that is not the repeating level
+        self.started = 0.0      # when it began (perf_counter), if a timeline was recording
 
     def __repr__(self):
         return f"<Iteration of {self.unit.name}: {self.mode}, event {self.pos}>"
@@ -94,6 +97,7 @@ class Iteration:
     # -- ops
     def op(self, fn, args, kwargs, key=None):
         """A DL op of this iteration, as its mode runs it."""
+        __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
         if self.opaque_depth:  # inside an opaque op: JAX is tracing; just run it
             self.unit.nested_calls += 1
             return fn(*args, **kwargs)
@@ -127,6 +131,7 @@ class Iteration:
     @retried
     def _matched_op(self, fn, key, args, kwargs):
         """Co-execution's general path; after a divergence, the op as the new mode runs it."""
+        __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
         if self.mode == COEXEC:
             return coexecution.op(self, fn, key, args, kwargs)
         return self.op(fn, args, kwargs, key)
@@ -153,7 +158,20 @@ class Iteration:
     def fetch(self, ph, kind, convert):
         """Python needs the value of ``ph`` (``kind``: the conversion): a fetch event."""
         counts["fetches"] += 1
+        if journal.fetches or timeline.on:
+            return self._watched_fetch(ph, kind, convert)
         return convert(self._fetched(ph, kind))
+
+    def _watched_fetch(self, ph, kind, convert):
+        """A fetch logged (``log="fetches"``) or timed (a timeline is recording)."""
+        if journal.fetches:
+            journal.say("fetches", "fetch (%s) in unit %s at %s: v%d %s (%s)", kind,
+                        self.unit.name, user_line(), ph._id, journal.aval_text(ph.aval), self.mode)
+        t0 = time.perf_counter()
+        value = convert(self._fetched(ph, kind))  # (Python waits here for the device)
+        if timeline.on:
+            timeline.add(f"fetch ({kind}) v{ph._id}", "fetch", t0, self.mode)
+        return value
 
     @retried
     def _fetched(self, ph, kind):
@@ -161,22 +179,23 @@ class Iteration:
             tracing.append(self, FetchEvent, "fetch", kind, id=ph._id)
             return ph._rec.val
         if self.mode == COEXEC:
-            ev = coexecution.next_event(self, "fetch", kind)
+            ev = coexecution.next_event(self, "fetch", kind, None, (ph,))
             if ev.id != ph._id:
-                raise coexecution.Divergence
+                raise coexecution.Divergence("fetch", kind, (ph,))
             self.pos += 1
             launching.launch(self, ev.mark, [ph._id])
             return self.env[ph._id]
         return concrete(ph)
 
     # -- paths
-    def diverge(self):
+    def diverge(self, failed=()):
         """No recorded path goes on the way Python goes: leave them here.
 
         The live placeholders get their values from the pending prefix, then the rest of the
         iteration is traced as a new path that shares the prefix's events and recording with
         the path it left (``Path.fork``): the unit has one more path.  A unit that has made
-        too many paths (``Unit.frozen``) runs the rest of the iteration eagerly instead."""
+        too many paths (``Unit.frozen``) runs the rest of the iteration eagerly instead.
+        ``failed``: what Python did where the guard failed (the journal's record)."""
         counts["divergences"] += 1
         old, pos = self.path, self.pos
         last = old.events[pos - 1] if pos else None
@@ -191,9 +210,12 @@ class Iteration:
             launching.launch(self, stop, [p._id for p in alive])
         if pos == 0:  # nothing co-executed: an iteration traced (or run eagerly) from its start
             counts["iterations_coexecuted"] -= 1
+        where = self._note_divergence(failed, "ran the rest eagerly" if to_eager
+                                      else f"traced new path {len(self.unit.paths) + 1}")
         if to_eager:
             self.mode = EAGER
             counts["eager_fallbacks"] += 1
+            journal.fallback(self.unit, f"past a branch point: {self.unit.frozen}", where)
             launching.settle(self)
             return
         counts["iterations_traced"] += pos == 0
@@ -204,6 +226,14 @@ class Iteration:
                                             else new.recorder.adopt_abstract(p._id))
         self.path, self.mode, self.fork_stop, self.left = new, TRACE, stop, old
         self.start_recording()
+
+    def _note_divergence(self, failed, then):
+        """The journal's record of a divergence here; returns the user's line."""
+        unit, where = self.unit, user_line()
+        got = journal.got(*failed) if failed else "another event"
+        journal.note(unit, journal.Diverged, journal.path_number(unit, self.path), self.pos,
+                     journal.expected(self.path, self.pos), got, where, then)
+        return where
 
     def start_recording(self):
         """Record this iteration's ops into its path (tracing): abstractly where the unit
@@ -219,6 +249,8 @@ class Iteration:
             if len(path.events) == self.pos:
                 return path
         counts["divergences"] += 1
+        self._note_divergence(("end", None, ()), f"kept its first {self.pos} events as path "
+                              f"{len(self.unit.paths) + 1}")
         new = self.path.fork(self.pos)
         self.unit.add_path(new)
         return new

@@ -10,13 +10,14 @@ arrays launched segments return (and to the values Python fed).
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import nullcontext
 
 import jax
 from jax.extend.core import set_current_trace
 
 from ..counters import counts
-from . import compiling
+from . import compiling, journal, timeline
 from .context import TRACE
 from .settings import LAZY_LAUNCHES, settings
 from .values import MISS, NUMBER_TYPES, device_number
@@ -79,6 +80,7 @@ def run(it, start, stop, outputs):
         if start == 0:
             raise RuntimeError(f"terra_bc: no value for graph inputs {missing}")
         run(it, 0, start, missing)
+    t0 = time.perf_counter() if timeline.on else 0.0
     # (While recording, the segment runs under the trace the recording runs eager work on.)
     with nullcontext() if it.recording is None else set_current_trace(it.recording.parent_trace()):
         x64 = jax.config.jax_enable_x64
@@ -86,6 +88,8 @@ def run(it, start, stop, outputs):
                                            for v in map(env.__getitem__, seg.inputs)])
     env.update(zip(seg.outputs, values))
     counts["segments_launched"] += 1
+    if t0:  # (dispatch only: the device runs it asynchronously)
+        timeline.add(journal.segment_name(it, entry), "launch", t0, it.mode)
 
 
 def compute_recorded(it, tracers):

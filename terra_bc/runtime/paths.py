@@ -8,12 +8,14 @@ from .context import TRACE, current
 
 
 class SegmentEntry:
-    """A segment of a path, its executable once it has one (``compiling.run``), and how many
-    of its equations were recorded abstractly (``cold``: JAX has not run them eagerly)."""
-    __slots__ = ("segment", "exe", "cold")
+    """A segment of a path (equations [start, stop)), its executable once it has one
+    (``compiling.run``), and how many of its equations were recorded abstractly (``cold``:
+    JAX has not run them eagerly)."""
+    __slots__ = ("segment", "exe", "cold", "start", "stop")
 
-    def __init__(self, segment, cold, exe=None):
+    def __init__(self, segment, cold, start, stop, exe=None):
         self.segment, self.cold, self.exe = segment, cold, exe
+        self.start, self.stop = start, stop
 
     def __repr__(self):
         return f"SegmentEntry({self.segment!r}, {'compiled' if self.exe else 'not compiled'})"
@@ -78,7 +80,7 @@ class Path:
             entry = self._wider(start, stop, outputs)
             if entry is None:
                 entry = SegmentEntry(self.recorder.segment(outputs, start, stop),
-                                     self.recorder.not_computed(start, stop))
+                                     self.recorder.not_computed(start, stop), start, stop)
             self.segments[key] = entry
         return entry
 

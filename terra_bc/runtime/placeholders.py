@@ -267,6 +267,7 @@ def concrete(x):
 
 def call(fn, args, kwargs):
     """A placeholder's operator or method: an op of the open iteration, else eager."""
+    __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     it = current()
     if it is None:  # outside any iteration: a plain eager op on concrete values
         counts["ops_eager"] += 1
@@ -276,6 +277,7 @@ def call(fn, args, kwargs):
 
 def eager(fn, args, kwargs):
     """``fn`` run by JAX on the concrete values of any placeholders among its arguments."""
+    __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     leaves, tree = tree_flatten((args, kwargs))
     a, k = tree_unflatten(tree, [concrete(x) if type(x) is Placeholder else x for x in leaves])
     return fn(*a, **k)

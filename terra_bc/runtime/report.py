@@ -19,7 +19,7 @@ import types
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from . import compiling
+from . import compiling, journal
 from .events import (BeginEvent, BreakEvent, EnterEvent, FeedIn, FetchEvent, ForwardEndEvent,
                      GradEndEvent, OpEvent, PlaceholderIn, PlaceholderOut, StaticIn, StaticOut,
                      key_name)
@@ -51,11 +51,7 @@ def shown_location(where):
 
 # **** records ****
 
-def _aval_text(aval):
-    try:
-        return aval.str_short(short_dtypes=True)
-    except (AttributeError, TypeError):
-        return str(aval)
+_aval_text = journal.aval_text
 
 
 class ValueReport(NamedTuple):
@@ -180,13 +176,15 @@ class PathReport(Shown):
 
 @dataclass(frozen=True, slots=True, repr=False)
 class UnitReport(Shown):
-    """One unit: why it runs as it does, its compiles, and its paths."""
+    """One unit: why it runs as it does, its compiles, its paths, and its journal (the
+    last divergences, compiles and eager fallbacks, oldest first: ``journal.py``)."""
     name: str
     state: str
     compiles: int
     eager_launches: int
     next_trace: str
     paths: tuple
+    journal: tuple = ()
 
     def header(self):
         return (f"unit {self.name}: {self.state}; {self.compiles} compile(s), "
@@ -194,10 +192,12 @@ class UnitReport(Shown):
                 f"next trace: {self.next_trace}")
 
     def __str__(self):
-        return "\n".join([self.header()] + [line for p in self.paths for line in p.lines(True)])
+        happened = [f"    {shown_location(str(r))}" for r in self.journal]
+        return "\n".join([self.header()] + [line for p in self.paths for line in p.lines(True)]
+                         + (["  journal:"] + happened if happened else []))
 
     def _repr_html_(self):
-        return _html_unit_table(self.name, self.header(), self.paths)
+        return _html_unit_table(self.name, self.header(), self.paths) + journal_html(self.journal)
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -228,7 +228,7 @@ def unit_report(unit, name):
     nodes = {}  # id(Event) -> node number: paths share the Event objects of their prefix
     paths = tuple(_path_report(unit, name, n, path, nodes) for n, path in enumerate(unit.paths))
     return UnitReport(shown_location(name), state, unit.compiles, unit.eager_launches,
-                      unit.tracing_mode(), paths)
+                      unit.tracing_mode(), paths, tuple(unit.journal))
 
 
 def _path_report(unit, name, n, path, nodes):
@@ -378,6 +378,16 @@ def _event_rows(paths):
         rows.append(f'<tr><td colspan="{len(paths) + 1}">... {longest - MAX_HTML_ROWS} more '
                     "events: print the report for all of them</td></tr>")
     return rows
+
+
+def journal_html(records, title="journal"):
+    """Records (divergences red, compiles blue, fallbacks yellow) as a list."""
+    if not records:
+        return ""
+    colors = {journal.Diverged: "#c00", journal.Compiled: "#0550ae", journal.Fallback: "#9a6700"}
+    items = "".join(f'<li style="color:{colors.get(type(r), "black")}">'
+                    f"{html.escape(shown_location(str(r)))}</li>" for r in records)
+    return f"<div><b>{html.escape(title)}</b><ul>{items}</ul></div>"
 
 
 def _segment_html(paths):

@@ -31,7 +31,11 @@ settings = {
     "background_compile": os.environ.get("TERRA_BC_BACKGROUND_COMPILE", "1") != "0",
     # Compiled segments persist in JAX's compilation cache there ("": not kept).
     "cache_dir": os.environ.get("TERRA_BC_CACHE_DIR", ""),
+    # What the "terra_bc" logger says, one line each (journal.py): a comma-separated list
+    # of LOG_CATEGORIES, or "all"; "" logs nothing.
+    "log": os.environ.get("TERRA_BC_LOG", ""),
 }
+LOG_CATEGORIES = ("divergences", "compiles", "fallbacks", "fetches")
 
 RETRACE_WINDOW = 8     # a unit that traced a new path in each of its last 8 calls is frozen
 MIN_UNIT_OPS = 4       # a function unit recording fewer DL ops costs more than it saves
@@ -54,6 +58,11 @@ def update(changes):
         if type(value) is not want or want is int and value < 0:
             kind = {int: "non-negative int", bool: "bool", str: "str (a folder, or '')"}[want]
             raise ValueError(f"terra_bc.config: {name} must be a {kind}, got {value!r}")
+        if name == "log":
+            unknown = {n.strip() for n in value.split(",") if n.strip()} - {*LOG_CATEGORIES, "all"}
+            if unknown:
+                raise ValueError(f"terra_bc.config: log takes {', '.join(LOG_CATEGORIES)} or all, "
+                                 f"not {sorted(unknown)}")
         if name == "max_paths" and value < 1:
             raise ValueError("terra_bc.config: max_paths must be at least 1")
     settings.update(changes)

@@ -101,6 +101,7 @@ def input_spec(it, x, fed_number, kept=False):
 
 
 def _run_recorded(it, fn, tree, leaves, fed_number, kept=frozenset()):
+    __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     specs, values = zip(*(input_spec(it, x, fed_number(i), i in kept)
                           for i, x in enumerate(leaves))) if leaves else ((), ())
     a, k = tree_unflatten(tree, list(values))
@@ -111,6 +112,7 @@ def _record_op(it, fn, key, where, tree, leaves):
     """Run ``fn`` recorded; its inputs' specs and its output.  Numbers at leaves the unit
     learnt are dynamic are fed; if JAX needs one static after all, it stays static.  NumPy
     scalars are fed like arrays, unless JAX needed them static here before."""
+    __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     operands = fn in OPERATORS
     unit = it.unit
     name = key_name(key)
@@ -130,6 +132,7 @@ def _record_op(it, fn, key, where, tree, leaves):
 
 
 def op(it, fn, key, args, kwargs):
+    __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     if not plain_trace(it.recording):
         # JAX is transforming this code from outside what we see (jax.grad called by a
         # library out of scope on the user's function): its tracers must not reach the
@@ -151,7 +154,12 @@ def op(it, fn, key, args, kwargs):
     except Exception as e:
         # JAX refused to record it (a data-dependent shape: x[mask], nonzero) or our
         # unwrapping failed: run the op as plain JAX would (the user's error propagates).
-        return _refused(it, fn, key, where, tree, leaves, args, kwargs, e)
+        try:
+            return _refused(it, fn, key, where, tree, leaves, args, kwargs, e)
+        except Exception as again:
+            if again.__context__ is e:  # (the user's error, raised again eagerly: say it once)
+                again.__suppress_context__ = True
+            raise
     finally:
         it.opaque_depth -= 1
     if it.unit.nested_calls != nested_before and not traces_its_body(fn):
@@ -178,6 +186,7 @@ def op(it, fn, key, args, kwargs):
 def _refused(it, fn, key, where, tree, leaves, args, kwargs, error):
     """An op the recorder refused runs eagerly: a graph break, or (inside a differentiated
     function, where a gradient cannot flow through an eager op) the unit runs eagerly."""
+    __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     if it.grad_depth:
         it.path.eager_reason = f"{key_name(key)} failed under recording ({type(error).__name__})"
         return settled_eager(it, fn, args, kwargs)
@@ -199,6 +208,7 @@ def _break_spec(it, x):
 
 def settled_eager(it, fn, args, kwargs):
     """Run ``fn`` on concrete values, outside the recording (the unit will run eagerly)."""
+    __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     counts["ops_eager"] += 1
     rec = it.recording
     with jax.extend.core.set_current_trace(rec.parent_trace()) if rec is not None else nullcontext():

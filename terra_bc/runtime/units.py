@@ -10,11 +10,12 @@ import collections
 import functools
 import itertools
 import sys
+import time
 import warnings
 import weakref
 
 from ..counters import counts
-from . import context
+from . import context, journal, timeline
 from .context import COEXEC, TRACE
 from .iteration import Iteration
 from .paths import Path
@@ -48,6 +49,8 @@ class Unit:
         self.abstract_tracing = True  # off once a traced iteration read values too often
         self.reused = set()     # paths an iteration co-executed to their end
         self.eager_reason = None  # why the unit cannot be co-executed: it runs eagerly
+        self.journal = collections.deque(maxlen=journal.JOURNAL_SIZE)  # divergences, compiles...
+        self.fallbacks_noted = set()  # eager reasons journaled (each once: journal.fallback)
 
     def compiled_too_often(self):
         """launching.run: its compiles passed max_compiles (variants keep needing new
@@ -92,11 +95,16 @@ class Unit:
         self.compiles += 1
 
     def __call__(self, *args, **kwargs):
-        inside = context.current() is not None
-        if inside or self.eager_reason or self.warming_up():
-            if self.eager_reason and not inside:
+        __tracebackhide__ = True  # (pytest and IPython leave this frame out of tracebacks)
+        if context.current() is not None or not context.plain_trace():
+            # Inside another unit: part of its iteration.  While JAX traces the unit
+            # (jax.jit, make_jaxpr, grad of it): the plain function, as JAX would see it.
+            return self.fn(*args, **kwargs)
+        if self.eager_reason or self.warming_up():
+            if self.eager_reason:
                 counts["eager_fallbacks"] += 1
-            return self.fn(*args, **kwargs)  # inside another unit: part of its iteration
+                journal.fallback(self, self.eager_reason)
+            return self.fn(*args, **kwargs)
         it, (args, kwargs) = self.begin(args, kwargs)
         ok = False
         try:
@@ -131,6 +139,8 @@ class Unit:
         last = self.last_path
         mode = COEXEC if last is not None else TRACE
         it = Iteration(self, mode, last if last is not None else Path())
+        if timeline.on:
+            it.started = time.perf_counter()
         counts["iterations_coexecuted" if mode == COEXEC else "iterations_traced"] += 1
         context.open_iteration(it)
         try:
@@ -149,6 +159,8 @@ class Unit:
         context.close_iteration(it)  # (routing everywhere from now on: see there)
         self.memo = it.memo
         it.finish(ok, abandon)
+        if it.started and timeline.on:
+            timeline.add(f"iteration of {self.name}", "iteration", it.started, it.mode)
         # Tracing costs more than eager: a unit that keeps making new paths makes no more;
         # where Python leaves its recorded paths, the rest of the iteration runs eagerly.
         self.recent.append(it.mode == TRACE)
@@ -167,6 +179,8 @@ class Unit:
         self.compiles = self.eager_launches = self.nested_calls = 0
         self.abstract_tracing = True
         self.eager_reason = None
+        self.journal.clear()
+        self.fallbacks_noted.clear()
 
 
 def _warn(message):
@@ -198,6 +212,7 @@ def function(fn):
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
+        __tracebackhide__ = True  # (pytest and IPython leave this frame out of tracebacks)
         return unit(*args, **kwargs)
 
     call.__wrapped__ = getattr(fn, "__wrapped__", fn)  # the user's own function

@@ -1,0 +1,359 @@
+"""Debugging (issue 13, second part): why a unit diverged (the journal), the terra_bc
+logger, segment names JAX shows, jax.jit / make_jaxpr of a unit, and tracebacks without
+terra_bc's frames."""
+import html
+import logging
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import terra_bc
+from terra_bc.frames import PACKAGE_DIR
+from terra_bc.runtime.journal import Compiled, Diverged, Fallback, identifier
+
+
+@pytest.fixture
+def settings_back():
+    """Settings a test changes are put back after it."""
+    saved = terra_bc.config()
+    yield
+    terra_bc.config(max_paths=saved["max_paths"], log=saved["log"],
+                    background_compile=saved["background_compile"])
+
+
+def unit_of(fn):
+    return fn.__terra_bc_unit__
+
+
+def divergences(fn):
+    return [r for r in unit_of(fn).journal if type(r) is Diverged]
+
+
+def line_of(fn, text):
+    """The file:line of the first line of ``fn``'s source holding ``text``."""
+    code = fn.__wrapped__.__code__
+    with open(code.co_filename) as f:
+        lines = f.read().splitlines()
+    for n in range(code.co_firstlineno, len(lines) + 1):
+        if text in lines[n - 1]:
+            return f"{code.co_filename}:{n}"
+    raise AssertionError(text)
+
+
+def make_branching_step():
+    def step(x):
+        y = jnp.tanh(x) * 0.5
+        s = float(jnp.sum(y))
+        if s > 0:
+            y = jnp.sin(y)
+        elif s < 0:
+            y = jnp.cos(y) + 1.0  # (the other branch)
+        else:
+            y = jnp.exp(y)
+        return y * 2.0
+    return terra_bc.function(step)
+
+
+def name_of(fn):
+    return unit_of(fn).name
+
+
+def three_ways(n):
+    """Inputs taking each of the three branches (with max_paths=1, the third runs eagerly:
+    a fallback).  Tests that count compiles use sizes no other test uses: structurally
+    equal segments share executables across the process."""
+    return (jnp.ones(n), -jnp.ones(n), jnp.zeros(n), jnp.zeros(n))
+
+
+# **** the journal: expected / got ****
+
+W = jnp.ones((64, 64))
+
+
+def test_a_shape_change_is_journaled_with_the_op_expected_and_the_op_python_ran():
+    def step(n):
+        x = jnp.ones((n, 64))
+        return jnp.sum(jnp.matmul(x, W))  # (the op that diverges)
+    step = terra_bc.function(step)
+    for n in (32, 32, 16):
+        step(n)
+    (d,) = divergences(step)
+    assert "matmul(" in d.expected and "matmul(" in d.got
+    assert "f32[32,64]" in d.expected and "f32[16,64]" in d.got
+    assert "f32[64,64]" in d.expected and "f32[64,64]" in d.got
+    assert d.where == line_of(step, "(the op that diverges)")
+    assert (d.path, d.then) == (1, "traced new path 2")
+    assert str(d).startswith(f"divergence in unit {name_of(step)} at {d.where}: expected matmul(")
+
+
+def test_a_changed_static_number_is_journaled_with_both_values():
+    def step(x, c):
+        return jnp.clip(jnp.sin(x), 0.0, c) * 2.0
+    step = terra_bc.function(step)
+    x = jnp.ones(3)
+    for c in (0.5, 0.5, 0.75):
+        step(x, c)
+    (d,) = divergences(step)
+    assert "clip(" in d.expected and "0.5" in d.expected and "0.75" not in d.expected
+    assert "clip(" in d.got and "0.75" in d.got
+
+
+def test_a_new_branch_is_journaled_and_shown_by_the_report_and_the_diff():
+    step = make_branching_step()
+    step(jnp.ones(3))
+    step(jnp.ones(3))
+    before = terra_bc.explain(step)
+    step(-jnp.ones(3))
+    (d,) = divergences(step)
+    assert d.expected.startswith("sin(v") and d.got.startswith("cos(v") and "f32[3]" in d.got
+    assert d.where == line_of(step, "(the other branch)")
+    after = terra_bc.explain(step)
+    assert str(d) in str(after) and "journal:" in str(after)
+    assert html.escape(f"divergence in unit {name_of(step)}") in after._repr_html_()
+    assert str(d) not in str(before)
+    changes = terra_bc.diff(before, after)
+    assert "since the left report:" in str(changes) and str(d) in str(changes)
+    new = changes.units[0].journal
+    assert d in new and not {r.number for r in new} & {r.number for r in before.units[0].journal}
+
+
+def test_compiles_and_fallbacks_are_journaled(settings_back):
+    step = make_branching_step()
+    terra_bc.config(max_paths=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (max_paths reached: said once)
+        for x in three_ways(13):
+            step(x)
+    journal = list(unit_of(step).journal)
+    compiles = [r for r in journal if type(r) is Compiled]
+    # The fetch of the first (traced) call computes what was recorded so far.
+    assert compiles[0].path == 1 and compiles[0].why == "a traced iteration needs its values"
+    assert compiles[0].how == "now, on the calling thread"
+    assert all(r.stop > r.start for r in compiles)
+    falls = [r for r in journal if type(r) is Fallback]
+    assert len(falls) == 1 and "made 1 paths (max_paths)" in falls[0].reason  # noted once
+    assert [d.then for d in divergences(step)][-1] == "ran the rest eagerly"
+    terra_bc.reset(step)
+    assert not unit_of(step).journal
+
+
+# **** the terra_bc logger ****
+
+def test_each_category_logs_one_line_per_record(caplog, settings_back):
+    caplog.set_level(logging.INFO, logger="terra_bc")
+    terra_bc.config(log="all", max_paths=1)
+    step = make_branching_step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for x in three_ways(17):
+            step(x)
+    lines = [r.getMessage() for r in caplog.records if r.name == "terra_bc"]
+    name = name_of(step)
+    for head in (f"divergence in unit {name} at ", f"compile in unit {name}: path 1",
+                 f"eager fallback in unit {name} at ", f"fetch (float) in unit {name} at "):
+        assert any(line.startswith(head) for line in lines), (head, lines)
+    assert sum("divergence" in line for line in lines) == len(divergences(step))
+
+
+def test_only_the_categories_asked_for_are_logged(caplog, settings_back):
+    caplog.set_level(logging.INFO, logger="terra_bc")
+    terra_bc.config(log=["divergences"])
+    assert terra_bc.config()["log"] == "divergences"
+    step = make_branching_step()
+    for x in (jnp.ones(3), jnp.ones(3), -jnp.ones(3)):
+        step(x)
+    lines = [r.getMessage() for r in caplog.records if r.name == "terra_bc"]
+    assert len(lines) == 1 and lines[0].startswith(f"divergence in unit {name_of(step)} at ")
+    with pytest.raises(ValueError):
+        terra_bc.config(log="compile")
+
+
+def test_the_environment_variable_logs_to_stderr(tmp_path):
+    (tmp_path / "prog.py").write_text(textwrap.dedent("""\
+        import jax.numpy as jnp, terra_bc
+        @terra_bc.function
+        def step(x):
+            return jnp.sin(x) * 2.0
+        for n in (3, 3, 4):
+            step(jnp.ones(n))
+    """))
+    out = subprocess.run([sys.executable, "prog.py"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, TERRA_BC_LOG="divergences"))
+    assert out.returncode == 0, out.stderr
+    assert "terra_bc: divergence in unit step at " in out.stderr
+    assert "expected enter(f32[3]), got enter(f32[4])" in out.stderr
+
+
+# **** names of segment executables ****
+
+def test_segments_are_named_after_unit_path_and_range(caplog, settings_back):
+    def my_step(x):
+        return jnp.sum(jnp.tanh(x) * 3.0)
+    my_step = terra_bc.function(my_step)
+    x = jnp.arange(7.0)  # (a shape no other test compiles)
+    terra_bc.config(background_compile=False)  # (compiled at its first launch, whatever it costs)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            my_step(x)
+            my_step(x)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    text = caplog.text
+    (compiled,) = [r for r in unit_of(my_step).journal if type(r) is Compiled]
+    name = f"terra_bc__{identifier(name_of(my_step))}__p1__{compiled.start}_{compiled.stop}"
+    assert name.startswith("terra_bc__test_segments_are_named_after_unit_path_and_range_my_step")
+    assert name in text, text
+    assert "jit_terra_bc_segment" not in text
+
+
+# **** JAX transforms of a unit ****
+
+def test_make_jaxpr_and_jit_of_a_unit_see_the_plain_function():
+    def f(x):
+        return jnp.sin(x) * 2.0 + jnp.sum(x)
+    unit = terra_bc.function(f)
+    x = jnp.arange(4.0)
+    unit(x)  # (the unit has a path: tracing it still sees the plain function)
+    assert str(jax.make_jaxpr(unit)(x)) == str(jax.make_jaxpr(f)(x))
+    np.testing.assert_allclose(jax.jit(unit)(x), jax.jit(f)(x))
+    np.testing.assert_allclose(jax.grad(lambda v: unit(v).sum())(x),
+                               jax.grad(lambda v: f(v).sum())(x))
+    assert unit_of(unit).eager_reason is None
+    before = terra_bc.stats()["iterations_coexecuted"]
+    unit(x)
+    assert terra_bc.stats()["iterations_coexecuted"] == before + 1
+
+
+# **** tracebacks ****
+
+def shown_frames(tb):
+    """The frames a traceback shows once filtered as pytest and IPython filter it."""
+    shown = []
+    while tb is not None:
+        if not tb.tb_frame.f_locals.get("__tracebackhide__"):
+            shown.append(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    return shown
+
+
+def helper(x, fail):
+    if fail:
+        raise ValueError("boom")
+    return x
+
+
+@pytest.mark.parametrize("where", ["body", "grad"])
+def test_an_error_in_user_code_shows_no_terra_bc_frame(where):
+    def loss(x, fail):
+        return jnp.sum(helper(jnp.sin(x), fail))
+
+    def step(x, fail):
+        y = jnp.tanh(x)
+        if where == "grad":
+            return jax.grad(loss)(y, fail)
+        return helper(y, fail) * 2.0
+    step = terra_bc.function(step)
+    for fail in (False, False, True):  # traced, co-executed, then raising
+        try:
+            step(jnp.ones(3), fail)
+        except ValueError as e:
+            frames = shown_frames(e.__traceback__)
+    names = [c.co_name for c in frames]
+    assert names[-2:] == ["loss", "helper"] if where == "grad" else names[-2:] == ["step", "helper"]
+    assert not [c for c in frames if c.co_filename.startswith(PACKAGE_DIR)], names
+
+
+def test_an_error_in_a_jax_op_inside_a_unit_shows_no_terra_bc_frame():
+    def step(x):
+        return jnp.dot(jnp.sin(x), jnp.ones(5))  # (a shape mismatch)
+    step = terra_bc.function(step)
+    with pytest.raises(TypeError) as caught:
+        step(jnp.ones(3))
+    frames = shown_frames(caught.value.__traceback__)
+    assert "step" in [c.co_name for c in frames]
+    assert not [c for c in frames if c.co_filename.startswith(PACKAGE_DIR)]
+    # The op failed recorded, then again eagerly: the error is shown once, not chained.
+    assert caught.value.__suppress_context__
+
+
+PROGRAM = """\
+import jax.numpy as jnp, terra_bc
+
+def helper(y, fail):
+    if fail:
+        raise ValueError("boom")
+    return y
+
+@terra_bc.function
+def step(x, fail):
+    return helper(jnp.tanh(x), fail) * 2.0
+
+for fail in (False, False, True):
+    step(jnp.ones(3), fail)
+"""
+
+
+def tracebacks_files(text):
+    return re.findall(r'File "([^"]+)"', re.sub(r"\x1b\[[0-9;]*m", "", text))
+
+
+def test_the_command_line_prints_only_the_users_frames(tmp_path):
+    (tmp_path / "prog.py").write_text(PROGRAM)
+    out = subprocess.run([sys.executable, "-m", "terra_bc", "prog.py"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "ValueError: boom" in out.stderr
+    files = tracebacks_files(out.stderr)
+    assert files and all(f.endswith("prog.py") for f in files), out.stderr
+    assert "in helper" in out.stderr and "in step" in out.stderr
+
+
+def test_ipython_shows_only_the_users_frames(tmp_path):
+    pytest.importorskip("IPython")
+    (tmp_path / "prog.py").write_text(PROGRAM)
+    out = subprocess.run([sys.executable, "-m", "IPython", "--no-banner", "prog.py"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, TERM="dumb"))
+    text = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr)
+    assert "ValueError" in text and "boom" in text, text
+    assert "prog.py" in text and "helper" in text, text
+    # (IPython writes "File /path/to/file.py:5, in f", home folders as ~)
+    assert PACKAGE_DIR + os.sep not in text and "units.py" not in text, text
+
+
+# **** the timeline ****
+
+def test_a_timeline_saves_iterations_launches_compiles_and_fetches(tmp_path):
+    import json
+    from terra_bc.runtime import timeline as timeline_module
+    step = make_branching_step()
+    with terra_bc.timeline() as tl:
+        for x in (jnp.ones(19), jnp.ones(19), -jnp.ones(19)):
+            step(x)
+    tl.save(tmp_path / "trace.json")
+    with open(tmp_path / "trace.json") as f:
+        events = json.load(f)
+    spans = [e for e in events if e["ph"] == "X"]
+    assert spans and all({"name", "ph", "ts", "dur", "pid", "tid"} <= set(e) for e in spans)
+    by_kind = {}
+    for e in spans:
+        by_kind.setdefault(e["cat"], []).append(e)
+    assert [e["name"] for e in by_kind["iteration"]] == [f"iteration of {name_of(step)}"] * 3
+    prefix = f"terra_bc__{identifier(name_of(step))}__p"
+    assert by_kind["launch"] and all(e["name"].startswith(prefix) for e in by_kind["launch"])
+    assert by_kind["compile"] and by_kind["fetch"]
+    first, last = by_kind["iteration"][0], by_kind["iteration"][-1]
+    assert 0 <= first["ts"] and first["ts"] + first["dur"] <= last["ts"]
+    assert any(e["ph"] == "M" and e["args"]["name"] == "MainThread" for e in events)
+    kept = len(tl.spans)
+    step(jnp.ones(3))  # (not recording: nothing is kept)
+    assert len(tl.spans) == kept and not timeline_module._ring and not timeline_module.on
+    assert "iteration: 3" in repr(tl)
