@@ -61,7 +61,7 @@ class SegmentCost:
 
 
 _costs = {}                    # Segment.key -> SegmentCost (segments not compiled yet)
-_rate = [0.0, 0]               # compile seconds and equations measured on the worker
+_rate = [0.0, 0]               # compile seconds and equations measured (either thread)
 
 
 def run(it, entry, args):
@@ -80,11 +80,10 @@ def run(it, entry, args):
         counts["segments_eager"] += 1
         return jaxpr_builder.evaluate_segment(entry.segment, args)
     if not compiles_later(it, entry):
-        made = jaxpr_builder.compile_count()
-        entry.exe = jaxpr_builder.compile_segment(entry.segment, it.unit.note_compile,
-                                                  journal.segment_name(it, entry))
-        if jaxpr_builder.compile_count() == made:
-            return entry.exe(*args)
+        # (No executable of its structure exists, checked above: this makes one.)
+        entry.exe = jaxpr_builder.keep_executable(
+            entry.segment, jaxpr_builder.jit_segment(entry.segment, journal.segment_name(it, entry)))
+        it.unit.note_compile()
         journal.note(it.unit, journal.Compiled, journal.path_number(it.unit, it.path), entry.start,
                      entry.stop, "now, on the calling thread", _why_now(it, entry))
         t0 = time.perf_counter()  # (its first call compiles it)
@@ -178,7 +177,7 @@ def _measured(segment, seconds):
 def _take(job, it):
     """The executable of a finished job (compiled again here if the worker failed)."""
     if job.error is not None:
-        return jaxpr_builder.compile_segment(job.segment)
+        return jaxpr_builder.compile_segment(job.segment, name=job.name)
     _measured(job.segment, job.seconds)
     counts["compile_seconds"] += job.seconds
     # Its first call traces it again and finds the executable compiled: timed as a wait.

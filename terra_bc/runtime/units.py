@@ -117,10 +117,7 @@ class Unit:
     def discard(self, it):
         """Forget ``it``, an iteration that called no JAX (a loop's first turn, opened before
         the loop was known to call any): not counted, no path kept."""
-        context.close_iteration(it)
-        if it.recording is not None:
-            it.recording.__exit__(None, None, None)
-            it.recording = None
+        _leave(it)
         counts["iterations_traced"] -= 1
 
     def add_path(self, path):
@@ -148,9 +145,7 @@ class Unit:
                 it.start_recording()
             return it, it.enter(args, kwargs)
         except BaseException:  # (a feed JAX refuses): leave this thread as it was found
-            if it.recording is not None:
-                it.recording.__exit__(None, None, None)
-            context.close_iteration(it)
+            _leave(it)
             raise
 
     def end(self, it, ok, abandon=False):
@@ -181,6 +176,15 @@ class Unit:
         self.eager_reason = None
         self.journal.clear()
         self.fallbacks_noted.clear()
+
+
+def _leave(it):
+    """Close ``it`` without finishing it (nothing launched, no path kept): its recording
+    stops and this thread is as it was before ``begin``."""
+    if it.recording is not None:
+        it.recording.__exit__(None, None, None)
+        it.recording = None
+    context.close_iteration(it)
 
 
 def _warn(message):
