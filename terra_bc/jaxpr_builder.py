@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import gc
 import operator
 import time
@@ -59,6 +60,19 @@ def _abstract_eval_effects(prim, avals, params):
         return prim.abstract_eval(*avals, **params)[1]
     except Exception:  # a rule that wants more context than avals: assume pure
         return _no_effects
+
+
+# First-order primitives with effects: host callbacks and prints.  (The others JAX has act
+# on references inside staged code, never at an eager call site.)
+_EFFECTFUL = frozenset({"debug_callback", "debug_print", "io_callback"})
+
+
+def _effects_now(prim, params):
+    """Does an equation about to be recorded have effects?  Cheap enough for every op:
+    a higher-order primitive's jaxprs carry theirs; first-order ones are named."""
+    if prim.name in _EFFECTFUL:
+        return True
+    return any(_inner(j).effects for j in _subjaxprs(params))
 
 
 def _subjaxprs(params):
@@ -244,6 +258,8 @@ class _RecordingTrace(Trace):
         self.literals = {}       # id -> Python scalar: values no equation makes (stage_value)
         self.unvalued = []       # weakrefs to the tracers recorded abstractly
         self.abstract_eqns = []  # indexes of the equations recorded without computing them
+        self.effect_eqns = []    # indexes of the equations with effects (callbacks, prints)
+        self.ran_effects = None  # a set the indexes of effectful equations run now go to
 
     # -- helpers
     def new(self, val, aval=None, const=False):
@@ -323,8 +339,17 @@ class _RecordingTrace(Trace):
             const = not graph
         vals, atoms = self.unwrap(tracers)
         parent = self.parent
+        effects = _effects_now(prim, params)
+        if effects and not self.in_op and not any(
+                type(x) is RecTracer and x._trace is self and not x.const for x in tracers):
+            # A callback Python itself makes (in an opaque op's code, on constants): Python
+            # makes it again every iteration, so it is not the graph's: not recorded.
+            with set_current_trace(parent):
+                return parent.process_primitive(prim, vals, params)
         with set_current_trace(parent):
             out = parent.process_primitive(prim, vals, params)
+        if effects:
+            self._note_effects(True)
         if prim.multiple_results:
             outs = [self.new(v, const=const) for v in out]
             self.eqns.append((prim, params, atoms, tuple(t.id for t in outs)))
@@ -333,16 +358,22 @@ class _RecordingTrace(Trace):
         self.eqns.append((prim, params, atoms, (t.id,)))
         return t
 
+    def _note_effects(self, ran):
+        """The equation about to be appended has effects; ``ran``: they happened now."""
+        self.effect_eqns.append(len(self.eqns))
+        if ran and self.ran_effects is not None:
+            self.ran_effects.add(len(self.eqns))
+
     def record_abstract(self, prim, atoms, avals, params):
         """Record ``prim`` from its inputs' avals alone; None where it must run now: JAX has
-        no shape rule for it from avals, or it has effects (a print, a callback), which
-        happen in program order only if it runs where Python calls it."""
+        no shape rule for it from avals.  An equation with effects (a callback, a print) is
+        recorded too: its effect happens once, when the segment holding it runs."""
         try:
             out_avals, effects = prim.abstract_eval(*avals, **params)
         except Exception:
             return None
-        if effects:
-            return None
+        if effects:  # (it happens when the segment holding it runs, as jax.jit's would)
+            self._note_effects(False)
         self.abstract_eqns.append(len(self.eqns))
         if prim.multiple_results:
             outs = [self.new_abstract(a) for a in out_avals]
@@ -411,9 +442,6 @@ class _RecordingTrace(Trace):
         else:
             vals, atoms = self.unwrap(tracers)
         closed = jax.make_jaxpr(lambda *xs: list(bind(xs)))(*vals)
-        if abstract and any(e.effects for e in _inner(closed).eqns):
-            vals, atoms = self.unwrap(tracers)  # (effects happen where Python calls them)
-            abstract = False
         env = {}
         for v, a in zip(_inner(closed).invars, atoms):
             env[v] = a
@@ -428,6 +456,8 @@ class _RecordingTrace(Trace):
         for e in _inner(closed).eqns:
             if abstract:
                 self.abstract_eqns.append(len(self.eqns))
+            if e.effects:
+                self._note_effects(not abstract)
             ins = tuple(_Const(x.val, x.aval) if isinstance(x, Literal) else env[x]
                         for x in e.invars)
             outs = []
@@ -489,6 +519,7 @@ class Recorder:
 
     def __exit__(self, *exc):
         self._trace.active = False
+        self._trace.ran_effects = None
         ctx, self._ctx = self._ctx, None
         ctx.__exit__(*exc)
         return False
@@ -527,6 +558,7 @@ class Recorder:
         copy.avals = trace.avals[:num_values]
         copy.literals = {i: v for i, v in trace.literals.items() if i < num_values}
         copy.abstract_eqns = trace.abstract_eqns[:bisect.bisect_left(trace.abstract_eqns, stop)]
+        copy.effect_eqns = trace.effect_eqns[:bisect.bisect_left(trace.effect_eqns, stop)]
         return new
 
     def adopt(self, id, value) -> RecTracer:
@@ -544,6 +576,16 @@ class Recorder:
         eagerly would first compile their primitives, as eager JAX's first step does."""
         marked = self._live().abstract_eqns
         return bisect.bisect_left(marked, stop) - bisect.bisect_left(marked, start)
+
+    def effects_in(self, start, stop) -> list:
+        """The indexes of equations [start, stop) that have effects (callbacks, prints)."""
+        marked = self._live().effect_eqns
+        return marked[bisect.bisect_left(marked, start):bisect.bisect_left(marked, stop)]
+
+    def note_ran_effects(self, into):
+        """Until the recording is left, the index of each equation with effects that runs
+        as it is recorded (rather than later, in a segment) is added to the set ``into``."""
+        self._live().ran_effects = into
 
     @property
     def abstract(self) -> bool:
@@ -581,6 +623,11 @@ class Recorder:
         return out
 
     @staticmethod
+    def known_value(tracer, missing=None):
+        """A recorded tracer's value if it has one (computed as recorded), else ``missing``."""
+        return missing if tracer._v is _LAZY else tracer._v
+
+    @staticmethod
     def give_value(tracer, value):
         """Set the value of a tracer recorded abstractly (computed by the caller)."""
         if tracer._v is _LAZY:
@@ -604,9 +651,12 @@ class Recorder:
     def num_values(self) -> int:
         return 0 if self._trace is None else len(self._trace.avals)
 
-    def segment(self, outputs, start=0, stop=None) -> "Segment":
+    def segment(self, outputs, start=0, stop=None, skip=frozenset(), pure=False) -> "Segment":
         """The equations of [start, stop) needed for ``outputs`` (tracers of this Recorder,
-        or their ids) as a Segment (see module doc)."""
+        or their ids) as a Segment (see module doc).  Equations with effects are kept for
+        them, except those in ``skip`` (their effects happened already; an output of one
+        that is needed becomes an input) and all of them when ``pure`` (a function to
+        differentiate: the recorded forward keeps its effects)."""
         trace = self._live()
         out_ids = []
         for t in outputs:
@@ -616,7 +666,8 @@ class Recorder:
                 out_ids.append(t.id)
             else:
                 raise TypeError(f"segment outputs must be tracers of this Recorder, got {t!r:.60}")
-        return _build_segment(trace, out_ids, start, len(trace.eqns) if stop is None else stop)
+        return _build_segment(trace, out_ids, start, len(trace.eqns) if stop is None else stop,
+                              skip, pure)
 
     def owns(self, tracer) -> bool:
         """Is ``tracer`` one of this Recorder's?"""
@@ -665,19 +716,89 @@ def _aval_of(atom, avals):
     return avals[atom] if isinstance(atom, int) else atom.get_aval()
 
 
-def _build_segment(trace, out_ids, start, stop):
+def _in_program_order(prim, params, atoms, outs, effs, avals):
+    """A callback or print of a segment, made ordered: eager JAX runs them one dispatch
+    after another, in the order Python called them; in one executable XLA would be free
+    to run unordered ones in any order (and two executables' concurrently).  So are those
+    inside a ``jax.jit``-ed function the segment calls (its own dispatch, eagerly)."""
+    new = _ordered_params(prim, params)
+    if new is params:
+        return prim, params, atoms, outs, effs
+    return prim, new, atoms, outs, _effects(prim, new, avals, atoms)
+
+
+_JIT_LIKE = frozenset({"jit", "pjit", "closed_call", "core_call"})
+
+
+def _ordered_params(prim, params):
+    """``params`` with the callbacks they make ordered (the same object if none is)."""
+    name = prim.name
+    if name == "debug_callback":
+        ordered = _ordered_effects()[0]
+        return params if params["effect"] is ordered else dict(params, effect=ordered)
+    if name in ("debug_print", "io_callback"):
+        return dict(params, ordered=True) if params.get("ordered") is False else params
+    if name in _JIT_LIKE and isinstance(params.get("jaxpr"), (Jaxpr, ClosedJaxpr)):
+        jaxpr = _ordered_jaxpr(params["jaxpr"])
+        return params if jaxpr is params["jaxpr"] else dict(params, jaxpr=jaxpr)
+    return params
+
+
+def _ordered_jaxpr(j):
+    """Jaxpr ``j`` with its callbacks ordered (``j`` itself if it has none unordered)."""
+    inner = _inner(j)
+    if not inner.effects:
+        return j
+    eqns, changed = [], False
+    for e in inner.eqns:
+        params = _ordered_params(e.primitive, e.params) if e.effects else e.params
+        if params is not e.params:
+            changed = True
+            e = e.replace(params=params, effects=_as_ordered(e.effects))
+        eqns.append(e)
+    if not changed:
+        return j
+    new = inner.replace(eqns=eqns, effects=_as_ordered(inner.effects))
+    return new if inner is j else j.replace(jaxpr=new)
+
+
+def _as_ordered(effects):
+    ordered_debug, debug, io, ordered_io = _ordered_effects()
+    swap = {type(debug): ordered_debug, type(io): ordered_io}
+    return frozenset(swap.get(type(e), e) for e in effects)
+
+
+@functools.cache
+def _ordered_effects():
+    """(ordered debug effect, unordered debug, unordered IO, ordered IO) as JAX records
+    them (it has no public names for them)."""
+    from jax.experimental import io_callback
+    spec = jax.ShapeDtypeStruct((), np.float32)
+
+    def callbacks(x):
+        jax.debug.callback(lambda v: None, x, ordered=True)
+        jax.debug.callback(lambda v: None, x)
+        io_callback(lambda v: v, spec, x)
+        io_callback(lambda v: v, spec, x, ordered=True)
+    eqns = _inner(jax.make_jaxpr(callbacks)(np.float32(0))).eqns
+    ordered_debug, debug = eqns[0].params["effect"], eqns[1].params["effect"]
+    (io,), (ordered_io,) = eqns[2].effects, eqns[3].effects
+    return ordered_debug, debug, io, ordered_io
+
+
+def _build_segment(trace, out_ids, start, stop, skip=frozenset(), pure=False):
     # Building a key allocates many small tuples; in a process holding JAX's large heap,
     # the cyclic GC they trigger costs more than the work itself (~4x measured).
     was = gc.isenabled()
     gc.disable()
     try:
-        return _build_segment_nogc(trace, out_ids, start, stop)
+        return _build_segment_nogc(trace, out_ids, start, stop, skip, pure)
     finally:
         if was:
             gc.enable()
 
 
-def _build_segment_nogc(trace, out_ids, start, stop):
+def _build_segment_nogc(trace, out_ids, start, stop, skip, pure):
     eqns, avals, literals = trace.eqns, trace.avals, trace.literals
     # Dead-code elimination, backwards: keep an equation if an output is needed or it
     # has effects (a debug print or callback must still happen when replayed).
@@ -685,11 +806,15 @@ def _build_segment_nogc(trace, out_ids, start, stop):
     kept = []
     for k in range(stop - 1, start - 1, -1):
         prim, params, atoms, outs = eqns[k]
+        if k in skip:  # (what it computed is read as an input)
+            continue
         effs = _effects(prim, params, avals, atoms)
-        if effs or any(o in needed for o in outs):
+        if effs and not pure or any(o in needed for o in outs):
             kept.append((prim, params, atoms, outs, effs))
             needed.update(a for a in atoms if isinstance(a, int))
     kept.reverse()
+    if any(e[4] for e in kept):
+        kept = [_in_program_order(*e, avals) if e[4] else e for e in kept]
 
     # Wire variables.  Value ids defined outside the kept equations become inputs, in order
     # of first read (deterministic for identical programs).

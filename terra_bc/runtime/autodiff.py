@@ -123,7 +123,7 @@ def _trace_grad(it, spec, start, diff, out):
     if type(value) is not Placeholder or value._it is not it or value._rec is None:
         raise TypeError("terra_bc: the differentiated function must return a scalar array")
     rec = it.path.recorder
-    seg = rec.segment([value._id], start, rec.mark())
+    seg = rec.segment([value._id], start, rec.mark(), pure=True)  # (effects stay in the forward)
     diff_ids = [p._id for _, phs in diff for p in phs]
     outputs_of = _function_of(seg, [tracing.tracer(it, i) for i in seg.inputs], diff_ids)
     primals = [tracing.tracer(it, i) for i in diff_ids]
@@ -240,7 +240,7 @@ def jvp(it, fun, primals, tangents, has_aux=False):
 def _recorded_forward(it, plan):
     """The recorded forward [start, end) of a vjp/jvp as a function of the differentiated
     inputs, and those inputs (tracers while tracing, values in an eager tail)."""
-    seg = it.path.recorder.segment(plan.out_ids, plan.start, plan.end)
+    seg = it.path.recorder.segment(plan.out_ids, plan.start, plan.end, pure=True)
     # Past a frozen unit's divergence (eager mode) it runs on computed values.
     if it.mode == TRACE:
         value = functools.partial(tracing.tracer, it)

@@ -18,7 +18,7 @@ from ..counters import counts
 from ..jaxpr_builder import Id
 from . import autodiff, discovery
 from .context import EAGER, current, thread
-from .placeholders import eager
+from .placeholders import METHOD_NAMES, METHODS, eager
 from .trace_rules import calls_given_function, code_of, grad_spec, is_api_wrapper, is_dl_op
 
 
@@ -51,8 +51,23 @@ def on_site(site, callee, *args, **kwargs):
                 return autodiff.grad(it, callee, spec, args, kwargs)
     if isinstance(callee, types.MethodType) and not isinstance(callee.__self__, type):
         args = (callee.__self__,) + args  # x.sum() on a concrete array: x is an input
-        callee = callee.__func__
+        # (one guard key for x.sum() whether x is an array, a tracer or a placeholder)
+        callee = _ARRAY_METHODS.get(callee.__func__, callee.__func__)
     return it.op(callee, args, kwargs)
+
+
+def _array_methods():
+    """The functions behind jax.Array's and a tracer's methods -> the placeholder's."""
+    out = {}
+    for cls in (type(jax.numpy.zeros(())), jax.core.Tracer):
+        for name in METHOD_NAMES:
+            fn = getattr(cls, name, None)
+            if isinstance(fn, types.FunctionType):
+                out[fn] = METHODS[name]
+    return out
+
+
+_ARRAY_METHODS = _array_methods()
 
 
 def _python_or_one_op(fun):

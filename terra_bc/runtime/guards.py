@@ -45,6 +45,41 @@ def cell_key(cell):
     return Id(v)
 
 
+def function_key(f):
+    """A static function's guard key: two functions made by one ``lambda``/``def`` (its code,
+    globals and defaults) closing over the same things are the same static.  A callback
+    written inline (``jax.debug.callback(lambda v: log.append(v), x)``) is a new function
+    each step; compared by identity every step would diverge.  What a cell holds is compared
+    by value only for immutable Python scalars; anything else (an array, a placeholder, a
+    list) by identity, so calling the recorded function does what calling this one would."""
+    cells = () if f.__closure__ is None else tuple(_held_key(c) for c in f.__closure__)
+    defaults = tuple(map(_plain_key, f.__defaults__ or ()))
+    kwdefaults = tuple((k, _plain_key(v)) for k, v in (f.__kwdefaults__ or {}).items())
+    return (f.__code__, Id(f.__globals__), defaults, kwdefaults, cells)
+
+
+def _held_key(cell):
+    try:
+        return _plain_key(cell.cell_contents)
+    except ValueError:  # an empty cell
+        return None
+
+
+def _plain_key(v):
+    if type(v) in (int, float, str, bool, type(None)):
+        return (type(v), v)
+    if type(v) is types.FunctionType:
+        return function_key(v)
+    return Id(v)
+
+
+def same_static(x, value):
+    """Is argument ``x`` the static ``value`` an op was recorded with?"""
+    if type(x) is types.FunctionType and type(value) is types.FunctionType:
+        return x is value or function_key(x) == function_key(value)
+    return same(x, value)
+
+
 # ------------------------------------------------------------------ matching
 
 def unsettled(x, it):
@@ -64,7 +99,7 @@ def matches(it, x, spec, feeds):
         if t is FeedIn:
             feeds.append((spec.id, x))
         return True
-    return same(x, spec.value)
+    return same_static(x, spec.value)
 
 
 def continues(path, pos, kind, key, check):

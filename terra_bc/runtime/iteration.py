@@ -35,7 +35,7 @@ class Iteration:
     __slots__ = ("unit", "mode", "path", "pos", "fork_stop", "left", "auto", "loop_turns",
                  "env", "seg_start", "tracers", "live", "opaque_depth", "recording",
                  "grad_depth", "memo", "was_routing", "hook_was_enabled", "trace_launches",
-                 "abandoning", "started")
+                 "abandoning", "started", "effects_ran")
 
     def __init__(self, unit, mode, path):
         self.unit, self.mode, self.path = unit, mode, path
@@ -56,6 +56,7 @@ class Iteration:
         self.trace_launches = 0  # segments run to compute values recorded abstractly
         self.abandoning = False  # finishing as a unit that is not the repeating level
         self.started = 0.0      # when it began (perf_counter), if a timeline was recording
+        self.effects_ran = set()  # equations whose effects (callbacks) happened (launching.run)
 
     def __repr__(self):
         return f"<Iteration of {self.unit.name}: {self.mode}, event {self.pos}>"
@@ -240,6 +241,7 @@ class Iteration:
         allows it, each value computed when read (launching.compute_recorded)."""
         rec = self.recording = self.path.recorder
         rec.__enter__()
+        rec.note_ran_effects(self.effects_ran)
         rec.compute_values(launching.computer(self), lazy=self.unit.traces_abstractly())
 
     def _path_ending_here(self):
@@ -278,7 +280,9 @@ class Iteration:
             self.path.escaping |= {p._id for p in alive if p._val is None}
             rec = self.path.recorder
             unvalued = {t.id for t in rec.unvalued()}
-            if unvalued:  # values recorded abstractly that Python still holds
+            # Values recorded abstractly that Python still holds, effects recorded to happen
+            # in a segment:
+            if unvalued or launching.pending_effects(self, self.seg_start, rec.mark()):
                 launching.launch(self, rec.mark(), sorted(launching.held(self) & unvalued), alive)
                 launching.give_values(self)
             rec.compute_values(None)

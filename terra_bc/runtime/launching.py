@@ -56,7 +56,7 @@ def launch(it, stop, need, alive_now=None):
             produced, reads_after = it.path.plan(it.seg_start, stop)
             kept = {p._id for p in (alive(it) if alive_now is None else alive_now)}
             outputs = tuple(sorted(produced & (reads_after | kept | set(need) | it.path.escaping)))
-        if outputs:
+        if outputs or pending_effects(it, it.seg_start, stop):
             run(it, it.seg_start, stop, outputs)
         it.seg_start = stop
     missing = [i for i in need if i not in it.env]
@@ -64,16 +64,27 @@ def launch(it, stop, need, alive_now=None):
         run(it, 0, it.seg_start, tuple(sorted(missing)))
 
 
+def pending_effects(it, start, stop):
+    """Do equations [start, stop) have effects (callbacks, prints) that have not happened
+    in this iteration yet?  Their segment runs even if Python needs none of its values."""
+    done = it.effects_ran
+    return any(k not in done for k in it.path.recorder.effects_in(start, stop))
+
+
 def run(it, start, stop, outputs):
-    """Launch the segment [start, stop) -> outputs of the iteration's path."""
+    """Launch the segment [start, stop) -> outputs of the iteration's path.  Each effect
+    (a callback, a print) happens once per iteration: those that happened already (as they
+    were recorded, or in an earlier launch) are left out of the segment."""
     unit = it.unit
-    entry = it.path.segment(start, stop, outputs)
+    effects = it.path.recorder.effects_in(start, stop)
+    skip = frozenset(k for k in effects if k in it.effects_ran) if effects else frozenset()
+    entry = it.path.segment(start, stop, outputs, skip)
     seg = entry.segment
     if unit.compiles > settings["max_compiles"]:
         unit.compiled_too_often()
     env = it.env
     missing = () if all(map(env.__contains__, seg.inputs)) else \
-        tuple(sorted(i for i in seg.inputs if i not in env))
+        tuple(sorted(i for i in seg.inputs if i not in env and not _known(it, i)))
     if missing:
         # Computed before `start` but not kept: the path this iteration has moved to reads
         # a value the one it started on did not.  Recompute it from the feeds.
@@ -87,9 +98,21 @@ def run(it, start, stop, outputs):
         values = compiling.run(it, entry, [device_number(v, x64) if type(v) in NUMBER_TYPES else v
                                            for v in map(env.__getitem__, seg.inputs)])
     env.update(zip(seg.outputs, values))
+    it.effects_ran.update(effects)
     counts["segments_launched"] += 1
     if t0:  # (dispatch only: the device runs it asynchronously)
         timeline.add(journal.segment_name(it, entry), "launch", t0, it.mode)
+
+
+def _known(it, id):
+    """Put the value of ``id`` in ``it.env`` if this iteration computed it as it was
+    recorded (an input of a segment that leaves out an effect that happened)."""
+    t = it.tracers.get(id)
+    value = MISS if t is None else it.path.recorder.known_value(t, MISS)
+    if value is MISS:
+        return False
+    it.env[id] = value
+    return True
 
 
 def compute_recorded(it, tracers):

@@ -47,7 +47,7 @@ class Path:
     def __init__(self, recorder=None, events=(), escaping=()):
         self.recorder = recorder if recorder is not None else jaxpr_builder.Recorder(_fetched_inside_op)
         self.events = list(events)
-        self.segments = {}      # (start, stop, outputs) -> SegmentEntry
+        self.segments = {}      # (start, stop, outputs, effects skipped) -> SegmentEntry
         self.plans = {}         # (start, stop) -> (ids produced there, ids read after stop)
         self.eager_reason = None  # why tracing it found the unit cannot be co-executed
         # Value ids that outlived a traced iteration of this path: launches keep them.  Per
@@ -69,26 +69,27 @@ class Path:
                                                 self.recorder.wiring(stop)[0])
         return plan
 
-    def segment(self, start, stop, outputs):
-        """The ``SegmentEntry`` computing ``outputs`` from equations [start, stop).  A
+    def segment(self, start, stop, outputs, skip=frozenset()):
+        """The ``SegmentEntry`` computing ``outputs`` from equations [start, stop), without
+        the effects of the equations ``skip`` (they happened already in this iteration).  A
         segment of the same equations computing more outputs serves too: the traced
         iteration launched it when the rest of the path was not recorded yet, keeping
         every value Python held; its extra outputs cost less than compiling again."""
-        key = (start, stop, outputs)
+        key = (start, stop, outputs, skip)
         entry = self.segments.get(key)
         if entry is None:
-            entry = self._wider(start, stop, outputs)
+            entry = self._wider(start, stop, outputs, skip)
             if entry is None:
-                entry = SegmentEntry(self.recorder.segment(outputs, start, stop),
+                entry = SegmentEntry(self.recorder.segment(outputs, start, stop, skip),
                                      self.recorder.not_computed(start, stop), start, stop)
             self.segments[key] = entry
         return entry
 
-    def _wider(self, start, stop, outputs):
+    def _wider(self, start, stop, outputs, skip):
         want = set(outputs)
         best = None  # (one with an executable first)
-        for (a, b, outs), entry in self.segments.items():
-            if a == start and b == stop and want.issubset(outs):
+        for (a, b, outs, skipped), entry in self.segments.items():
+            if a == start and b == stop and skipped == skip and want.issubset(outs):
                 if entry.exe is not None:
                     return entry
                 best = best or entry

@@ -246,7 +246,7 @@ def _path_report(unit, name, n, path, nodes):
 
 
 def _segment_report(key, entry):
-    start, stop, outs = key
+    start, stop, outs, _ = key  # (and the effects skipped)
     seg = entry.segment
     return SegmentReport(start, stop, tuple(map(_op_name, seg.jaxpr.eqns)),
                          len(seg.inputs), len(outs), compiling.state(entry))
