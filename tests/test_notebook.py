@@ -1,5 +1,6 @@
 """Debugging in notebooks (issue 13): reports, diffs, reset, limit warnings, the notebook
 on-ramp (enable(), %load_ext, %%terra_bc) and enabling at interpreter start."""
+import html
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import textwrap
 import warnings
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import terra_bc
@@ -146,6 +148,41 @@ def test_diff_of_two_paths_names_the_differing_op_on_each_side():
     assert "only on the right" in text  # cos's "+ 1.0" has no counterpart on the sin side
     page = d._repr_html_()
     assert "op sin(" in page and "op cos(" in page and "op: sin vs cos" in page
+    # The value the branch was decided on: the last fetch before the paths part.
+    assert d.last_fetch.kind == "fetch" and "made by sum at " in d.last_fetch.source
+    assert f"they part after Python read {d.last_fetch}" in text
+    assert html.escape(f"they part after Python read {d.last_fetch}") in page
+
+
+def test_diff_of_paths_a_numpy_draw_chose_says_no_value_was_read():
+    rng = np.random.default_rng(0)  # (draws 0.64, then 0.27)
+
+    def step(x):
+        y = jnp.tanh(x)
+        if rng.random() < 0.5:  # (Python's own value decides: no fetch)
+            y = jnp.flip(y)
+        return y * 2.0
+
+    step = terra_bc.function(step)
+    for _ in range(2):
+        step(jnp.arange(3.0))
+    d = terra_bc.diff(*terra_bc.explain(step).paths)
+    assert d.last_fetch is None and d.first.right.name in ("rev", "flip")
+    assert "no value read from the graph before" in str(d)
+
+
+def test_diff_of_paths_names_a_fed_value_a_branch_read():
+    def step(x, flip):
+        y = jnp.tanh(x)
+        if flip:  # (a NumPy bool: fed into the unit, then read)
+            y = jnp.flip(y)
+        return y * 2.0
+
+    step = terra_bc.function(step)
+    for flip in (False, True):
+        step(jnp.arange(3.0), np.bool_(flip))
+    d = terra_bc.diff(*terra_bc.explain(step).paths)
+    assert d.last_fetch.name == "bool" and d.last_fetch.source.startswith("fed into the unit")
 
 
 def test_diff_of_a_path_with_itself_finds_no_difference():
