@@ -14,6 +14,7 @@ import bisect
 import html
 import io
 import json
+import math
 import os
 import threading
 import time
@@ -281,11 +282,19 @@ def _draw_iteration_shares(ax, iterations):
     length = ax.twinx()
     length.plot(numbers, [it.span.seconds * 1e3 for it in iterations], "k.", label="length (ms)")
     length.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter  # (plain numbers, not 2 x 10^0)
+    length.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    length.yaxis.set_minor_formatter(FuncFormatter(_minor_label))
     length.set_ylabel("length (ms, dots)")
     if iterations:
         handles = ax.get_legend_handles_labels()[0] + length.get_legend_handles_labels()[0]
         ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncols=5,
                   fontsize=7)
+
+
+def _minor_label(v, _):
+    """A log axis's minor tick labelled only at 2 and 5 times a power of ten."""
+    return f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v)), 6) in (2, 5) else ""
 
 
 def record():
