@@ -373,6 +373,16 @@ def test_a_timeline_cuts_each_thread_into_its_innermost_activity():
     assert first.parts == {"compile": 1.0, "launch": 2.0, "fetch": 2.0, "python": 5.0}
     assert second.parts == {"compile": 0.0, "launch": 0.0, "fetch": 0.0, "python": 1.0}
     assert (first.span.detail, second.span.detail) == ("tracing", "co-execution")
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    ax = Figure().subplots()
+    assert tl.plot(ax=ax) is ax.figure and len(ax.figure.axes) == 1  # (the lanes only)
+    assert lanes_drawn(ax) == {  # (ms since the recording began, and how long)
+        "Python (iteration), tracing": [(1000, 2000), (6000, 1000), (9000, 2000)],
+        "Python (iteration), co-execution": [(12000, 1000)],
+        "launch (dispatch)": [(3000, 1000), (5000, 1000)],
+        "compile (calling thread)": [(4000, 1000)], "fetch wait": [(7000, 2000)],
+        "compile (worker)": [(11500, 4000)]}
 
 
 def lanes_drawn(ax):
