@@ -357,3 +357,95 @@ def test_a_timeline_saves_iterations_launches_compiles_and_fetches(tmp_path):
     step(jnp.ones(3))  # (not recording: nothing is kept)
     assert len(tl.spans) == kept and not timeline_module._ring and not timeline_module.on
     assert "iteration: 3" in repr(tl)
+
+
+def test_a_timeline_cuts_each_thread_into_its_innermost_activity():
+    from terra_bc.runtime.timeline import Span, Timeline
+    tl = Timeline()  # (spans as a recording would leave them: a compile inside a launch)
+    tl.spans = [Span("iteration of f", "iteration", 10.0, 10.0, "MainThread", "tracing"),
+                Span("seg", "launch", 12.0, 3.0, "MainThread", "tracing"),
+                Span("seg", "compile", 13.0, 1.0, "MainThread", "on the calling thread"),
+                Span("fetch (float) v3", "fetch", 16.0, 2.0, "MainThread", "tracing"),
+                Span("iteration of f", "iteration", 21.0, 1.0, "MainThread", "co-execution"),
+                Span("seg", "compile", 20.5, 4.0, "terra_bc-compile", "on the worker thread")]
+    tl.began = 9.0
+    first, second = tl.iterations()
+    assert first.parts == {"compile": 1.0, "launch": 2.0, "fetch": 2.0, "python": 5.0}
+    assert second.parts == {"compile": 0.0, "launch": 0.0, "fetch": 0.0, "python": 1.0}
+    assert (first.span.detail, second.span.detail) == ("tracing", "co-execution")
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    ax = Figure().subplots()
+    assert tl.plot(ax=ax) is ax.figure and len(ax.figure.axes) == 1  # (the lanes only)
+    assert lanes_drawn(ax) == {  # (ms since the recording began, and how long)
+        "Python (iteration), tracing": [(1000, 2000), (6000, 1000), (9000, 2000)],
+        "Python (iteration), co-execution": [(12000, 1000)],
+        "launch (dispatch)": [(3000, 1000), (5000, 1000)],
+        "compile (calling thread)": [(4000, 1000)], "fetch wait": [(7000, 2000)],
+        "compile (worker)": [(11500, 4000)]}
+
+
+def lanes_drawn(ax):
+    """What each lane of ``ax`` holds: its label -> the (start, width) bars drawn there."""
+    from matplotlib.collections import PolyCollection
+    drawn = {}
+    for c in ax.collections:
+        if isinstance(c, PolyCollection) and c.get_label():
+            drawn[c.get_label()] = sorted((round(p.vertices[:, 0].min(), 6),
+                                           round(np.ptp(p.vertices[:, 0]), 6)) for p in c.get_paths())
+    return drawn
+
+
+def test_a_timeline_draws_lanes_and_each_iterations_share():
+    pytest.importorskip("matplotlib")
+    from terra_bc.runtime.timeline import LANES
+    step = make_branching_step()
+    with terra_bc.timeline() as tl:
+        for x in (jnp.ones(23), jnp.ones(23), -jnp.ones(23), jnp.ones(23)):
+            step(x)
+    fig = tl.plot()
+    lanes, shares, lengths = fig.axes
+    assert [t.get_text() for t in lanes.get_yticklabels()] == [label for _, label in LANES]
+    drawn = lanes_drawn(lanes)
+    # The first call traces (and compiles on the calling thread), the second co-executes,
+    # the third leaves the path (traces again), the fourth co-executes path 1.
+    assert {"Python (iteration), tracing", "Python (iteration), co-execution",
+            "launch (dispatch)", "compile (calling thread)", "fetch wait"} <= set(drawn)
+    python_ms = sum(w for label, bars in drawn.items() if label.startswith("Python")
+                    for _, w in bars)
+    iterations = tl.iterations()
+    assert [it.span.detail for it in iterations] == ["tracing", "co-execution", "tracing",
+                                                     "co-execution"]
+    assert python_ms == pytest.approx(sum(it.parts["python"] for it in iterations) * 1e3)
+    numbered = [int(t.get_text()) for t in lanes.texts]  # (starts too close are not)
+    assert numbered[0] == 1 and numbered == sorted(set(numbered)) and numbered[-1] <= 4
+    # Per iteration: the activities' shares stack to the whole iteration, and its length.
+    assert [c.get_label() for c in shares.containers] == ["python", "launch", "compile", "fetch"]
+    tops = [sum(bars[i].get_height() for bars in shares.containers) for i in range(4)]
+    assert tops == pytest.approx([100.0] * 4, abs=1e-6)
+    assert shares.containers[2][0].get_height() > 0  # the first call compiled
+    assert shares.containers[2][1].get_height() == 0  # the second did not
+    (dots,) = lengths.lines
+    assert list(dots.get_ydata()) == pytest.approx([it.span.seconds * 1e3 for it in iterations])
+    # Zoomed to the co-executed iterations: the lanes' x range is theirs.
+    zoomed = tl.plot(iterations=range(4, 5)).axes[0]
+    fourth = iterations[3].span
+    assert zoomed.get_xlim() == pytest.approx(((fourth.start - tl.began) * 1e3,
+                                               (fourth.start + fourth.seconds - tl.began) * 1e3))
+    assert "iterations 4-4 of 4" in zoomed.get_title()
+
+
+def test_a_timeline_renders_as_a_picture_in_notebooks(monkeypatch):
+    pytest.importorskip("matplotlib")
+    step = make_branching_step()
+    with terra_bc.timeline() as tl:
+        for x in (jnp.ones(2), jnp.ones(2)):
+            step(x)
+    bundle = tl._repr_mimebundle_()
+    assert bundle["image/png"].startswith(b"\x89PNG")
+    assert bundle["text/html"].startswith('<img src="data:image/png;base64,')
+    assert "<table>" in bundle["text/html"] and bundle["text/plain"] == repr(tl)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # (as if not installed)
+    assert tl.png() is None
+    bundle = tl._repr_mimebundle_()
+    assert "image/png" not in bundle and bundle["text/html"].startswith("<table>")

@@ -1,5 +1,6 @@
 """Debugging in notebooks (issue 13): reports, diffs, reset, limit warnings, the notebook
 on-ramp (enable(), %load_ext, %%terra_bc) and enabling at interpreter start."""
+import html
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import textwrap
 import warnings
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import terra_bc
@@ -146,6 +148,41 @@ def test_diff_of_two_paths_names_the_differing_op_on_each_side():
     assert "only on the right" in text  # cos's "+ 1.0" has no counterpart on the sin side
     page = d._repr_html_()
     assert "op sin(" in page and "op cos(" in page and "op: sin vs cos" in page
+    # The value the branch was decided on: the last fetch before the paths part.
+    assert d.last_fetch.kind == "fetch" and "made by sum at " in d.last_fetch.source
+    assert f"they part after Python read {d.last_fetch}" in text
+    assert html.escape(f"they part after Python read {d.last_fetch}") in page
+
+
+def test_diff_of_paths_a_numpy_draw_chose_says_no_value_was_read():
+    rng = np.random.default_rng(0)  # (draws 0.64, then 0.27)
+
+    def step(x):
+        y = jnp.tanh(x)
+        if rng.random() < 0.5:  # (Python's own value decides: no fetch)
+            y = jnp.flip(y)
+        return y * 2.0
+
+    step = terra_bc.function(step)
+    for _ in range(2):
+        step(jnp.arange(3.0))
+    d = terra_bc.diff(*terra_bc.explain(step).paths)
+    assert d.last_fetch is None and d.first.right.name in ("rev", "flip")
+    assert "no value read from the graph before" in str(d)
+
+
+def test_diff_of_paths_names_a_fed_value_a_branch_read():
+    def step(x, flip):
+        y = jnp.tanh(x)
+        if flip:  # (a NumPy bool: fed into the unit, then read)
+            y = jnp.flip(y)
+        return y * 2.0
+
+    step = terra_bc.function(step)
+    for flip in (False, True):
+        step(jnp.arange(3.0), np.bool_(flip))
+    d = terra_bc.diff(*terra_bc.explain(step).paths)
+    assert d.last_fetch.name == "bool" and d.last_fetch.source.startswith("fed into the unit")
 
 
 def test_diff_of_a_path_with_itself_finds_no_difference():
@@ -383,3 +420,68 @@ def test_a_notebook_loads_the_extension_and_renders_reports(tmp_path):
     printed = "".join(o.get("text", "") for o in outputs[5])
     assert "unit loop at Cell In[5], line 2" in printed  # the %%terra_bc cell's loop
     assert "unit loop at Cell In[3], line 9" in printed  # a loop of a cell, after %load_ext
+
+
+# **** docs/notebooks/debugging.ipynb ****
+
+NOTEBOOK = os.path.join(ROOT, "docs", "notebooks", "debugging.ipynb")
+
+
+def outputs_of(nb, start):
+    """The outputs of the one code cell whose source starts with ``start``: its streams
+    joined (``stdout``, ``stderr``) and its rich outputs' data (mime type -> data)."""
+    (cell,) = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith(start)]
+    streams = {name: "".join(o["text"] for o in cell.outputs
+                             if o["output_type"] == "stream" and o["name"] == name)
+               for name in ("stdout", "stderr")}
+    data = [o["data"] for o in cell.outputs if "data" in o]
+    return streams, data
+
+
+def test_the_debugging_notebook_runs_and_shows_each_feature(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("matplotlib")
+    import json
+    import time
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert not any(c.get("outputs") for c in nb.cells), "commit the notebook without outputs"
+    began = time.perf_counter()
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    print(f"debugging.ipynb ran in {time.perf_counter() - began:.1f} s")
+    (stats,) = outputs_of(nb, "%%terra_bc")[1]
+    assert "iterations_coexecuted" in stats["text/html"]
+    streams, _ = outputs_of(nb, "w = jnp.zeros")
+    assert streams["stdout"].rstrip().endswith("4 paths")  # noise or not, clipped or not
+    assert "terra_bc: divergence in unit step at " in streams["stderr"]  # TERRA_BC_LOG
+    (report,) = outputs_of(nb, "rep = terra_bc.explain(step)")[1]
+    assert "op clip(" in report["text/html"] and "Cell In[3], line 15" in report["text/html"]
+    # Paths 1 and 2 part on a NumPy draw (the noisy batch: an add only on the left)...
+    (numpy_diff,) = outputs_of(nb, "terra_bc.diff(rep.paths[0], rep.paths[1])")[1]
+    assert "no value read from the graph before" in numpy_diff["text/html"]
+    assert "op add(" in numpy_diff["text/html"] and "only on the left" in numpy_diff["text/html"]
+    # ... paths 1 and 3 after the loss was read: the clip, and the fetch that decided it.
+    (loss_diff,) = outputs_of(nb, "terra_bc.diff(rep.paths[0], rep.paths[2])")[1]
+    page = loss_diff["text/html"]
+    assert "op clip(" in page and "only on the left" in page
+    assert "they part after Python read fetch (float) of" in page
+    assert "made by grad of loss_fn at Cell In[3], line 13" in page
+    journal = outputs_of(nb, "for record in rep.units[0].journal")[0]["stdout"]
+    assert "divergence in unit step at Cell In[3], line 16: expected clip(" in journal
+    assert "ipykernel_" not in journal
+    (edit,) = outputs_of(nb, "terra_bc.diff(before, terra_bc.explain(step))")[1]
+    assert "static -1.0 vs static -0.5" in edit["text/html"]
+    assert "since the left report" in edit["text/html"]
+    # The timeline: saved as trace events (segment launches under their names), drawn.
+    with open(tmp_path / "trace.json") as f:
+        events = json.load(f)
+    launches = [e for e in events if e["ph"] == "X" and e["cat"] == "launch"]
+    assert launches and all(e["name"].startswith("terra_bc__step__p") for e in launches)
+    assert sum(e["ph"] == "X" and e["cat"] == "iteration" for e in events) == 20
+    (timeline,) = outputs_of(nb, "import json")[1]
+    assert timeline["image/png"] and "<table>" in timeline["text/html"]
+    (figure,) = outputs_of(nb, "tl.plot(")[1]
+    assert figure["image/png"] and "Figure" in figure["text/plain"]
+    reset = outputs_of(nb, "terra_bc.reset(step)")[0]["stdout"]
+    assert "0 paths after reset" in reset and "1 path after one call" in reset

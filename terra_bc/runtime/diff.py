@@ -63,10 +63,13 @@ def _rows(left, right):
 
 @dataclass(frozen=True, slots=True, repr=False)
 class PathDiff(Shown):
-    """Two paths' events: ``items`` holds folded runs (the number of equal events) and Rows."""
+    """Two paths' events: ``items`` holds folded runs (the number of equal events) and Rows;
+    ``last_fetch``: the last value Python read from the graph before the paths part (the
+    fetch a data-dependent branch decided on), None when none was read."""
     left: str
     right: str
     items: tuple
+    last_fetch: object = None
 
     @property
     def rows(self):
@@ -86,6 +89,7 @@ class PathDiff(Shown):
         lines = [f"{self.left:<{COLUMN}} | {self.right}"]
         if self.first is None:
             return lines + [f"  {self.shared} shared events: no difference"]
+        lines.append(f"  {self.parting()}")
         shown = 0
         for item in self.items:
             if isinstance(item, int):
@@ -97,11 +101,20 @@ class PathDiff(Shown):
             lines.append(f"  ... {len(self.rows) - shown} more differing events")
         return lines
 
+    def parting(self):
+        """Where the paths part, in words: after which fetch, if any."""
+        if self.last_fetch is None:
+            return ("they part with no value read from the graph before: Python decided on "
+                    "values of its own (NumPy, Python numbers), or the code differs")
+        return f"they part after Python read {self.last_fetch}"
+
     def __str__(self):
         return "\n".join(self.lines())
 
     def _repr_html_(self):
-        return _html_table(self)
+        if self.first is None:
+            return _html_table(self)
+        return f'<div style="margin:2px 0">{html.escape(self.parting())}</div>{_html_table(self)}'
 
 
 def _row_lines(row):
@@ -111,8 +124,11 @@ def _row_lines(row):
 
 
 def diff_paths(a, b):
+    items = _rows(a.events, b.events)
+    shared = items[0] if items and isinstance(items[0], int) else 0
+    fetches = [e for e in a.events[:shared] if e.kind == "fetch"]
     return PathDiff(f"unit {a.unit}, path {a.number}", f"unit {b.unit}, path {b.number}",
-                    _rows(a.events, b.events))
+                    items, fetches[-1] if fetches else None)
 
 
 # **** units and reports ****

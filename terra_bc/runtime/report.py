@@ -228,7 +228,15 @@ def unit_report(unit, name):
     nodes = {}  # id(Event) -> node number: paths share the Event objects of their prefix
     paths = tuple(_path_report(unit, name, n, path, nodes) for n, path in enumerate(unit.paths))
     return UnitReport(shown_location(name), state, unit.compiles, unit.eager_launches,
-                      unit.tracing_mode(), paths, tuple(unit.journal))
+                      unit.tracing_mode(), paths, tuple(map(_shown_record, unit.journal)))
+
+
+def _shown_record(record):
+    """A journal record whose locations (its unit's name, its line) read as IPython shows
+    them: ``print(record)`` of a report's record says ``Cell In[3], line 5`` too."""
+    fields = {f: shown_location(getattr(record, f)) for f in ("unit", "where")
+              if f in record._fields}
+    return record._replace(**fields)
 
 
 def _path_report(unit, name, n, path, nodes):
