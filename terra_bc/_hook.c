@@ -407,19 +407,42 @@ loop_left(LoopIterObject *it)
         mark->state = -1;
 }
 
+/* The loop handler's answer r (stolen): is an iteration open now (*open)?  Returns -1 with
+ * the error set where r is an exception: the program's own error, met ending the turn's
+ * iteration (a callback that raised), which the loop raises where it turns.  A failure of
+ * the handler itself (r NULL, reported as unraisable) must not become the loop's. */
+static int
+loop_answer(PyObject *r, int *open)
+{
+    *open = 0;
+    if (r == NULL)
+        return 0;
+    if (PyExceptionInstance_Check(r)) {
+        PyErr_SetObject((PyObject *)Py_TYPE(r), r);
+        Py_DECREF(r);
+        return -1;
+    }
+    *open = PyObject_IsTrue(r) > 0;
+    Py_DECREF(r);
+    return 0;
+}
+
 /* Tell the runtime handler(mark, token, exiting) -> is an iteration open for this loop
- * now?  A failure there must not become the loop's exception. */
-static void
+ * now?  -1: the program's error is set (loop_answer). */
+static int
 notify_loop(LoopIterObject *it, int exiting)
 {
     PyObject *r = call_quietly(loop_handler, Py_BuildValue(
         "(OKi)", (PyObject *)it->mark, (unsigned long long)(uintptr_t)it, exiting));
-    if (r == NULL) {
-        it->open = 0;
-        return;
-    }
-    it->open = PyObject_IsTrue(r) > 0;
-    Py_DECREF(r);
+    return loop_answer(r, &it->open);
+}
+
+/* The program's error where the loop cannot raise it (its iterator is being freed, or
+ * another exception is unwinding it): reported, as an error in __del__ is. */
+static void
+unraisable_program_error(void)
+{
+    PyErr_WriteUnraisable(loop_handler);
 }
 
 static PyObject *
@@ -435,15 +458,26 @@ loopiter_next(LoopIterObject *it)
             PyObject *type, *val, *tb;
             PyErr_Fetch(&type, &val, &tb);
             int raised = type != NULL && !PyErr_GivenExceptionMatches(type, PyExc_StopIteration);
-            notify_loop(it, raised ? 2 : 1);
+            if (notify_loop(it, raised ? 2 : 1) < 0) {
+                if (!raised) {  /* the loop ends by raising the program's error */
+                    Py_XDECREF(type);
+                    Py_XDECREF(val);
+                    Py_XDECREF(tb);
+                    return NULL;
+                }
+                unraisable_program_error();
+            }
             PyErr_Restore(type, val, tb);
         }
     }
     else if (it->started) {
         int busy = dl_calls != it->dl_at_turn; /* the turn that just ended called DL ops */
         it->turns++;
-        if ((busy || it->open || mark->state > 0) && PyErr_Occurred() == NULL)
-            notify_loop(it, 0);
+        if ((busy || it->open || mark->state > 0) && PyErr_Occurred() == NULL
+                && notify_loop(it, 0) < 0) {
+            Py_DECREF(value);  /* the next turn does not begin: the loop raises */
+            return NULL;
+        }
     }
     else if (PyErr_Occurred() == NULL) {
         notify_loop(it, 3);  /* the first turn begins: the runtime may open an iteration */
@@ -461,7 +495,8 @@ loopiter_dealloc(LoopIterObject *it)
         PyErr_Fetch(&type, &val, &tb);
         /* passes our mark and address only: we are being freed.  2: an exception is
          * unwinding the loop (the turn did not complete). */
-        notify_loop(it, type != NULL ? 2 : 1);
+        if (notify_loop(it, type != NULL ? 2 : 1) < 0)
+            unraisable_program_error();
         PyErr_Restore(type, val, tb);
     }
     if (loop_handler != NULL && it->mark->state >= 0)
@@ -535,32 +570,46 @@ static THREAD_LOCAL LoopHeadObject *open_head = NULL;
 #define CURRENT_FRAME(ts) ((void *)(ts)->cframe->current_frame)
 #endif
 
-static void
+/* Tell the handler about a while loop's head; -1: the program's error is set (loop_answer),
+ * where no other exception was being raised (else it is reported as unraisable). */
+static int
 notify_head(LoopHeadObject *head, int exiting)
 {
     PyObject *type, *val, *tb;
     PyErr_Fetch(&type, &val, &tb);
     PyObject *r = call_quietly(loop_handler, Py_BuildValue(
         "(OKi)", (PyObject *)head, (unsigned long long)(uintptr_t)head->frame, exiting));
-    head->open = r != NULL && PyObject_IsTrue(r) > 0;
-    Py_XDECREF(r);
-    PyErr_Restore(type, val, tb);
+    int failed = loop_answer(r, &head->open);
+    if (failed && type != NULL) {
+        unraisable_program_error();
+        failed = 0;
+    }
+    if (!failed)
+        PyErr_Restore(type, val, tb);
+    else {
+        Py_XDECREF(val);
+        Py_XDECREF(tb);
+    }
     if (head->open)
         Py_XSETREF(open_head, (LoopHeadObject *)Py_NewRef(head));
     else if (open_head == head)
         Py_CLEAR(open_head);
+    return failed;
 }
 
-/* The loop is left (exiting 1: normally, 2: by an exception). */
-static void
+/* The loop is left (exiting 1: normally, 2: by an exception).  -1: the program's error is
+ * set (notify_head). */
+static int
 leave_loop(LoopHeadObject *head, int exiting)
 {
+    int failed = 0;
     if (head->open && loop_handler != NULL)
-        notify_head(head, exiting);
+        failed = notify_head(head, exiting);
     head->open = 0;
     head->frame = NULL;
     if (open_head == head)
         Py_CLEAR(open_head);
+    return failed;
 }
 
 static PyObject *
@@ -573,11 +622,12 @@ loophead_call(PyObject *callable, PyObject *args, PyObject *kwds)
     if (head->frame != frame) { /* the loop is entered: its first turn begins */
         head->frame = frame;
         head->open = 0;
-        if (head->state > 0)    /* a loop known to be a unit: its first turn is an iteration */
-            notify_head(head, 3);
+        if (head->state > 0 && notify_head(head, 3) < 0) /* a known unit: an iteration */
+            return NULL;
     }
     else if (dl_calls != head->dl_at_turn) { /* the turn that just ended called DL ops */
-        notify_head(head, 0);
+        if (notify_head(head, 0) < 0)
+            return NULL;        /* the program's error, raised where the loop turns */
     }
     head->dl_at_turn = dl_calls;
     Py_RETURN_NONE;
@@ -614,8 +664,9 @@ loopexit_call(PyObject *callable, PyObject *args, PyObject *kwds)
 {
     LoopExitObject *self = (LoopExitObject *)callable;
     LoopHeadObject *head = self->head;
-    if (head->frame != NULL && head->frame == CURRENT_FRAME(PyThreadState_GET()))
-        leave_loop(head, self->raised ? 2 : 1);
+    if (head->frame != NULL && head->frame == CURRENT_FRAME(PyThreadState_GET())
+            && leave_loop(head, self->raised ? 2 : 1) < 0)
+        return NULL;            /* the program's error, raised where the loop is left */
     Py_RETURN_NONE;
 }
 
@@ -624,8 +675,8 @@ loopexit_call(PyObject *callable, PyObject *args, PyObject *kwds)
 static inline void
 frame_ends(void *frame, int raised)
 {
-    if (open_head != NULL && open_head->frame == frame)
-        leave_loop(open_head, raised ? 2 : 1);
+    if (open_head != NULL && open_head->frame == frame && leave_loop(open_head, raised ? 2 : 1) < 0)
+        unraisable_program_error();
 }
 
 static PyMemberDef loopexit_members[] = {

@@ -27,6 +27,7 @@ class _Thread(threading.local):
     def __init__(self):
         self.loop = None  # the LoopTurn open in this thread, if a loop unit's turn is
         self.opaque = 0   # > 0 while an eager DL op runs outside iterations (on_site)
+        self.program_error = None  # the program's error met ending an iteration (Unit.end)
 
 
 thread = _Thread()

@@ -35,7 +35,20 @@ def on_loop(mark, token, exiting):
     """A watched loop begins a turn (exiting=0; FIRST_TURN: its first) or is left (1; 2: by
     an exception).  ``mark``: the ``for`` loop's LoopMark (``token``: its LoopIter) or the
     ``while`` loop's LoopHead (``token``: its frame).  Returns whether an iteration is open
-    for this loop afterwards (see ``_hook.c``).
+    for this loop afterwards, or the program's own error met ending the last turn's
+    iteration (a callback that raised, see Unit.end), which the loop raises where it turns
+    (see ``_hook.c``); a failure of terra_bc's own is never the loop's exception."""
+    try:
+        return _on_loop(mark, token, exiting)
+    except Exception as error:
+        if error is not thread.program_error:
+            raise
+        thread.program_error = None
+        return error
+
+
+def _on_loop(mark, token, exiting):
+    """on_loop's work.
 
     A loop's first turn is an iteration too (traced, it costs about a ``jax.jit`` first
     call, where run plainly it cost an eager first step and the second turn still traced):
@@ -72,6 +85,7 @@ def on_loop(mark, token, exiting):
     unit = _loop_units.get(mark)
     if unit is None:
         unit = _loop_units[mark] = Unit(None, f"loop at {user_line()}")
+        unit.mark = mark
         mark.state = 1
     if unit.eager_reason:
         mark.state = -1

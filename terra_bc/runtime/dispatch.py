@@ -18,7 +18,7 @@ from ..counters import counts
 from ..jaxpr_builder import Id
 from . import autodiff, discovery
 from .context import EAGER, current, thread
-from .placeholders import METHOD_NAMES, METHODS, eager
+from .placeholders import METHODS, eager
 from .trace_rules import calls_given_function, code_of, grad_spec, is_api_wrapper, is_dl_op
 
 
@@ -57,12 +57,13 @@ def on_site(site, callee, *args, **kwargs):
 
 
 def _array_methods():
-    """The functions behind jax.Array's and a tracer's methods -> the placeholder's."""
+    """The functions behind jax.Array's and a tracer's methods -> the placeholder's (the
+    ones it installs, and those its ``__getattr__`` makes)."""
     out = {}
     for cls in (type(jax.numpy.zeros(())), jax.core.Tracer):
-        for name in METHOD_NAMES:
+        for name in dir(cls):
             fn = getattr(cls, name, None)
-            if isinstance(fn, types.FunctionType):
+            if isinstance(fn, types.FunctionType) and not name.startswith("_"):
                 out[fn] = METHODS[name]
     return out
 

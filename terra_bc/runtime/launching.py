@@ -16,6 +16,7 @@ from contextlib import nullcontext
 import jax
 from jax.extend.core import set_current_trace
 
+from .. import jaxpr_builder
 from ..counters import counts
 from . import compiling, journal, timeline
 from .context import TRACE
@@ -152,6 +153,23 @@ def value(it, id, stop):
     if id not in it.env:
         run(it, 0, stop, (id,))
     return it.env[id]
+
+
+def recover(it):
+    """After a failed launch: compute the values of ``it`` that Python holds op by op from
+    its recording and feeds, as eager JAX would (no compile; effects that happened already
+    are not repeated), and settle them.  An error here is the program's own."""
+    held_now = [p for p in alive(it) if p._val is None]
+    ids = tuple(sorted({p._id for p in held_now if p._id not in it.env}))
+    if ids:
+        rec = it.path.recorder
+        stop = rec.mark()
+        skip = frozenset(k for k in rec.effects_in(0, stop) if k in it.effects_ran)
+        seg = rec.segment(ids, 0, stop, skip)
+        values = jaxpr_builder.evaluate_segment(seg, [it.env[i] for i in seg.inputs])
+        it.env.update(zip(seg.outputs, values))
+    for p in held_now:
+        p._val, p._rec = it.env[p._id], None
 
 
 def settle(it, alive_now=None):

@@ -134,6 +134,8 @@ class Placeholder(jax.core.Tracer):
         if attr is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         if isinstance(attr, property) or not callable(attr):
+            if self._val is not None:  # (as _property_of)
+                return getattr(self._val, name)
             return call(ATTRS[name], (self,), {})
         method = METHODS[name]
         return lambda *args, **kwargs: call(method, (self,) + args, kwargs)
@@ -207,8 +209,14 @@ METHOD_NAMES = (
 
 def _operator_method(name, fn):
     """Placeholder.__<name>__: the C fast path in co-execution (_hook.OpMethod), else an op
-    of the iteration (or an eager op once the iteration is over)."""
+    of the iteration (or an eager op once the iteration is over).  On a placeholder that has
+    its value (a past iteration's: a loop's carried state) the operator is the value's own,
+    as on the array a loop's first turn had there: ``0.9 * ema`` is then the same work (run
+    as it is recorded, or handing an operand of this iteration its reflected operator) in
+    the first turn as in every later one, and their paths do not part there."""
     def general(self, *args):
+        if self._val is not None:
+            return fn(self._val, *args)
         return call(fn, (self,) + args, {})
     general.__name__ = name
     return _hook.OpMethod(fn, general)
@@ -219,7 +227,8 @@ def _reflected(fn, name):
 
 
 def _property_of(fn):
-    return property(lambda self: call(fn, (self,), {}))
+    # (x.T of a past iteration's value is the value's own, as an operator is)
+    return property(lambda self: fn(self._val) if self._val is not None else call(fn, (self,), {}))
 
 
 def _method_of(fn):

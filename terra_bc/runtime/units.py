@@ -15,7 +15,7 @@ import warnings
 import weakref
 
 from ..counters import counts
-from . import context, journal, timeline
+from . import context, journal, launching, timeline
 from .context import COEXEC, TRACE
 from .iteration import Iteration
 from .paths import Path
@@ -46,6 +46,7 @@ class Unit:
         self.eager_launches = 0  # segment launches run eagerly, not compiled (compiling.py)
         self.memo = {}          # what the last iteration remembered (Iteration.remember)
         self.code = None        # a function unit's code (discovery), else None
+        self.mark = None        # a loop unit's LoopMark / LoopHead (discovery), else None
         self.abstract_tracing = True  # off once a traced iteration read values too often
         self.reused = set()     # paths an iteration co-executed to their end
         self.eager_reason = None  # why the unit cannot be co-executed: it runs eagerly
@@ -153,7 +154,10 @@ class Unit:
         inside it is): what it recorded runs eagerly and no path is kept."""
         context.close_iteration(it)  # (routing everywhere from now on: see there)
         self.memo = it.memo
-        it.finish(ok, abandon)
+        try:
+            it.finish(ok, abandon)
+        except Exception as error:
+            self._failed_at_end(it, ok, error)
         if it.started and timeline.on:
             timeline.add(f"iteration of {self.name}", "iteration", it.started, it.mode)
         # Tracing costs more than eager: a unit that keeps making new paths makes no more;
@@ -162,6 +166,24 @@ class Unit:
         if len(self.recent) == RETRACE_WINDOW and all(self.recent):
             self.frozen = self.frozen or (f"traced new paths in {sum(self.recent)} of its last "
                                           f"{RETRACE_WINDOW} calls (its path or shapes change)")
+
+    def _failed_at_end(self, it, ok, error):
+        """Launching what ``it`` left failed (a compile, a segment: terra_bc's failure or the
+        program's own, a callback that raised).  The unit runs eagerly from now on, and the
+        values Python holds are computed op by op as eager JAX would compute them; an error
+        then is the program's, raised as eager JAX raises it (see ProgramError), unless the
+        iteration is already ending with the program's own exception."""
+        reason = f"launching the end of an iteration failed ({type(error).__name__}: {error})"
+        self.eager_reason = self.eager_reason or reason
+        counts["eager_fallbacks"] += 1
+        journal.fallback(self, reason)
+        try:
+            launching.recover(it)
+        except Exception as program_error:
+            if ok:
+                if self.fn is None:  # a loop's: its loop raises it (discovery.on_loop)
+                    context.thread.program_error = program_error
+                raise
 
     def reset(self):
         """Forget what the unit learned from its calls: its next call traces afresh."""
@@ -176,6 +198,8 @@ class Unit:
         self.eager_reason = None
         self.journal.clear()
         self.fallbacks_noted.clear()
+        if self.mark is not None and self.mark.state < 0:
+            self.mark.state = 0  # (a loop run as plain Python since: undecided again)
 
 
 def _leave(it):
