@@ -121,3 +121,31 @@ def test_a_loop_after_a_failure_runs_eagerly_and_correctly(monkeypatch):
         third = training(5)
     np.testing.assert_allclose(third[0], want[0], rtol=1e-5)
     assert terra_bc.stats()["iterations_coexecuted"] > before
+
+
+def held_by_chance(steps):
+    """Python holds `y` at the fetch in one turn only (as a library's gradients are held
+    by reference cycles the garbage collector has not freed yet): that turn's launch must
+    not compile the segment again, and `y` is computed when Python reads it."""
+    x = jnp.linspace(0.0, 1.0, 6)
+    kept, losses = [], []
+    for i in range(steps):
+        y = jnp.tanh(x) * 3.0
+        z = jnp.sum(y * y)
+        if i == 2:
+            kept.append(y)
+        del y
+        losses.append(float(z))
+        x = x * 0.9 + 0.01
+    return losses, [np.asarray(v) for v in kept]
+
+
+def test_a_value_held_by_chance_reuses_the_compiled_segment():
+    want = held_by_chance(6)
+    with terra_bc.enabled():
+        got = held_by_chance(6)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    np.testing.assert_allclose(got[1][0], want[1][0], rtol=1e-5)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] == 5
+    assert stats["compiles"] == 1

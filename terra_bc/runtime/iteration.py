@@ -269,8 +269,9 @@ class Iteration:
             if self.pos != len(self.path.events):
                 self.path = self._path_ending_here()
             alive = launching.alive(self)
-            launching.launch(self, self.path.recorder.mark(),
-                             [p._id for p in alive if p._val is None], alive)
+            # (What Python holds is kept (launching.launch), not needed: a compiled segment
+            # computing less serves, and a value it leaves out is computed when read.)
+            launching.launch(self, self.path.recorder.mark(), (), alive)
             unit.last_path = self.path
             unit.reused.add(self.path)
             launching.settle(self, alive)

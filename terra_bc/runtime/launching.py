@@ -53,12 +53,14 @@ def launch(it, stop, need, alive_now=None):
         if it.mode == TRACE:  # the path goes on being recorded: no plan is final yet
             produced = it.path.recorder.wiring(it.seg_start, stop)[1]
             outputs = tuple(sorted(produced & (held(it) | set(need) | it.path.escaping)))
+            required = None
         else:
             produced, reads_after = it.path.plan(it.seg_start, stop)
             kept = {p._id for p in (alive(it) if alive_now is None else alive_now)}
-            outputs = tuple(sorted(produced & (reads_after | kept | set(need) | it.path.escaping)))
+            required = produced & (reads_after | set(need) | it.path.escaping)
+            outputs = tuple(sorted(required | (produced & kept)))
         if outputs or pending_effects(it, it.seg_start, stop):
-            run(it, it.seg_start, stop, outputs)
+            run(it, it.seg_start, stop, outputs, required)
         it.seg_start = stop
     missing = [i for i in need if i not in it.env]
     if missing:
@@ -72,14 +74,20 @@ def pending_effects(it, start, stop):
     return any(k not in done for k in it.path.recorder.effects_in(start, stop))
 
 
-def run(it, start, stop, outputs):
+def run(it, start, stop, outputs, required=None):
     """Launch the segment [start, stop) -> outputs of the iteration's path.  Each effect
     (a callback, a print) happens once per iteration: those that happened already (as they
-    were recorded, or in an earlier launch) are left out of the segment."""
+    were recorded, or in an earlier launch) are left out of the segment.
+
+    ``required``: the outputs later work reads for sure; the others only Python still held
+    when asked.  A compiled segment of this range that computes the required ones serves
+    rather than a compile: a value it leaves out is computed only if Python reads it
+    (``LateValue``).  Which values Python holds varies with the cyclic garbage collector
+    (a library's gradients, held in reference cycles, not collected yet)."""
     unit = it.unit
     effects = it.path.recorder.effects_in(start, stop)
     skip = frozenset(k for k in effects if k in it.effects_ran) if effects else frozenset()
-    entry = it.path.segment(start, stop, outputs, skip)
+    entry = it.path.segment(start, stop, outputs, skip, required)
     seg = entry.segment
     if unit.compiles > settings["max_compiles"]:
         unit.compiled_too_often()
@@ -173,8 +181,38 @@ def recover(it):
 
 
 def settle(it, alive_now=None):
-    """Every live placeholder takes its concrete value and leaves the iteration."""
+    """Every live placeholder takes its concrete value and leaves the iteration (one no
+    launch computed gets a LateValue, see run)."""
+    env = it.env
     for p in alive(it) if alive_now is None else alive_now:
         if p._val is None:
-            p._val = p._rec.val if p._rec is not None else it.env[p._id]
+            if p._rec is not None:
+                p._val = p._rec.val
+            elif p._id in env:
+                p._val = env[p._id]
+            else:
+                p._rec = LateValue(it, p._id)
+                continue
         p._rec = None
+
+
+class LateValue:
+    """The value of a placeholder Python still held at a launch that reused a compiled
+    segment not computing it (see run): computed from the iteration's recording and feeds,
+    op by op, if Python reads it (``.val``, as a recording tracer's).  Read once, the path's
+    later launches compute it (it joins ``Path.escaping``)."""
+    __slots__ = ("path", "id", "stop", "env", "_value")
+
+    def __init__(self, it, id):
+        self.path, self.id, self.stop = it.path, id, it.seg_start
+        self.env, self._value = it.env, None
+
+    @property
+    def val(self):
+        if self._value is None:
+            path = self.path
+            path.escaping.add(self.id)
+            seg = path.recorder.segment([self.id], 0, self.stop, pure=True)  # (effects ran)
+            self._value = jaxpr_builder.evaluate_segment(seg, [self.env[i] for i in seg.inputs])[0]
+            self.path = self.env = None
+        return self._value

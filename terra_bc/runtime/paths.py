@@ -69,31 +69,37 @@ class Path:
                                                 self.recorder.wiring(stop)[0])
         return plan
 
-    def segment(self, start, stop, outputs, skip=frozenset()):
+    def segment(self, start, stop, outputs, skip=frozenset(), required=None):
         """The ``SegmentEntry`` computing ``outputs`` from equations [start, stop), without
         the effects of the equations ``skip`` (they happened already in this iteration).  A
         segment of the same equations computing more outputs serves too: the traced
         iteration launched it when the rest of the path was not recorded yet, keeping
-        every value Python held; its extra outputs cost less than compiling again."""
+        every value Python held; its extra outputs cost less than compiling again.  So does
+        a compiled one computing the ``required`` outputs (the others are optional: see
+        launching.run)."""
         key = (start, stop, outputs, skip)
         entry = self.segments.get(key)
         if entry is None:
             entry = self._wider(start, stop, outputs, skip)
-            if entry is None:
-                entry = SegmentEntry(self.recorder.segment(outputs, start, stop, skip),
-                                     self.recorder.not_computed(start, stop), start, stop)
-            self.segments[key] = entry
+        if (entry is None or entry.exe is None) and required is not None:
+            partial = self._wider(start, stop, required, skip, compiled=True)
+            if partial is not None:
+                return partial  # (not kept under `key`: it does not compute all of them)
+        if entry is None:
+            entry = SegmentEntry(self.recorder.segment(outputs, start, stop, skip),
+                                 self.recorder.not_computed(start, stop), start, stop)
+        self.segments[key] = entry
         return entry
 
-    def _wider(self, start, stop, outputs, skip):
+    def _wider(self, start, stop, outputs, skip, compiled=False):
         want = set(outputs)
-        best = None  # (one with an executable first)
+        best = None  # (one with an executable first; only those if ``compiled``)
         for (a, b, outs, skipped), entry in self.segments.items():
             if a == start and b == stop and skipped == skip and want.issubset(outs):
                 if entry.exe is not None:
                     return entry
                 best = best or entry
-        return best
+        return None if compiled else best
 
     def shared_prefix(self, other):
         """How many first events this path shares with ``other`` (the same objects)."""
