@@ -334,7 +334,9 @@ static PyTypeObject SiteType = {
 #define LOOP_MARK_FIELDS \
     PyObject_HEAD \
     PyObject *key; \
-    int state;          /* 0 undecided, 1 a unit (set by the runtime), -1 plain Python */
+    int state;          /* 0 undecided, 1 a unit (set by the runtime), -1 plain Python */ \
+    Py_ssize_t turns;   /* how many turns its last execution will make, where its \
+                           iterable (a list, tuple, range, dict) says so; else -1 */
 
 typedef struct {
     LOOP_MARK_FIELDS
@@ -361,8 +363,10 @@ loopmark_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTuple(args, "O", &key))
         return NULL;
     LoopMarkObject *self = (LoopMarkObject *)type->tp_alloc(type, 0);
-    if (self != NULL)
+    if (self != NULL) {
         self->key = Py_NewRef(key);
+        self->turns = -1;
+    }
     return (PyObject *)self;
 }
 
@@ -382,6 +386,13 @@ loopmark_call(LoopMarkObject *self, PyObject *args, PyObject *kwds)
     PyObject *inner = PyObject_GetIter(iterable);
     if (inner == NULL || loop_handler == NULL || self->state < 0 || in_callback)
         return inner;
+    /* Only containers whose length costs nothing and runs no user code. */
+    self->turns = PyList_CheckExact(iterable) ? PyList_GET_SIZE(iterable)
+        : PyTuple_CheckExact(iterable) ? PyTuple_GET_SIZE(iterable)
+        : PyDict_CheckExact(iterable) ? PyDict_GET_SIZE(iterable)
+        : PyRange_Check(iterable) ? PyObject_Length(iterable) : -1;
+    if (self->turns < 0)
+        PyErr_Clear();  /* (a range too long for a Py_ssize_t) */
     LoopIterObject *it = PyObject_New(LoopIterObject, &LoopIterType);
     if (it == NULL) {
         Py_DECREF(inner);
@@ -509,6 +520,8 @@ loopiter_dealloc(LoopIterObject *it)
 static PyMemberDef loopmark_members[] = {
     {"key", T_OBJECT, offsetof(LoopMarkObject, key), READONLY, "(filename, qualname, line, offset)"},
     {"state", T_INT, offsetof(LoopMarkObject, state), 0, "0 undecided, 1 unit, -1 plain Python"},
+    {"turns", T_PYSSIZET, offsetof(LoopMarkObject, turns), READONLY,
+     "turns its last execution makes, where a list, tuple, range or dict says; else -1"},
     {NULL},
 };
 

@@ -106,6 +106,30 @@ def test_short_inner_loop_stays_inside_the_turn():
     assert terra_bc.stats()["iterations_coexecuted"] >= 5
 
 
+def test_short_inner_loop_in_the_first_turn_is_not_the_unit():
+    """A loop over a tuple of heads (2 turns) inside the first turn of the training loop
+    stays part of it: the training loop is the unit from its first turn (one trace)."""
+    def run(steps):
+        heads = tuple((jnp.eye(8) * (0.5 + k), jnp.full(8, 0.1 * k)) for k in range(2))
+        out, x = [], jnp.ones((4, 8))
+        for step in range(steps):
+            h = x
+            for w, b in heads:                # short: a tuple says it turns twice
+                h = jnp.tanh(h @ w + b)
+            out.append(float(jnp.sum(h)))
+            x = x * 0.9
+        return out
+    from terra_bc.runtime.units import all_units
+    want = run(8)
+    terra_bc.reset()
+    got = hooked(run, 8)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    s = terra_bc.stats()
+    assert s["iterations_traced"] == 1 and s["iterations_coexecuted"] == 7, s
+    inner = f"{__file__}:{run.__code__.co_firstlineno + 5}"  # (the `for w, b` line)
+    assert not any(u.name.endswith(inner) and u.paths for u in list(all_units))
+
+
 def test_plain_python_loops_are_left_alone():
     def count(n):
         total = 0

@@ -75,8 +75,11 @@ def _on_loop(mark, token, exiting):
                 return False  # (inside a differentiated function or an op: part of it)
             cur.inner_turns[loop] = cur.inner_turns.get(loop, 0) + 1
             # In an outer loop's first turn, before it ever was an iteration, the first
-            # loop to turn twice is the unit (the outer one may still be, from its 2nd turn).
-            tentative = cur.first and not cur.iteration.unit.paths
+            # loop to turn twice is the unit (the outer one may still be, from its 2nd turn),
+            # unless it says it is short (over a list, a tuple, a range: the heads of a
+            # network, its layers): that one is part of the outer loop's turns.
+            tentative = cur.first and not cur.iteration.unit.paths \
+                and not 0 <= getattr(mark, "turns", -1) <= settings["inner_turns"]
             limit = 1 if tentative else settings["inner_turns"]
             if cur.inner_turns[loop] <= limit and not _known_while(mark):
                 return False
