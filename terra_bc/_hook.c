@@ -16,6 +16,9 @@
 #include <Python.h>
 #include <structmember.h>
 #include <internal/pycore_frame.h>
+#if PY_VERSION_HEX >= 0x030c0000
+#include <internal/pycore_interp.h> /* the interpreter's sys.monitoring events */
+#endif
 #include <pthread.h>
 #include "_fastop.h"
 
@@ -87,6 +90,7 @@ static THREAD_LOCAL int routing = 0;
 static int route_always = 0;
 static PyObject *loop_handler = NULL;   /* runtime/discovery.py on_loop(mark, token, exiting) */
 static PyObject *call_handler = NULL;   /* runtime/discovery.py on_call(mark, token, state) */
+static PyObject *watch_handler = NULL;  /* runtime/tools.py on_watched() -> still routed? */
 static Py_ssize_t mark_index = -1;      /* code extra: a rewritten code's unit mark (or NULL) */
 static THREAD_LOCAL unsigned long long dl_calls = 0; /* DL-op calls through sites */
 
@@ -109,28 +113,145 @@ callee_key(PyObject *callee)
     return (PyObject *)Py_TYPE(callee);
 }
 
-/* Under a trace function (a debugger, coverage) terra_bc stays out of sight: sites are plain
- * calls, and the runtime's own Python, when it must run, is not traced. */
+/* ------------------------------------------------------------------ tools watching
+ *
+ * A tool watches a thread while a trace or profile function is set in it (sys.settrace,
+ * sys.setprofile: pdb, coverage's C tracer, profile) or, on 3.12+, while a sys.monitoring
+ * tool has events on, for every code object or for this one (cProfile, coverage's sysmon
+ * core).  sys.settrace and sys.setprofile are monitoring tools 6 and 7 there, switched on
+ * for the whole interpreter by one thread: they are read from the thread state instead.
+ * While a tool watches, terra_bc stays out of sight: frames begin with their original code,
+ * sites are plain calls, and the runtime's own Python, when it must run, is not seen.  What
+ * an iteration open at that moment does is the runtime's decision (runtime/tools.py). */
+#if PY_VERSION_HEX >= 0x030c0000
+#define MONITORING_TOOLS 0x3F /* tool ids 0-5: not sys.setprofile's (6) or sys.settrace's (7) */
 static inline int
-traced(void)
+monitored(PyThreadState *ts, PyCodeObject *code)
 {
-    return PyThreadState_GET()->c_tracefunc != NULL;
+    const uint8_t *tools = ts->interp->monitors.tools;
+    uint8_t any = 0;
+    for (int i = 0; i < _PY_MONITORING_UNGROUPED_EVENTS; i++)
+        any |= tools[i];
+    if (code != NULL && code->_co_monitoring != NULL) {
+        tools = code->_co_monitoring->local_monitors.tools;
+        for (int i = 0; i < _PY_MONITORING_LOCAL_EVENTS; i++)
+            any |= tools[i];
+    }
+    return (any & MONITORING_TOOLS) != 0;
+}
+#else
+#define monitored(ts, code) 0
+#endif
+
+/* Is a tool watching this thread (and `code`, when given)? */
+static inline int
+watched(PyThreadState *ts, PyCodeObject *code)
+{
+    return ts->c_tracefunc != NULL || ts->c_profilefunc != NULL || monitored(ts, code);
 }
 
-/* handler(*args) for the loop and call handlers: never traced, and a failure is reported
- * as unraisable (it must not become the user's exception).  Steals args (NULL: building
- * them failed). */
+/* ------------------------------------------------------------------ Unseen
+ * Unseen(fn) calls fn out of a watching tool's sight (see watched above).  A placeholder
+ * that outlived its iteration (a value carried from turn to turn, a parameter after the
+ * loop) runs terra_bc's own Python for its operators, methods and conversions: a debugger
+ * must not step into it, nor a profiler or coverage tool count it.  A method descriptor,
+ * so it stands for a method (bound to the placeholder) or a property's getter. */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *fn;
+} UnseenObject;
+
+static PyObject *
+unseen_vectorcall(UnseenObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    PyThreadState *ts = PyThreadState_GET();
+    if (!watched(ts, NULL))
+        return PyObject_Vectorcall(self->fn, args, nargsf, kwnames);
+    PyThreadState_EnterTracing(ts);
+    PyObject *r = PyObject_Vectorcall(self->fn, args, nargsf, kwnames);
+    PyThreadState_LeaveTracing(ts);
+    return r;
+}
+
+static PyObject *
+unseen_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *fn;
+    if (!PyArg_ParseTuple(args, "O:Unseen", &fn))
+        return NULL;
+    if (!PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "Unseen(fn) takes a callable");
+        return NULL;
+    }
+    UnseenObject *self = (UnseenObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = (vectorcallfunc)unseen_vectorcall;
+    self->fn = Py_NewRef(fn);
+    return (PyObject *)self;
+}
+
+static PyObject *
+unseen_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None)
+        return Py_NewRef(self);
+    return PyMethod_New(self, obj);
+}
+
+static int
+unseen_traverse(UnseenObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->fn);
+    return 0;
+}
+
+static void
+unseen_dealloc(UnseenObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Py_XDECREF(self->fn);
+    Py_TYPE(self)->tp_free(self);
+}
+
+static PyMemberDef unseen_members[] = {
+    {"__wrapped__", T_OBJECT, offsetof(UnseenObject, fn), READONLY, "the function called"},
+    {NULL},
+};
+
+static PyTypeObject UnseenType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "terra_bc._hook.Unseen",
+    .tp_basicsize = sizeof(UnseenObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL
+                | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_vectorcall_offset = offsetof(UnseenObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_descr_get = unseen_get,
+    .tp_new = unseen_new,
+    .tp_dealloc = (destructor)unseen_dealloc,
+    .tp_traverse = (traverseproc)unseen_traverse,
+    .tp_members = unseen_members,
+    .tp_doc = "Unseen(fn): calls fn (a method too) out of the sight of a debugger, profiler or coverage tool.",
+};
+
+/* handler(*args) for the loop, call and watch handlers: never seen by a tool, and a
+ * failure is reported as unraisable (it must not become the user's exception).  Steals args
+ * (NULL: building them failed). */
 static PyObject *
 call_quietly(PyObject *handler, PyObject *args)
 {
     PyObject *r = NULL;
     if (args != NULL) {
-        int hide = traced();
+        PyThreadState *ts = PyThreadState_GET();
+        int hide = watched(ts, NULL);
         if (hide)
-            PyThreadState_EnterTracing(PyThreadState_GET());
+            PyThreadState_EnterTracing(ts);
         r = PyObject_Call(handler, args, NULL);
         if (hide)
-            PyThreadState_LeaveTracing(PyThreadState_GET());
+            PyThreadState_LeaveTracing(ts);
         Py_DECREF(args);
     }
     if (r == NULL)
@@ -138,16 +259,36 @@ call_quietly(PyObject *handler, PyObject *args)
     return r;
 }
 
-/* 1: route this call to the handler, 0: call the callee, -1: error. */
+/* A tool watches this thread: while its iteration still routes DL-op calls, the runtime
+ * decides what the iteration does (runtime/tools.py; it stops routing them, or goes on
+ * where it must).  1: this call is still routed (unseen by the tool), 0: a plain call. */
 static int
-should_route(SiteObject *self, PyObject *callee)
+routed_while_watched(void)
 {
-    if (route_handler == NULL || traced()
-        || !(routing || route_always || loop_handler != NULL || call_handler != NULL))
+    if (!routing || watch_handler == NULL)
+        return 0;
+    PyObject *r = call_quietly(watch_handler, PyTuple_New(0));
+    int still = r != NULL && PyObject_IsTrue(r) > 0;
+    Py_XDECREF(r);
+    return still;
+}
+
+/* 1: route this call to the handler, 0: call the callee, -1: error.  `hide`: a tool
+ * watches this thread (what the runtime runs here is kept out of its sight). */
+static int
+should_route(SiteObject *self, PyObject *callee, int hide)
+{
+    if (route_handler == NULL
+        || !(routing || route_always || loop_handler != NULL || call_handler != NULL)
+        || (hide && !routed_while_watched()))
         return 0;
     PyObject *key = callee_key(callee);
     if (key != self->seen_key) {
+        if (hide)
+            PyThreadState_EnterTracing(PyThreadState_GET());
         PyObject *verdict = PyObject_CallOneArg(route_classify, callee);
+        if (hide)
+            PyThreadState_LeaveTracing(PyThreadState_GET());
         int dl = verdict == NULL ? -1 : PyObject_IsTrue(verdict);
         Py_XDECREF(verdict);
         if (dl < 0) {
@@ -203,7 +344,9 @@ site_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf, PyObject
     }
     self->count++;
     sites_executed++;
-    int routed = should_route(self, args[0]);
+    PyThreadState *ts = PyThreadState_GET();
+    int hide = watched(ts, NULL);
+    int routed = should_route(self, args[0], hide);
     if (routed < 0)
         return NULL;
     if (routed) {
@@ -214,7 +357,12 @@ site_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf, PyObject
                 return r;
             Py_DECREF(r);
         }
-        return route(self, args, nargs, nargsf, kwnames);
+        if (!hide)
+            return route(self, args, nargs, nargsf, kwnames);
+        PyThreadState_EnterTracing(ts);
+        PyObject *r = route(self, args, nargs, nargsf, kwnames);
+        PyThreadState_LeaveTracing(ts);
+        return r;
     }
     /* Our args[0] slot may be borrowed by the callee only if our caller lent us args[-1]. */
     size_t offset = nargsf & PY_VECTORCALL_ARGUMENTS_OFFSET;
@@ -234,7 +382,9 @@ site_unpacking_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf
     self->count++;
     sites_executed++;
     PyObject *callee = args[0], *positional = args[1], *keywords = nargs == 3 ? args[2] : NULL;
-    int routed = should_route(self, callee);
+    PyThreadState *ts = PyThreadState_GET();
+    int hide = watched(ts, NULL);
+    int routed = should_route(self, callee, hide);
     if (routed < 0)
         return NULL;
     if (routed)
@@ -242,7 +392,7 @@ site_unpacking_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf
     if (PyTuple_CheckExact(positional) && !routed)
         return PyObject_Call(callee, positional, keywords);
     if (Py_TYPE(positional)->tp_iter == NULL && !PySequence_Check(positional)) {
-        PyObject *name = _PyObject_FunctionStr(callee);
+        PyObject *name = _PyObject_FunctionStr(args[0]); /* (the callee, routed or not) */
         if (name != NULL) {
             PyErr_Format(PyExc_TypeError, "%U argument after * must be an iterable, not %.200s",
                          name, Py_TYPE(positional)->tp_name);
@@ -261,7 +411,12 @@ site_unpacking_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf
         if (tuple == NULL)
             return NULL;
     }
+    hide = hide && routed;
+    if (hide)
+        PyThreadState_EnterTracing(ts);
     PyObject *result = PyObject_Call(callee, tuple, keywords);
+    if (hide)
+        PyThreadState_LeaveTracing(ts);
     Py_DECREF(tuple);
     return result;
 }
@@ -567,7 +722,7 @@ static PyObject *
 loophead_call(PyObject *callable, PyObject *args, PyObject *kwds)
 {
     LoopHeadObject *head = (LoopHeadObject *)callable;
-    if (loop_handler == NULL || head->state < 0 || in_callback || traced())
+    if (loop_handler == NULL || head->state < 0 || in_callback || watched(PyThreadState_GET(), NULL))
         Py_RETURN_NONE;
     void *frame = CURRENT_FRAME(PyThreadState_GET());
     if (head->frame != frame) { /* the loop is entered: its first turn begins */
@@ -785,12 +940,14 @@ run_as_unit(PyThreadState *ts, _PyInterpreterFrame *frame, PyObject *mark)
 static PyObject *
 hook(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
 {
-    if (!thread_enabled || in_callback || throwflag || callback == NULL
-        || ts->c_tracefunc != NULL)
+    if (!thread_enabled || in_callback || throwflag || callback == NULL)
         return run_previous(ts, frame, throwflag);
     PyCodeObject *code = FRAME_CODE(frame);
+    /* A frame that begins while a tool watches runs its original code; inside an iteration
+     * that still routes DL-op calls while one watches (a gradient it records), the frames
+     * it runs stay rewritten (runtime/tools.py). */
     if (!PyCode_Check(code) || (code->co_flags & UNTOUCHABLE)
-        || frame->owner != FRAME_OWNED_BY_THREAD)
+        || frame->owner != FRAME_OWNED_BY_THREAD || (!routing && watched(ts, code)))
         return run_previous(ts, frame, throwflag);
     /* What CODE_GET_EXTRA does, inlined: this runs for every Python call. */
     CodeExtras *extras = (CodeExtras *)code->co_extra;
@@ -972,6 +1129,27 @@ set_unit_mark(PyObject *mod, PyObject *args)
 }
 
 static PyObject *
+set_watch_handler(PyObject *mod, PyObject *fn)
+{
+    return set_handler(&watch_handler, fn, "set_watch_handler takes a callable or None");
+}
+
+static PyObject *
+is_watched(PyObject *mod, PyObject *unused)
+{
+    return PyBool_FromLong(watched(PyThreadState_GET(), NULL));
+}
+
+static PyObject *
+watch_check(PyObject *mod, PyObject *unused)
+{
+    if (!watched(PyThreadState_GET(), NULL))
+        Py_RETURN_FALSE;
+    routed_while_watched();
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
 set_route_always(PyObject *mod, PyObject *on)
 {
     route_always = PyObject_IsTrue(on) > 0;
@@ -986,6 +1164,13 @@ static PyMethodDef methods[] = {
      "returns a token or None; 1: returned; 2: raised)."},
     {"set_unit_mark", set_unit_mark, METH_VARARGS,
      "set_unit_mark(code, mark): calls of rewritten `code` go through the call handler (None: no more)."},
+    {"set_watch_handler", set_watch_handler, METH_O,
+     "set_watch_handler(fn): fn() -> still routed?, when a tool watches a thread whose "
+     "iteration routes DL-op calls."},
+    {"watched", is_watched, METH_NOARGS,
+     "Is a tool (trace or profile function, sys.monitoring tool) watching this thread?"},
+    {"watch_check", watch_check, METH_NOARGS,
+     "watched(), telling the watch handler first if this thread's iteration still routes."},
     {"set_route_always", set_route_always, METH_O,
      "Route DL-op calls to the handler outside iterations too (escaped placeholders)."},
     {"set_routing", set_routing, METH_VARARGS,
@@ -1039,7 +1224,9 @@ PyInit__hook(void)
         Py_DECREF(m);
         return NULL;
     }
-    if (PyModule_AddObjectRef(m, "Site", (PyObject *)&SiteType) < 0) {
+    if (PyType_Ready(&UnseenType) < 0
+        || PyModule_AddObjectRef(m, "Unseen", (PyObject *)&UnseenType) < 0
+        || PyModule_AddObjectRef(m, "Site", (PyObject *)&SiteType) < 0) {
         Py_DECREF(m);
         return NULL;
     }
