@@ -150,6 +150,32 @@ watched(PyThreadState *ts, PyCodeObject *code)
     return ts->c_tracefunc != NULL || ts->c_profilefunc != NULL || monitored(ts, code);
 }
 
+/* Out of a tool's sight: CPython calls no trace, profile or monitoring function while
+ * tstate->tracing is set, as while it runs one.  `hiding` counts ours, so that code a tool
+ * runs itself (its callback, a debugger's commands) is told apart (in_tool). */
+static THREAD_LOCAL int hiding = 0;
+
+static inline void
+hide_begin(PyThreadState *ts)
+{
+    hiding++;
+    PyThreadState_EnterTracing(ts);
+}
+
+static inline void
+hide_end(PyThreadState *ts)
+{
+    PyThreadState_LeaveTracing(ts);
+    hiding--;
+}
+
+/* Is this thread running a tool's own code (a trace function, pdb evaluating `p x`)? */
+static inline int
+in_tool(PyThreadState *ts)
+{
+    return ts->tracing > hiding;
+}
+
 /* ------------------------------------------------------------------ Unseen
  * Unseen(fn) calls fn out of a watching tool's sight (see watched above).  A placeholder
  * that outlived its iteration (a value carried from turn to turn, a parameter after the
@@ -169,9 +195,9 @@ unseen_vectorcall(UnseenObject *self, PyObject *const *args, size_t nargsf, PyOb
     PyThreadState *ts = PyThreadState_GET();
     if (!watched(ts, NULL))
         return PyObject_Vectorcall(self->fn, args, nargsf, kwnames);
-    PyThreadState_EnterTracing(ts);
+    hide_begin(ts);
     PyObject *r = PyObject_Vectorcall(self->fn, args, nargsf, kwnames);
-    PyThreadState_LeaveTracing(ts);
+    hide_end(ts);
     return r;
 }
 
@@ -221,6 +247,33 @@ static PyMemberDef unseen_members[] = {
     {NULL},
 };
 
+/* The function's own __name__, __qualname__, __doc__, __module__ (pytest's assertion
+ * messages, inspect, help() read them from a bound method's function); and any other
+ * attribute the function has. */
+static PyObject *
+unseen_forward(UnseenObject *self, void *name)
+{
+    return PyObject_GetAttrString(self->fn, (const char *)name);
+}
+
+static PyGetSetDef unseen_getset[] = {
+    {"__name__", (getter)unseen_forward, NULL, NULL, "__name__"},
+    {"__qualname__", (getter)unseen_forward, NULL, NULL, "__qualname__"},
+    {"__doc__", (getter)unseen_forward, NULL, NULL, "__doc__"},
+    {"__module__", (getter)unseen_forward, NULL, NULL, "__module__"},
+    {NULL},
+};
+
+static PyObject *
+unseen_getattro(UnseenObject *self, PyObject *name)
+{
+    PyObject *r = PyObject_GenericGetAttr((PyObject *)self, name);
+    if (r != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError))
+        return r;
+    PyErr_Clear();
+    return PyObject_GetAttr(self->fn, name);
+}
+
 static PyTypeObject UnseenType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "terra_bc._hook.Unseen",
@@ -234,6 +287,8 @@ static PyTypeObject UnseenType = {
     .tp_dealloc = (destructor)unseen_dealloc,
     .tp_traverse = (traverseproc)unseen_traverse,
     .tp_members = unseen_members,
+    .tp_getset = unseen_getset,
+    .tp_getattro = (getattrofunc)unseen_getattro,
     .tp_doc = "Unseen(fn): calls fn (a method too) out of the sight of a debugger, profiler or coverage tool.",
 };
 
@@ -246,18 +301,21 @@ call_quietly(PyObject *handler, PyObject *args)
     PyObject *r = NULL;
     if (args != NULL) {
         PyThreadState *ts = PyThreadState_GET();
-        int hide = watched(ts, NULL);
-        if (hide)
-            PyThreadState_EnterTracing(ts);
+        int hidden = watched(ts, NULL);
+        if (hidden)
+            hide_begin(ts);
         r = PyObject_Call(handler, args, NULL);
-        if (hide)
-            PyThreadState_LeaveTracing(ts);
+        if (hidden)
+            hide_end(ts);
         Py_DECREF(args);
     }
     if (r == NULL)
         PyErr_WriteUnraisable(handler);
     return r;
 }
+
+/* Routed calls in progress in this thread (the runtime is running an op, a transform). */
+static THREAD_LOCAL int routed_calls = 0;
 
 /* A tool watches this thread: while its iteration still routes DL-op calls, the runtime
  * decides what the iteration does (runtime/tools.py; it stops routing them, or goes on
@@ -267,7 +325,7 @@ routed_while_watched(void)
 {
     if (!routing || watch_handler == NULL)
         return 0;
-    PyObject *r = call_quietly(watch_handler, PyTuple_New(0));
+    PyObject *r = call_quietly(watch_handler, Py_BuildValue("(i)", routed_calls > 0));
     int still = r != NULL && PyObject_IsTrue(r) > 0;
     Py_XDECREF(r);
     return still;
@@ -280,15 +338,15 @@ should_route(SiteObject *self, PyObject *callee, int hide)
 {
     if (route_handler == NULL
         || !(routing || route_always || loop_handler != NULL || call_handler != NULL)
-        || (hide && !routed_while_watched()))
+        || (hide && (in_tool(PyThreadState_GET()) || !routed_while_watched())))
         return 0;
     PyObject *key = callee_key(callee);
     if (key != self->seen_key) {
         if (hide)
-            PyThreadState_EnterTracing(PyThreadState_GET());
+            hide_begin(PyThreadState_GET());
         PyObject *verdict = PyObject_CallOneArg(route_classify, callee);
         if (hide)
-            PyThreadState_LeaveTracing(PyThreadState_GET());
+            hide_end(PyThreadState_GET());
         int dl = verdict == NULL ? -1 : PyObject_IsTrue(verdict);
         Py_XDECREF(verdict);
         if (dl < 0) {
@@ -309,6 +367,101 @@ should_route(SiteObject *self, PyObject *callee, int hide)
         return 1;
     }
     return routing || route_always;
+}
+
+/* A site's plain call while a profile function is set (sys.setprofile, profile; cProfile on
+ * 3.11): CPython's CALL tells it of a builtin callee (c_call, then c_return or c_exception),
+ * which a call made from C would not.  The callee as reported (NULL: not reported): a builtin
+ * function or method, or a method descriptor bound to its first argument (ceval.c's
+ * trace_call_function; sys_profile_call_or_return on 3.12+). */
+static PyObject *
+profiled_callee(PyThreadState *ts, PyObject *callee, PyObject *self_arg)
+{
+    if (ts->c_profilefunc == NULL || ts->tracing)
+        return NULL;
+    if (PyCFunction_Check(callee))
+        return Py_NewRef(callee);
+    if (Py_IS_TYPE(callee, &PyMethodDescr_Type) && self_arg != NULL) {
+        PyObject *bound = Py_TYPE(callee)->tp_descr_get(callee, self_arg, (PyObject *)Py_TYPE(self_arg));
+        if (bound == NULL)
+            PyErr_Clear(); /* (the call itself raises) */
+        return bound;
+    }
+    return NULL;
+}
+
+/* Tell the profile function `what` of `callee`, out of its own sight.  -1: it raised. */
+static int
+profile_event(PyThreadState *ts, int what, PyObject *callee)
+{
+    Py_tracefunc fn = ts->c_profilefunc;
+    PyFrameObject *frame = PyEval_GetFrame();
+    if (fn == NULL || frame == NULL)
+        return 0;
+    PyObject *obj = Py_XNewRef(ts->c_profileobj);
+    Py_INCREF(frame);
+    PyThreadState_EnterTracing(ts);  /* (as CPython calls it: the tool's own code, in_tool) */
+    int err = fn(obj, frame, what, callee);
+    PyThreadState_LeaveTracing(ts);
+    Py_DECREF(frame);
+    Py_XDECREF(obj);
+    return err ? -1 : 0;
+}
+
+/* After the call of a reported callee: c_return, or c_exception with the call's exception
+ * kept (a profile function that raises replaces the result, as in ceval.c).  Steals
+ * `reported`. */
+static PyObject *
+profile_returned(PyThreadState *ts, PyObject *reported, PyObject *result)
+{
+    if (result != NULL) {
+        if (profile_event(ts, PyTrace_C_RETURN, reported) < 0)
+            Py_CLEAR(result);
+    }
+    else {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        if (profile_event(ts, PyTrace_C_EXCEPTION, reported) == 0)
+            PyErr_Restore(type, value, tb);
+        else {
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+        }
+    }
+    Py_DECREF(reported);
+    return result;
+}
+
+/* callee(*args) for a site, as CALL makes it (see profiled_callee). */
+static PyObject *
+plain_call(PyThreadState *ts, int watched_now, PyObject *callee, PyObject *const *args,
+           size_t nargsf, PyObject *kwnames)
+{
+    PyObject *reported = watched_now ? profiled_callee(
+        ts, callee, PyVectorcall_NARGS(nargsf) ? args[0] : NULL) : NULL;
+    if (reported == NULL)
+        return PyObject_Vectorcall(callee, args, nargsf, kwnames);
+    if (profile_event(ts, PyTrace_C_CALL, reported) < 0) {
+        Py_DECREF(reported);
+        return NULL;
+    }
+    return profile_returned(ts, reported, PyObject_Vectorcall(callee, args, nargsf, kwnames));
+}
+
+/* callee(*tuple, **kwargs) for an unpacking site, as CALL_FUNCTION_EX makes it. */
+static PyObject *
+plain_call_ex(PyThreadState *ts, int watched_now, PyObject *callee, PyObject *tuple, PyObject *kwargs)
+{
+    PyObject *reported = watched_now ? profiled_callee(
+        ts, callee, PyTuple_GET_SIZE(tuple) ? PyTuple_GET_ITEM(tuple, 0) : NULL) : NULL;
+    if (reported == NULL)
+        return PyObject_Call(callee, tuple, kwargs);
+    if (profile_event(ts, PyTrace_C_CALL, reported) < 0) {
+        Py_DECREF(reported);
+        return NULL;
+    }
+    return profile_returned(ts, reported, PyObject_Call(callee, tuple, kwargs));
 }
 
 /* handler(site, *args) with args[0] the callee, borrowing args[-1] when the caller lent it. */
@@ -357,16 +510,18 @@ site_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf, PyObject
                 return r;
             Py_DECREF(r);
         }
-        if (!hide)
-            return route(self, args, nargs, nargsf, kwnames);
-        PyThreadState_EnterTracing(ts);
+        if (hide)
+            hide_begin(ts);
+        routed_calls++;
         PyObject *r = route(self, args, nargs, nargsf, kwnames);
-        PyThreadState_LeaveTracing(ts);
+        routed_calls--;
+        if (hide)
+            hide_end(ts);
         return r;
     }
     /* Our args[0] slot may be borrowed by the callee only if our caller lent us args[-1]. */
     size_t offset = nargsf & PY_VECTORCALL_ARGUMENTS_OFFSET;
-    return PyObject_Vectorcall(args[0], args + 1, (size_t)(nargs - 1) | offset, kwnames);
+    return plain_call(ts, hide, args[0], args + 1, (size_t)(nargs - 1) | offset, kwnames);
 }
 
 /* The site of a call with * or ** arguments: site(callee, args_iterable[, kwargs_dict]).
@@ -390,7 +545,7 @@ site_unpacking_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf
     if (routed)
         callee = route_handler; /* called below with (site, callee) prepended to the args */
     if (PyTuple_CheckExact(positional) && !routed)
-        return PyObject_Call(callee, positional, keywords);
+        return plain_call_ex(ts, hide, callee, positional, keywords);
     if (Py_TYPE(positional)->tp_iter == NULL && !PySequence_Check(positional)) {
         PyObject *name = _PyObject_FunctionStr(args[0]); /* (the callee, routed or not) */
         if (name != NULL) {
@@ -411,12 +566,18 @@ site_unpacking_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf
         if (tuple == NULL)
             return NULL;
     }
-    hide = hide && routed;
-    if (hide)
-        PyThreadState_EnterTracing(ts);
-    PyObject *result = PyObject_Call(callee, tuple, keywords);
-    if (hide)
-        PyThreadState_LeaveTracing(ts);
+    PyObject *result;
+    if (!routed)
+        result = plain_call_ex(ts, hide, callee, tuple, keywords);
+    else {
+        if (hide)
+            hide_begin(ts);
+        routed_calls++;
+        result = PyObject_Call(callee, tuple, keywords);
+        routed_calls--;
+        if (hide)
+            hide_end(ts);
+    }
     Py_DECREF(tuple);
     return result;
 }
@@ -943,11 +1104,12 @@ hook(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
     if (!thread_enabled || in_callback || throwflag || callback == NULL)
         return run_previous(ts, frame, throwflag);
     PyCodeObject *code = FRAME_CODE(frame);
-    /* A frame that begins while a tool watches runs its original code; inside an iteration
-     * that still routes DL-op calls while one watches (a gradient it records), the frames
-     * it runs stay rewritten (runtime/tools.py). */
+    /* A frame that begins while a tool watches runs its original code, except the frames
+     * of an iteration that still routes DL-op calls while one watches (a gradient it
+     * records: runtime/tools.py); the tool's own code always does. */
     if (!PyCode_Check(code) || (code->co_flags & UNTOUCHABLE)
-        || frame->owner != FRAME_OWNED_BY_THREAD || (!routing && watched(ts, code)))
+        || frame->owner != FRAME_OWNED_BY_THREAD
+        || ((!routing || in_tool(ts)) && watched(ts, code)))
         return run_previous(ts, frame, throwflag);
     /* What CODE_GET_EXTRA does, inlined: this runs for every Python call. */
     CodeExtras *extras = (CodeExtras *)code->co_extra;

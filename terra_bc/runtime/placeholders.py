@@ -227,8 +227,11 @@ def _property_of(fn):
     return property(_hook.Unseen(lambda self: call(fn, (self,), {})))
 
 
-def _method_of(fn):
-    return _hook.Unseen(lambda self, *args, **kwargs: call(fn, (self,) + args, kwargs))
+def _method_of(fn, name):
+    method = lambda self, *args, **kwargs: call(fn, (self,) + args, kwargs)  # noqa: E731
+    # (JAX's own name for it: pytest's assertion messages name the method, `where _sum = ...`)
+    method.__name__ = method.__qualname__ = getattr(getattr(jax.Array, name, None), "__name__", name)
+    return _hook.Unseen(method)
 
 
 def hide_from_tools(cls):
@@ -261,7 +264,7 @@ def install_methods(cls):
     for name in PROPERTIES:
         setattr(cls, name, _property_of(ATTRS[name]))
     for name in METHOD_NAMES:
-        setattr(cls, name, _method_of(METHODS[name]))
+        setattr(cls, name, _method_of(METHODS[name], name))
     fed_operands = frozenset(arithmetic.values())
     STABLE.update(fed_operands)
     return fed_operands

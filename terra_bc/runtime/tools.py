@@ -25,15 +25,17 @@ from .context import COEXEC, EAGER, TRACE, current
 WATCHED = "a debugger, profiler or coverage tool started watching (the rest ran eagerly)"
 
 
-def on_watched():
+def on_watched(busy):
     """``_hook.c``: a tool watches this thread while its iteration routes DL-op calls.
-    Returns whether the call at hand is still routed (out of the tool's sight)."""
+    ``busy``: a routed call is in progress (the runtime is running an op, recording a
+    gradient, mapping a function over a tree).  Returns whether the call at hand is still
+    routed (out of the tool's sight)."""
     it = current()
     if it is None:
         return False
     if it.opaque_depth:  # JAX runs an op's own Python: its calls are JAX's, plain calls
         return False
-    if it.grad_depth:  # a gradient being recorded needs its ops: routed until it is taken
+    if busy or it.grad_depth:  # mid-way through the runtime's work: routed until it is done
         return True
     run_rest_eagerly(it)
     _hook.set_thread_routing(False)  # (the iteration's end puts routing back as it was)
