@@ -86,8 +86,7 @@ def jit_with_static(make):
 def test_static_whose_eq_fails_raises_as_eagerly(cls):
     """A new static each turn, equal hashes: JAX compares them, and the __eq__ fails."""
     eager, hooked = both(jit_with_static(lambda: cls(2.0)))
-    assert eager[0] == "raised" and hooked[:2] == eager[:2]
-    assert (RuntimeError if cls is RaisingEq else ValueError).__name__ in hooked[2]
+    assert eager[:2] == ("raised", "ValueError") and hooked[:2] == eager[:2]
 
 
 @pytest.mark.xfail(strict=True, reason="while tracing, JAX's own jit cache compares the static "
