@@ -47,7 +47,7 @@ def function(fn):
 
     ``fn``'s own call sites are rewritten now; functions it calls are rewritten by the frame
     hook, which is enabled in this thread while an iteration runs."""
-    return runtime.function(frames.rewrite_function(fn))
+    return runtime.function(frames.rewrite_function(fn), plain=fn)
 
 
 def stats() -> dict:

@@ -16,6 +16,9 @@
 #include <Python.h>
 #include <structmember.h>
 #include <internal/pycore_frame.h>
+#if PY_VERSION_HEX >= 0x030c0000
+#include <internal/pycore_interp.h> /* the interpreter's sys.monitoring events */
+#endif
 #include <pthread.h>
 #include "_fastop.h"
 
@@ -87,6 +90,7 @@ static THREAD_LOCAL int routing = 0;
 static int route_always = 0;
 static PyObject *loop_handler = NULL;   /* runtime/discovery.py on_loop(mark, token, exiting) */
 static PyObject *call_handler = NULL;   /* runtime/discovery.py on_call(mark, token, state) */
+static PyObject *watch_handler = NULL;  /* runtime/tools.py on_watched() -> still routed? */
 static Py_ssize_t mark_index = -1;      /* code extra: a rewritten code's unit mark (or NULL) */
 static THREAD_LOCAL unsigned long long dl_calls = 0; /* DL-op calls through sites */
 
@@ -109,28 +113,200 @@ callee_key(PyObject *callee)
     return (PyObject *)Py_TYPE(callee);
 }
 
-/* Under a trace function (a debugger, coverage) terra_bc stays out of sight: sites are plain
- * calls, and the runtime's own Python, when it must run, is not traced. */
+/* ------------------------------------------------------------------ tools watching
+ *
+ * A tool watches a thread while a trace or profile function is set in it (sys.settrace,
+ * sys.setprofile: pdb, coverage's C tracer, profile) or, on 3.12+, while a sys.monitoring
+ * tool has events on, for every code object or for this one (cProfile, coverage's sysmon
+ * core).  sys.settrace and sys.setprofile are monitoring tools 6 and 7 there, switched on
+ * for the whole interpreter by one thread: they are read from the thread state instead.
+ * While a tool watches, terra_bc stays out of sight: frames begin with their original code,
+ * sites are plain calls, and the runtime's own Python, when it must run, is not seen.  What
+ * an iteration open at that moment does is the runtime's decision (runtime/tools.py). */
+#if PY_VERSION_HEX >= 0x030c0000
+#define MONITORING_TOOLS 0x3F /* tool ids 0-5: not sys.setprofile's (6) or sys.settrace's (7) */
 static inline int
-traced(void)
+monitored(PyThreadState *ts, PyCodeObject *code)
 {
-    return PyThreadState_GET()->c_tracefunc != NULL;
+    const uint8_t *tools = ts->interp->monitors.tools;
+    uint8_t any = 0;
+    for (int i = 0; i < _PY_MONITORING_UNGROUPED_EVENTS; i++)
+        any |= tools[i];
+    if (code != NULL && code->_co_monitoring != NULL) {
+        tools = code->_co_monitoring->local_monitors.tools;
+        for (int i = 0; i < _PY_MONITORING_LOCAL_EVENTS; i++)
+            any |= tools[i];
+    }
+    return (any & MONITORING_TOOLS) != 0;
+}
+#else
+#define monitored(ts, code) 0
+#endif
+
+/* Is a tool watching this thread (and `code`, when given)? */
+static inline int
+watched(PyThreadState *ts, PyCodeObject *code)
+{
+    return ts->c_tracefunc != NULL || ts->c_profilefunc != NULL || monitored(ts, code);
 }
 
-/* handler(*args) for the loop and call handlers: never traced, and a failure is reported
- * as unraisable (it must not become the user's exception).  Steals args (NULL: building
- * them failed). */
+/* Out of a tool's sight: CPython calls no trace, profile or monitoring function while
+ * tstate->tracing is set, as while it runs one.  `hiding` counts ours, so that code a tool
+ * runs itself (its callback, a debugger's commands) is told apart (in_tool). */
+static THREAD_LOCAL int hiding = 0;
+
+static inline void
+hide_begin(PyThreadState *ts)
+{
+    hiding++;
+    PyThreadState_EnterTracing(ts);
+}
+
+static inline void
+hide_end(PyThreadState *ts)
+{
+    PyThreadState_LeaveTracing(ts);
+    hiding--;
+}
+
+/* Is this thread running a tool's own code (a trace function, pdb evaluating `p x`)? */
+static inline int
+in_tool(PyThreadState *ts)
+{
+    return ts->tracing > hiding;
+}
+
+/* ------------------------------------------------------------------ Unseen
+ * Unseen(fn) calls fn out of a watching tool's sight (see watched above).  A placeholder
+ * that outlived its iteration (a value carried from turn to turn, a parameter after the
+ * loop) runs terra_bc's own Python for its operators, methods and conversions: a debugger
+ * must not step into it, nor a profiler or coverage tool count it.  A method descriptor,
+ * so it stands for a method (bound to the placeholder) or a property's getter. */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *fn;
+} UnseenObject;
+
+static PyObject *
+unseen_vectorcall(UnseenObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    PyThreadState *ts = PyThreadState_GET();
+    if (!watched(ts, NULL))
+        return PyObject_Vectorcall(self->fn, args, nargsf, kwnames);
+    hide_begin(ts);
+    PyObject *r = PyObject_Vectorcall(self->fn, args, nargsf, kwnames);
+    hide_end(ts);
+    return r;
+}
+
+static PyObject *
+unseen_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *fn;
+    if (!PyArg_ParseTuple(args, "O:Unseen", &fn))
+        return NULL;
+    if (!PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "Unseen(fn) takes a callable");
+        return NULL;
+    }
+    UnseenObject *self = (UnseenObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = (vectorcallfunc)unseen_vectorcall;
+    self->fn = Py_NewRef(fn);
+    return (PyObject *)self;
+}
+
+static PyObject *
+unseen_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None)
+        return Py_NewRef(self);
+    return PyMethod_New(self, obj);
+}
+
+static int
+unseen_traverse(UnseenObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->fn);
+    return 0;
+}
+
+static void
+unseen_dealloc(UnseenObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Py_XDECREF(self->fn);
+    Py_TYPE(self)->tp_free(self);
+}
+
+static PyMemberDef unseen_members[] = {
+    {"__wrapped__", T_OBJECT, offsetof(UnseenObject, fn), READONLY, "the function called"},
+    {NULL},
+};
+
+/* The function's own __name__, __qualname__, __doc__, __module__ (pytest's assertion
+ * messages, inspect, help() read them from a bound method's function); and any other
+ * attribute the function has. */
+static PyObject *
+unseen_forward(UnseenObject *self, void *name)
+{
+    return PyObject_GetAttrString(self->fn, (const char *)name);
+}
+
+static PyGetSetDef unseen_getset[] = {
+    {"__name__", (getter)unseen_forward, NULL, NULL, "__name__"},
+    {"__qualname__", (getter)unseen_forward, NULL, NULL, "__qualname__"},
+    {"__doc__", (getter)unseen_forward, NULL, NULL, "__doc__"},
+    {"__module__", (getter)unseen_forward, NULL, NULL, "__module__"},
+    {NULL},
+};
+
+static PyObject *
+unseen_getattro(UnseenObject *self, PyObject *name)
+{
+    PyObject *r = PyObject_GenericGetAttr((PyObject *)self, name);
+    if (r != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError))
+        return r;
+    PyErr_Clear();
+    return PyObject_GetAttr(self->fn, name);
+}
+
+static PyTypeObject UnseenType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "terra_bc._hook.Unseen",
+    .tp_basicsize = sizeof(UnseenObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL
+                | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_vectorcall_offset = offsetof(UnseenObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_descr_get = unseen_get,
+    .tp_new = unseen_new,
+    .tp_dealloc = (destructor)unseen_dealloc,
+    .tp_traverse = (traverseproc)unseen_traverse,
+    .tp_members = unseen_members,
+    .tp_getset = unseen_getset,
+    .tp_getattro = (getattrofunc)unseen_getattro,
+    .tp_doc = "Unseen(fn): calls fn (a method too) out of the sight of a debugger, profiler or coverage tool.",
+};
+
+/* handler(*args) for the loop, call and watch handlers: never seen by a tool, and a
+ * failure is reported as unraisable (it must not become the user's exception).  Steals args
+ * (NULL: building them failed). */
 static PyObject *
 call_quietly(PyObject *handler, PyObject *args)
 {
     PyObject *r = NULL;
     if (args != NULL) {
-        int hide = traced();
-        if (hide)
-            PyThreadState_EnterTracing(PyThreadState_GET());
+        PyThreadState *ts = PyThreadState_GET();
+        int hidden = watched(ts, NULL);
+        if (hidden)
+            hide_begin(ts);
         r = PyObject_Call(handler, args, NULL);
-        if (hide)
-            PyThreadState_LeaveTracing(PyThreadState_GET());
+        if (hidden)
+            hide_end(ts);
         Py_DECREF(args);
     }
     if (r == NULL)
@@ -138,16 +314,39 @@ call_quietly(PyObject *handler, PyObject *args)
     return r;
 }
 
-/* 1: route this call to the handler, 0: call the callee, -1: error. */
+/* Routed calls in progress in this thread (the runtime is running an op, a transform). */
+static THREAD_LOCAL int routed_calls = 0;
+
+/* A tool watches this thread: while its iteration still routes DL-op calls, the runtime
+ * decides what the iteration does (runtime/tools.py; it stops routing them, or goes on
+ * where it must).  1: this call is still routed (unseen by the tool), 0: a plain call. */
 static int
-should_route(SiteObject *self, PyObject *callee)
+routed_while_watched(void)
 {
-    if (route_handler == NULL || traced()
-        || !(routing || route_always || loop_handler != NULL || call_handler != NULL))
+    if (!routing || watch_handler == NULL)
+        return 0;
+    PyObject *r = call_quietly(watch_handler, Py_BuildValue("(i)", routed_calls > 0));
+    int still = r != NULL && PyObject_IsTrue(r) > 0;
+    Py_XDECREF(r);
+    return still;
+}
+
+/* 1: route this call to the handler, 0: call the callee, -1: error.  `hide`: a tool
+ * watches this thread (what the runtime runs here is kept out of its sight). */
+static int
+should_route(SiteObject *self, PyObject *callee, int hide)
+{
+    if (route_handler == NULL
+        || !(routing || route_always || loop_handler != NULL || call_handler != NULL)
+        || (hide && (in_tool(PyThreadState_GET()) || !routed_while_watched())))
         return 0;
     PyObject *key = callee_key(callee);
     if (key != self->seen_key) {
+        if (hide)
+            hide_begin(PyThreadState_GET());
         PyObject *verdict = PyObject_CallOneArg(route_classify, callee);
+        if (hide)
+            hide_end(PyThreadState_GET());
         int dl = verdict == NULL ? -1 : PyObject_IsTrue(verdict);
         Py_XDECREF(verdict);
         if (dl < 0) {
@@ -168,6 +367,101 @@ should_route(SiteObject *self, PyObject *callee)
         return 1;
     }
     return routing || route_always;
+}
+
+/* A site's plain call while a profile function is set (sys.setprofile, profile; cProfile on
+ * 3.11): CPython's CALL tells it of a builtin callee (c_call, then c_return or c_exception),
+ * which a call made from C would not.  The callee as reported (NULL: not reported): a builtin
+ * function or method, or a method descriptor bound to its first argument (ceval.c's
+ * trace_call_function; sys_profile_call_or_return on 3.12+). */
+static PyObject *
+profiled_callee(PyThreadState *ts, PyObject *callee, PyObject *self_arg)
+{
+    if (ts->c_profilefunc == NULL || ts->tracing)
+        return NULL;
+    if (PyCFunction_Check(callee))
+        return Py_NewRef(callee);
+    if (Py_IS_TYPE(callee, &PyMethodDescr_Type) && self_arg != NULL) {
+        PyObject *bound = Py_TYPE(callee)->tp_descr_get(callee, self_arg, (PyObject *)Py_TYPE(self_arg));
+        if (bound == NULL)
+            PyErr_Clear(); /* (the call itself raises) */
+        return bound;
+    }
+    return NULL;
+}
+
+/* Tell the profile function `what` of `callee`, out of its own sight.  -1: it raised. */
+static int
+profile_event(PyThreadState *ts, int what, PyObject *callee)
+{
+    Py_tracefunc fn = ts->c_profilefunc;
+    PyFrameObject *frame = PyEval_GetFrame();
+    if (fn == NULL || frame == NULL)
+        return 0;
+    PyObject *obj = Py_XNewRef(ts->c_profileobj);
+    Py_INCREF(frame);
+    PyThreadState_EnterTracing(ts);  /* (as CPython calls it: the tool's own code, in_tool) */
+    int err = fn(obj, frame, what, callee);
+    PyThreadState_LeaveTracing(ts);
+    Py_DECREF(frame);
+    Py_XDECREF(obj);
+    return err ? -1 : 0;
+}
+
+/* After the call of a reported callee: c_return, or c_exception with the call's exception
+ * kept (a profile function that raises replaces the result, as in ceval.c).  Steals
+ * `reported`. */
+static PyObject *
+profile_returned(PyThreadState *ts, PyObject *reported, PyObject *result)
+{
+    if (result != NULL) {
+        if (profile_event(ts, PyTrace_C_RETURN, reported) < 0)
+            Py_CLEAR(result);
+    }
+    else {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        if (profile_event(ts, PyTrace_C_EXCEPTION, reported) == 0)
+            PyErr_Restore(type, value, tb);
+        else {
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+        }
+    }
+    Py_DECREF(reported);
+    return result;
+}
+
+/* callee(*args) for a site, as CALL makes it (see profiled_callee). */
+static PyObject *
+plain_call(PyThreadState *ts, int watched_now, PyObject *callee, PyObject *const *args,
+           size_t nargsf, PyObject *kwnames)
+{
+    PyObject *reported = watched_now ? profiled_callee(
+        ts, callee, PyVectorcall_NARGS(nargsf) ? args[0] : NULL) : NULL;
+    if (reported == NULL)
+        return PyObject_Vectorcall(callee, args, nargsf, kwnames);
+    if (profile_event(ts, PyTrace_C_CALL, reported) < 0) {
+        Py_DECREF(reported);
+        return NULL;
+    }
+    return profile_returned(ts, reported, PyObject_Vectorcall(callee, args, nargsf, kwnames));
+}
+
+/* callee(*tuple, **kwargs) for an unpacking site, as CALL_FUNCTION_EX makes it. */
+static PyObject *
+plain_call_ex(PyThreadState *ts, int watched_now, PyObject *callee, PyObject *tuple, PyObject *kwargs)
+{
+    PyObject *reported = watched_now ? profiled_callee(
+        ts, callee, PyTuple_GET_SIZE(tuple) ? PyTuple_GET_ITEM(tuple, 0) : NULL) : NULL;
+    if (reported == NULL)
+        return PyObject_Call(callee, tuple, kwargs);
+    if (profile_event(ts, PyTrace_C_CALL, reported) < 0) {
+        Py_DECREF(reported);
+        return NULL;
+    }
+    return profile_returned(ts, reported, PyObject_Call(callee, tuple, kwargs));
 }
 
 /* handler(site, *args) with args[0] the callee, borrowing args[-1] when the caller lent it. */
@@ -203,7 +497,9 @@ site_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf, PyObject
     }
     self->count++;
     sites_executed++;
-    int routed = should_route(self, args[0]);
+    PyThreadState *ts = PyThreadState_GET();
+    int hide = watched(ts, NULL);
+    int routed = should_route(self, args[0], hide);
     if (routed < 0)
         return NULL;
     if (routed) {
@@ -214,11 +510,18 @@ site_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf, PyObject
                 return r;
             Py_DECREF(r);
         }
-        return route(self, args, nargs, nargsf, kwnames);
+        if (hide)
+            hide_begin(ts);
+        routed_calls++;
+        PyObject *r = route(self, args, nargs, nargsf, kwnames);
+        routed_calls--;
+        if (hide)
+            hide_end(ts);
+        return r;
     }
     /* Our args[0] slot may be borrowed by the callee only if our caller lent us args[-1]. */
     size_t offset = nargsf & PY_VECTORCALL_ARGUMENTS_OFFSET;
-    return PyObject_Vectorcall(args[0], args + 1, (size_t)(nargs - 1) | offset, kwnames);
+    return plain_call(ts, hide, args[0], args + 1, (size_t)(nargs - 1) | offset, kwnames);
 }
 
 /* The site of a call with * or ** arguments: site(callee, args_iterable[, kwargs_dict]).
@@ -234,15 +537,17 @@ site_unpacking_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf
     self->count++;
     sites_executed++;
     PyObject *callee = args[0], *positional = args[1], *keywords = nargs == 3 ? args[2] : NULL;
-    int routed = should_route(self, callee);
+    PyThreadState *ts = PyThreadState_GET();
+    int hide = watched(ts, NULL);
+    int routed = should_route(self, callee, hide);
     if (routed < 0)
         return NULL;
     if (routed)
         callee = route_handler; /* called below with (site, callee) prepended to the args */
     if (PyTuple_CheckExact(positional) && !routed)
-        return PyObject_Call(callee, positional, keywords);
+        return plain_call_ex(ts, hide, callee, positional, keywords);
     if (Py_TYPE(positional)->tp_iter == NULL && !PySequence_Check(positional)) {
-        PyObject *name = _PyObject_FunctionStr(callee);
+        PyObject *name = _PyObject_FunctionStr(args[0]); /* (the callee, routed or not) */
         if (name != NULL) {
             PyErr_Format(PyExc_TypeError, "%U argument after * must be an iterable, not %.200s",
                          name, Py_TYPE(positional)->tp_name);
@@ -261,7 +566,18 @@ site_unpacking_vectorcall(SiteObject *self, PyObject *const *args, size_t nargsf
         if (tuple == NULL)
             return NULL;
     }
-    PyObject *result = PyObject_Call(callee, tuple, keywords);
+    PyObject *result;
+    if (!routed)
+        result = plain_call_ex(ts, hide, callee, tuple, keywords);
+    else {
+        if (hide)
+            hide_begin(ts);
+        routed_calls++;
+        result = PyObject_Call(callee, tuple, keywords);
+        routed_calls--;
+        if (hide)
+            hide_end(ts);
+    }
     Py_DECREF(tuple);
     return result;
 }
@@ -629,7 +945,7 @@ static PyObject *
 loophead_call(PyObject *callable, PyObject *args, PyObject *kwds)
 {
     LoopHeadObject *head = (LoopHeadObject *)callable;
-    if (loop_handler == NULL || head->state < 0 || in_callback || traced())
+    if (loop_handler == NULL || head->state < 0 || in_callback || watched(PyThreadState_GET(), NULL))
         Py_RETURN_NONE;
     void *frame = CURRENT_FRAME(PyThreadState_GET());
     if (head->frame != frame) { /* the loop is entered: its first turn begins */
@@ -849,12 +1165,15 @@ run_as_unit(PyThreadState *ts, _PyInterpreterFrame *frame, PyObject *mark)
 static PyObject *
 hook(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
 {
-    if (!thread_enabled || in_callback || throwflag || callback == NULL
-        || ts->c_tracefunc != NULL)
+    if (!thread_enabled || in_callback || throwflag || callback == NULL)
         return run_previous(ts, frame, throwflag);
     PyCodeObject *code = FRAME_CODE(frame);
+    /* A frame that begins while a tool watches runs its original code, except the frames
+     * of an iteration that still routes DL-op calls while one watches (a gradient it
+     * records: runtime/tools.py); the tool's own code always does. */
     if (!PyCode_Check(code) || (code->co_flags & UNTOUCHABLE)
-        || frame->owner != FRAME_OWNED_BY_THREAD)
+        || frame->owner != FRAME_OWNED_BY_THREAD
+        || ((!routing || in_tool(ts)) && watched(ts, code)))
         return run_previous(ts, frame, throwflag);
     /* What CODE_GET_EXTRA does, inlined: this runs for every Python call. */
     CodeExtras *extras = (CodeExtras *)code->co_extra;
@@ -1036,6 +1355,27 @@ set_unit_mark(PyObject *mod, PyObject *args)
 }
 
 static PyObject *
+set_watch_handler(PyObject *mod, PyObject *fn)
+{
+    return set_handler(&watch_handler, fn, "set_watch_handler takes a callable or None");
+}
+
+static PyObject *
+is_watched(PyObject *mod, PyObject *unused)
+{
+    return PyBool_FromLong(watched(PyThreadState_GET(), NULL));
+}
+
+static PyObject *
+watch_check(PyObject *mod, PyObject *unused)
+{
+    if (!watched(PyThreadState_GET(), NULL))
+        Py_RETURN_FALSE;
+    routed_while_watched();
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
 set_route_always(PyObject *mod, PyObject *on)
 {
     route_always = PyObject_IsTrue(on) > 0;
@@ -1050,6 +1390,13 @@ static PyMethodDef methods[] = {
      "returns a token or None; 1: returned; 2: raised)."},
     {"set_unit_mark", set_unit_mark, METH_VARARGS,
      "set_unit_mark(code, mark): calls of rewritten `code` go through the call handler (None: no more)."},
+    {"set_watch_handler", set_watch_handler, METH_O,
+     "set_watch_handler(fn): fn() -> still routed?, when a tool watches a thread whose "
+     "iteration routes DL-op calls."},
+    {"watched", is_watched, METH_NOARGS,
+     "Is a tool (trace or profile function, sys.monitoring tool) watching this thread?"},
+    {"watch_check", watch_check, METH_NOARGS,
+     "watched(), telling the watch handler first if this thread's iteration still routes."},
     {"set_route_always", set_route_always, METH_O,
      "Route DL-op calls to the handler outside iterations too (escaped placeholders)."},
     {"set_routing", set_routing, METH_VARARGS,
@@ -1103,7 +1450,9 @@ PyInit__hook(void)
         Py_DECREF(m);
         return NULL;
     }
-    if (PyModule_AddObjectRef(m, "Site", (PyObject *)&SiteType) < 0) {
+    if (PyType_Ready(&UnseenType) < 0
+        || PyModule_AddObjectRef(m, "Unseen", (PyObject *)&UnseenType) < 0
+        || PyModule_AddObjectRef(m, "Site", (PyObject *)&SiteType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -21,6 +21,7 @@ One module per concern; each imports only those above it in this list:
   units         Unit, ``@terra_bc.function``
   discovery     loop units and function units found without decoration
   dispatch      on_site: where rewritten call sites send DL-op calls
+  tools         debuggers, profilers, coverage: what an iteration does while one watches
   report        reports: snapshots of units and paths that print and render as HTML
   diff          how two reports differ (paths, units, whole reports)
   explain       explain(): a report of one unit or of every unit
@@ -42,6 +43,7 @@ from .iteration import Iteration
 from .paths import Path
 from .placeholders import STAND_IN, Placeholder
 from .settings import settings
+from .tools import on_watched
 from .trace_rules import is_dl_op
 from .units import Unit, function, reset
 from .values import MISS, ArrayImpl
@@ -51,9 +53,11 @@ __all__ = ["config", "diff", "explain", "function", "reset", "set_functions", "s
 
 
 def install():
-    """Tell the C extension where routed DL-op calls go, what a DL op is, and the classes
-    and objects its fast path reads (again after a reload: the classes are new)."""
+    """Tell the C extension where routed DL-op calls go, what a DL op is, what an
+    iteration does when a tool starts watching, and the classes and objects its fast path
+    reads (again after a reload: the classes are new)."""
     _hook.set_routing(on_site, is_dl_op)
+    _hook.set_watch_handler(on_watched)
     _hook.set_fast_path({"placeholder": Placeholder, "event": OpEvent, "iteration": Iteration,
                          "path": Path, "array": ArrayImpl, "stand_in": STAND_IN,
                          "coexec": COEXEC, "miss": MISS})

@@ -56,9 +56,9 @@ def _on_loop(mark, token, exiting):
     cur = thread.loop
     loop = (mark, token)  # one execution of one loop statement
     first = exiting == FIRST_TURN
-    if exiting and not first:
+    if exiting and not first or _hook.watched():  # (no turn opens while a tool watches: tools.py)
         if cur is not None and (cur.mark, cur.token) == loop:
-            _end_turn(ok=exiting == 1)
+            _end_turn(ok=exiting != 2)
         return False
     outer = context.current()
     if cur is None and outer is not None and not _loop_takes_over(outer, loop):

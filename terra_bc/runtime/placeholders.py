@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +127,9 @@ class Placeholder(jax.core.Tracer):
         it = self._it
         if self._val is not None or it is None or it is not current():
             return convert(concrete(self))
+        _hook.watch_check()  # (a debugger printing a value: the iteration may run eagerly now)
+        if self._val is not None:
+            return convert(self._val)
         return it.fetch(self, kind, convert)
 
     def __getattr__(self, name):
@@ -138,7 +142,7 @@ class Placeholder(jax.core.Tracer):
                 return getattr(self._val, name)
             return call(ATTRS[name], (self,), {})
         method = METHODS[name]
-        return lambda *args, **kwargs: call(method, (self,) + args, kwargs)
+        return _hook.Unseen(lambda *args, **kwargs: call(method, (self,) + args, kwargs))
 
     @property
     def at(self):
@@ -163,7 +167,8 @@ class _AtIndex:
         self.x, self.index = x, index
 
     def __getattr__(self, method):
-        return lambda *args, **kwargs: call(AT_METHODS[method], (self.x, self.index) + args, kwargs)
+        return _hook.Unseen(
+            lambda *args, **kwargs: call(AT_METHODS[method], (self.x, self.index) + args, kwargs))
 
 
 def named(fn, name):
@@ -219,7 +224,7 @@ def _operator_method(name, fn):
             return fn(self._val, *args)
         return call(fn, (self,) + args, {})
     general.__name__ = name
-    return _hook.OpMethod(fn, general)
+    return _hook.OpMethod(fn, _hook.Unseen(general))
 
 
 def _reflected(fn, name):
@@ -228,11 +233,26 @@ def _reflected(fn, name):
 
 def _property_of(fn):
     # (x.T of a past iteration's value is the value's own, as an operator is)
-    return property(lambda self: fn(self._val) if self._val is not None else call(fn, (self,), {}))
+    return property(_hook.Unseen(
+        lambda self: fn(self._val) if self._val is not None else call(fn, (self,), {})))
 
 
-def _method_of(fn):
-    return lambda self, *args, **kwargs: call(fn, (self,) + args, kwargs)
+def _method_of(fn, name):
+    method = lambda self, *args, **kwargs: call(fn, (self,) + args, kwargs)  # noqa: E731
+    # (JAX's own name for it: pytest's assertion messages name the method, `where _sum = ...`)
+    method.__name__ = method.__qualname__ = getattr(getattr(jax.Array, name, None), "__name__", name)
+    return _hook.Unseen(method)
+
+
+def hide_from_tools(cls):
+    """``cls``'s own methods and property getters run out of the sight of a debugger,
+    profiler or coverage tool (``_hook.Unseen``): a placeholder that outlived its
+    iteration runs terra_bc's Python where an array would run JAX's (runtime/tools.py)."""
+    for name, attr in list(vars(cls).items()):
+        if isinstance(attr, property) and attr.fset is None:
+            setattr(cls, name, property(_hook.Unseen(attr.fget), doc=attr.__doc__))
+        elif isinstance(attr, types.FunctionType) and name != "__init__":
+            setattr(cls, name, _hook.Unseen(attr))
 
 
 def install_methods(cls):
@@ -254,13 +274,15 @@ def install_methods(cls):
     for name in PROPERTIES:
         setattr(cls, name, _property_of(ATTRS[name]))
     for name in METHOD_NAMES:
-        setattr(cls, name, _method_of(METHODS[name]))
+        setattr(cls, name, _method_of(METHODS[name], name))
     fed_operands = frozenset(arithmetic.values())
     STABLE.update(fed_operands)
     return fed_operands
 
 
 OPERATORS = install_methods(Placeholder)  # (see Iteration tracing: operands fed)
+for _cls in (Placeholder, _At, _AtIndex):
+    hide_from_tools(_cls)
 
 
 # ------------------------------------------------------------------ values and eager ops
@@ -281,6 +303,7 @@ def call(fn, args, kwargs):
     if it is None:  # outside any iteration: a plain eager op on concrete values
         counts["ops_eager"] += 1
         return eager(fn, args, kwargs)
+    _hook.watch_check()  # (a tool watching: the iteration may run its rest eagerly, tools.py)
     return it.op(fn, args, kwargs)
 
 

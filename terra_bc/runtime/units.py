@@ -14,6 +14,7 @@ import time
 import warnings
 import weakref
 
+from .. import _hook
 from ..counters import counts
 from . import context, journal, launching, timeline
 from .context import COEXEC, TRACE
@@ -29,8 +30,9 @@ _serials = itertools.count()   # units in the order they were made (explain() li
 class Unit:
     """A function whose calls are iterations sharing one TraceGraph (its ``paths``)."""
 
-    def __init__(self, fn, name=None):
+    def __init__(self, fn, name=None, plain=None):
         self.fn = fn
+        self.plain = plain or fn  # what runs while a tool watches: fn's original code
         self.name = name or getattr(fn, "__qualname__", "unit")
         self.serial = next(_serials)
         all_units.add(self)
@@ -101,6 +103,8 @@ class Unit:
             # Inside another unit: part of its iteration.  While JAX traces the unit
             # (jax.jit, make_jaxpr, grad of it): the plain function, as JAX would see it.
             return self.fn(*args, **kwargs)
+        if _hook.watched():  # a debugger, profiler or coverage tool: the user's own code (tools.py)
+            return self.plain(*args, **kwargs)
         if self.eager_reason or self.warming_up():
             if self.eager_reason:
                 counts["eager_fallbacks"] += 1
@@ -234,9 +238,10 @@ def reset(fn=None):
         unit.reset()
 
 
-def function(fn):
-    """``@terra_bc.function``: each call of ``fn`` is an iteration of one unit."""
-    unit = Unit(fn)
+def function(fn, plain=None):
+    """``@terra_bc.function``: each call of ``fn`` is an iteration of one unit.  ``plain``:
+    the user's function, if ``fn`` is its rewritten copy (run while a tool watches)."""
+    unit = Unit(fn, plain=plain)
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
