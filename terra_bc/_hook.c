@@ -652,7 +652,7 @@ static PyTypeObject SiteType = {
     PyObject *key; \
     int state;          /* 0 undecided, 1 a unit (set by the runtime), -1 plain Python */ \
     Py_ssize_t turns;   /* how many turns its last execution will make, where its \
-                           iterable (a list, tuple, range, dict) says so; else -1 */
+                           iterable (a list, tuple, range, dict or view) says so; else -1 */
 
 typedef struct {
     LOOP_MARK_FIELDS
@@ -706,7 +706,8 @@ loopmark_call(LoopMarkObject *self, PyObject *args, PyObject *kwds)
     self->turns = PyList_CheckExact(iterable) ? PyList_GET_SIZE(iterable)
         : PyTuple_CheckExact(iterable) ? PyTuple_GET_SIZE(iterable)
         : PyDict_CheckExact(iterable) ? PyDict_GET_SIZE(iterable)
-        : PyRange_Check(iterable) ? PyObject_Length(iterable) : -1;
+        : PyRange_Check(iterable) || PyDictItems_Check(iterable) || PyDictKeys_Check(iterable)
+          || PyDictValues_Check(iterable) ? PyObject_Length(iterable) : -1;
     if (self->turns < 0)
         PyErr_Clear();  /* (a range too long for a Py_ssize_t) */
     LoopIterObject *it = PyObject_New(LoopIterObject, &LoopIterType);

@@ -29,6 +29,10 @@ functions_on = False
 # ------------------------------------------------------------------ loop units
 
 FIRST_TURN = 3  # on_loop's ``exiting`` when a loop's first turn begins (see _hook.c)
+# In an outer loop's first turn, the turns an inner loop of unknown length (over a zip, an
+# enumerate, a generator) makes before it is taken for the unit: a network's heads or
+# layers zipped with their parameters turn fewer times, epoch 0's batch loop more.
+FIRST_TURN_INNER_TURNS = 4
 
 
 def on_loop(mark, token, exiting):
@@ -74,13 +78,15 @@ def _on_loop(mark, token, exiting):
             if outer_it.grad_depth or outer_it.opaque_depth:
                 return False  # (inside a differentiated function or an op: part of it)
             cur.inner_turns[loop] = cur.inner_turns.get(loop, 0) + 1
-            # In an outer loop's first turn, before it ever was an iteration, the first
-            # loop to turn twice is the unit (the outer one may still be, from its 2nd turn),
-            # unless it says it is short (over a list, a tuple, a range: the heads of a
-            # network, its layers): that one is part of the outer loop's turns.
+            # In an outer loop's first turn, before it ever was an iteration, an inner loop
+            # that turns more than a few times is the unit (epoch 0's batch loop; the outer
+            # one may still be, from its 2nd turn), unless it says it is short (over a list,
+            # tuple, range, dict: the heads of a network, its layers): part of the turn.
+            turns = getattr(mark, "turns", -1)
             tentative = cur.first and not cur.iteration.unit.paths \
-                and not 0 <= getattr(mark, "turns", -1) <= settings["inner_turns"]
-            limit = 1 if tentative else settings["inner_turns"]
+                and not 0 <= turns <= settings["inner_turns"]
+            limit = (FIRST_TURN_INNER_TURNS if turns < 0 else 1) if tentative \
+                else settings["inner_turns"]
             if cur.inner_turns[loop] <= limit and not _known_while(mark):
                 return False
             cur.mark.state = 0 if tentative else -1  # the outer loop is not the repeating level
