@@ -154,3 +154,37 @@ def test_loops_on_by_default_in_the_cli(tmp_path):
         outs[not flags] = (r.stdout, stats["iterations_coexecuted"])
     assert outs[False][0] == outs[True][0]
     assert outs[False][1] == 0 and outs[True][1] >= 3
+
+
+def fetch_after_host_work(steps, branch_every=3):
+    """The last op before float(loss) launches the segment the fetch needs (early launch);
+    every few turns Python instead runs one more op before reading (another path)."""
+    w = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    x = jnp.arange(4.0) / 4
+    rng = np.random.default_rng(3)
+    out = []
+    for step in range(steps):
+        y = jnp.tanh(w @ x)
+        w = w - 0.1 * jnp.outer(y, x)
+        loss = jnp.sum(y * y)
+        host = float(np.sort(rng.standard_normal(100))[50])  # host work before the read
+        if step % branch_every == 2:
+            loss = loss * 2.0
+        out.append(float(loss) + host)
+    return out, w
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_early_launch_gives_the_values_of_a_launch_at_the_fetch(early):
+    want = fetch_after_host_work(12)
+    terra_bc.reset()
+    terra_bc.config(early_launch=early)
+    try:
+        got = hooked(fetch_after_host_work, 12)
+    finally:
+        terra_bc.config(early_launch=True)
+    np.testing.assert_allclose(got[0], want[0], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(got[1], want[1], rtol=RTOL, atol=ATOL)
+    s = terra_bc.stats()
+    assert s["iterations_coexecuted"] >= 9, s
+    assert (s["early_launches"] > 0) == early, s

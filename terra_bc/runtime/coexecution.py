@@ -13,8 +13,9 @@ from jax.tree_util import tree_flatten, tree_unflatten
 
 from ..counters import counts
 from . import guards, launching
-from .events import PlaceholderIn, PlaceholderOut
+from .events import FetchEvent, PlaceholderIn, PlaceholderOut
 from .placeholders import Placeholder, concrete
+from .settings import settings
 from .values import with_arrays
 
 
@@ -110,7 +111,20 @@ def op(it, fn, key, args, kwargs):
         return graph_break(it, ev, fn, tree, leaves)
     bind(it, feeds)
     counts["ops_skipped"] += 1
-    return tree_unflatten(ev.out_tree, outputs(it, ev.outs))
+    out = tree_unflatten(ev.out_tree, outputs(it, ev.outs))
+    if ev.launch:
+        launch_early(it, ev)
+    return out
+
+
+def launch_early(it, ev):
+    """Python has passed the last op before a fetch on this path: launch the segment the
+    fetch needs now, so XLA computes it while the Python before the fetch runs (the fetch
+    then only waits for what is left)."""
+    fetch = it.path.events[it.pos] if it.pos < len(it.path.events) else None
+    if type(fetch) is FetchEvent and fetch.mark == ev.mark and settings["early_launch"]:
+        launching.launch(it, ev.mark, [fetch.id])
+        counts["early_launches"] += 1
 
 
 def graph_break(it, ev, fn, tree, leaves):

@@ -94,12 +94,15 @@ class EnterEvent(Event):
 @dataclass(slots=True, eq=False, repr=False)
 class OpEvent(Event):
     """A DL op: its inputs' tree and specs, its outputs' tree and specs, and the spec the C
-    fast path checks (None when only the general path can match it)."""
+    fast path checks (None when only the general path can match it).  ``launch``: a fetch
+    followed it on a path (with no op between): co-execution launches the segment that
+    fetch needs right after it (``coexecution.op``)."""
     tree: object
     args: tuple
     out_tree: object
     outs: tuple
     fast: FastSpec | None
+    launch: bool = False
 
 
 @dataclass(slots=True, eq=False, repr=False)

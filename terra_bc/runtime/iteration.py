@@ -178,6 +178,7 @@ class Iteration:
     def _fetched(self, ph, kind):
         if self.mode == TRACE:
             tracing.append(self, FetchEvent, "fetch", kind, id=ph._id)
+            tracing.launch_before(self.path)
             return ph._rec.val
         if self.mode == COEXEC:
             ev = coexecution.next_event(self, "fetch", kind, None, (ph,))

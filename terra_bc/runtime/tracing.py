@@ -22,6 +22,7 @@ from .context import plain_trace
 from .events import (BreakEvent, ComputedIn, EnterEvent, FeedIn, OpEvent, PlaceholderIn,
                      PlaceholderOut, StaticIn, StaticOut, key_name)
 from .placeholders import OPERATORS, Placeholder, concrete, eager
+from .settings import settings
 from .trace_rules import traces_its_body
 from .values import aval_of, is_array, is_number, user_line, with_arrays
 
@@ -31,6 +32,16 @@ def append(it, event_type, kind, key, where=None, **fields):
     rec = it.path.recorder
     it.path.events.append(event_type(kind, key, rec.mark(), rec.num_values,
                                      where or user_line(), **fields))
+
+
+def launch_before(path):
+    """The fetch just appended to ``path`` follows an op with no op between: that op's event
+    launches the fetch's segment in co-execution (so it takes the general path: the C fast
+    path launches nothing)."""
+    fetch = path.events[-1]
+    prev = path.events[-2] if len(path.events) > 1 else None
+    if type(prev) is OpEvent and prev.mark == fetch.mark and settings["early_launch"]:
+        prev.launch, prev.fast = True, None
 
 
 def feed(it, x):
