@@ -92,6 +92,17 @@ def traces_its_body(callee):
                                  or code.co_name in ("vmap_f", "eval_shape"))
 
 
+def dispatched_as_is(callee):
+    """A function the program jitted itself (``jax.jit`` of code outside JAX's sources: the
+    user's step, a library's ``nnx.jit``/``filter_jit`` inner function): it is dispatched as
+    JAX dispatches it, its executable from JAX's own cache, as a graph break.  Recorded, the
+    same computation would be compiled again inside each segment and each path holding it."""
+    if type(callee).__name__ != "PjitFunction":
+        return False
+    code = code_of(getattr(callee, "__wrapped__", None))
+    return code is not None and not code.co_filename.startswith(JAX_DIRS)
+
+
 def is_api_wrapper(callee):
     """Is ``callee`` a function JAX's API wrapped (what jax.grad(f) returns is one)?"""
     code = getattr(callee, "__code__", None)

@@ -23,7 +23,7 @@ from .events import (BreakEvent, ComputedIn, EnterEvent, FeedIn, OpEvent, Placeh
                      PlaceholderOut, StaticIn, StaticOut, key_name)
 from .placeholders import OPERATORS, Placeholder, concrete, eager
 from .settings import settings
-from .trace_rules import traces_its_body
+from .trace_rules import dispatched_as_is, traces_its_body
 from .values import aval_of, is_array, is_number, user_line, with_arrays
 
 
@@ -154,6 +154,12 @@ def op(it, fn, key, args, kwargs):
         return fn(*args, **kwargs)
     leaves, tree = tree_flatten((args, kwargs))
     where = user_line()
+    if not it.grad_depth and dispatched_as_is(fn):  # (a gradient cannot flow through it)
+        it.opaque_depth += 1  # (JAX traces its body: the Python it runs is JAX's business)
+        try:
+            return _graph_break(it, fn, key, where, tree, leaves, args, kwargs)
+        finally:
+            it.opaque_depth -= 1
     # After leaving a path, the ops that follow usually match it event for event: numbers
     # that differ from it there are fed in this trace already (one retrace, not one each).
     guards.changed_numbers(it.unit, it.left, len(it.path.events), key, tree, leaves)
@@ -201,9 +207,16 @@ def _refused(it, fn, key, where, tree, leaves, args, kwargs, error):
     if it.grad_depth:
         it.path.eager_reason = f"{key_name(key)} failed under recording ({type(error).__name__})"
         return settled_eager(it, fn, args, kwargs)
+    return _graph_break(it, fn, key, where, tree, leaves, args, kwargs)
+
+
+def _graph_break(it, fn, key, where, tree, leaves, args, kwargs):
+    """A graph break: its inputs are computed, it runs eagerly every iteration, and its
+    results enter later ops as feeds (guarded by their shapes)."""
+    if any(isinstance(x, RecTracer) for x in leaves):  # (made outside any event: values)
+        args, kwargs = tree_unflatten(tree, [x.val if isinstance(x, RecTracer) else x
+                                             for x in leaves])
     out = settled_eager(it, fn, args, kwargs)
-    # A graph break: its inputs are computed, it runs eagerly every iteration, and its
-    # results enter later ops as feeds (guarded by their shapes).
     append(it, BreakEvent, "eager", key, where, tree=tree,
            args=tuple(_break_spec(it, x) for x in leaves))
     return out
