@@ -12,7 +12,7 @@ RUNTIME = pathlib.Path(terra_bc.runtime.__file__).parent
 ORDER = ["settings", "context", "placeholders", "values", "trace_rules", "events", "guards",
          "paths", "journal", "timeline", "compiling", "launching", "coexecution", "tracing",
          "iteration", "autodiff", "units",
-         "discovery", "dispatch", "report", "diff", "explain"]
+         "discovery", "dispatch", "tools", "report", "diff", "explain"]
 MAX_FUNCTION_LINES = 60
 
 
