@@ -115,8 +115,11 @@ class BreakEvent(Event):
 
 @dataclass(slots=True, eq=False, repr=False)
 class FetchEvent(Event):
-    """Python needed value ``id`` (``key`` is the conversion: "bool", "float", ...)."""
+    """Python needed value ``id`` (``key`` is the conversion: "bool", "float", ...);
+    ``value``: what Python got when the path was traced, where it is a Python number or
+    bool (the value a data-dependent branch decided on; reports show it)."""
     id: int
+    value: object = None
 
 
 @dataclass(slots=True, eq=False, repr=False)

@@ -161,7 +161,10 @@ class Iteration:
         counts["fetches"] += 1
         if journal.fetches or timeline.on:
             return self._watched_fetch(ph, kind, convert)
-        return convert(self._fetched(ph, kind))
+        value = convert(self._fetched(ph, kind))
+        if self.mode == TRACE:
+            tracing.note_fetched(self.path, value)
+        return value
 
     def _watched_fetch(self, ph, kind, convert):
         """A fetch logged (``log="fetches"``) or timed (a timeline is recording)."""
@@ -170,6 +173,8 @@ class Iteration:
                         self.unit.name, user_line(), ph._id, journal.aval_text(ph.aval), self.mode)
         t0 = time.perf_counter()
         value = convert(self._fetched(ph, kind))  # (Python waits here for the device)
+        if self.mode == TRACE:
+            tracing.note_fetched(self.path, value)
         if timeline.on:
             timeline.add(f"fetch ({kind}) v{ph._id}", "fetch", t0, self.mode)
         return value

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import sys
 from typing import NamedTuple
 
 from .events import (BeginEvent, BreakEvent, EnterEvent, FeedIn, FetchEvent, ForwardEndEvent,
@@ -84,7 +85,7 @@ def note(unit, record_type, *fields):
     record = record_type(next(_numbers), unit.name, *fields)
     unit.journal.append(record)
     if _CATEGORY[record_type] in logged:
-        log.info("%s", record)
+        log.info("%s", shown_location(str(record)))
     return record
 
 
@@ -99,7 +100,32 @@ def fallback(unit, reason, where=None):
 def say(category, message, *args):
     """A log line of ``category`` (one not kept as a record: a fetch, an eager run)."""
     if category in logged:
-        log.info(message, *args)
+        log.info("%s", shown_location(message % args))
+
+
+_LOCATION = re.compile(r"([^\s()]+):(\d+)")
+
+
+# **** source locations (IPython cells) ****
+
+def _ipython_compiler():
+    """IPython's compiler (which knows each cell's file name), if IPython runs here."""
+    ipython = sys.modules.get("IPython")  # (never imported here: only if the user did)
+    shell = ipython.get_ipython() if ipython is not None else None
+    compiler = getattr(shell, "compile", None)
+    return compiler if hasattr(compiler, "format_code_name") else None
+
+
+def shown_location(where):
+    """``file:line`` as IPython's tracebacks show it (``Cell In[2], line 21``) for cells."""
+    compiler = _ipython_compiler()
+    if compiler is None:
+        return where
+
+    def named(match):
+        label = compiler.format_code_name(match.group(1))
+        return f"{label[0]} {label[1]}, line {match.group(2)}" if label else match.group(0)
+    return _LOCATION.sub(named, where)
 
 
 # **** what was expected, what Python did ****

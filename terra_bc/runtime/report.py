@@ -13,41 +13,15 @@ from an IPython cell (IPython's compile cache, read only when IPython is already
 from __future__ import annotations
 
 import html
-import re
-import sys
 import types
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from . import compiling, journal
+from .journal import shown_location
 from .events import (BeginEvent, BreakEvent, EnterEvent, FeedIn, FetchEvent, ForwardEndEvent,
                      GradEndEvent, OpEvent, PlaceholderIn, PlaceholderOut, StaticIn, StaticOut,
                      key_name)
-
-_LOCATION = re.compile(r"([^\s()]+):(\d+)")
-
-
-# **** source locations ****
-
-def _ipython_compiler():
-    """IPython's compiler (which knows each cell's file name), if IPython runs here."""
-    ipython = sys.modules.get("IPython")  # (never imported here: only if the user did)
-    shell = ipython.get_ipython() if ipython is not None else None
-    compiler = getattr(shell, "compile", None)
-    return compiler if hasattr(compiler, "format_code_name") else None
-
-
-def shown_location(where):
-    """``file:line`` as IPython's tracebacks show it (``Cell In[2], line 21``) for cells."""
-    compiler = _ipython_compiler()
-    if compiler is None:
-        return where
-
-    def named(match):
-        label = compiler.format_code_name(match.group(1))
-        return f"{label[0]} {label[1]}, line {match.group(2)}" if label else match.group(0)
-    return _LOCATION.sub(named, where)
-
 
 # **** records ****
 
@@ -77,7 +51,9 @@ class ValueReport(NamedTuple):
 
 class EventReport(NamedTuple):
     """One event of a path.  ``node``: events with the same node are one recorded event
-    (paths share it); ``source``: for a fetch, the op and line that made the value read."""
+    (paths share it); ``source``: for a fetch, the op and line that made the value read;
+    ``value``: what Python got from it when the path was traced (a number, a bool: what a
+    data-dependent branch decided on)."""
     node: int
     kind: str
     name: str
@@ -85,6 +61,7 @@ class EventReport(NamedTuple):
     outs: tuple
     where: str
     source: str = ""
+    value: str = ""
 
     def signature(self):
         """What a diff compares: the event's kind, op, inputs and outputs (not its line,
@@ -100,7 +77,8 @@ class EventReport(NamedTuple):
         ins = ", ".join(map(str, self.ins))
         outs = ", ".join(map(str, self.outs))
         if self.kind == "fetch":
-            return f"fetch ({self.name}) of {ins}" + (f" ({self.source})" if self.source else "")
+            return (f"fetch ({self.name}) of {ins}" + (f" = {self.value}" if self.value else "")
+                    + (f" ({self.source})" if self.source else ""))
         if self.kind == "eager":
             return f"graph break: {self.name}({ins}) runs eagerly"
         if self.kind == "enter":
@@ -329,7 +307,8 @@ def _event_report(ev, node, made):
             made.setdefault(v.id, Made(f"fed into {what}", v.aval, where))
     known = made.get(ev.id) if type(ev) is FetchEvent else None
     source = f"{known.how} at {known.where}" if known else ""
-    return EventReport(node, ev.kind, name, ins, outs, where, source)
+    value = repr(ev.value) if type(ev) is FetchEvent and ev.value is not None else ""
+    return EventReport(node, ev.kind, name, ins, outs, where, source, value)
 
 
 # **** HTML ****

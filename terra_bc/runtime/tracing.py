@@ -19,8 +19,8 @@ from ..counters import counts
 from ..jaxpr_builder import RecTracer
 from . import guards, launching
 from .context import plain_trace
-from .events import (BreakEvent, ComputedIn, EnterEvent, FeedIn, OpEvent, PlaceholderIn,
-                     PlaceholderOut, StaticIn, StaticOut, key_name)
+from .events import (BreakEvent, ComputedIn, EnterEvent, FeedIn, FetchEvent, OpEvent,
+                     PlaceholderIn, PlaceholderOut, StaticIn, StaticOut, key_name)
 from .placeholders import OPERATORS, Placeholder, concrete, eager
 from .settings import settings
 from .trace_rules import dispatched_as_is, traces_its_body
@@ -32,6 +32,13 @@ def append(it, event_type, kind, key, where=None, **fields):
     rec = it.path.recorder
     it.path.events.append(event_type(kind, key, rec.mark(), rec.num_values,
                                      where or user_line(), **fields))
+
+
+def note_fetched(path, value):
+    """Keep what Python got from the fetch just traced, where it is a number or a bool."""
+    ev = path.events[-1]
+    if type(ev) is FetchEvent and type(value) in (bool, int, float):
+        ev.value = value
 
 
 def launch_before(path):
@@ -213,6 +220,7 @@ def _refused(it, fn, key, where, tree, leaves, args, kwargs, error):
 def _graph_break(it, fn, key, where, tree, leaves, args, kwargs):
     """A graph break: its inputs are computed, it runs eagerly every iteration, and its
     results enter later ops as feeds (guarded by their shapes)."""
+    __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     if any(isinstance(x, RecTracer) for x in leaves):  # (made outside any event: values)
         args, kwargs = tree_unflatten(tree, [x.val if isinstance(x, RecTracer) else x
                                              for x in leaves])
