@@ -161,7 +161,8 @@ def shrink_one(seed: int, size: int, verdict: dict, budget_s: float) -> str:
     source = small.source()
     v = harness.check(source, (verdict["mode"],))
     header = (f"# Found by: python -m tests.fuzz --seed {seed} --programs 1 --size {size}\n"
-              f"# Failure ({v['mode']}): {v['status']}: {v['detail']}\n")
+              f"# Mode: {verdict['mode']}\n"
+              f"# Failure when shrunk: {v['status']}: {v['detail']}\n")
     return header + source
 
 

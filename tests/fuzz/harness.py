@@ -56,7 +56,7 @@ def plain(x):
     if isinstance(x, (jax.Array, np.ndarray, np.generic)):
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             x = jax.random.key_data(x)
-        arr = np.asarray(x)
+        arr = np.array(x)  # (a copy: writable, and no view of a device buffer)
         return ("array", str(arr.dtype), arr.shape, arr)
     if isinstance(x, dict):
         return {k: plain(v) for k, v in x.items()}
@@ -76,11 +76,11 @@ def write_source(source: str, directory: str | None = None) -> str:
 
 def run(source: str, path: str, mode: str) -> Outcome:
     import terra_bc
-    code = compile(source, path, "exec", dont_inherit=True)
     ns = {"__name__": "fuzzprog", "__file__": path, "__builtins__": __builtins__}
     terra_bc.reset_stats()
     start = time.perf_counter()
     try:
+        code = compile(source, path, "exec", dont_inherit=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if mode == "eager":

@@ -99,5 +99,7 @@ def shrink(program: Program, still_fails, budget_s: float = 600.0, log=None) -> 
                     log(f"shrink: {cut[0]} ok, {len(trial.source().splitlines())} lines")
                 break
         else:
-            return current
+            if skip == 0:
+                return current
+            skip = 0  # one more full scan: a cut skipped earlier may help now
     return current
