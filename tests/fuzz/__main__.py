@@ -49,13 +49,19 @@ def _reader(stream, q):
     q.put(None)
 
 
+# Programs per worker process: each program leaves compiled executables in JAX's and
+# terra_bc's caches (about 100 MB per program on CPU), so a worker is replaced after these.
+PER_WORKER = 20
+
+
 def run_batch(seeds: list[int], size: int = 1, timeout: float = 300.0, modes=harness.MODES,
               on_result=None) -> list[dict]:
-    """Verdicts for ``seeds``, run in a worker process (restarted after a crash or hang)."""
+    """Verdicts for ``seeds``, run in worker processes (a fresh one after PER_WORKER
+    programs, a crash or a hang)."""
     results, todo = [], list(seeds)
     while todo:
         cmd = [sys.executable, "-m", "tests.fuzz", "--worker", "--size", str(size),
-               "--modes", ",".join(modes), "--seeds", ",".join(map(str, todo))]
+               "--modes", ",".join(modes), "--seeds", ",".join(map(str, todo[:PER_WORKER]))]
         err = tempfile.TemporaryFile("w+")
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err,
                                 text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
