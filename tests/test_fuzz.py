@@ -66,6 +66,13 @@ def test_unaltered_program_is_ok():
     assert harness.check(PROGRAM)["status"] == "ok"
 
 
+def test_the_command_line_runs_a_program_as_the_units_mode_does():
+    v = harness.check(PROGRAM, modes=("cli", "units"))
+    assert v["status"] == "ok", v
+    assert v["coexecuted"]["cli"] == v["coexecuted"]["units"] > 0, v
+    assert v["traced"]["cli"] == v["traced"]["units"], v
+
+
 def test_a_wrong_value_is_a_mismatch():
     def inject(out):
         out.result[0]["x"][3][2] += 1e-3  # one element, 1e-3 off (tolerance: 1e-5 relative)

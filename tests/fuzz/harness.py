@@ -6,6 +6,9 @@ Modes:
                 function units on while the module body and ``main()`` run.
   ``function``  ``main(decorate=terra_bc.function)``: the step is a ``@terra_bc.function``
                 (the hook otherwise off, as a user who only decorates gets).
+  ``cli``       ``python -m terra_bc`` itself runs the program in a new process
+                (cli_driver.py): a check that ``units`` is what the command line does.
+                Slower (a process per program): not in the default modes.
 
 Comparison: the returned values (the variable pool, ``lr``, ``hist``, ``cfg``) and the
 ordered side-effect log must be equal — same structure, same types, same strings, ints,
@@ -74,8 +77,30 @@ def write_source(source: str, directory: str | None = None) -> str:
     return path
 
 
+def run_cli(path: str) -> Outcome:
+    """The program run by ``python -m terra_bc`` in a process of its own (cli_driver.py)."""
+    import pickle
+    import subprocess
+    import sys
+    start = time.perf_counter()
+    out = path + ".out"
+    try:
+        subprocess.run([sys.executable, "-m", "terra_bc", os.path.join(os.path.dirname(__file__), "cli_driver.py"),
+                        path, out], capture_output=True, timeout=600)
+        with open(out, "rb") as f:
+            (result, error), stats = pickle.load(f)
+    except (OSError, EOFError, subprocess.TimeoutExpired) as e:
+        result, error, stats = None, ("CliFailed", repr(e)), {}
+    finally:
+        if os.path.exists(out):
+            os.unlink(out)
+    return Outcome(result, error, stats, time.perf_counter() - start)
+
+
 def run(source: str, path: str, mode: str) -> Outcome:
     import terra_bc
+    if mode == "cli":
+        return run_cli(path)
     ns = {"__name__": "fuzzprog", "__file__": path, "__builtins__": __builtins__}
     terra_bc.reset_stats()
     start = time.perf_counter()
