@@ -272,6 +272,13 @@ def call(fn, args, kwargs):
     if it is None:  # outside any iteration: a plain eager op on concrete values
         counts["ops_eager"] += 1
         return eager(fn, args, kwargs)
+    if it.opaque_depth:
+        # Inside an op JAX runs itself (a vmap of user code closing over a placeholder):
+        # ``fn`` is given what JAX lowers a placeholder to, not the placeholder, whose
+        # method ``fn`` calls (``x.at[i].add``, ``x + y``) would come back here without end.
+        leaves, tree = tree_flatten((args, kwargs))
+        a, k = tree_unflatten(tree, [x.full_lower() if type(x) is Placeholder else x for x in leaves])
+        return fn(*a, **k)
     return it.op(fn, args, kwargs)
 
 
