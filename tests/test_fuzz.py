@@ -209,3 +209,29 @@ def test_gradient_of_a_value_also_closed_over_is_jaxs(how):
             terra_bc.set_loops(False)
             terra_bc.set_functions(False)
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def _vmap_reading_state():
+    import jax
+    import jax.numpy as jnp
+    cfg, hist, out = {"s": 1.0}, [jnp.ones(4)], []
+    for _ in range(5):
+        y = jax.vmap(lambda r: r * cfg["s"] + hist[-1])(jnp.ones((2, 4)))
+        cfg["s"] += 1.0
+        hist.append(hist[-1] * 2)
+        out.append(float(y.sum()))
+    return out
+
+
+@pytest.mark.xfail(strict=True, reason="jax.vmap of user Python is traced once (trace_rules."
+                   "traces_its_body): Python state it reads is the traced call's")
+def test_vmap_reads_python_state_each_call():
+    import terra_bc
+    want = _vmap_reading_state()
+    terra_bc.set_loops(True)
+    try:
+        with terra_bc.enabled():
+            got = _vmap_reading_state()
+    finally:
+        terra_bc.set_loops(False)
+    assert got == want  # eager: [16, 32, 56, 96, 168]; terra_bc: [16, 16, 16, 16, 16]

@@ -61,7 +61,7 @@ class Generator:
         self.size = size
         self.n = 0  # unique ids for names and log entries
         self.losses: list = []  # (name, kind of x, kind of y)
-        self.maps: list = []  # (name, kind of x, kind of y): returns kind of x
+        self.maps: list = []  # (name, kind of x, kind of y, pure): returns kind of x
         self.recs: list = []  # (name, kind, fetches)
         self.gens: list = []  # (name, kind)
         self.jits: list = []  # (name, kind of x, kind of y)
@@ -496,17 +496,17 @@ class Statements(Generator):
         return Stmt(f"g{k} = jax.grad(lambda p: {name}(p, {y}) * {lr})({x})\n{x} = {x} - 0.1 * jnp.tanh(g{k})")
 
     def vjp(self, env: Env) -> Stmt:
-        name, kx, ky = self.r.choice(self.maps)
+        name, kx, ky, _ = self.r.choice(self.maps)
         x, y = self.r.choice(POOL[kx]), self.r.choice(POOL[ky])
         k = self.uid()
         return Stmt(f"out{k}, pull{k} = jax.vjp(lambda p: {name}(p, {y}), {x})\n"
                     f"(ct{k},) = pull{k}(jnp.ones_like(out{k}))\n{x} = 0.5 * out{k} + 0.5 * jnp.tanh(ct{k})")
 
     def vmap_map(self, env: Env) -> Stmt:
-        cands = [m for m in self.maps if m[1] == "V"]
+        cands = [m for m in self.maps if m[1] == "V" and m[3]]
         if not cands:
             return self.assign(env)
-        name, _, ky = self.r.choice(cands)
+        name, _, ky, _ = self.r.choice(cands)
         y = self.r.choice(POOL[ky])
         x = self.r.choice(POOL["M"])
         return Stmt(f"{x} = jax.vmap(lambda r: {name}(r, {y}))({x})")
@@ -581,8 +581,14 @@ class ProgramGenerator(Statements):
 
     def map_helper(self) -> Stmt:
         k, kx, ky = self.uid(), self.r.choice(KINDS), self.r.choice(KINDS)
-        self.maps.append((f"f{k}", kx, ky))
-        return Stmt(f"def f{k}(x, y):\n    return jnp.tanh({self.expr(kx, 3, self.helper_env(kx, ky))})")
+        # Only a pure map (its arguments and constants) is vmapped: a vmapped function's
+        # Python runs only while tracing, so NumPy draws and Python state it reads are the
+        # traced call's (a known limit, tests/fuzz/regressions/case_300304_units.py and
+        # test_fuzz.py::test_vmap_reads_python_state_each_call, xfail).  vjp takes any.
+        pure = self.chance(0.5)
+        self.maps.append((f"f{k}", kx, ky, pure))
+        env = self.helper_env(kx, ky, pure=pure)
+        return Stmt(f"def f{k}(x, y):\n    return jnp.tanh({self.expr(kx, 3, env)})")
 
     def rec_helper(self) -> Stmt:
         k, kind = self.uid(), self.r.choice(KINDS)
