@@ -220,7 +220,7 @@ SHAPED = {
         lambda g, E, ax, env: f"{E('M')}[:, {g.index(env)}]",
         lambda g, E, ax, env: f"jnp.diag({E('M')})",
         lambda g, E, ax, env: f"{E('M')}.reshape(16)[{g.index(env)}::4]",
-        lambda g, E, ax, env: (lambda i: f"jnp.ravel({E('M')})[{i}:{i} + 4]")(g.index(env)),
+        lambda g, E, ax, env: (lambda i: f"jnp.ravel({E('M')})[{i}:{i} + 4]")(g.r.choice(["0", "2", "3"] + env.ints)),
         lambda g, E, ax, env: (lambda k: f"jnp.squeeze({E('M')}[:, {k}:{k} + 1], axis=1)")(g.cut(env)),
         lambda g, E, ax, env: f"jax.nn.softmax({E('V')})",
         lambda g, E, ax, env: f"jax.nn.log_softmax({E('V')})",
