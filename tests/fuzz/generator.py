@@ -243,7 +243,7 @@ SHAPED = {
         lambda g, E, ax, env: f"jnp.stack([{E('S')}, {E('S')}, {E('S')}, {E('S')}])",
         lambda g, E, ax, env: f"jnp.linalg.solve(jnp.eye(4) * 4.0 + jnp.tanh({E('M')}), {E('V')})",
         lambda g, E, ax, env: f"jax.lax.fori_loop(0, 3, lambda i, z: jnp.tanh(z * 1.1 + 0.1), {E('V')})",
-        lambda g, E, ax, env: f"jax.lax.cond(jnp.sum({E('V')}) > 0.0, lambda z: z * 0.5, lambda z: -z, {E('V')})",
+        lambda g, E, ax, env: f"jax.lax.cond(jnp.sum({E('V')}) > {g.const(-0.3, 0.3)}, lambda z: z * 0.5, lambda z: -z, {E('V')})",
     ),
     "S": _m(
         lambda g, E, ax, env: f"jnp.sum({E('M')})",
