@@ -31,10 +31,24 @@ def _begin_index(it):
     return it.pos - 1 if it.mode == COEXEC else len(it.path.events) - 1
 
 
+def _own_value(x):
+    """A copy of ``x``: a value of its own in the graph (see differentiated_inputs)."""
+    return jax.lax.copy_p.bind(x)
+
+
 def differentiated_inputs(it, kind, key, leaves):
     """The begin event of grad/vjp/jvp: placeholders for the differentiated inputs.  Tracing
     records it; co-execution checks it (each input the same placeholder, or an array of the
-    recorded aval, fed) or raises Divergence."""
+    recorded aval, fed) or raises Divergence.
+
+    A differentiated input computed in this iteration enters as a copy (an op recorded
+    before the begin event, co-executed like any other): the recorded forward is then
+    differentiated with respect to the copy's value only.  Differentiated with respect to
+    the value itself, a use of it the function makes through a closure
+    (``jax.grad(lambda p: p * x)(x)``), or the same array given for two arguments, was
+    differentiated too, where JAX treats it as a constant (the fuzzer's
+    tests/fuzz/regressions/case_1013_units.py)."""
+    leaves = [it.op(_own_value, (x,), {}) if unsettled(x, it) else x for x in leaves]
     if it.mode == TRACE:
         phs = [x if unsettled(x, it) else tracing.wrap(it, tracing.feed(it, x)) for x in leaves]
         tracing.append(it, BeginEvent, kind, key, ids=tuple(p._id for p in phs),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 
+import jax
+import numpy as np
 from jax.tree_util import tree_flatten, tree_unflatten
 
 from ..counters import counts
@@ -66,9 +68,17 @@ def paths_here(it):
 
 
 def bind(it, feeds):
-    """Values Python hands to the graph this iteration: (id, value) pairs."""
+    """Values Python hands to the graph this iteration: (id, value) pairs.  A NumPy array
+    becomes the device array a traced iteration's feed made of it (``Recorder.input``):
+    where an op is the identity on its input (``jnp.asarray(numpy_array, jnp.float32)`` of
+    a float64 array is, once fed), the value Python gets is the feed itself, and it was
+    the float64 NumPy array behind a float32 placeholder."""
     for id, x in feeds:
-        it.env[id] = concrete(x) if type(x) is Placeholder else x
+        if type(x) is Placeholder:
+            x = concrete(x)
+        elif isinstance(x, (np.ndarray, np.generic)):
+            x = jax.device_put(x)  # (the transfer the segment's launch would make)
+        it.env[id] = x
     counts["feeds"] += len(feeds)
 
 

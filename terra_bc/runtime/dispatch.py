@@ -18,8 +18,14 @@ from ..counters import counts
 from ..jaxpr_builder import Id
 from . import autodiff, discovery
 from .context import EAGER, current, thread
-from .placeholders import METHODS, eager
+from .placeholders import AT_METHODS, METHODS, eager
 from .trace_rules import calls_given_function, code_of, grad_spec, is_api_wrapper, is_dl_op
+
+
+try:  # what `x.at[i]` gives for a concrete x (jax 0.10.2 to 0.12)
+    from jax._src.numpy.array_methods import _IndexUpdateRef as INDEX_UPDATE_REF
+except ImportError:  # pragma: no cover
+    INDEX_UPDATE_REF = None
 
 
 def on_site(site, callee, *args, **kwargs):
@@ -50,7 +56,14 @@ def on_site(site, callee, *args, **kwargs):
                 spec = spec._replace(fun=_python_or_one_op(spec.fun))
                 return autodiff.grad(it, callee, spec, args, kwargs)
     if isinstance(callee, types.MethodType) and not isinstance(callee.__self__, type):
-        args = (callee.__self__,) + args  # x.sum() on a concrete array: x is an input
+        owner = callee.__self__
+        if type(owner) is INDEX_UPDATE_REF:
+            # x.at[i].add(v) on a concrete x: the op a placeholder's x.at[i].add(v) records,
+            # x and i its inputs.  Passed as JAX's reference object, an index that is a
+            # placeholder was hidden from the op (not a pytree): the op ran as opaque, and
+            # JAX's own `i < 0` on the placeholder recursed without end.
+            return it.op(AT_METHODS[callee.__name__], (owner.array, owner.index) + args, kwargs)
+        args = (owner,) + args  # x.sum() on a concrete array: x is an input
         # (one guard key for x.sum() whether x is an array, a tracer or a placeholder)
         callee = _ARRAY_METHODS.get(callee.__func__, callee.__func__)
     return it.op(callee, args, kwargs)

@@ -38,10 +38,15 @@ def held(it):
     library kept).  What the rest of the path reads is not recorded yet; only these can be."""
     ids = {p._id for p in alive(it)}
     tracers = it.tracers
+    wrapped = {p._id for p in it.live if p._rec is not None}
     for t in it.path.recorder.unvalued():
-        # References: the list, `t`, getrefcount's argument; it.tracers and the
-        # placeholder wrapping it (tracing.wrap) for an op's output.
-        if sys.getrefcount(t) > (5 if tracers.get(t.id) is t else 3):
+        # References: the list, `t`, getrefcount's argument; it.tracers, and the
+        # placeholder wrapping it (tracing.wrap) for an op's output.  A tracer JAX handed
+        # Python itself (`jax_array[placeholder]`) that an op then used is in it.tracers
+        # with no placeholder: counting one for it missed Python's own reference, and the
+        # value, never computed, could not be read after the iteration.
+        known = 3 + (tracers.get(t.id) is t) + (t.id in wrapped)
+        if sys.getrefcount(t) > known:
             ids.add(t.id)
     return ids
 

@@ -304,6 +304,13 @@ def call(fn, args, kwargs):
         counts["ops_eager"] += 1
         return eager(fn, args, kwargs)
     _hook.watch_check()  # (a tool watching: the iteration may run its rest eagerly, tools.py)
+    if it.opaque_depth:
+        # Inside an op JAX runs itself (a vmap of user code closing over a placeholder):
+        # ``fn`` is given what JAX lowers a placeholder to, not the placeholder, whose
+        # method ``fn`` calls (``x.at[i].add``, ``x + y``) would come back here without end.
+        leaves, tree = tree_flatten((args, kwargs))
+        a, k = tree_unflatten(tree, [x.full_lower() if type(x) is Placeholder else x for x in leaves])
+        return fn(*a, **k)
     return it.op(fn, args, kwargs)
 
 

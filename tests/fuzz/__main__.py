@@ -1,0 +1,232 @@
+"""``python -m tests.fuzz --programs N --seed S [--jobs J] [--size K] [--shrink] [--out DIR]``
+
+Generates N programs (seeds S .. S+N-1), runs each eagerly and under terra_bc (loop and
+function units as ``python -m terra_bc``; the step as ``@terra_bc.function``), and prints
+the counts: programs, mismatches, crashes, ties, invalid programs, eager fallbacks and the
+co-executed share.  Programs run in worker processes (``--worker``), a batch each, so a
+hang (``--timeout`` per program) or a dying interpreter is recorded as a crash of that
+program and the batch goes on in a fresh worker.  With ``--shrink`` each failure is reduced
+to a small reproducer written to ``--out`` (then copy it to tests/fuzz/regressions/).
+Run from the repository root.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from . import harness
+from .generator import generate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FAILURES = ("mismatch", "crash")
+
+
+# **** worker: programs in this process ****
+
+def worker(seeds: list[int], size: int, modes: tuple) -> None:
+    import gc
+    for n, seed in enumerate(seeds):
+        print("BEGIN", seed, flush=True)
+        v = harness.check(generate(seed, size).source(), modes)
+        v["seed"] = seed
+        print("RESULT", json.dumps(v), flush=True)
+        if n % 20 == 19:
+            gc.collect()
+
+
+# **** parent: batches of programs in workers ****
+
+def _reader(stream, q):
+    for line in stream:
+        q.put(line)
+    q.put(None)
+
+
+# Programs per worker process: each program leaves compiled executables in JAX's and
+# terra_bc's caches (about 100 MB per program on CPU), so a worker is replaced after these.
+PER_WORKER = 20
+
+
+def run_batch(seeds: list[int], size: int = 1, timeout: float = 300.0, modes=harness.MODES,
+              on_result=None) -> list[dict]:
+    """Verdicts for ``seeds``, run in worker processes (a fresh one after PER_WORKER
+    programs, a crash or a hang)."""
+    results, todo = [], list(seeds)
+    while todo:
+        cmd = [sys.executable, "-m", "tests.fuzz", "--worker", "--size", str(size),
+               "--modes", ",".join(modes), "--seeds", ",".join(map(str, todo[:PER_WORKER]))]
+        err = tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err,
+                                text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+        done_before = len(results)
+        q: queue.Queue = queue.Queue()
+        threading.Thread(target=_reader, args=(proc.stdout, q), daemon=True).start()
+        current, since = None, time.monotonic()
+        while True:
+            try:
+                line = q.get(timeout=max(1.0, timeout - (time.monotonic() - since)))
+            except queue.Empty:
+                line = "TIMEOUT"
+            if line is None or line == "TIMEOUT":
+                proc.kill()
+                proc.wait()
+                err.seek(0)
+                tail = err.read()[-2000:]
+                if current is None:
+                    if todo and len(results) == done_before:
+                        raise RuntimeError(f"fuzz worker failed (rc {proc.returncode}): {tail}")
+                    break
+                why = f"timeout after {timeout:.0f} s" if line == "TIMEOUT" else \
+                    f"worker died (rc {proc.returncode}): {tail[-600:]}"
+                v = dict(seed=current, status="crash", mode="?", detail=why, seconds=timeout,
+                         fallbacks={}, coexecuted={}, traced={})
+                results.append(v)
+                todo.remove(current)
+                if on_result:
+                    on_result(v)
+                break
+            if line.startswith("BEGIN"):
+                current, since = int(line.split()[1]), time.monotonic()
+            elif line.startswith("RESULT"):
+                v = json.loads(line[len("RESULT"):])
+                results.append(v)
+                todo.remove(v["seed"])
+                current = None
+                if on_result:
+                    on_result(v)
+        proc.wait()
+    return results
+
+
+def summary(results: list[dict]) -> dict:
+    runs = [(mode, v) for v in results for mode in v.get("coexecuted", {})]
+    count = lambda s: sum(v["status"] == s for v in results)  # noqa: E731
+    return {
+        "programs": len(results),
+        "mismatches": count("mismatch"),
+        "crashes": count("crash"),
+        "ties": count("tie"),
+        "invalid": count("invalid"),
+        "runs": len(runs),
+        "runs_with_eager_fallbacks": sum(v["fallbacks"].get(m, 0) > 0 for m, v in runs),
+        "eager_fallbacks": sum(v["fallbacks"].get(m, 0) for m, v in runs),
+        "runs_coexecuted": sum(v["coexecuted"][m] > 0 for m, v in runs),
+        "coexecuted_share": round(sum(v["coexecuted"][m] > 0 for m, v in runs) / max(1, len(runs)), 4),
+        "seconds": round(sum(v.get("seconds", 0) for v in results), 1),
+    }
+
+
+def fuzz(start: int, programs: int, jobs: int = 1, size: int = 1, timeout: float = 300.0,
+         modes=harness.MODES, verbose: bool = True) -> list[dict]:
+    seeds = list(range(start, start + programs))
+    batches = [seeds[i::jobs] for i in range(jobs)]
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def report(v):
+        with lock:
+            results.append(v)
+            if verbose and (v["status"] != "ok" or len(results) % 50 == 0):
+                line = f"[{len(results)}/{programs}] seed {v['seed']}: {v['status']}"
+                if v["status"] != "ok":
+                    line += f" ({v.get('mode')}) {v.get('detail')}"
+                print(line, flush=True)
+
+    threads = [threading.Thread(target=run_batch, args=(b, size, timeout, modes, report)) for b in batches if b]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sorted(results, key=lambda v: v["seed"])
+
+
+# **** shrinking a failure (in a worker process) ****
+
+def still_fails_like(verdict: dict, size: int):
+    mode, status = verdict["mode"], verdict["status"]
+    kind = verdict["detail"].split(":")[0] if status == "crash" else None
+
+    def still_fails(source: str) -> bool:
+        v = harness.check(source, (mode,))
+        return v["status"] == status and (kind is None or (v["detail"] or "").split(":")[0] == kind)
+    return still_fails
+
+
+def shrink_one(seed: int, size: int, verdict: dict, budget_s: float) -> str:
+    from .shrink import shrink
+    program = generate(seed, size)
+    small = shrink(program, still_fails_like(verdict, size), budget_s,
+                   log=lambda m: print(m, file=sys.stderr, flush=True))
+    source = small.source()
+    v = harness.check(source, (verdict["mode"],))
+    header = (f"# Found by: python -m tests.fuzz --seed {seed} --programs 1 --size {size}\n"
+              f"# Mode: {verdict['mode']}\n"
+              f"# Failure when shrunk: {v['status']}: {v['detail']}\n")
+    return header + source
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--programs", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0, help="first program's seed")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes at once")
+    ap.add_argument("--size", type=int, default=1, help="statements per block, roughly x")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per program")
+    ap.add_argument("--modes", default=",".join(harness.MODES))
+    ap.add_argument("--shrink", action="store_true", help="shrink each failure")
+    ap.add_argument("--shrink-budget", type=float, default=600.0, help="seconds per failure")
+    ap.add_argument("--out", default="fuzz-failures", help="where reproducers go")
+    ap.add_argument("--json", help="write every verdict to this file")
+    ap.add_argument("--show", type=int, help="print the program of this seed and exit")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--seeds", help=argparse.SUPPRESS)
+    ap.add_argument("--shrink-seed", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--verdict", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    modes = tuple(args.modes.split(","))
+    if args.show is not None:
+        print(generate(args.show, args.size).source(), end="")
+        return 0
+    if args.worker:
+        worker([int(s) for s in args.seeds.split(",")], args.size, modes)
+        return 0
+    if args.shrink_seed is not None:
+        print(shrink_one(args.shrink_seed, args.size, json.loads(args.verdict), args.shrink_budget), end="")
+        return 0
+    t0 = time.time()
+    results = fuzz(args.seed, args.programs, args.jobs, args.size, args.timeout, modes)
+    s = summary(results)
+    s["wall_seconds"] = round(time.time() - t0, 1)
+    s["command"] = "python -m tests.fuzz " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(json.dumps(s, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"summary": s, "verdicts": results}, f, indent=0)
+    failures = [v for v in results if v["status"] in FAILURES]
+    if args.shrink and failures:
+        os.makedirs(args.out, exist_ok=True)
+        for v in failures:
+            if v["mode"] == "?":
+                continue  # a hang or a dead worker: shrink by hand
+            print(f"shrinking seed {v['seed']} ({v['status']} in {v['mode']}) ...", flush=True)
+            out = subprocess.run([sys.executable, "-m", "tests.fuzz", "--shrink-seed", str(v["seed"]),
+                                  "--size", str(args.size), "--verdict", json.dumps(v),
+                                  "--shrink-budget", str(args.shrink_budget)],
+                                 cwd=ROOT, capture_output=True, text=True)
+            path = os.path.join(args.out, f"case_{v['seed']}_{v['mode']}.py")
+            with open(path, "w") as f:
+                f.write(out.stdout)
+            print(f"  -> {path} ({len(out.stdout.splitlines())} lines)", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

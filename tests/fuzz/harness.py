@@ -1,0 +1,267 @@
+"""Run one program eagerly and under terra_bc, and compare (in this process).
+
+Modes:
+  ``eager``     plain JAX: the reference.
+  ``units``     as ``python -m terra_bc`` runs a script: the hook enabled with loop and
+                function units on while the module body and ``main()`` run.
+  ``function``  ``main(decorate=terra_bc.function)``: the step is a ``@terra_bc.function``
+                (the hook otherwise off, as a user who only decorates gets).
+  ``cli``       ``python -m terra_bc`` itself runs the program in a new process
+                (cli_driver.py): a check that ``units`` is what the command line does.
+                Slower (a process per program): not in the default modes.
+
+Comparison: the returned values (the variable pool, ``lr``, ``hist``, ``cfg``) and the
+ordered side-effect log must be equal — same structure, same types, same strings, ints,
+bools, shapes and dtypes; floats and float arrays within RTOL/ATOL.  The tolerance is
+needed because a compiled segment is not op-for-op eager JAX: XLA fuses the recorded ops
+and may reorder float arithmetic (reductions, matmul accumulation, ``a*b+c`` contracted)
+and choose other transcendental approximations inside a fusion, so float32 results
+differ in the last bits (about 1e-7 relative per op) and the difference grows over a
+program's turns.  Integer results (PRNG keys, ``argmax``, counts) must be exact.
+
+A terra_bc run that raises where eager did not (or raises another exception type) is a
+*crash*.  A difference whose first sign in the log is a branch taken differently while both
+runs' compared values lie within tolerance of each other (on either side of the
+threshold) is a *tie*: the float rounding above decided the branch, not terra_bc; ties
+are counted apart and reported, never hidden.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+RTOL, ATOL = 1e-5, 1e-6
+MODES = ("units", "function")
+BRANCH_TAGS = ("if", "wc", "b")  # log entries (tag, id, value, threshold, ...)
+
+
+# **** running ****
+
+class Outcome:
+    """What one run of a program gave: its values and log, or the exception it raised."""
+
+    def __init__(self, result=None, error=None, stats=None, seconds=0.0):
+        self.result, self.error, self.stats, self.seconds = result, error, stats or {}, seconds
+
+    def __repr__(self):
+        return f"Outcome(error={self.error!r}, stats={self.stats})"
+
+
+def plain(x):
+    """Values made comparable: arrays (jax.Array, a terra_bc Placeholder, NumPy) become
+    ('array', dtype, shape, ndarray); containers keep their type."""
+    import jax
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        arr = np.array(x)  # (a copy: writable, and no view of a device buffer)
+        return ("array", str(arr.dtype), arr.shape, arr)
+    if isinstance(x, dict):
+        return {k: plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(plain(v) for v in x)
+    return x
+
+
+def write_source(source: str, directory: str | None = None) -> str:
+    """The program as a file: terra_bc classifies code by its file (a file no installed
+    distribution owns is the user's), and tracebacks show its lines."""
+    fd, path = tempfile.mkstemp(prefix="fuzzprog_", suffix=".py", dir=directory)
+    with os.fdopen(fd, "w") as f:
+        f.write(source)
+    return path
+
+
+def run_cli(path: str) -> Outcome:
+    """The program run by ``python -m terra_bc`` in a process of its own (cli_driver.py)."""
+    import pickle
+    import subprocess
+    import sys
+    start = time.perf_counter()
+    out = path + ".out"
+    try:
+        subprocess.run([sys.executable, "-m", "terra_bc", os.path.join(os.path.dirname(__file__), "cli_driver.py"),
+                        path, out], capture_output=True, timeout=600)
+        with open(out, "rb") as f:
+            (result, error), stats = pickle.load(f)
+    except (OSError, EOFError, subprocess.TimeoutExpired) as e:
+        result, error, stats = None, ("CliFailed", repr(e)), {}
+    finally:
+        if os.path.exists(out):
+            os.unlink(out)
+    return Outcome(result, error, stats, time.perf_counter() - start)
+
+
+def run(source: str, path: str, mode: str) -> Outcome:
+    import terra_bc
+    if mode == "cli":
+        return run_cli(path)
+    ns = {"__name__": "fuzzprog", "__file__": path, "__builtins__": __builtins__}
+    terra_bc.reset_stats()
+    start = time.perf_counter()
+    try:
+        code = compile(source, path, "exec", dont_inherit=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if mode == "eager":
+                exec(code, ns)
+                result = ns["main"]()
+            elif mode == "units":
+                terra_bc.set_loops(True)
+                terra_bc.set_functions(True)
+                terra_bc.enable()
+                try:
+                    exec(code, ns)
+                    result = ns["main"]()
+                finally:
+                    terra_bc.disable()
+                    terra_bc.set_loops(False)
+                    terra_bc.set_functions(False)
+            elif mode == "function":
+                exec(code, ns)
+                result = ns["main"](terra_bc.function)
+            else:
+                raise ValueError(f"unknown mode {mode!r}")
+            result = plain(result)
+    except Exception as e:  # (KeyboardInterrupt and SystemExit go through)
+        return Outcome(error=(type(e).__name__, str(e)[:500]), stats=terra_bc.stats(),
+                       seconds=time.perf_counter() - start)
+    return Outcome(result, stats=terra_bc.stats(), seconds=time.perf_counter() - start)
+
+
+# **** comparing ****
+
+def close(w: float, g: float) -> bool:
+    if math.isnan(w) or math.isnan(g):
+        return math.isnan(w) and math.isnan(g)
+    return abs(w - g) <= ATOL + RTOL * abs(w)
+
+
+def difference(want, got, where="") -> str | None:
+    """Where ``got`` first differs from ``want`` (depth first, in order), or None."""
+    if type(want) is not type(got):
+        return f"{where}: type {type(want).__name__} != {type(got).__name__} ({want!r:.80} vs {got!r:.80})"
+    if isinstance(want, dict):
+        if list(want) != list(got):
+            return f"{where}: keys {list(want)} != {list(got)}"
+        for k in want:
+            d = difference(want[k], got[k], f"{where}[{k!r}]")
+            if d:
+                return d
+        return None
+    if isinstance(want, tuple) and len(want) == 4 and want[0] == "array":
+        _, dt, shape, w = want
+        _, dt2, shape2, g = got
+        if (dt, shape) != (dt2, shape2):
+            return f"{where}: array {dt}{shape} != {dt2}{shape2}"
+        if np.issubdtype(w.dtype, np.inexact):
+            ok = np.isclose(g, w, rtol=RTOL, atol=ATOL, equal_nan=True)
+            if not ok.all():
+                i = np.unravel_index(np.argmin(ok), ok.shape) if ok.shape else ()
+                return f"{where}: array element {i}: {w[i]!r} != {g[i]!r}"
+        elif not np.array_equal(w, g):
+            return f"{where}: array {w.tolist()} != {g.tolist()}"
+        return None
+    if isinstance(want, (list, tuple)):
+        for i, (w, g) in enumerate(zip(want, got)):
+            d = difference(w, g, f"{where}[{i}]")
+            if d:
+                return d
+        if len(want) != len(got):
+            return f"{where}: length {len(want)} != {len(got)} (next: {(want + got)[min(len(want), len(got)) if len(want) > len(got) else len(want)]!r:.120})" \
+                if isinstance(want, tuple) else f"{where}: length {len(want)} != {len(got)}"
+        return None
+    if isinstance(want, float):
+        return None if close(want, got) else f"{where}: {want!r} != {got!r}"
+    if want != got:
+        return f"{where}: {want!r:.200} != {got!r:.200}"
+    return None
+
+
+def formatted_tie(w, g) -> bool:
+    """('f', id, value, text): the text is the value rounded to 3 decimals, so two values
+    within tolerance may print differently at a rounding boundary."""
+    return (isinstance(w, tuple) and len(w) == 4 and w[0] == "f" and type(w) is type(g)
+            and w[:2] == g[:2] and close(w[2], g[2]) and abs(float(w[3]) - float(g[3])) <= 0.0011)
+
+
+def branch_tie(want_log: list, got_log: list) -> str | None:
+    """If the logs first differ after (or at) a branch both runs decided on values within
+    tolerance of each other but on different sides of its threshold: a description."""
+    n = 0
+    while n < min(len(want_log), len(got_log)) and difference(want_log[n], got_log[n]) is None:
+        n += 1
+    for i in range(min(n, len(want_log) - 1, len(got_log) - 1), -1, -1):
+        w, g = want_log[i], got_log[i]
+        if (isinstance(w, tuple) and isinstance(g, tuple) and len(w) >= 4 and len(g) >= 4
+                and w[0] in BRANCH_TAGS and w[:2] == g[:2]
+                and isinstance(w[2], float) and isinstance(g[2], float) and close(w[2], g[2])):
+            c = w[3]
+            if (w[2] > c) != (g[2] > c):
+                return f"log[{i}] {w[:2]}: {w[2]!r} vs {g[2]!r} on either side of {c}"
+            return None  # the last branch went the same way: not a tie
+    return None
+
+
+class Verdict(dict):
+    """One program's result: status ('ok', 'mismatch', 'crash', 'tie', 'invalid'), the
+    failing mode and what differed, eager fallbacks, co-executed iterations, seconds."""
+
+
+def compare(eager: Outcome, other: Outcome) -> tuple[str, str | None]:
+    if other.error is not None:
+        if eager.error is not None and eager.error[0] == other.error[0]:
+            return "ok", None
+        return "crash", f"{other.error[0]}: {other.error[1]}"
+    want, got = eager.result, other.result
+    d = difference(want[0], got[0], "values")
+    dl = difference(want[1], got[1], "log")
+    if dl is not None:
+        tie = branch_tie(want[1], got[1])
+        if tie:
+            return "tie", tie
+        if not _only_formatting(want[1], got[1]):
+            return "mismatch", dl
+    if d is not None:
+        return "mismatch", d
+    return "ok", None
+
+
+def _only_formatting(want_log, got_log) -> bool:
+    if len(want_log) != len(got_log):
+        return False
+    return all(difference(w, g) is None or formatted_tie(w, g) for w, g in zip(want_log, got_log))
+
+
+def check(source: str, modes=MODES, path: str | None = None, inject=None) -> Verdict:
+    """Run ``source`` eagerly and in ``modes``; the first mode that differs decides.
+    ``inject(outcome)`` may alter a terra_bc outcome before it is compared (the self-test)."""
+    own = path is None
+    path = path or write_source(source)
+    try:
+        eager = run(source, path, "eager")
+        v = Verdict(status="ok", mode=None, detail=None, seconds=eager.seconds,
+                    fallbacks={}, coexecuted={}, traced={})
+        if eager.error is not None:
+            v.update(status="invalid", detail=f"eager raised {eager.error[0]}: {eager.error[1]}")
+            return v
+        for mode in modes:
+            out = run(source, path, mode)
+            if inject is not None:
+                inject(out)
+            v["seconds"] += out.seconds
+            v["fallbacks"][mode] = out.stats.get("eager_fallbacks", 0)
+            v["coexecuted"][mode] = out.stats.get("iterations_coexecuted", 0)
+            v["traced"][mode] = out.stats.get("iterations_traced", 0)
+            status, detail = compare(eager, out)
+            if status != "ok" and v["status"] in ("ok", "tie"):
+                v.update(status=status, mode=mode, detail=detail)
+        return v
+    finally:
+        if own:
+            os.unlink(path)
