@@ -239,6 +239,27 @@ def _format(v, spec):
     return format(v, spec)
 
 
+# ----------------------------------------------------------------------------- placement
+
+class PlacementRefused(Exception):
+    """``jax.device_put`` to a device or a sharding, in a process with several devices, is
+    not recorded: inside a jitted segment JAX 0.10 lowers it to nothing (the value keeps
+    the placement the segment's propagation gives it), where eagerly it moves the value.
+    The runtime runs the op eagerly instead (a graph break; no wait: the transfer is
+    asynchronous) and feeds its result, placed as eager JAX places it."""
+
+
+@functools.cache
+def _several_devices():
+    return jax.device_count() > 1
+
+
+def _places(params):
+    """Does a ``device_put`` equation move its operands to a device or sharding?"""
+    return _several_devices() and any(isinstance(d, (jax.Device, jax.sharding.Sharding))
+                                      for d in params.get("devices", ()))
+
+
 # ----------------------------------------------------------------------------- trace
 
 class _RecordingTrace(Trace):
@@ -329,6 +350,8 @@ class _RecordingTrace(Trace):
 
     # -- Trace interface
     def process_primitive(self, prim, tracers, params, /):
+        if prim.name == "device_put" and _places(params):
+            raise PlacementRefused("device_put to a device or sharding runs eagerly")
         const = False
         if self.lazy and self.abstract():
             atoms, avals, graph = self.unwrap_abstract(tracers)

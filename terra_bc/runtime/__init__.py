@@ -12,6 +12,7 @@ One module per concern; each imports only those above it in this list:
   paths         Path: one recorded path (a unit's TraceGraph is its paths)
   journal       records of divergences, compiles, fallbacks; the "terra_bc" logger
   timeline      spans of iterations, launches, compiles, fetches while recording
+  pacing        how many launches may be in flight where several devices run them
   compiling     whether a new segment compiles now, later on a worker, or runs eagerly
   launching     which recorded equations run when; settling placeholders
   coexecution   co-execution mode's general path; Divergence and ``retried``

@@ -17,7 +17,7 @@ import jax
 from jax.extend.core import set_current_trace
 
 from ..counters import counts
-from . import compiling, journal, timeline
+from . import compiling, journal, pacing, timeline
 from .context import TRACE
 from .settings import LAZY_LAUNCHES, settings
 from .values import MISS, NUMBER_TYPES, device_number
@@ -97,6 +97,8 @@ def run(it, start, stop, outputs):
         x64 = jax.config.jax_enable_x64
         values = compiling.run(it, entry, [device_number(v, x64) if type(v) in NUMBER_TYPES else v
                                            for v in map(env.__getitem__, seg.inputs)])
+    if pacing.needed():
+        pacing.launched(values)
     env.update(zip(seg.outputs, values))
     it.effects_ran.update(effects)
     counts["segments_launched"] += 1

@@ -122,6 +122,17 @@ class Placeholder(jax.core.Tracer):
     def block_until_ready(self):
         return self._fetch("ready", lambda v: v.block_until_ready())
 
+    # Placement: known once the segment computing the value is launched (a jax.Array has its
+    # sharding before its data), so each is a fetch that launches it without waiting for
+    # it.  (Tracer's own raise, and an op would bake the traced iteration's answer in.)
+    sharding = property(lambda self: self._fetch("sharding", lambda v: v.sharding))
+    committed = property(lambda self: self._fetch("sharding", lambda v: v.committed))
+    is_fully_replicated = property(lambda self: self._fetch("sharding", lambda v: v.is_fully_replicated))
+    addressable_shards = property(lambda self: self._fetch("sharding", lambda v: v.addressable_shards))
+
+    def devices(self):
+        return self._fetch("sharding", lambda v: v.devices())
+
     def _fetch(self, kind, convert):
         it = self._it
         if self._val is not None or it is None or it is not current():
