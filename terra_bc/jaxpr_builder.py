@@ -48,7 +48,11 @@ __all__ = ["Recorder", "RecTracer", "Segment", "compile_segment", "cached_execut
            "clear_compile_cache"]
 
 _no_effects = frozenset()
-ArrayImpl = type(jax.numpy.zeros(()))   # the concrete jax.Array class; .aval is its type
+try:  # the concrete jax.Array class; .aval is its type.  (Not by making an array: that would
+    # start XLA's backend at import, and jax.distributed.initialize must come first.)
+    from jax._src.array import ArrayImpl
+except ImportError:
+    ArrayImpl = type(jax.numpy.zeros(()))
 
 
 # ----------------------------------------------------------------------------- compat

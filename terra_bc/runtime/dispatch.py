@@ -15,7 +15,7 @@ import jax
 
 from .. import frames
 from ..counters import counts
-from ..jaxpr_builder import Id
+from ..jaxpr_builder import ArrayImpl, Id
 from . import autodiff, discovery
 from .context import EAGER, current, thread
 from .placeholders import METHOD_NAMES, METHODS, eager
@@ -59,7 +59,7 @@ def on_site(site, callee, *args, **kwargs):
 def _array_methods():
     """The functions behind jax.Array's and a tracer's methods -> the placeholder's."""
     out = {}
-    for cls in (type(jax.numpy.zeros(())), jax.core.Tracer):
+    for cls in (ArrayImpl, jax.core.Tracer):
         for name in METHOD_NAMES:
             fn = getattr(cls, name, None)
             if isinstance(fn, types.FunctionType):
