@@ -26,6 +26,7 @@ Rules this module keeps (see docs/DESIGN "Facts already checked"):
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import functools
 import gc
@@ -44,7 +45,7 @@ from jax.extend.core import (ClosedJaxpr, DebugInfo, Jaxpr, Literal, Var, jaxpr_
 from .counters import counts
 
 __all__ = ["Recorder", "RecTracer", "Segment", "compile_segment", "cached_executable",
-           "jit_segment", "keep_executable", "evaluate_segment", "compile_count",
+           "jit_segment", "keep_executable", "run_donating", "evaluate_segment", "compile_count",
            "clear_compile_cache"]
 
 _no_effects = frozenset()
@@ -1152,6 +1153,58 @@ def jit_segment(segment: Segment, name=SEGMENT_NAME):
     return jax.jit(_named(jaxpr_as_fun(segment.jaxpr), name))
 
 
+_donating = {}  # (Segment.key, layout, donated) -> executable, or None: not ours
+
+
+def run_donating(segment: Segment, args, dead, name=SEGMENT_NAME):
+    """Run ``segment`` on ``args`` letting it reuse the buffers of the inputs at positions
+    ``dead`` (nothing reads them afterwards: ``launching.donatable``) for its outputs, as
+    ``jax.jit(..., donate_argnums=...)`` does; None (nothing run) where it cannot: the
+    segment is a call of the user's own jitted function, or no output can take a donated
+    buffer.  An array fed at several positions (a parameter read by the loss and by its
+    update) is passed once: a buffer cannot be donated and read as another argument.  Each
+    new executable counts as a compile."""
+    firsts, layout, reduced = {}, [], []
+    for k, a in enumerate(args):
+        if k in dead and id(a) in firsts:
+            layout.append(firsts[id(a)])
+            continue
+        if k in dead:
+            firsts[id(a)] = len(reduced)
+        layout.append(len(reduced))
+        reduced.append(a)
+    key = (segment.key, tuple(layout), tuple(firsts.values()))
+    fn = _donating.get(key, _donating)
+    if fn is _donating:
+        fn = _donating[key] = _donating_executable(segment, key[1], key[2], reduced, name)
+    return None if fn is None else fn(*reduced)
+
+
+def _donating_executable(segment, layout, donated, reduced, name):
+    usable = _aliasable(segment, [reduced[k].aval for k in donated], donated)
+    if not usable or _one_jit_call(segment.jaxpr) is not None:
+        return None
+    fun = jaxpr_as_fun(segment.jaxpr)
+
+    def expanded(*xs):
+        return fun(*[xs[j] for j in layout])
+    _cache_stats["compiles"] += 1
+    counts["compiles"] += 1
+    return _timed_first_call(jax.jit(_named(expanded, name), donate_argnums=usable))
+
+
+def _aliasable(segment, avals, positions):
+    """The ``positions`` (of inputs of types ``avals``) whose buffer an output of the same
+    type can reuse (JAX warns of a donation no output can take)."""
+    outs = collections.Counter((a.shape, a.dtype) for a in segment.jaxpr.out_avals)
+    usable = []
+    for k, aval in zip(positions, avals):
+        if outs[(aval.shape, aval.dtype)] > 0:
+            outs[(aval.shape, aval.dtype)] -= 1
+            usable.append(k)
+    return tuple(usable)
+
+
 def keep_executable(segment: Segment, fn, wait_only=False):
     """Cache ``fn`` (from ``jit_segment``) as the executable of ``segment``'s structure and
     count it as a compile; its first call is timed (``_timed_first_call``)."""
@@ -1252,6 +1305,7 @@ def compile_count() -> int:
 def clear_compile_cache():
     """Drop every cached executable and structural key (they keep constants alive)."""
     _compiled.clear()
+    _donating.clear()
     _jaxpr_keys.clear()
     _params_memo.clear()
     _interned.clear()

@@ -64,14 +64,21 @@ _costs = {}                    # Segment.key -> SegmentCost (segments not compil
 _rate = [0.0, 0]               # compile seconds and equations measured (either thread)
 
 
-def run(it, entry, args):
+def run(it, entry, args, donate=()):
     """Launch ``entry`` (a ``paths.SegmentEntry``) on ``args``: its executable if it has
     one, else as this module decides.  Returns the output values.  Each decision is
-    journaled (a compile) or logged (an eager run) once, where it is made."""
+    journaled (a compile) or logged (an eager run) once, where it is made.  ``donate``: the
+    positions of inputs nothing reads afterwards, whose buffers a compiled segment may
+    reuse (``launching.donatable``)."""
     exe = entry.exe
     if exe is None:
         exe = entry.exe = jaxpr_builder.cached_executable(entry.segment)
     if exe is not None:
+        if donate:
+            values = jaxpr_builder.run_donating(entry.segment, args, donate,
+                                                journal.segment_name(it, entry))
+            if values is not None:
+                return values
         return exe(*args)
     if it.abandoning:  # (its unit is not the repeating level: this graph does not come back)
         if "compiles" in journal.logged:

@@ -274,6 +274,7 @@ class Iteration:
             unit.last_path = self.path
             unit.reused.add(self.path)
             launching.settle(self, alive)
+            self.let_go()
             return
         if self.mode == TRACE:
             alive = launching.alive(self)
@@ -293,3 +294,11 @@ class Iteration:
                 unit.add_path(path)
                 unit.last_path = path
         launching.settle(self)
+        self.let_go()
+
+    def let_go(self):
+        """After ``finish``: the values the iteration computed are its placeholders' now.
+        (Each placeholder refers to its iteration: kept, these would keep every value alive,
+        old parameters included, until the cycle collector runs, and no buffer could be
+        donated: launching.donatable.)"""
+        self.env, self.live, self.tracers = {}, [], {}

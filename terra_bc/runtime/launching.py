@@ -20,7 +20,7 @@ from ..counters import counts
 from . import compiling, journal, pacing, timeline
 from .context import TRACE
 from .settings import LAZY_LAUNCHES, settings
-from .values import MISS, NUMBER_TYPES, device_number
+from .values import MISS, NUMBER_TYPES, ArrayImpl, device_number
 
 _LIVE_REFS = 3  # sys.getrefcount(p) of a placeholder only it.live holds, inside alive()
 
@@ -55,9 +55,10 @@ def launch(it, stop, need, alive_now=None):
         else:
             produced, reads_after = it.path.plan(it.seg_start, stop)
             kept = {p._id for p in (alive(it) if alive_now is None else alive_now)}
-            outputs = tuple(sorted(produced & (reads_after | kept | set(need) | it.path.escaping)))
+            later = reads_after | kept | set(need) | it.path.escaping
+            outputs = tuple(sorted(produced & later))
         if outputs or pending_effects(it, it.seg_start, stop):
-            run(it, it.seg_start, stop, outputs)
+            run(it, it.seg_start, stop, outputs, None if it.mode == TRACE else later)
         it.seg_start = stop
     missing = [i for i in need if i not in it.env]
     if missing:
@@ -71,10 +72,12 @@ def pending_effects(it, start, stop):
     return any(k not in done for k in it.path.recorder.effects_in(start, stop))
 
 
-def run(it, start, stop, outputs):
+def run(it, start, stop, outputs, later=None):
     """Launch the segment [start, stop) -> outputs of the iteration's path.  Each effect
     (a callback, a print) happens once per iteration: those that happened already (as they
-    were recorded, or in an earlier launch) are left out of the segment."""
+    were recorded, or in an earlier launch) are left out of the segment.  ``later``: in
+    co-execution, the ids of values read after ``stop``; inputs that are not, and that
+    nothing else holds, are given to the segment to reuse (``donatable``)."""
     unit = it.unit
     effects = it.path.recorder.effects_in(start, stop)
     skip = frozenset(k for k in effects if k in it.effects_ran) if effects else frozenset()
@@ -95,8 +98,13 @@ def run(it, start, stop, outputs):
     # (While recording, the segment runs under the trace the recording runs eager work on.)
     with nullcontext() if it.recording is None else set_current_trace(it.recording.parent_trace()):
         x64 = jax.config.jax_enable_x64
-        values = compiling.run(it, entry, [device_number(v, x64) if type(v) in NUMBER_TYPES else v
-                                           for v in map(env.__getitem__, seg.inputs)])
+        args = [device_number(v, x64) if type(v) in NUMBER_TYPES else v
+                for v in map(env.__getitem__, seg.inputs)]
+        dead = donatable(it, seg.inputs, args, later) if later is not None else frozenset()
+        for k in dead:  # (nothing reads them again: let go of them as the segment runs)
+            del env[seg.inputs[k]]
+        values = compiling.run(it, entry, args, dead)
+        del args
     if pacing.needed():
         pacing.launched(values)
     env.update(zip(seg.outputs, values))
@@ -104,6 +112,42 @@ def run(it, start, stop, outputs):
     counts["segments_launched"] += 1
     if t0:  # (dispatch only: the device runs it asynchronously)
         timeline.add(journal.segment_name(it, entry), "launch", t0, it.mode)
+
+
+def donatable(it, inputs, args, later):
+    """Positions of the inputs of a co-executed launch whose buffers nothing can read
+    afterwards, so the segment may reuse them (the old parameters of ``params =
+    update(params, grads)``): a ``jax.Array`` held by nothing but this launch (no Python
+    reference, no placeholder; ``it.env`` and ``args`` hold it once per position it is fed
+    at), read by no equation after it (``later``), on a path no other recorded path shares
+    at this point (moving to one could recompute a value from it).  Counted in
+    ``buffers_donated``."""
+    if not settings["donate"] or _shared(it):
+        return frozenset()
+    env, fed = it.env, {}
+    for k in range(len(args)):
+        v = args[k]
+        # (A fed Python number is passed as a device array values.device_number keeps.)
+        if type(v) is ArrayImpl and env.get(inputs[k]) is v:
+            if inputs[k] in later:
+                fed[id(v)] = None  # (read later: at no position)
+            elif fed.get(id(v), ()) is not None:
+                fed.setdefault(id(v), []).append(k)
+    dead = set()
+    for k, positions in ((p[0], p) for p in fed.values() if p):
+        v = args[k]  # references: it.env and args once per position, v, getrefcount's argument
+        if sys.getrefcount(v) == 2 * len(positions) + 2:
+            dead.update(positions)
+    counts["buffers_donated"] += sum(1 for p in fed.values() if p and p[0] in dead)
+    return frozenset(dead)
+
+
+def _shared(it):
+    """Does another recorded path of the unit share this path's events so far?"""
+    cur, pos = it.path, it.pos
+    last = cur.events[pos - 1] if pos else None
+    return any(p is not cur and (pos == 0 or len(p.events) >= pos and p.events[pos - 1] is last)
+               for p in it.unit.paths)
 
 
 def _known(it, id):

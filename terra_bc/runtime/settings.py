@@ -29,6 +29,9 @@ settings = {
     # A unit that traces eagerly-valued compiles a new segment on a worker thread once
     # running it eagerly has cost its expected compile time (runtime/compiling.py).
     "background_compile": os.environ.get("TERRA_BC_BACKGROUND_COMPILE", "1") != "0",
+    # A co-executed segment may reuse the buffers of inputs nothing reads afterwards (the
+    # old parameters of `params = update(params, grads)`): launching.donatable.
+    "donate": os.environ.get("TERRA_BC_DONATE", "1") != "0",
     # Compiled segments persist in JAX's compilation cache there ("": not kept).
     "cache_dir": os.environ.get("TERRA_BC_CACHE_DIR", ""),
     # What the "terra_bc" logger says, one line each (journal.py): a comma-separated list
