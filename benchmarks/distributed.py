@@ -9,7 +9,8 @@
              128 MiB of parameters, batch 8) over 6 steps, each mode in a fresh process on one
              device: eager, jax.jit without and with donate_argnums, terra_bc with donation
              (default) and without (TERRA_BC_DONATE=0).  Peak RSS (ru_maxrss) minus the RSS
-             once the parameters exist.
+             once the parameters exist, and the bytes of the arrays alive after each step
+             (jax.live_arrays: the parameters, once nothing holds the old ones).
 
     python benchmarks/distributed.py [--only a,b] [--steps 100] [--repeats 3] [--json out.json]
 """
@@ -152,7 +153,14 @@ def memory_one(mode, steps=6, layers=8, width=2048):
         for _ in range(steps):
             params, loss = fn(params, x)
             losses.append(float(loss))
+            live.append(live_mib())
         return params, losses
+
+    def live_mib():  # what the arrays alive between two steps hold
+        arrays = jax.live_arrays()
+        return round(sum(a.nbytes for a in arrays if not a.is_deleted()) / 2**20, 1)
+
+    live = []
 
     base = rss_mib()
     if mode.startswith("terra_bc"):
@@ -167,6 +175,7 @@ def memory_one(mode, steps=6, layers=8, width=2048):
     jax.block_until_ready(params)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"mode": mode, "peak_over_params_mib": round(peak - base, 1),
+           "live_mib_after_each_step": live,
            "params_mib": layers * width * width * 4 / 2**20, "losses": losses}
     if mode.startswith("terra_bc"):
         s = terra_bc.stats()

@@ -255,13 +255,15 @@ class PlacementRefused(Exception):
 
 
 @functools.cache
-def _several_devices():
+def several_devices():
+    """Does this process compute on more than one device (simulated, real, or across
+    processes)?  (Asked once JAX runs: asking starts its backend.)"""
     return jax.device_count() > 1
 
 
 def _places(params):
     """Does a ``device_put`` equation move its operands to a device or sharding?"""
-    return _several_devices() and any(isinstance(d, (jax.Device, jax.sharding.Sharding))
+    return several_devices() and any(isinstance(d, (jax.Device, jax.sharding.Sharding))
                                       for d in params.get("devices", ()))
 
 

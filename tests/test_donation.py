@@ -12,7 +12,8 @@ import terra_bc
 
 pytestmark = pytest.mark.usefixtures("loop_units_on")  # (conftest.py)
 
-X = jnp.ones((4, 16))
+WIDTH = 512  # (1 MiB a parameter: launching donates from DONATE_MIN_BYTES on)
+X = jnp.ones((4, WIDTH))
 
 
 def loss_fn(p, x):
@@ -24,7 +25,8 @@ def loss_fn(p, x):
 
 def init():
     rng = np.random.default_rng(0)
-    return [jnp.asarray(rng.standard_normal((16, 16)).astype(np.float32) * 0.3) for _ in range(3)]
+    return [jnp.asarray(rng.standard_normal((WIDTH, WIDTH)).astype(np.float32) * 0.05)
+            for _ in range(3)]
 
 
 def sgd(steps=8):
@@ -103,7 +105,7 @@ def run_both(program):
     with terra_bc.enabled():
         got = program()
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
     return terra_bc.stats()
 
 
@@ -119,6 +121,23 @@ def test_dead_parameters_are_donated(program):
 def test_values_python_can_read_are_not_donated(program):
     s = run_both(program)  # (a donated one would raise "Array has been deleted")
     assert s["iterations_coexecuted"] >= 6, s
+
+
+def test_small_buffers_are_not_donated():
+    """Donating compiles the segment once more: not worth it for small buffers."""
+    global X
+    saved, X = X, X[:, :64]
+    try:
+        def small(steps=8):
+            p = [w[:64, :64] for w in init()]
+            for _ in range(steps):
+                g = jax.grad(loss_fn)(p, X)
+                p = [a - 0.1 * b for a, b in zip(p, g)]
+            return p
+        s = run_both(small)
+    finally:
+        X = saved
+    assert s["buffers_donated"] == 0 and s["iterations_coexecuted"] >= 6, s
 
 
 def test_donation_can_be_switched_off():

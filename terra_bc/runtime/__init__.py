@@ -68,7 +68,7 @@ journal.use_log(settings["log"])
 
 def config(**changes):
     """``terra_bc.config(max_paths=16, max_compiles=32, warmup=0, inner_turns=16,
-    dynamic_numbers=True, abstract_tracing=True, background_compile=True, cache_dir="",
+    dynamic_numbers=True, abstract_tracing=True, background_compile=True, donate=True, cache_dir="",
     log="", loops=None, functions=None,
     include=None, exclude=None)``: set
     limits (only those given); returns the settings now in force.  ``loops`` / ``functions``

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from .. import jaxpr_builder
 from ..counters import counts
-from . import journal, timeline
+from . import journal, pacing, timeline
 from .settings import (BACKGROUND_SHARE, COMPILE_SECONDS_MIN, COMPILE_SECONDS_PER_EQUATION,
                        EAGER_FIRST_RUN_SECONDS, settings)
 
@@ -142,6 +142,8 @@ def _why_now(it, entry):
         return "a traced iteration needs its values"
     if not settings["background_compile"]:
         return "background_compile is off"
+    if pacing.several_processes():
+        return "one of several processes: each compiles at the same launch"
     return (f"{entry.cold} of its equations were recorded abstractly: running them eagerly "
             f"would compile each (~{entry.cold * EAGER_FIRST_RUN_SECONDS:.2f} s), more than "
             f"its expected compile ({expected_compile_seconds(entry.segment):.2f} s)")
@@ -150,9 +152,12 @@ def _why_now(it, entry):
 def compiles_later(it, entry):
     """Does ``entry``'s segment run eagerly until compiling it pays (else: compile now)?
     Not in a traced iteration, nor where more of its equations were recorded abstractly
-    than running eagerly is worth: each would compile its primitive first."""
+    than running eagerly is worth: each would compile its primitive first, nor in one of
+    several processes: the choice depends on timing, and processes that chose differently
+    would run different collectives (docs/distributed.md)."""
     return settings["background_compile"] and it.recording is None and (
-        not entry.cold or entry.cold * EAGER_FIRST_RUN_SECONDS < expected_compile_seconds(entry.segment))
+        not entry.cold or entry.cold * EAGER_FIRST_RUN_SECONDS < expected_compile_seconds(entry.segment)
+    ) and not pacing.several_processes()
 
 
 def state(entry):

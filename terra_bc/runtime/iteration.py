@@ -270,7 +270,7 @@ class Iteration:
                 self.path = self._path_ending_here()
             alive = launching.alive(self)
             launching.launch(self, self.path.recorder.mark(),
-                             [p._id for p in alive if p._val is None], alive)
+                             [p._id for p in alive if p._val is None], alive, final=True)
             unit.last_path = self.path
             unit.reused.add(self.path)
             launching.settle(self, alive)

@@ -19,7 +19,7 @@ from jax.extend.core import set_current_trace
 from ..counters import counts
 from . import compiling, journal, pacing, timeline
 from .context import TRACE
-from .settings import LAZY_LAUNCHES, settings
+from .settings import DONATE_MIN_BYTES, LAZY_LAUNCHES, settings
 from .values import MISS, NUMBER_TYPES, ArrayImpl, device_number
 
 _LIVE_REFS = 3  # sys.getrefcount(p) of a placeholder only it.live holds, inside alive()
@@ -45,9 +45,10 @@ def held(it):
     return ids
 
 
-def launch(it, stop, need, alive_now=None):
+def launch(it, stop, need, alive_now=None, final=False):
     """Run the recorded equations [it.seg_start, stop) that later work needs, and make sure
-    the values ``need`` names are computed.  ``alive_now``: alive(it), if known."""
+    the values ``need`` names are computed.  ``alive_now``: alive(it), if known; ``final``:
+    the iteration's last launch (no other path can be taken after it)."""
     if stop > it.seg_start:
         if it.mode == TRACE:  # the path goes on being recorded: no plan is final yet
             produced = it.path.recorder.wiring(it.seg_start, stop)[1]
@@ -58,7 +59,7 @@ def launch(it, stop, need, alive_now=None):
             later = reads_after | kept | set(need) | it.path.escaping
             outputs = tuple(sorted(produced & later))
         if outputs or pending_effects(it, it.seg_start, stop):
-            run(it, it.seg_start, stop, outputs, None if it.mode == TRACE else later)
+            run(it, it.seg_start, stop, outputs, None if it.mode == TRACE else later, final)
         it.seg_start = stop
     missing = [i for i in need if i not in it.env]
     if missing:
@@ -72,12 +73,13 @@ def pending_effects(it, start, stop):
     return any(k not in done for k in it.path.recorder.effects_in(start, stop))
 
 
-def run(it, start, stop, outputs, later=None):
+def run(it, start, stop, outputs, later=None, final=False):
     """Launch the segment [start, stop) -> outputs of the iteration's path.  Each effect
     (a callback, a print) happens once per iteration: those that happened already (as they
     were recorded, or in an earlier launch) are left out of the segment.  ``later``: in
     co-execution, the ids of values read after ``stop``; inputs that are not, and that
-    nothing else holds, are given to the segment to reuse (``donatable``)."""
+    nothing else holds, are given to the segment to reuse (``donatable``; ``final``: the
+    iteration's last launch)."""
     unit = it.unit
     effects = it.path.recorder.effects_in(start, stop)
     skip = frozenset(k for k in effects if k in it.effects_ran) if effects else frozenset()
@@ -100,7 +102,7 @@ def run(it, start, stop, outputs, later=None):
         x64 = jax.config.jax_enable_x64
         args = [device_number(v, x64) if type(v) in NUMBER_TYPES else v
                 for v in map(env.__getitem__, seg.inputs)]
-        dead = donatable(it, seg.inputs, args, later) if later is not None else frozenset()
+        dead = donatable(it, seg.inputs, args, later, final) if later is not None else frozenset()
         for k in dead:  # (nothing reads them again: let go of them as the segment runs)
             del env[seg.inputs[k]]
         values = compiling.run(it, entry, args, dead)
@@ -114,15 +116,16 @@ def run(it, start, stop, outputs, later=None):
         timeline.add(journal.segment_name(it, entry), "launch", t0, it.mode)
 
 
-def donatable(it, inputs, args, later):
+def donatable(it, inputs, args, later, final=False):
     """Positions of the inputs of a co-executed launch whose buffers nothing can read
     afterwards, so the segment may reuse them (the old parameters of ``params =
     update(params, grads)``): a ``jax.Array`` held by nothing but this launch (no Python
     reference, no placeholder; ``it.env`` and ``args`` hold it once per position it is fed
     at), read by no equation after it (``later``), on a path no other recorded path shares
-    at this point (moving to one could recompute a value from it).  Counted in
-    ``buffers_donated``."""
-    if not settings["donate"] or _shared(it):
+    at this point (moving to one could recompute a value from it), unless this is the
+    iteration's ``final`` launch; and only where they hold ``DONATE_MIN_BYTES`` at least
+    (the donating executable is compiled once more).  Counted in ``buffers_donated``."""
+    if not settings["donate"] or not final and _shared(it):
         return frozenset()
     env, fed = it.env, {}
     for k in range(len(args)):
@@ -133,11 +136,16 @@ def donatable(it, inputs, args, later):
                 fed[id(v)] = None  # (read later: at no position)
             elif fed.get(id(v), ()) is not None:
                 fed.setdefault(id(v), []).append(k)
-    dead = set()
+    dead, size = set(), 0
     for k, positions in ((p[0], p) for p in fed.values() if p):
-        v = args[k]  # references: it.env and args once per position, v, getrefcount's argument
-        if sys.getrefcount(v) == 2 * len(positions) + 2:
+        v = args[k]  # references: it.env and args once per position, v, getrefcount's
+        # argument, and pacing's (the last steps' outputs it will wait for)
+        paced = pacing.holds(v) if pacing.needed() else 0
+        if sys.getrefcount(v) == 2 * len(positions) + 2 + paced:
             dead.update(positions)
+            size += v.nbytes
+    if size < DONATE_MIN_BYTES:  # (a donating executable is one more compile)
+        return frozenset()
     counts["buffers_donated"] += sum(1 for p in fed.values() if p and p[0] in dead)
     return frozenset(dead)
 

@@ -17,15 +17,23 @@ import functools
 
 import jax
 
+from ..jaxpr_builder import several_devices
 from .settings import IN_FLIGHT
 
 _in_flight = collections.deque()  # an output of each of the last launches
 
 
-@functools.cache
 def needed():
     """Do launches need pacing in this process (more than one device in its computations)?"""
-    return jax.device_count() > 1
+    return several_devices()
+
+
+@functools.cache
+def several_processes():
+    """Is this one of several processes (jax.distributed)?  Their collectives pair up by
+    order alone (XLA's gloo communicator has no tags), so every process must run the same
+    executables in the same order: no decision may depend on timing (compiling.py)."""
+    return jax.process_count() > 1
 
 
 def launched(values):
@@ -36,4 +44,12 @@ def launched(values):
             _in_flight.append(v)
             break
     while len(_in_flight) > IN_FLIGHT:
-        _in_flight.popleft().block_until_ready()
+        v = _in_flight.popleft()
+        if not v.is_deleted():  # (donated to a later launch, which is waited for in its turn)
+            v.block_until_ready()
+
+
+def holds(v):
+    """References pacing keeps to ``v`` (launching.donatable discounts them: the output of
+    one step is the next step's donated parameter)."""
+    return sum(1 for x in _in_flight if x is v)

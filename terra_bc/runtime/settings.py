@@ -47,6 +47,7 @@ COMPILE_SECONDS_PER_EQUATION = 0.005  # expected compile time per equation until
 COMPILE_SECONDS_MIN = 0.05   # ... and at least this (a 26-equation MLP step: 0.19 s, 2-core CPU)
 EAGER_FIRST_RUN_SECONDS = 0.03  # an equation run eagerly a first time: its compile (measured)
 BACKGROUND_SHARE = 0.5       # Python ran ~45% slower while a compile ran on the worker
+DONATE_MIN_BYTES = 1 << 20  # a launch donates buffers only this large in all (one more compile)
 IN_FLIGHT = 2  # unfinished launches where several devices run them (pacing.py; XLA:CPU hangs at 33)
 DEVICE_NUMBERS = 4096  # fed Python numbers kept as device arrays (values.device_number)
 
