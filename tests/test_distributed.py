@@ -36,7 +36,7 @@ def sharded_runs():
 
 
 @pytest.mark.parametrize("case", ["data_parallel", "tensor_parallel", "shard_map_psum",
-                                  "device_get", "sharding_changes"])
+                                  "pmap_psum", "device_get", "sharding_changes"])
 def test_sharded_program_matches_eager(sharded_runs, case):
     r = sharded_runs[case]
     assert r["same_values"], r

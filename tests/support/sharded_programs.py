@@ -104,6 +104,17 @@ def shard_map_psum(steps=STEPS):
     return {"v": v, "n": n, "norms": norms}, [v.sharding]
 
 
+def pmap_psum(steps=STEPS):
+    """``jax.pmap`` with a ``psum`` over its axis inside the step."""
+    f = jax.pmap(lambda x: jax.lax.psum(x * x, "i") + x, axis_name="i")
+    x = jnp.arange(8.0).reshape(jax.device_count(), -1) / 8
+    sums = []
+    for _ in range(steps):
+        x = f(x) * 0.5
+        sums.append(float(jnp.sum(x)))
+    return {"x": x, "sums": sums}, [x.sharding]
+
+
 def device_get(steps=STEPS):
     """``jax.device_get`` of sharded values inside the loop (a fetch of every shard)."""
     mesh = mesh_1d()
@@ -147,8 +158,8 @@ def unfetched_steps(steps=120, width=256, rows=2048):
     return w
 
 
-CASES = {f.__name__: f for f in (data_parallel, tensor_parallel, shard_map_psum, device_get,
-                                  sharding_changes)}
+CASES = {f.__name__: f for f in (data_parallel, tensor_parallel, shard_map_psum, pmap_psum,
+                                  device_get, sharding_changes)}
 
 
 def shardings_of(tree):
