@@ -36,7 +36,8 @@ def sharded_runs():
 
 
 @pytest.mark.parametrize("case", ["data_parallel", "tensor_parallel", "shard_map_psum",
-                                  "pmap_psum", "device_get", "sharding_changes"])
+                                  "pmap_psum", "device_get", "sharding_changes",
+                                  "fed_sharding_changes", "explicit_sharding_changes"])
 def test_sharded_program_matches_eager(sharded_runs, case):
     r = sharded_runs[case]
     assert r["same_values"], r
@@ -54,6 +55,16 @@ def test_sharding_change_is_guarded(sharded_runs):
     r = sharded_runs["sharding_changes"]
     assert r["seen"] == r["want_seen"] and len(set(r["seen"])) == 2, r
     assert r["stats"]["divergences"] <= 3, r
+
+
+def test_fed_sharding_change_is_a_guard_with_explicit_sharding(sharded_runs):
+    """Arrays placed before the loop, fed with another sharding from step 4 on: with
+    explicit sharding the aval carries it, so the feed's guard fails as for a new shape (a
+    new path); in auto mode the recorded graph does not depend on it and jax.jit compiles
+    the segment for the new placement.  Both give eager's placements step by step."""
+    auto, explicit = sharded_runs["fed_sharding_changes"], sharded_runs["explicit_sharding_changes"]
+    assert len(set(auto["seen"])) == 2 and len(set(explicit["seen"])) == 2
+    assert explicit["stats"]["divergences"] > auto["stats"]["divergences"], (auto, explicit)
 
 
 def test_unfetched_loop_does_not_deadlock():

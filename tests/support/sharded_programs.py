@@ -145,6 +145,31 @@ def sharding_changes(steps=STEPS):
     return {"w": w, "h": h}, seen
 
 
+def fed_sharding_changes(steps=STEPS, explicit=False):
+    """Arrays made before the loop, sharded then replicated then sharded again, fed to it
+    (no op of the loop names their sharding).  With explicit sharding the sharding is part
+    of the aval, so the feed's guard fails (a new path, like a new shape); in auto mode the
+    same segment runs and jax.jit compiles it for the new placement."""
+    from jax.sharding import AxisType
+    mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=((AxisType.Explicit if explicit else AxisType.Auto),))
+    rng = np.random.default_rng(3)
+    w = jax.device_put(np.full((8, 4), 0.1, np.float32), NamedSharding(mesh, P()))
+    xs = [jax.device_put(rng.standard_normal((8, 8)).astype(np.float32),
+                         NamedSharding(mesh, P("data") if (k // 4) % 2 == 0 else P()))
+          for k in range(steps)]
+    seen = []
+    for k in range(steps):
+        h = jnp.tanh(xs[k] @ w)
+        w = w - 0.1 * jnp.mean(h) * jnp.ones_like(w)
+        seen.append(h.sharding)
+    return {"w": w, "h": h}, seen
+
+
+def explicit_sharding_changes(steps=STEPS):
+    return fed_sharding_changes(steps, explicit=True)
+
+
 def unfetched_steps(steps=120, width=256, rows=2048):
     """A data-parallel step with no fetch: co-executed, a launch per turn goes ahead of the
     devices (XLA:CPU hangs with more than 32 multi-device computations in flight)."""
@@ -159,7 +184,8 @@ def unfetched_steps(steps=120, width=256, rows=2048):
 
 
 CASES = {f.__name__: f for f in (data_parallel, tensor_parallel, shard_map_psum, pmap_psum,
-                                  device_get, sharding_changes)}
+                                  device_get, sharding_changes, fed_sharding_changes,
+                                  explicit_sharding_changes)}
 
 
 def shardings_of(tree):
