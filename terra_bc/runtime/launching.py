@@ -9,6 +9,7 @@ arrays launched segments return (and to the values Python fed).
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -102,7 +103,7 @@ def run(it, start, stop, outputs, later=None, final=False):
         x64 = jax.config.jax_enable_x64
         args = [device_number(v, x64) if type(v) in NUMBER_TYPES else v
                 for v in map(env.__getitem__, seg.inputs)]
-        dead = donatable(it, seg.inputs, args, later, final) if later is not None else frozenset()
+        dead = donatable(it, seg, args, later, final) if later is not None else frozenset()
         for k in dead:  # (nothing reads them again: let go of them as the segment runs)
             del env[seg.inputs[k]]
         values = compiling.run(it, entry, args, dead)
@@ -116,19 +117,21 @@ def run(it, start, stop, outputs, later=None, final=False):
         timeline.add(journal.segment_name(it, entry), "launch", t0, it.mode)
 
 
-def donatable(it, inputs, args, later, final=False):
+def donatable(it, seg, args, later, final=False):
     """Positions of the inputs of a co-executed launch whose buffers nothing can read
     afterwards, so the segment may reuse them (the old parameters of ``params =
     update(params, grads)``): a ``jax.Array`` held by nothing but this launch (no Python
     reference, no placeholder; ``it.env`` and ``args`` hold it once per position it is fed
     at), read by no equation after it (``later``), on a path no other recorded path shares
     at this point (moving to one could recompute a value from it), unless this is the
-    iteration's ``final`` launch; and only where they hold ``DONATE_MIN_BYTES`` at least
-    (the donating executable is compiled once more).  Counted in ``buffers_donated``."""
-    if not settings["donate"] or not final and _shared(it):
+    iteration's ``final`` launch; only inputs of ``DONATE_MIN_BUFFER`` bytes or more, and
+    only where they hold ``DONATE_MIN_BYTES`` at least (the donating executable is compiled
+    once more).  Counted in ``buffers_donated``."""
+    _, sizes, big, total = input_bytes(seg)
+    if total < DONATE_MIN_BYTES or not settings["donate"] or not final and _shared(it):
         return frozenset()
-    env, fed = it.env, {}
-    for k in range(len(args)):
+    env, fed, inputs = it.env, {}, seg.inputs
+    for k in big:
         v = args[k]
         # (A fed Python number is passed as a device array values.device_number keeps.)
         if type(v) is ArrayImpl and env.get(inputs[k]) is v:
@@ -143,11 +146,29 @@ def donatable(it, inputs, args, later, final=False):
         paced = pacing.holds(v) if pacing.needed() else 0
         if sys.getrefcount(v) == 2 * len(positions) + 2 + paced:
             dead.update(positions)
-            size += v.nbytes
+            size += sizes[k]
     if size < DONATE_MIN_BYTES:  # (a donating executable is one more compile)
         return frozenset()
     counts["buffers_donated"] += sum(1 for p in fed.values() if p and p[0] in dead)
     return frozenset(dead)
+
+
+_input_bytes = {}  # id(Segment) -> (segment, bytes of each input, the large ones, their sum)
+DONATE_MIN_BUFFER = 1 << 16  # smaller inputs are not checked (each check costs ~1 us)
+
+
+def input_bytes(seg):
+    """(``seg``, the bytes of each of its inputs (from their avals: ``Array.nbytes`` costs
+    microseconds), the positions of those of ``DONATE_MIN_BUFFER`` or more, their sum)."""
+    found = _input_bytes.get(id(seg))
+    if found is None or found[0] is not seg:
+        if len(_input_bytes) > 10000:
+            _input_bytes.clear()
+        sizes = tuple(math.prod(a.shape) * getattr(a.dtype, "itemsize", 0)
+                      for a in seg.jaxpr.in_avals)
+        big = tuple(k for k, n in enumerate(sizes) if n >= DONATE_MIN_BUFFER)
+        found = _input_bytes[id(seg)] = (seg, sizes, big, sum(sizes[k] for k in big))
+    return found
 
 
 def _shared(it):
