@@ -721,14 +721,16 @@ class Recorder:
 
 class Segment:
     """Plain data: ``jaxpr`` (ClosedJaxpr), ``inputs`` / ``outputs`` (value ids, in order),
-    ``key`` (structural cache key used by compile_segment)."""
-    __slots__ = ("jaxpr", "inputs", "outputs", "key")
+    ``key`` (structural cache key used by compile_segment); ``sizes``: what the runtime
+    learnt of its inputs' sizes, once (launching.input_bytes)."""
+    __slots__ = ("jaxpr", "inputs", "outputs", "key", "sizes")
 
     def __init__(self, jaxpr, inputs, outputs, key):
         self.jaxpr = jaxpr
         self.inputs = inputs
         self.outputs = outputs
         self.key = key
+        self.sizes = None
 
     def __repr__(self):
         return (f"Segment(inputs={self.inputs}, outputs={self.outputs}, "

@@ -24,6 +24,8 @@ from .settings import DONATE_MIN_BYTES, LAZY_LAUNCHES, settings
 from .values import MISS, NUMBER_TYPES, ArrayImpl, device_number
 
 _LIVE_REFS = 3  # sys.getrefcount(p) of a placeholder only it.live holds, inside alive()
+DONATE_MIN_BUFFER = 1 << 16  # smaller inputs are not checked (each check costs ~1 us)
+NONE = frozenset()  # (no input donated)
 
 
 def alive(it):
@@ -103,7 +105,9 @@ def run(it, start, stop, outputs, later=None, final=False):
         x64 = jax.config.jax_enable_x64
         args = [device_number(v, x64) if type(v) in NUMBER_TYPES else v
                 for v in map(env.__getitem__, seg.inputs)]
-        dead = donatable(it, seg, args, later, final) if later is not None else frozenset()
+        dead = NONE
+        if later is not None and (seg.sizes or input_bytes(seg))[2] >= DONATE_MIN_BYTES:
+            dead = donatable(it, seg, args, later, final)
         for k in dead:  # (nothing reads them again: let go of them as the segment runs)
             del env[seg.inputs[k]]
         values = compiling.run(it, entry, args, dead)
@@ -127,9 +131,9 @@ def donatable(it, seg, args, later, final=False):
     iteration's ``final`` launch; only inputs of ``DONATE_MIN_BUFFER`` bytes or more, and
     only where they hold ``DONATE_MIN_BYTES`` at least (the donating executable is compiled
     once more).  Counted in ``buffers_donated``."""
-    _, sizes, big, total = input_bytes(seg)
-    if total < DONATE_MIN_BYTES or not settings["donate"] or not final and _shared(it):
-        return frozenset()
+    sizes, big, _ = input_bytes(seg)
+    if not settings["donate"] or not final and _shared(it):
+        return NONE
     env, fed, inputs = it.env, {}, seg.inputs
     for k in big:
         v = args[k]
@@ -148,26 +152,21 @@ def donatable(it, seg, args, later, final=False):
             dead.update(positions)
             size += sizes[k]
     if size < DONATE_MIN_BYTES:  # (a donating executable is one more compile)
-        return frozenset()
+        return NONE
     counts["buffers_donated"] += sum(1 for p in fed.values() if p and p[0] in dead)
     return frozenset(dead)
 
 
-_input_bytes = {}  # id(Segment) -> (segment, bytes of each input, the large ones, their sum)
-DONATE_MIN_BUFFER = 1 << 16  # smaller inputs are not checked (each check costs ~1 us)
-
-
 def input_bytes(seg):
-    """(``seg``, the bytes of each of its inputs (from their avals: ``Array.nbytes`` costs
-    microseconds), the positions of those of ``DONATE_MIN_BUFFER`` or more, their sum)."""
-    found = _input_bytes.get(id(seg))
-    if found is None or found[0] is not seg:
-        if len(_input_bytes) > 10000:
-            _input_bytes.clear()
+    """(The bytes of each input of ``seg``, from their avals: ``Array.nbytes`` costs
+    microseconds; the positions of those of ``DONATE_MIN_BUFFER`` or more; their sum),
+    kept on the segment."""
+    found = seg.sizes
+    if found is None:
         sizes = tuple(math.prod(a.shape) * getattr(a.dtype, "itemsize", 0)
                       for a in seg.jaxpr.in_avals)
         big = tuple(k for k, n in enumerate(sizes) if n >= DONATE_MIN_BUFFER)
-        found = _input_bytes[id(seg)] = (seg, sizes, big, sum(sizes[k] for k in big))
+        found = seg.sizes = (sizes, big, sum(sizes[k] for k in big))
     return found
 
 
