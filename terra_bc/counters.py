@@ -18,7 +18,8 @@ FRAME_KEYS = ("code_objects_rewritten", "code_objects_refused", "code_objects_le
 RUNTIME_KEYS = ("iterations_traced", "iterations_coexecuted", "divergences", "eager_fallbacks",
                 "compiles", "segments_launched", "fetches", "feeds", "ops_skipped",
                 "ops_traced", "ops_eager", "paths_recorded", "trace_launches",
-                "compiles_background", "compiles_skipped", "segments_eager", "early_launches")
+                "compiles_background", "compiles_skipped", "segments_eager", "early_launches",
+                "buffers_donated")
 # Floats, rounded to ms: compile time (any thread), and time Python was blocked by compiles.
 SECONDS_KEYS = ("compile_seconds", "compile_wait_seconds")
 

@@ -26,6 +26,7 @@ Rules this module keeps (see docs/DESIGN "Facts already checked"):
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import functools
 import gc
@@ -44,11 +45,15 @@ from jax.extend.core import (ClosedJaxpr, DebugInfo, Jaxpr, Literal, Var, jaxpr_
 from .counters import counts
 
 __all__ = ["Recorder", "RecTracer", "Segment", "compile_segment", "cached_executable",
-           "jit_segment", "keep_executable", "evaluate_segment", "compile_count",
+           "jit_segment", "keep_executable", "run_donating", "evaluate_segment", "compile_count",
            "clear_compile_cache"]
 
 _no_effects = frozenset()
-ArrayImpl = type(jax.numpy.zeros(()))   # the concrete jax.Array class; .aval is its type
+try:  # the concrete jax.Array class; .aval is its type.  (Not by making an array: that would
+    # start XLA's backend at import, and jax.distributed.initialize must come first.)
+    from jax._src.array import ArrayImpl
+except ImportError:
+    ArrayImpl = type(jax.numpy.zeros(()))
 
 
 # ----------------------------------------------------------------------------- compat
@@ -239,6 +244,29 @@ def _format(v, spec):
     return format(v, spec)
 
 
+# ----------------------------------------------------------------------------- placement
+
+class PlacementRefused(Exception):
+    """``jax.device_put`` to a device or a sharding, in a process with several devices, is
+    not recorded: inside a jitted segment JAX 0.10 lowers it to nothing (the value keeps
+    the placement the segment's propagation gives it), where eagerly it moves the value.
+    The runtime runs the op eagerly instead (a graph break; no wait: the transfer is
+    asynchronous) and feeds its result, placed as eager JAX places it."""
+
+
+@functools.cache
+def several_devices():
+    """Does this process compute on more than one device (simulated, real, or across
+    processes)?  (Asked once JAX runs: asking starts its backend.)"""
+    return jax.device_count() > 1
+
+
+def _places(params):
+    """Does a ``device_put`` equation move its operands to a device or sharding?"""
+    return several_devices() and any(isinstance(d, (jax.Device, jax.sharding.Sharding))
+                                      for d in params.get("devices", ()))
+
+
 # ----------------------------------------------------------------------------- trace
 
 class _RecordingTrace(Trace):
@@ -329,6 +357,8 @@ class _RecordingTrace(Trace):
 
     # -- Trace interface
     def process_primitive(self, prim, tracers, params, /):
+        if prim.name == "device_put" and _places(params):
+            raise PlacementRefused("device_put to a device or sharding runs eagerly")
         const = False
         if self.lazy and self.abstract():
             atoms, avals, graph = self.unwrap_abstract(tracers)
@@ -691,14 +721,16 @@ class Recorder:
 
 class Segment:
     """Plain data: ``jaxpr`` (ClosedJaxpr), ``inputs`` / ``outputs`` (value ids, in order),
-    ``key`` (structural cache key used by compile_segment)."""
-    __slots__ = ("jaxpr", "inputs", "outputs", "key")
+    ``key`` (structural cache key used by compile_segment); ``sizes``: what the runtime
+    learnt of its inputs' sizes, once (launching.input_bytes)."""
+    __slots__ = ("jaxpr", "inputs", "outputs", "key", "sizes")
 
     def __init__(self, jaxpr, inputs, outputs, key):
         self.jaxpr = jaxpr
         self.inputs = inputs
         self.outputs = outputs
         self.key = key
+        self.sizes = None
 
     def __repr__(self):
         return (f"Segment(inputs={self.inputs}, outputs={self.outputs}, "
@@ -1125,6 +1157,58 @@ def jit_segment(segment: Segment, name=SEGMENT_NAME):
     return jax.jit(_named(jaxpr_as_fun(segment.jaxpr), name))
 
 
+_donating = {}  # (Segment.key, layout, donated) -> executable, or None: not ours
+
+
+def run_donating(segment: Segment, args, dead, name=SEGMENT_NAME):
+    """Run ``segment`` on ``args`` letting it reuse the buffers of the inputs at positions
+    ``dead`` (nothing reads them afterwards: ``launching.donatable``) for its outputs, as
+    ``jax.jit(..., donate_argnums=...)`` does; None (nothing run) where it cannot: the
+    segment is a call of the user's own jitted function, or no output can take a donated
+    buffer.  An array fed at several positions (a parameter read by the loss and by its
+    update) is passed once: a buffer cannot be donated and read as another argument.  Each
+    new executable counts as a compile."""
+    firsts, layout, reduced = {}, [], []
+    for k, a in enumerate(args):
+        if k in dead and id(a) in firsts:
+            layout.append(firsts[id(a)])
+            continue
+        if k in dead:
+            firsts[id(a)] = len(reduced)
+        layout.append(len(reduced))
+        reduced.append(a)
+    key = (segment.key, tuple(layout), tuple(firsts.values()))
+    fn = _donating.get(key, _donating)
+    if fn is _donating:
+        fn = _donating[key] = _donating_executable(segment, key[1], key[2], reduced, name)
+    return None if fn is None else fn(*reduced)
+
+
+def _donating_executable(segment, layout, donated, reduced, name):
+    usable = _aliasable(segment, [reduced[k].aval for k in donated], donated)
+    if not usable or _one_jit_call(segment.jaxpr) is not None:
+        return None
+    fun = jaxpr_as_fun(segment.jaxpr)
+
+    def expanded(*xs):
+        return fun(*[xs[j] for j in layout])
+    _cache_stats["compiles"] += 1
+    counts["compiles"] += 1
+    return _timed_first_call(jax.jit(_named(expanded, name), donate_argnums=usable))
+
+
+def _aliasable(segment, avals, positions):
+    """The ``positions`` (of inputs of types ``avals``) whose buffer an output of the same
+    type can reuse (JAX warns of a donation no output can take)."""
+    outs = collections.Counter((a.shape, a.dtype) for a in segment.jaxpr.out_avals)
+    usable = []
+    for k, aval in zip(positions, avals):
+        if outs[(aval.shape, aval.dtype)] > 0:
+            outs[(aval.shape, aval.dtype)] -= 1
+            usable.append(k)
+    return tuple(usable)
+
+
 def keep_executable(segment: Segment, fn, wait_only=False):
     """Cache ``fn`` (from ``jit_segment``) as the executable of ``segment``'s structure and
     count it as a compile; its first call is timed (``_timed_first_call``)."""
@@ -1225,6 +1309,7 @@ def compile_count() -> int:
 def clear_compile_cache():
     """Drop every cached executable and structural key (they keep constants alive)."""
     _compiled.clear()
+    _donating.clear()
     _jaxpr_keys.clear()
     _params_memo.clear()
     _interned.clear()

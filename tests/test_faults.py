@@ -45,11 +45,11 @@ def test_a_failed_compile_or_launch_falls_back_to_eager(monkeypatch, where):
 
     calls = []
 
-    def failing_run(it, entry, args):
+    def failing_run(it, entry, args, *rest):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("injected launch failure")
-        return real_run(it, entry, args)
+        return real_run(it, entry, args, *rest)
 
     if where == "compile":
         monkeypatch.setattr(jaxpr_builder, "jit_segment", failing_jit)

@@ -10,7 +10,7 @@ import terra_bc.runtime
 
 RUNTIME = pathlib.Path(terra_bc.runtime.__file__).parent
 ORDER = ["settings", "context", "placeholders", "values", "trace_rules", "events", "guards",
-         "paths", "journal", "timeline", "compiling", "launching", "coexecution", "tracing",
+         "paths", "journal", "timeline", "pacing", "compiling", "launching", "coexecution", "tracing",
          "iteration", "autodiff", "units",
          "discovery", "dispatch", "tools", "report", "diff", "explain"]
 MAX_FUNCTION_LINES = 60

@@ -1,5 +1,7 @@
 """Loop units (opt-in): a training loop written inline co-executes turn by turn, and every
 way of leaving a loop closes its iteration.  Each case runs the same code eagerly first."""
+import time
+
 import numpy as np
 import pytest
 
@@ -168,6 +170,7 @@ def fetch_after_host_work(steps, branch_every=3):
         w = w - 0.1 * jnp.outer(y, x)
         loss = jnp.sum(y * y)
         host = float(np.sort(rng.standard_normal(100))[50])  # host work before the read
+        time.sleep(0.002)  # (worth overlapping: EARLY_LAUNCH_GAP_SECONDS)
         if step % branch_every == 2:
             loss = loss * 2.0
         out.append(float(loss) + host)

@@ -12,6 +12,7 @@ One module per concern; each imports only those above it in this list:
   paths         Path: one recorded path (a unit's TraceGraph is its paths)
   journal       records of divergences, compiles, fallbacks; the "terra_bc" logger
   timeline      spans of iterations, launches, compiles, fetches while recording
+  pacing        how many launches may be in flight where several devices run them
   compiling     whether a new segment compiles now, later on a worker, or runs eagerly
   launching     which recorded equations run when; settling placeholders
   coexecution   co-execution mode's general path; Divergence and ``retried``
@@ -71,7 +72,7 @@ journal.use_log(settings["log"])
 
 def config(**changes):
     """``terra_bc.config(max_paths=16, max_compiles=32, warmup=0, inner_turns=16,
-    dynamic_numbers=True, abstract_tracing=True, background_compile=True, cache_dir="",
+    dynamic_numbers=True, abstract_tracing=True, background_compile=True, donate=True, cache_dir="",
     log="", loops=None, functions=None,
     include=None, exclude=None)``: set
     limits (only those given); returns the settings now in force.  ``loops`` / ``functions``

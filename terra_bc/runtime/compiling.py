@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from .. import jaxpr_builder
 from ..counters import counts
-from . import journal, timeline
+from . import journal, pacing, timeline
 from .settings import (BACKGROUND_SHARE, COMPILE_SECONDS_MIN, COMPILE_SECONDS_PER_EQUATION,
                        EAGER_FIRST_RUN_SECONDS, settings)
 
@@ -64,14 +64,21 @@ _costs = {}                    # Segment.key -> SegmentCost (segments not compil
 _rate = [0.0, 0]               # compile seconds and equations measured (either thread)
 
 
-def run(it, entry, args):
+def run(it, entry, args, donate=()):
     """Launch ``entry`` (a ``paths.SegmentEntry``) on ``args``: its executable if it has
     one, else as this module decides.  Returns the output values.  Each decision is
-    journaled (a compile) or logged (an eager run) once, where it is made."""
+    journaled (a compile) or logged (an eager run) once, where it is made.  ``donate``: the
+    positions of inputs nothing reads afterwards, whose buffers a compiled segment may
+    reuse (``launching.donatable``)."""
     exe = entry.exe
     if exe is None:
         exe = entry.exe = jaxpr_builder.cached_executable(entry.segment)
     if exe is not None:
+        if donate:
+            values = jaxpr_builder.run_donating(entry.segment, args, donate,
+                                                journal.segment_name(it, entry))
+            if values is not None:
+                return values
         return exe(*args)
     if it.abandoning:  # (its unit is not the repeating level: this graph does not come back)
         if "compiles" in journal.logged:
@@ -135,6 +142,8 @@ def _why_now(it, entry):
         return "a traced iteration needs its values"
     if not settings["background_compile"]:
         return "background_compile is off"
+    if pacing.several_processes():
+        return "one of several processes: each compiles at the same launch"
     return (f"{entry.cold} of its equations were recorded abstractly: running them eagerly "
             f"would compile each (~{entry.cold * EAGER_FIRST_RUN_SECONDS:.2f} s), more than "
             f"its expected compile ({expected_compile_seconds(entry.segment):.2f} s)")
@@ -143,9 +152,12 @@ def _why_now(it, entry):
 def compiles_later(it, entry):
     """Does ``entry``'s segment run eagerly until compiling it pays (else: compile now)?
     Not in a traced iteration, nor where more of its equations were recorded abstractly
-    than running eagerly is worth: each would compile its primitive first."""
+    than running eagerly is worth: each would compile its primitive first, nor in one of
+    several processes: the choice depends on timing, and processes that chose differently
+    would run different collectives (docs/distributed.md)."""
     return settings["background_compile"] and it.recording is None and (
-        not entry.cold or entry.cold * EAGER_FIRST_RUN_SECONDS < expected_compile_seconds(entry.segment))
+        not entry.cold or entry.cold * EAGER_FIRST_RUN_SECONDS < expected_compile_seconds(entry.segment)
+    ) and not pacing.several_processes()
 
 
 def state(entry):

@@ -15,7 +15,7 @@ import jax
 
 from .. import frames
 from ..counters import counts
-from ..jaxpr_builder import Id
+from ..jaxpr_builder import ArrayImpl, Id
 from . import autodiff, discovery
 from .context import EAGER, current, thread
 from .placeholders import AT_METHODS, METHODS, eager
@@ -73,7 +73,7 @@ def _array_methods():
     """The functions behind jax.Array's and a tracer's methods -> the placeholder's (the
     ones it installs, and those its ``__getattr__`` makes)."""
     out = {}
-    for cls in (type(jax.numpy.zeros(())), jax.core.Tracer):
+    for cls in (ArrayImpl, jax.core.Tracer):
         for name in dir(cls):
             fn = getattr(cls, name, None)
             if isinstance(fn, types.FunctionType) and not name.startswith("_"):

@@ -36,7 +36,8 @@ def cell_key(cell):
         return None
     if isinstance(v, (int, float, str, bool, type(None))):
         return v
-    if isinstance(v, tuple) and all(isinstance(e, (int, str, bool, type(None))) for e in v):
+    # (By value: jax 0.12's shard_map wrapper rebinds a cell to an equal frozenset per call.)
+    if isinstance(v, (tuple, frozenset)) and all(isinstance(e, (int, str, bool, type(None))) for e in v):
         return v
     if isinstance(v, types.FunctionType):
         return callee_key(v)

@@ -35,7 +35,7 @@ class Iteration:
     __slots__ = ("unit", "mode", "path", "pos", "fork_stop", "left", "auto", "loop_turns",
                  "env", "seg_start", "tracers", "live", "opaque_depth", "recording",
                  "grad_depth", "memo", "was_routing", "hook_was_enabled", "trace_launches",
-                 "abandoning", "started", "effects_ran")
+                 "abandoning", "started", "effects_ran", "last_op_at")
 
     def __init__(self, unit, mode, path):
         self.unit, self.mode, self.path = unit, mode, path
@@ -57,6 +57,7 @@ class Iteration:
         self.abandoning = False  # finishing as a unit that is not the repeating level
         self.started = 0.0      # when it began (perf_counter), if a timeline was recording
         self.effects_ran = set()  # equations whose effects (callbacks) happened (launching.run)
+        self.last_op_at = 0.0   # when tracing recorded its last op (tracing.launch_before)
 
     def __repr__(self):
         return f"<Iteration of {self.unit.name}: {self.mode}, event {self.pos}>"
@@ -183,7 +184,7 @@ class Iteration:
     def _fetched(self, ph, kind):
         if self.mode == TRACE:
             tracing.append(self, FetchEvent, "fetch", kind, id=ph._id)
-            tracing.launch_before(self.path)
+            tracing.launch_before(self)
             return ph._rec.val
         if self.mode == COEXEC:
             ev = coexecution.next_event(self, "fetch", kind, None, (ph,))
@@ -277,10 +278,11 @@ class Iteration:
             alive = launching.alive(self)
             # (What Python holds is kept (launching.launch), not needed: a compiled segment
             # computing less serves, and a value it leaves out is computed when read.)
-            launching.launch(self, self.path.recorder.mark(), (), alive)
+            launching.launch(self, self.path.recorder.mark(), (), alive, final=True)
             unit.last_path = self.path
             unit.reused.add(self.path)
             launching.settle(self, alive)
+            self.let_go()
             return
         if self.mode == TRACE:
             alive = launching.alive(self)
@@ -300,3 +302,11 @@ class Iteration:
                 unit.add_path(path)
                 unit.last_path = path
         launching.settle(self)
+        self.let_go()
+
+    def let_go(self):
+        """After ``finish``: the values the iteration computed are its placeholders' now.
+        (Each placeholder refers to its iteration: kept, these would keep every value alive,
+        old parameters included, until the cycle collector runs, and no buffer could be
+        donated: launching.donatable.)"""
+        self.env, self.live, self.tracers = {}, [], {}

@@ -9,6 +9,7 @@ arrays launched segments return (and to the values Python fed).
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -18,12 +19,14 @@ from jax.extend.core import set_current_trace
 
 from .. import jaxpr_builder
 from ..counters import counts
-from . import compiling, journal, timeline
+from . import compiling, journal, pacing, timeline
 from .context import TRACE
-from .settings import LAZY_LAUNCHES, settings
-from .values import MISS, NUMBER_TYPES, device_number
+from .settings import DONATE_MIN_BYTES, LAZY_LAUNCHES, settings
+from .values import MISS, NUMBER_TYPES, ArrayImpl, device_number
 
 _LIVE_REFS = 3  # sys.getrefcount(p) of a placeholder only it.live holds, inside alive()
+DONATE_MIN_BUFFER = 1 << 16  # smaller inputs are not checked (each check costs ~1 us)
+NONE = frozenset()  # (no input donated)
 
 
 def alive(it):
@@ -51,21 +54,23 @@ def held(it):
     return ids
 
 
-def launch(it, stop, need, alive_now=None):
+def launch(it, stop, need, alive_now=None, final=False):
     """Run the recorded equations [it.seg_start, stop) that later work needs, and make sure
-    the values ``need`` names are computed.  ``alive_now``: alive(it), if known."""
+    the values ``need`` names are computed.  ``alive_now``: alive(it), if known; ``final``:
+    the iteration's last launch (no other path can be taken after it)."""
     if stop > it.seg_start:
         if it.mode == TRACE:  # the path goes on being recorded: no plan is final yet
             produced = it.path.recorder.wiring(it.seg_start, stop)[1]
             outputs = tuple(sorted(produced & (held(it) | set(need) | it.path.escaping)))
-            required = None
+            required = later = None  # (a traced iteration donates nothing)
         else:
             produced, reads_after = it.path.plan(it.seg_start, stop)
             kept = {p._id for p in (alive(it) if alive_now is None else alive_now)}
             required = produced & (reads_after | set(need) | it.path.escaping)
-            outputs = tuple(sorted(required | (produced & kept)))
+            later = required | kept
+            outputs = tuple(sorted(produced & later))
         if outputs or pending_effects(it, it.seg_start, stop):
-            run(it, it.seg_start, stop, outputs, required)
+            run(it, it.seg_start, stop, outputs, required, later, final)
         it.seg_start = stop
     missing = [i for i in need if i not in it.env]
     if missing:
@@ -79,7 +84,7 @@ def pending_effects(it, start, stop):
     return any(k not in done for k in it.path.recorder.effects_in(start, stop))
 
 
-def run(it, start, stop, outputs, required=None):
+def run(it, start, stop, outputs, required=None, later=None, final=False):
     """Launch the segment [start, stop) -> outputs of the iteration's path.  Each effect
     (a callback, a print) happens once per iteration: those that happened already (as they
     were recorded, or in an earlier launch) are left out of the segment.
@@ -87,13 +92,19 @@ def run(it, start, stop, outputs, required=None):
     ``required``: the outputs later work reads for sure; the others only Python still held
     when asked.  A compiled segment of this range that computes the required ones serves
     rather than a compile: a value it leaves out is computed only if Python reads it
-    (``LateValue``).  Which values Python holds varies with the cyclic garbage collector
-    (a library's gradients, held in reference cycles, not collected yet)."""
+    (``LateValue``; that launch donates nothing).  Which values Python holds varies with the
+    cyclic garbage collector (a library's gradients, held in reference cycles).
+
+    ``later``: in co-execution, the ids of values read after ``stop``; inputs that are not,
+    and that nothing else holds, are given to the segment to reuse (``donatable``;
+    ``final``: the iteration's last launch)."""
     unit = it.unit
     effects = it.path.recorder.effects_in(start, stop)
     skip = frozenset(k for k in effects if k in it.effects_ran) if effects else frozenset()
     entry = it.path.segment(start, stop, outputs, skip, required)
     seg = entry.segment
+    if later is not None and not set(outputs).issubset(seg.outputs):  # (see LateValue)
+        later = None
     if unit.compiles > settings["max_compiles"]:
         unit.compiled_too_often()
     env = it.env
@@ -109,13 +120,79 @@ def run(it, start, stop, outputs, required=None):
     # (While recording, the segment runs under the trace the recording runs eager work on.)
     with nullcontext() if it.recording is None else set_current_trace(it.recording.parent_trace()):
         x64 = jax.config.jax_enable_x64
-        values = compiling.run(it, entry, [device_number(v, x64) if type(v) in NUMBER_TYPES else v
-                                           for v in map(env.__getitem__, seg.inputs)])
+        args = [device_number(v, x64) if type(v) in NUMBER_TYPES else v
+                for v in map(env.__getitem__, seg.inputs)]
+        dead = NONE
+        if later is not None and (seg.sizes or input_bytes(seg))[2] >= DONATE_MIN_BYTES:
+            dead = donatable(it, seg, args, later, final)
+        for k in dead:  # (nothing reads them again: let go of them as the segment runs)
+            del env[seg.inputs[k]]
+        values = compiling.run(it, entry, args, dead)
+        del args
+    if pacing.needed():
+        pacing.launched(values)
     env.update(zip(seg.outputs, values))
     it.effects_ran.update(effects)
     counts["segments_launched"] += 1
     if t0:  # (dispatch only: the device runs it asynchronously)
         timeline.add(journal.segment_name(it, entry), "launch", t0, it.mode)
+
+
+def donatable(it, seg, args, later, final=False):
+    """Positions of the inputs of a co-executed launch whose buffers nothing can read
+    afterwards, so the segment may reuse them (the old parameters of ``params =
+    update(params, grads)``): a ``jax.Array`` held by nothing but this launch (no Python
+    reference, no placeholder; ``it.env`` and ``args`` hold it once per position it is fed
+    at), read by no equation after it (``later``), on a path no other recorded path shares
+    at this point (moving to one could recompute a value from it), unless this is the
+    iteration's ``final`` launch; only inputs of ``DONATE_MIN_BUFFER`` bytes or more, and
+    only where they hold ``DONATE_MIN_BYTES`` at least (the donating executable is compiled
+    once more).  Counted in ``buffers_donated``."""
+    sizes, big, _ = input_bytes(seg)
+    if not settings["donate"] or not final and _shared(it):
+        return NONE
+    env, fed, inputs = it.env, {}, seg.inputs
+    for k in big:
+        v = args[k]
+        # (A fed Python number is passed as a device array values.device_number keeps.)
+        if type(v) is ArrayImpl and env.get(inputs[k]) is v:
+            if inputs[k] in later:
+                fed[id(v)] = None  # (read later: at no position)
+            elif fed.get(id(v), ()) is not None:
+                fed.setdefault(id(v), []).append(k)
+    dead, size = set(), 0
+    for k, positions in ((p[0], p) for p in fed.values() if p):
+        v = args[k]  # references: it.env and args once per position, v, getrefcount's
+        # argument, and pacing's (the last steps' outputs it will wait for)
+        paced = pacing.holds(v) if pacing.needed() else 0
+        if sys.getrefcount(v) == 2 * len(positions) + 2 + paced:
+            dead.update(positions)
+            size += sizes[k]
+    if size < DONATE_MIN_BYTES:  # (a donating executable is one more compile)
+        return NONE
+    counts["buffers_donated"] += sum(1 for p in fed.values() if p and p[0] in dead)
+    return frozenset(dead)
+
+
+def input_bytes(seg):
+    """(The bytes of each input of ``seg``, from their avals: ``Array.nbytes`` costs
+    microseconds; the positions of those of ``DONATE_MIN_BUFFER`` or more; their sum),
+    kept on the segment."""
+    found = seg.sizes
+    if found is None:
+        sizes = tuple(math.prod(a.shape) * getattr(a.dtype, "itemsize", 0)
+                      for a in seg.jaxpr.in_avals)
+        big = tuple(k for k, n in enumerate(sizes) if n >= DONATE_MIN_BUFFER)
+        found = seg.sizes = (sizes, big, sum(sizes[k] for k in big))
+    return found
+
+
+def _shared(it):
+    """Does another recorded path of the unit share this path's events so far?"""
+    cur, pos = it.path, it.pos
+    last = cur.events[pos - 1] if pos else None
+    return any(p is not cur and (pos == 0 or len(p.events) >= pos and p.events[pos - 1] is last)
+               for p in it.unit.paths)
 
 
 def _known(it, id):
@@ -218,6 +295,11 @@ class LateValue:
             path = self.path
             path.escaping.add(self.id)
             seg = path.recorder.segment([self.id], 0, self.stop, pure=True)  # (effects ran)
+            gone = [i for i in seg.inputs if i not in self.env]
+            if gone:  # (an earlier launch of its iteration donated them: launching.donatable)
+                raise RuntimeError(
+                    f"terra_bc: a value of a past iteration cannot be computed: its inputs "
+                    f"{gone} were donated to a segment; run with TERRA_BC_DONATE=0")
             self._value = jaxpr_builder.evaluate_segment(seg, [self.env[i] for i in seg.inputs])[0]
             self.path = self.env = None
         return self._value

@@ -18,6 +18,7 @@ from jax.tree_util import tree_flatten, tree_unflatten
 
 from .. import _hook
 from ..counters import counts
+from ..jaxpr_builder import several_devices
 from .context import current
 
 
@@ -122,6 +123,26 @@ class Placeholder(jax.core.Tracer):
 
     def block_until_ready(self):
         return self._fetch("ready", lambda v: v.block_until_ready())
+
+    # Placement (see _placement).
+    sharding = property(lambda self: self._placement("sharding"))
+    committed = property(lambda self: self._placement("committed"))
+    is_fully_replicated = property(lambda self: self._placement("is_fully_replicated"))
+    addressable_shards = property(lambda self: self._placement("addressable_shards"))
+
+    def devices(self):
+        if several_devices():
+            return self._fetch("sharding", lambda v: v.devices())
+        return call(METHODS["devices"], (self,), {})
+
+    def _placement(self, name):
+        """With several devices, placement is known once the segment computing the value is
+        launched (a jax.Array has its sharding before its data): a fetch that launches it
+        without waiting for it.  (As an op, the traced iteration's answer would be baked
+        in.)  With one device it never changes: an op, answered without computing."""
+        if several_devices():
+            return self._fetch("sharding", lambda v: getattr(v, name))
+        return call(ATTRS[name], (self,), {})
 
     def _fetch(self, kind, convert):
         it = self._it

@@ -32,6 +32,9 @@ settings = {
     # The segment a fetch needs is launched at the last op before it, so XLA runs it while
     # the Python between them does (coexecution.op).
     "early_launch": os.environ.get("TERRA_BC_EARLY_LAUNCH", "1") != "0",
+    # A co-executed segment may reuse the buffers of inputs nothing reads afterwards (the
+    # old parameters of `params = update(params, grads)`): launching.donatable.
+    "donate": os.environ.get("TERRA_BC_DONATE", "1") != "0",
     # Compiled segments persist in JAX's compilation cache there ("": not kept).
     "cache_dir": os.environ.get("TERRA_BC_CACHE_DIR", ""),
     # What the "terra_bc" logger says, one line each (journal.py): a comma-separated list
@@ -47,6 +50,9 @@ COMPILE_SECONDS_PER_EQUATION = 0.005  # expected compile time per equation until
 COMPILE_SECONDS_MIN = 0.05   # ... and at least this (a 26-equation MLP step: 0.19 s, 2-core CPU)
 EAGER_FIRST_RUN_SECONDS = 0.03  # an equation run eagerly a first time: its compile (measured)
 BACKGROUND_SHARE = 0.5       # Python ran ~45% slower while a compile ran on the worker
+DONATE_MIN_BYTES = 1 << 20  # a launch donates buffers only this large in all (one more compile)
+IN_FLIGHT = 2  # unfinished launches where several devices run them (pacing.py; XLA:CPU hangs at 33)
+EARLY_LAUNCH_GAP_SECONDS = 0.0005  # Python work between an op and a read worth overlapping
 DEVICE_NUMBERS = 4096  # fed Python numbers kept as device arrays (values.device_number)
 
 

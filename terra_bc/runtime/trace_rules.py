@@ -32,6 +32,7 @@ NOT_OPS_NAMES = frozenset({"block_until_ready", "device_get"}) | METADATA_FUNCTI
 # (JAX's own code, which calls it, is not rewritten).  See dispatch.on_site.
 CALLS_GIVEN_FUNCTION = frozenset({"tree_map", "map", "tree_map_with_path", "map_with_path",
                                   "tree_reduce", "reduce"})
+SPMD_FILES = (os.sep + "shard_map.py", os.sep + "pmap.py")  # their wrappers trace bodies
 GRAD_FUNCTIONS = ("grad_f", "grad_f_aux")  # what jax.grad returns
 VALUE_AND_GRAD_FUNCTION = "value_and_grad_f"
 API_WRAPPER = "reraise_with_filtered_traceback"  # traceback_util's wrapper of JAX's API
@@ -84,12 +85,15 @@ def _calls_given_function(code):
 
 def traces_its_body(callee):
     """Opaque DL ops whose Python body JAX itself only traces (jit, vmap, lax control flow,
-    eval_shape): the Python they run is JAX's business, not code of the iteration."""
-    if type(callee).__name__ == "PjitFunction":
+    eval_shape, shard_map, pmap): the Python they run is JAX's business, not code of the
+    iteration.  (Eager JAX runs a shard_map body op by op at every call; terra_bc stages it
+    once per path, as jax.jit of the caller would: docs/distributed.md.)"""
+    if type(callee).__name__ in ("PjitFunction", "PmapFunction"):
         return True
     code = getattr(unwrap(getattr(callee, "__func__", callee)), "__code__", None)
     return code is not None and ("control_flow" in code.co_filename
-                                 or code.co_name in ("vmap_f", "eval_shape"))
+                                 or code.co_name in ("vmap_f", "eval_shape")
+                                 or code.co_filename.endswith(SPMD_FILES))
 
 
 def dispatched_as_is(callee):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import time
+
 import jax
 import numpy as np
 from jax.tree_util import tree_flatten, tree_unflatten
@@ -22,7 +24,7 @@ from .context import plain_trace
 from .events import (BreakEvent, ComputedIn, EnterEvent, FeedIn, FetchEvent, OpEvent,
                      PlaceholderIn, PlaceholderOut, StaticIn, StaticOut, key_name)
 from .placeholders import OPERATORS, Placeholder, concrete, eager
-from .settings import settings
+from .settings import EARLY_LAUNCH_GAP_SECONDS, settings
 from .trace_rules import dispatched_as_is, traces_its_body
 from .values import aval_of, is_array, is_number, user_line, with_arrays
 
@@ -32,6 +34,8 @@ def append(it, event_type, kind, key, where=None, **fields):
     rec = it.path.recorder
     it.path.events.append(event_type(kind, key, rec.mark(), rec.num_values,
                                      where or user_line(), **fields))
+    if event_type is OpEvent:
+        it.last_op_at = time.perf_counter()
 
 
 def note_fetched(path, value):
@@ -41,13 +45,18 @@ def note_fetched(path, value):
         ev.value = value
 
 
-def launch_before(path):
-    """The fetch just appended to ``path`` follows an op with no op between: that op's event
+def launch_before(it):
+    """The fetch just appended to the path follows an op with no op between, after Python
+    worked for ``EARLY_LAUNCH_GAP_SECONDS`` or more (host work, logging): that op's event
     launches the fetch's segment in co-execution (so it takes the general path: the C fast
-    path launches nothing)."""
+    path launches nothing).  Not where the read comes right after the op: there is nothing
+    to overlap, and at the read Python may have dropped what the segment can then reuse
+    (the old parameters of ``params = [...]``: launching.donatable)."""
+    path = it.path
     fetch = path.events[-1]
     prev = path.events[-2] if len(path.events) > 1 else None
-    if type(prev) is OpEvent and prev.mark == fetch.mark and settings["early_launch"]:
+    if type(prev) is OpEvent and prev.mark == fetch.mark and settings["early_launch"] \
+            and time.perf_counter() - it.last_op_at >= EARLY_LAUNCH_GAP_SECONDS:
         prev.launch, prev.fast = True, None
 
 

@@ -1,0 +1,149 @@
+"""Buffer donation (docs/distributed.md): a co-executed segment reuses the buffers of inputs
+nothing can read afterwards (the old parameters of `params = update(params, grads)`), and
+never one that Python, a placeholder or a later launch can still read: every program here
+gives eager's results, and what it kept of old values is still readable."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import terra_bc
+
+pytestmark = pytest.mark.usefixtures("loop_units_on")  # (conftest.py)
+
+WIDTH = 512  # (1 MiB a parameter: launching donates from DONATE_MIN_BYTES on)
+X = jnp.ones((4, WIDTH))
+
+
+def loss_fn(p, x):
+    h = x
+    for w in p:
+        h = jnp.tanh(h @ w)
+    return jnp.mean(h ** 2)
+
+
+def init():
+    rng = np.random.default_rng(0)
+    return [jnp.asarray(rng.standard_normal((WIDTH, WIDTH)).astype(np.float32) * 0.05)
+            for _ in range(3)]
+
+
+def sgd(steps=8):
+    p, losses = init(), []
+    for _ in range(steps):
+        loss, g = jax.value_and_grad(loss_fn)(p, X)
+        p = [a - 0.1 * b for a, b in zip(p, g)]
+        losses.append(float(loss))
+    return losses, p
+
+
+def sgd_no_fetch(steps=8):
+    p = init()
+    for _ in range(steps):
+        g = jax.grad(loss_fn)(p, X)
+        p = [a - 0.1 * b for a, b in zip(p, g)]
+    return p
+
+
+def keeps_history(steps=8):
+    """Every step's parameters kept in a list: none may be donated."""
+    p, history = init(), []
+    for _ in range(steps):
+        history.append(p)
+        g = jax.grad(loss_fn)(p, X)
+        p = [a - 0.1 * b for a, b in zip(p, g)]
+    return [float(jnp.sum(h[0])) for h in history], p
+
+
+def reads_old_after_update(steps=8):
+    p, deltas = init(), []
+    for _ in range(steps):
+        old = p
+        g = jax.grad(loss_fn)(p, X)
+        p = [a - 0.1 * b for a, b in zip(p, g)]
+        deltas.append(float(jnp.sum(p[0] - old[0])))
+    return deltas, p
+
+
+def closes_over_old(steps=8):
+    p, readers = init(), []
+    for _ in range(steps):
+        q = p
+        readers.append(lambda: q[1])
+        g = jax.grad(loss_fn)(p, X)
+        p = [a - 0.1 * b for a, b in zip(p, g)]
+    return [float(jnp.sum(f())) for f in readers], p
+
+
+def fed_numbers(steps=8):
+    """Python numbers fed to segments are device arrays terra_bc keeps: never donated."""
+    x, out = jnp.arange(4.0), []
+    for k in range(steps):
+        x = jnp.tanh(x) * 2.0 + 0.5 * (k % 2)
+        out.append(jnp.sum(x * 2.0))
+    return [float(v) for v in out], x
+
+
+@terra_bc.function
+def unit_step(p):
+    g = jax.grad(loss_fn)(p, X)
+    return [a - 0.1 * b for a, b in zip(p, g)]
+
+
+def function_unit(steps=8):
+    p, kept = init(), []
+    for _ in range(steps):
+        kept.append(p[0])
+        p = unit_step(p)
+    return [float(jnp.sum(k)) for k in kept], p
+
+
+def run_both(program):
+    want = program()
+    terra_bc.reset_stats()
+    with terra_bc.enabled():
+        got = program()
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    return terra_bc.stats()
+
+
+@pytest.mark.parametrize("program", [sgd, sgd_no_fetch])
+def test_dead_parameters_are_donated(program):
+    s = run_both(program)
+    assert s["iterations_coexecuted"] >= 6 and s["eager_fallbacks"] == 0, s
+    assert s["buffers_donated"] >= 3 * 5, s  # three parameters a step, once co-executed
+
+
+@pytest.mark.parametrize("program", [keeps_history, reads_old_after_update, closes_over_old,
+                                     fed_numbers, function_unit])
+def test_values_python_can_read_are_not_donated(program):
+    s = run_both(program)  # (a donated one would raise "Array has been deleted")
+    assert s["iterations_coexecuted"] >= 6, s
+
+
+def test_small_buffers_are_not_donated():
+    """Donating compiles the segment once more: not worth it for small buffers."""
+    global X
+    saved, X = X, X[:, :64]
+    try:
+        def small(steps=8):
+            p = [w[:64, :64] for w in init()]
+            for _ in range(steps):
+                g = jax.grad(loss_fn)(p, X)
+                p = [a - 0.1 * b for a, b in zip(p, g)]
+            return p
+        s = run_both(small)
+    finally:
+        X = saved
+    assert s["buffers_donated"] == 0 and s["iterations_coexecuted"] >= 6, s
+
+
+def test_donation_can_be_switched_off():
+    terra_bc.config(donate=False)
+    try:
+        s = run_both(sgd)
+    finally:
+        terra_bc.config(donate=True)
+    assert s["buffers_donated"] == 0 and s["iterations_coexecuted"] >= 6, s
