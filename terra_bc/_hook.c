@@ -60,8 +60,16 @@ typedef struct {
 static Py_ssize_t extra_index = -1;
 static PyObject *callback = NULL;          /* code -> replacement code or None */
 static _PyFrameEvalFunction previous = NULL;
-static int enabled_threads = 0;            /* the hook is installed while > 0 */
-static THREAD_LOCAL int thread_enabled = 0;
+/* Enabling is per thread: a thread chose on (enable_thread), off (disable_thread), or never
+ * chose and follows the process-wide default (set_default: on under python -m terra_bc, so
+ * threads the program starts run rewritten code too).  The hook is installed while some
+ * thread chose on or the default is on. */
+enum { FOLLOWS_DEFAULT = 0, CHOSE_ON = 1, CHOSE_OFF = 2 };
+static int enabled_threads = 0;            /* threads that chose on */
+static int default_enabled = 0;            /* what threads that never chose follow */
+static THREAD_LOCAL int thread_choice = FOLLOWS_DEFAULT;
+#define THREAD_ENABLED() \
+    (thread_choice == CHOSE_ON || (thread_choice == FOLLOWS_DEFAULT && default_enabled))
 static THREAD_LOCAL int in_callback = 0;
 static unsigned long long sites_executed = 0;
 static unsigned long long frames_swapped = 0;
@@ -1113,6 +1121,14 @@ decide(PyCodeObject *code)
             PyErr_SetInterrupt();
         return Py_None;
     }
+    /* Another thread may have decided meanwhile (the callback runs Python, which lets other
+     * threads run): its answer stays, the frames it started run it. */
+    void *other = NULL;
+    if (CODE_GET_EXTRA((PyObject *)code, extra_index, &other) == 0 && other != NULL) {
+        Py_DECREF(answer);
+        return (PyObject *)other;
+    }
+    PyErr_Clear();
     if (answer != Py_None) {
         PyCodeObject *new_code = (PyCodeObject *)answer;
         /* The swap reuses the frame as allocated for `code`: same locals, no more room. */
@@ -1165,7 +1181,7 @@ run_as_unit(PyThreadState *ts, _PyInterpreterFrame *frame, PyObject *mark)
 static PyObject *
 hook(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
 {
-    if (!thread_enabled || in_callback || throwflag || callback == NULL)
+    if (!THREAD_ENABLED() || in_callback || throwflag || callback == NULL)
         return run_previous(ts, frame, throwflag);
     PyCodeObject *code = FRAME_CODE(frame);
     /* A frame that begins while a tool watches runs its original code, except the frames
@@ -1239,32 +1255,66 @@ set_callback(PyObject *mod, PyObject *fn)
     return set_handler(&callback, fn, "callback must be callable or None");
 }
 
+/* This thread's choice becomes `choice`; the hook is installed while anyone uses it. */
+static void
+choose(int choice)
+{
+    int was_on = enabled_threads > 0 || default_enabled;
+    enabled_threads += (choice == CHOSE_ON) - (thread_choice == CHOSE_ON);
+    thread_choice = choice;
+    int on = enabled_threads > 0 || default_enabled;
+    if (on && !was_on)
+        install();
+    else if (was_on && !on)
+        uninstall();
+}
+
 static PyObject *
 enable_thread(PyObject *mod, PyObject *unused)
 {
-    if (!thread_enabled) {
-        thread_enabled = 1;
-        if (enabled_threads++ == 0)
-            install();
-    }
+    choose(CHOSE_ON);
     Py_RETURN_NONE;
 }
 
 static PyObject *
 disable_thread(PyObject *mod, PyObject *unused)
 {
-    if (thread_enabled) {
-        thread_enabled = 0;
-        if (--enabled_threads == 0)
-            uninstall();
-    }
+    choose(CHOSE_OFF);
     Py_RETURN_NONE;
 }
 
 static PyObject *
 is_thread_enabled(PyObject *mod, PyObject *unused)
 {
-    return PyBool_FromLong(thread_enabled);
+    return PyBool_FromLong(THREAD_ENABLED());
+}
+
+static PyObject *
+get_thread_choice(PyObject *mod, PyObject *unused)
+{
+    if (thread_choice == FOLLOWS_DEFAULT)
+        Py_RETURN_NONE;
+    return PyBool_FromLong(thread_choice == CHOSE_ON);
+}
+
+static PyObject *
+set_thread_choice(PyObject *mod, PyObject *choice)
+{
+    choose(choice == Py_None ? FOLLOWS_DEFAULT : PyObject_IsTrue(choice) > 0 ? CHOSE_ON : CHOSE_OFF);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+set_default(PyObject *mod, PyObject *on)
+{
+    int was = default_enabled, was_on = enabled_threads > 0 || default_enabled;
+    default_enabled = PyObject_IsTrue(on) > 0;
+    int now_on = enabled_threads > 0 || default_enabled;
+    if (now_on && !was_on)
+        install();
+    else if (was_on && !now_on)
+        uninstall();
+    return PyBool_FromLong(was);
 }
 
 static PyObject *
@@ -1408,6 +1458,12 @@ static PyMethodDef methods[] = {
     {"enable_thread", enable_thread, METH_NOARGS, "Enable the hook for the calling thread."},
     {"disable_thread", disable_thread, METH_NOARGS, "Disable the hook for the calling thread."},
     {"thread_enabled", is_thread_enabled, METH_NOARGS, "Is the hook enabled for this thread?"},
+    {"thread_choice", get_thread_choice, METH_NOARGS,
+     "This thread's choice: True (enable_thread), False (disable_thread), None (follows the default)."},
+    {"set_thread_choice", set_thread_choice, METH_O,
+     "Put back a choice thread_choice() returned."},
+    {"set_default", set_default, METH_O,
+     "set_default(on): whether threads that never chose run with the hook; returns the old default."},
     {"installed", is_installed, METH_NOARGS, "Is the hook the interpreter's eval function?"},
     {"cached_decision", cached_decision, METH_O,
      "The cached answer for a code object: replacement, None, or Ellipsis if undecided."},

@@ -168,6 +168,7 @@ def on_call(unit, token, state):
     second call; inside another iteration it is part of that one."""
     if state:
         if context.current() is token:  # (a loop inside may have taken over)
+            unit = token.unit  # (this thread's copy, where another thread held it: claim)
             unit.end(token, state == 1)
             if token.mode == TRACE or unit.eager_reason:  # (a new path: is the unit worth it?)
                 _drop_if_small(unit)
