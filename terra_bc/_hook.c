@@ -885,9 +885,6 @@ static PyTypeObject LoopIterType = {
 
 typedef struct {
     LOOP_MARK_FIELDS
-    int open;           /* the runtime has an iteration open for this loop */
-    void *frame;        /* the frame running this loop now (NULL: not entered) */
-    unsigned long long dl_at_turn;
 } LoopHeadObject;
 
 typedef struct {
@@ -898,8 +895,51 @@ typedef struct {
 
 static PyTypeObject LoopHeadType;
 
+/* A head is a constant of the loop's code, shared by every thread running that loop: what
+ * one execution of it knows is kept per thread, in a small table of the loops this thread
+ * runs (nested loops, recursion, loops left by a `return` that are not forgotten yet). */
+typedef struct {
+    LoopHeadObject *head;   /* (borrowed, compared only; NULL: a free slot) */
+    void *frame;            /* the frame running this loop in this thread */
+    int open;               /* the runtime has an iteration open for this loop */
+    unsigned long long dl_at_turn;
+} WhileRun;
+
+#define WHILE_RUNS 8
+static THREAD_LOCAL WhileRun while_runs[WHILE_RUNS];
+static THREAD_LOCAL unsigned int while_evict = 0;
+
 /* The head whose turn is open in this thread, told when its frame ends (strong ref). */
 static THREAD_LOCAL LoopHeadObject *open_head = NULL;
+
+static WhileRun *
+find_run(LoopHeadObject *head)
+{
+    for (int i = 0; i < WHILE_RUNS; i++)
+        if (while_runs[i].head == head)
+            return &while_runs[i];
+    return NULL;
+}
+
+/* A slot for `head` (a free one, else one taken in turn, never the open turn's loop). */
+static WhileRun *
+new_run(LoopHeadObject *head, void *frame)
+{
+    WhileRun *run = NULL;
+    for (int i = 0; i < WHILE_RUNS && run == NULL; i++)
+        if (while_runs[i].head == NULL)
+            run = &while_runs[i];
+    while (run == NULL) {
+        WhileRun *r = &while_runs[while_evict++ % WHILE_RUNS];
+        if (r->head != open_head)
+            run = r;
+    }
+    run->head = head;
+    run->frame = frame;
+    run->open = 0;
+    run->dl_at_turn = 0;
+    return run;
+}
 
 #if PY_VERSION_HEX >= 0x030d0000
 #define CURRENT_FRAME(ts) ((void *)(ts)->current_frame)
@@ -907,16 +947,19 @@ static THREAD_LOCAL LoopHeadObject *open_head = NULL;
 #define CURRENT_FRAME(ts) ((void *)(ts)->cframe->current_frame)
 #endif
 
-/* Tell the handler about a while loop's head; -1: the program's error is set (loop_answer),
- * where no other exception was being raised (else it is reported as unraisable). */
+/* Tell the handler about a while loop's head run by `frame`; -1: the program's error is
+ * set (loop_answer), where no other exception was being raised (else it is reported as
+ * unraisable).  The handler runs Python (maybe other while loops of this thread): the
+ * loop's slot is looked up again after it. */
 static int
-notify_head(LoopHeadObject *head, int exiting)
+notify_head(LoopHeadObject *head, void *frame, int exiting)
 {
     PyObject *type, *val, *tb;
     PyErr_Fetch(&type, &val, &tb);
     PyObject *r = call_quietly(loop_handler, Py_BuildValue(
-        "(OKi)", (PyObject *)head, (unsigned long long)(uintptr_t)head->frame, exiting));
-    int failed = loop_answer(r, &head->open);
+        "(OKi)", (PyObject *)head, (unsigned long long)(uintptr_t)frame, exiting));
+    int open = 0;
+    int failed = loop_answer(r, &open);
     if (failed && type != NULL) {
         unraisable_program_error();
         failed = 0;
@@ -927,7 +970,12 @@ notify_head(LoopHeadObject *head, int exiting)
         Py_XDECREF(val);
         Py_XDECREF(tb);
     }
-    if (head->open)
+    WhileRun *run = find_run(head);
+    if (run == NULL && open)
+        run = new_run(head, frame);
+    if (run != NULL)
+        run->open = open;
+    if (open)
         Py_XSETREF(open_head, (LoopHeadObject *)Py_NewRef(head));
     else if (open_head == head)
         Py_CLEAR(open_head);
@@ -940,10 +988,12 @@ static int
 leave_loop(LoopHeadObject *head, int exiting)
 {
     int failed = 0;
-    if (head->open && loop_handler != NULL)
-        failed = notify_head(head, exiting);
-    head->open = 0;
-    head->frame = NULL;
+    WhileRun *run = find_run(head);
+    if (run != NULL && run->open && loop_handler != NULL)
+        failed = notify_head(head, run->frame, exiting);
+    run = find_run(head);
+    if (run != NULL)
+        run->head = NULL;
     if (open_head == head)
         Py_CLEAR(open_head);
     return failed;
@@ -956,17 +1006,22 @@ loophead_call(PyObject *callable, PyObject *args, PyObject *kwds)
     if (loop_handler == NULL || head->state < 0 || in_callback || watched(PyThreadState_GET(), NULL))
         Py_RETURN_NONE;
     void *frame = CURRENT_FRAME(PyThreadState_GET());
-    if (head->frame != frame) { /* the loop is entered: its first turn begins */
-        head->frame = frame;
-        head->open = 0;
-        if (head->state > 0 && notify_head(head, 3) < 0) /* a known unit: an iteration */
+    WhileRun *run = find_run(head);
+    if (run == NULL || run->frame != frame) { /* the loop is entered: its first turn begins */
+        if (run == NULL)
+            run = new_run(head, frame);
+        run->frame = frame;
+        run->open = 0;
+        if (head->state > 0 && notify_head(head, frame, 3) < 0) /* a known unit: an iteration */
             return NULL;
     }
-    else if (dl_calls != head->dl_at_turn) { /* the turn that just ended called DL ops */
-        if (notify_head(head, 0) < 0)
+    else if (dl_calls != run->dl_at_turn) { /* the turn that just ended called DL ops */
+        if (notify_head(head, frame, 0) < 0)
             return NULL;        /* the program's error, raised where the loop turns */
     }
-    head->dl_at_turn = dl_calls;
+    run = find_run(head);
+    if (run != NULL)
+        run->dl_at_turn = dl_calls;
     Py_RETURN_NONE;
 }
 
@@ -1001,7 +1056,8 @@ loopexit_call(PyObject *callable, PyObject *args, PyObject *kwds)
 {
     LoopExitObject *self = (LoopExitObject *)callable;
     LoopHeadObject *head = self->head;
-    if (head->frame != NULL && head->frame == CURRENT_FRAME(PyThreadState_GET())
+    WhileRun *run = find_run(head);
+    if (run != NULL && run->frame == CURRENT_FRAME(PyThreadState_GET())
             && leave_loop(head, self->raised ? 2 : 1) < 0)
         return NULL;            /* the program's error, raised where the loop is left */
     Py_RETURN_NONE;
@@ -1012,7 +1068,10 @@ loopexit_call(PyObject *callable, PyObject *args, PyObject *kwds)
 static inline void
 frame_ends(void *frame, int raised)
 {
-    if (open_head != NULL && open_head->frame == frame && leave_loop(open_head, raised ? 2 : 1) < 0)
+    if (open_head == NULL)
+        return;
+    WhileRun *run = find_run(open_head);
+    if (run != NULL && run->frame == frame && leave_loop(open_head, raised ? 2 : 1) < 0)
         unraisable_program_error();
 }
 

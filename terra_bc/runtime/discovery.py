@@ -86,8 +86,8 @@ def _on_loop(mark, token, exiting):
             cur.mark.state = 0 if tentative else -1  # the outer loop is not the repeating level
             _end_turn(ok=True, abandon=True)
     unit = _loop_units.get(mark)
-    if unit is None:
-        unit = _loop_units[mark] = Unit(None, f"loop at {user_line()}")
+    if unit is None:  # (setdefault: another thread may be making it too)
+        unit = _loop_units.setdefault(mark, Unit(None, f"loop at {user_line()}"))
         unit.mark = mark
         mark.state = 1
     if unit.eager_reason:
