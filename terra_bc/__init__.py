@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 
-from . import counters, frames, runtime
+from . import _hook, counters, frames, runtime
 from .frames import disable, enabled as is_enabled, set_scope
 from .runtime import config, diff, explain, reset, set_functions, set_loops
 from .runtime.timeline import record as timeline
@@ -17,29 +17,30 @@ __all__ = ["enable", "disable", "enabled", "function", "stats", "reset_stats", "
            "explain", "diff", "reset", "set_loops", "set_functions", "config", "timeline"]
 
 
-def enable(loops: bool | None = None, functions: bool | None = None):
+def enable(loops: bool | None = None, functions: bool | None = None, threads: bool = False):
     """Enable the frame hook in this thread.  ``loops`` / ``functions`` switch on (True) or
     off (False) the units found without decoration, as ``python -m terra_bc`` does; None
-    leaves them as they are."""
+    leaves them as they are.  ``threads=True``: every thread that has not called
+    ``enable``/``disable`` itself runs with the hook too (threads started later included),
+    as under ``python -m terra_bc``."""
     if loops is not None:
         set_loops(loops)
     if functions is not None:
         set_functions(functions)
-    frames.enable()
+    frames.enable(threads)
 
 
 @contextlib.contextmanager
 def enabled(scope: str | None = None):
     """``with terra_bc.enabled():`` runs its body (this thread) with the hook enabled."""
-    was = is_enabled()
+    was = _hook.thread_choice()  # (on, off, or following the default: put back as it was)
     if scope is not None:
         set_scope(scope)
     enable()
     try:
         yield
     finally:
-        if not was:
-            disable()
+        _hook.set_thread_choice(was)
 
 
 def function(fn):

@@ -142,7 +142,7 @@ def main(argv):
     if not opts["off"]:
         terra_bc.set_loops(opts["loops"])
         terra_bc.set_functions(opts["functions"])
-        terra_bc.enable()
+        terra_bc.enable(threads=True)  # (threads the program starts run with it too)
     try:
         if kind == "script":
             exec(code, namespace)
@@ -151,7 +151,7 @@ def main(argv):
     except SystemExit:
         raise
     except BaseException as e:
-        terra_bc.disable()
+        terra_bc.disable(threads=True)
         e.__traceback__ = _user_traceback(e.__traceback__) or e.__traceback__
         sys.excepthook(type(e), e, e.__traceback__)
         if isinstance(e, KeyboardInterrupt):

@@ -60,8 +60,16 @@ typedef struct {
 static Py_ssize_t extra_index = -1;
 static PyObject *callback = NULL;          /* code -> replacement code or None */
 static _PyFrameEvalFunction previous = NULL;
-static int enabled_threads = 0;            /* the hook is installed while > 0 */
-static THREAD_LOCAL int thread_enabled = 0;
+/* Enabling is per thread: a thread chose on (enable_thread), off (disable_thread), or never
+ * chose and follows the process-wide default (set_default: on under python -m terra_bc, so
+ * threads the program starts run rewritten code too).  The hook is installed while some
+ * thread chose on or the default is on. */
+enum { FOLLOWS_DEFAULT = 0, CHOSE_ON = 1, CHOSE_OFF = 2 };
+static int enabled_threads = 0;            /* threads that chose on */
+static int default_enabled = 0;            /* what threads that never chose follow */
+static THREAD_LOCAL int thread_choice = FOLLOWS_DEFAULT;
+#define THREAD_ENABLED() \
+    (thread_choice == CHOSE_ON || (thread_choice == FOLLOWS_DEFAULT && default_enabled))
 static THREAD_LOCAL int in_callback = 0;
 static unsigned long long sites_executed = 0;
 static unsigned long long frames_swapped = 0;
@@ -878,9 +886,6 @@ static PyTypeObject LoopIterType = {
 
 typedef struct {
     LOOP_MARK_FIELDS
-    int open;           /* the runtime has an iteration open for this loop */
-    void *frame;        /* the frame running this loop now (NULL: not entered) */
-    unsigned long long dl_at_turn;
 } LoopHeadObject;
 
 typedef struct {
@@ -891,8 +896,51 @@ typedef struct {
 
 static PyTypeObject LoopHeadType;
 
+/* A head is a constant of the loop's code, shared by every thread running that loop: what
+ * one execution of it knows is kept per thread, in a small table of the loops this thread
+ * runs (nested loops, recursion, loops left by a `return` that are not forgotten yet). */
+typedef struct {
+    LoopHeadObject *head;   /* (borrowed, compared only; NULL: a free slot) */
+    void *frame;            /* the frame running this loop in this thread */
+    int open;               /* the runtime has an iteration open for this loop */
+    unsigned long long dl_at_turn;
+} WhileRun;
+
+#define WHILE_RUNS 8
+static THREAD_LOCAL WhileRun while_runs[WHILE_RUNS];
+static THREAD_LOCAL unsigned int while_evict = 0;
+
 /* The head whose turn is open in this thread, told when its frame ends (strong ref). */
 static THREAD_LOCAL LoopHeadObject *open_head = NULL;
+
+static WhileRun *
+find_run(LoopHeadObject *head)
+{
+    for (int i = 0; i < WHILE_RUNS; i++)
+        if (while_runs[i].head == head)
+            return &while_runs[i];
+    return NULL;
+}
+
+/* A slot for `head` (a free one, else one taken in turn, never the open turn's loop). */
+static WhileRun *
+new_run(LoopHeadObject *head, void *frame)
+{
+    WhileRun *run = NULL;
+    for (int i = 0; i < WHILE_RUNS && run == NULL; i++)
+        if (while_runs[i].head == NULL)
+            run = &while_runs[i];
+    while (run == NULL) {
+        WhileRun *r = &while_runs[while_evict++ % WHILE_RUNS];
+        if (r->head != open_head)
+            run = r;
+    }
+    run->head = head;
+    run->frame = frame;
+    run->open = 0;
+    run->dl_at_turn = 0;
+    return run;
+}
 
 #if PY_VERSION_HEX >= 0x030d0000
 #define CURRENT_FRAME(ts) ((void *)(ts)->current_frame)
@@ -900,16 +948,19 @@ static THREAD_LOCAL LoopHeadObject *open_head = NULL;
 #define CURRENT_FRAME(ts) ((void *)(ts)->cframe->current_frame)
 #endif
 
-/* Tell the handler about a while loop's head; -1: the program's error is set (loop_answer),
- * where no other exception was being raised (else it is reported as unraisable). */
+/* Tell the handler about a while loop's head run by `frame`; -1: the program's error is
+ * set (loop_answer), where no other exception was being raised (else it is reported as
+ * unraisable).  The handler runs Python (maybe other while loops of this thread): the
+ * loop's slot is looked up again after it. */
 static int
-notify_head(LoopHeadObject *head, int exiting)
+notify_head(LoopHeadObject *head, void *frame, int exiting)
 {
     PyObject *type, *val, *tb;
     PyErr_Fetch(&type, &val, &tb);
     PyObject *r = call_quietly(loop_handler, Py_BuildValue(
-        "(OKi)", (PyObject *)head, (unsigned long long)(uintptr_t)head->frame, exiting));
-    int failed = loop_answer(r, &head->open);
+        "(OKi)", (PyObject *)head, (unsigned long long)(uintptr_t)frame, exiting));
+    int open = 0;
+    int failed = loop_answer(r, &open);
     if (failed && type != NULL) {
         unraisable_program_error();
         failed = 0;
@@ -920,7 +971,12 @@ notify_head(LoopHeadObject *head, int exiting)
         Py_XDECREF(val);
         Py_XDECREF(tb);
     }
-    if (head->open)
+    WhileRun *run = find_run(head);
+    if (run == NULL && open)
+        run = new_run(head, frame);
+    if (run != NULL)
+        run->open = open;
+    if (open)
         Py_XSETREF(open_head, (LoopHeadObject *)Py_NewRef(head));
     else if (open_head == head)
         Py_CLEAR(open_head);
@@ -933,10 +989,12 @@ static int
 leave_loop(LoopHeadObject *head, int exiting)
 {
     int failed = 0;
-    if (head->open && loop_handler != NULL)
-        failed = notify_head(head, exiting);
-    head->open = 0;
-    head->frame = NULL;
+    WhileRun *run = find_run(head);
+    if (run != NULL && run->open && loop_handler != NULL)
+        failed = notify_head(head, run->frame, exiting);
+    run = find_run(head);
+    if (run != NULL)
+        run->head = NULL;
     if (open_head == head)
         Py_CLEAR(open_head);
     return failed;
@@ -949,17 +1007,22 @@ loophead_call(PyObject *callable, PyObject *args, PyObject *kwds)
     if (loop_handler == NULL || head->state < 0 || in_callback || watched(PyThreadState_GET(), NULL))
         Py_RETURN_NONE;
     void *frame = CURRENT_FRAME(PyThreadState_GET());
-    if (head->frame != frame) { /* the loop is entered: its first turn begins */
-        head->frame = frame;
-        head->open = 0;
-        if (head->state > 0 && notify_head(head, 3) < 0) /* a known unit: an iteration */
+    WhileRun *run = find_run(head);
+    if (run == NULL || run->frame != frame) { /* the loop is entered: its first turn begins */
+        if (run == NULL)
+            run = new_run(head, frame);
+        run->frame = frame;
+        run->open = 0;
+        if (head->state > 0 && notify_head(head, frame, 3) < 0) /* a known unit: an iteration */
             return NULL;
     }
-    else if (dl_calls != head->dl_at_turn) { /* the turn that just ended called DL ops */
-        if (notify_head(head, 0) < 0)
+    else if (dl_calls != run->dl_at_turn) { /* the turn that just ended called DL ops */
+        if (notify_head(head, frame, 0) < 0)
             return NULL;        /* the program's error, raised where the loop turns */
     }
-    head->dl_at_turn = dl_calls;
+    run = find_run(head);
+    if (run != NULL)
+        run->dl_at_turn = dl_calls;
     Py_RETURN_NONE;
 }
 
@@ -994,7 +1057,8 @@ loopexit_call(PyObject *callable, PyObject *args, PyObject *kwds)
 {
     LoopExitObject *self = (LoopExitObject *)callable;
     LoopHeadObject *head = self->head;
-    if (head->frame != NULL && head->frame == CURRENT_FRAME(PyThreadState_GET())
+    WhileRun *run = find_run(head);
+    if (run != NULL && run->frame == CURRENT_FRAME(PyThreadState_GET())
             && leave_loop(head, self->raised ? 2 : 1) < 0)
         return NULL;            /* the program's error, raised where the loop is left */
     Py_RETURN_NONE;
@@ -1005,7 +1069,10 @@ loopexit_call(PyObject *callable, PyObject *args, PyObject *kwds)
 static inline void
 frame_ends(void *frame, int raised)
 {
-    if (open_head != NULL && open_head->frame == frame && leave_loop(open_head, raised ? 2 : 1) < 0)
+    if (open_head == NULL)
+        return;
+    WhileRun *run = find_run(open_head);
+    if (run != NULL && run->frame == frame && leave_loop(open_head, raised ? 2 : 1) < 0)
         unraisable_program_error();
 }
 
@@ -1114,6 +1181,14 @@ decide(PyCodeObject *code)
             PyErr_SetInterrupt();
         return Py_None;
     }
+    /* Another thread may have decided meanwhile (the callback runs Python, which lets other
+     * threads run): its answer stays, the frames it started run it. */
+    void *other = NULL;
+    if (CODE_GET_EXTRA((PyObject *)code, extra_index, &other) == 0 && other != NULL) {
+        Py_DECREF(answer);
+        return (PyObject *)other;
+    }
+    PyErr_Clear();
     if (answer != Py_None) {
         PyCodeObject *new_code = (PyCodeObject *)answer;
         /* The swap reuses the frame as allocated for `code`: same locals, no more room. */
@@ -1166,7 +1241,7 @@ run_as_unit(PyThreadState *ts, _PyInterpreterFrame *frame, PyObject *mark)
 static PyObject *
 hook(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
 {
-    if (!thread_enabled || in_callback || throwflag || callback == NULL)
+    if (!THREAD_ENABLED() || in_callback || throwflag || callback == NULL)
         return run_previous(ts, frame, throwflag);
     PyCodeObject *code = FRAME_CODE(frame);
     /* A frame that begins while a tool watches runs its original code, except the frames
@@ -1240,32 +1315,66 @@ set_callback(PyObject *mod, PyObject *fn)
     return set_handler(&callback, fn, "callback must be callable or None");
 }
 
+/* This thread's choice becomes `choice`; the hook is installed while anyone uses it. */
+static void
+choose(int choice)
+{
+    int was_on = enabled_threads > 0 || default_enabled;
+    enabled_threads += (choice == CHOSE_ON) - (thread_choice == CHOSE_ON);
+    thread_choice = choice;
+    int on = enabled_threads > 0 || default_enabled;
+    if (on && !was_on)
+        install();
+    else if (was_on && !on)
+        uninstall();
+}
+
 static PyObject *
 enable_thread(PyObject *mod, PyObject *unused)
 {
-    if (!thread_enabled) {
-        thread_enabled = 1;
-        if (enabled_threads++ == 0)
-            install();
-    }
+    choose(CHOSE_ON);
     Py_RETURN_NONE;
 }
 
 static PyObject *
 disable_thread(PyObject *mod, PyObject *unused)
 {
-    if (thread_enabled) {
-        thread_enabled = 0;
-        if (--enabled_threads == 0)
-            uninstall();
-    }
+    choose(CHOSE_OFF);
     Py_RETURN_NONE;
 }
 
 static PyObject *
 is_thread_enabled(PyObject *mod, PyObject *unused)
 {
-    return PyBool_FromLong(thread_enabled);
+    return PyBool_FromLong(THREAD_ENABLED());
+}
+
+static PyObject *
+get_thread_choice(PyObject *mod, PyObject *unused)
+{
+    if (thread_choice == FOLLOWS_DEFAULT)
+        Py_RETURN_NONE;
+    return PyBool_FromLong(thread_choice == CHOSE_ON);
+}
+
+static PyObject *
+set_thread_choice(PyObject *mod, PyObject *choice)
+{
+    choose(choice == Py_None ? FOLLOWS_DEFAULT : PyObject_IsTrue(choice) > 0 ? CHOSE_ON : CHOSE_OFF);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+set_default(PyObject *mod, PyObject *on)
+{
+    int was = default_enabled, was_on = enabled_threads > 0 || default_enabled;
+    default_enabled = PyObject_IsTrue(on) > 0;
+    int now_on = enabled_threads > 0 || default_enabled;
+    if (now_on && !was_on)
+        install();
+    else if (was_on && !now_on)
+        uninstall();
+    return PyBool_FromLong(was);
 }
 
 static PyObject *
@@ -1409,6 +1518,12 @@ static PyMethodDef methods[] = {
     {"enable_thread", enable_thread, METH_NOARGS, "Enable the hook for the calling thread."},
     {"disable_thread", disable_thread, METH_NOARGS, "Disable the hook for the calling thread."},
     {"thread_enabled", is_thread_enabled, METH_NOARGS, "Is the hook enabled for this thread?"},
+    {"thread_choice", get_thread_choice, METH_NOARGS,
+     "This thread's choice: True (enable_thread), False (disable_thread), None (follows the default)."},
+    {"set_thread_choice", set_thread_choice, METH_O,
+     "Put back a choice thread_choice() returned."},
+    {"set_default", set_default, METH_O,
+     "set_default(on): whether threads that never chose run with the hook; returns the old default."},
     {"installed", is_installed, METH_NOARGS, "Is the hook the interpreter's eval function?"},
     {"cached_decision", cached_decision, METH_O,
      "The cached answer for a code object: replacement, None, or Ellipsis if undecided."},

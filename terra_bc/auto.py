@@ -35,7 +35,7 @@ def _start():
         return
     if _main_script_importing() is None:
         loops, functions = unit_switches()
-        terra_bc.enable(loops=loops, functions=functions)
+        terra_bc.enable(loops=loops, functions=functions, threads=True)
         return
     spec = sys.modules["__main__"].__spec__
     target = ["-m", spec.name] if spec is not None else [sys.argv[0]]

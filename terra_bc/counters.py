@@ -38,4 +38,11 @@ def snapshot() -> dict:
 
 def reset():
     counts.clear()
+    # Every key present: ``counts[k] += 1`` on an existing key runs no Python code between
+    # its read and its write, so threads counting at once lose no count (a missing key calls
+    # Counter.__missing__, where another thread may run).
+    counts.update(dict.fromkeys(FRAME_KEYS + RUNTIME_KEYS + SECONDS_KEYS, 0))
     _hook.reset_counters()
+
+
+counts.update(dict.fromkeys(FRAME_KEYS + RUNTIME_KEYS + SECONDS_KEYS, 0))

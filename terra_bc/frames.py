@@ -72,14 +72,21 @@ def set_scope(name):
     _scope = name
 
 
-def enable():
-    """Run rewritten code in the calling thread's frames from now on."""
+def enable(threads=False):
+    """Run rewritten code in the calling thread's frames from now on.  ``threads``: in every
+    thread that has not chosen itself (never called ``enable``/``disable``) too, running
+    ones from their next frame on and threads started later (``python -m terra_bc``)."""
     _hook.enable_thread()
+    if threads:
+        _hook.set_default(True)
 
 
-def disable():
-    """Stop rewriting in the calling thread; the hook is uninstalled once no thread uses it."""
+def disable(threads=False):
+    """Stop rewriting in the calling thread; ``threads``: in the threads that follow the
+    default too.  The hook is uninstalled once no thread uses it."""
     _hook.disable_thread()
+    if threads:
+        _hook.set_default(False)
 
 
 def enabled():

@@ -51,7 +51,7 @@ def open_iteration(it):
     that changed is kept on the iteration (``was_routing``, ``hook_was_enabled``)."""
     _hook.set_iteration(it)
     it.was_routing = _hook.set_thread_routing(True)
-    it.hook_was_enabled = _hook.thread_enabled()
+    it.hook_was_enabled = _hook.thread_choice()  # (None: the thread follows the default)
     _hook.enable_thread()
 
 
@@ -63,8 +63,7 @@ def close_iteration(it):
     design: programs that never open a unit pay nothing."""
     global _routing_everywhere
     _hook.set_thread_routing(it.was_routing)
-    if not it.hook_was_enabled:
-        _hook.disable_thread()
+    _hook.set_thread_choice(it.hook_was_enabled)
     _hook.set_iteration(None)
     if not _routing_everywhere:
         _routing_everywhere = True

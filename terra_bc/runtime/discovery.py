@@ -92,8 +92,8 @@ def _on_loop(mark, token, exiting):
             cur.mark.state = 0 if tentative else -1  # the outer loop is not the repeating level
             _end_turn(ok=True, abandon=True)
     unit = _loop_units.get(mark)
-    if unit is None:
-        unit = _loop_units[mark] = Unit(None, f"loop at {user_line()}")
+    if unit is None:  # (setdefault: another thread may be making it too)
+        unit = _loop_units.setdefault(mark, Unit(None, f"loop at {user_line()}"))
         unit.mark = mark
         mark.state = 1
     if unit.eager_reason:
@@ -174,6 +174,7 @@ def on_call(unit, token, state):
     second call; inside another iteration it is part of that one."""
     if state:
         if context.current() is token:  # (a loop inside may have taken over)
+            unit = token.unit  # (this thread's copy, where another thread held it: claim)
             unit.end(token, state == 1)
             if token.mode == TRACE or unit.eager_reason:  # (a new path: is the unit worth it?)
                 _drop_if_small(unit)

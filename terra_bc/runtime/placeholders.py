@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import operator
 import sys
+import threading
 import types
+from contextlib import nullcontext
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import set_current_trace
 from jax.tree_util import tree_flatten, tree_unflatten
 
 from .. import _hook
+from ..jaxpr_builder import Recorder, RecTracer, evaluate_segment
 from ..counters import counts
 from ..jaxpr_builder import several_devices
 from .context import current
@@ -309,12 +313,40 @@ for _cls in (Placeholder, _At, _AtIndex):
 # ------------------------------------------------------------------ values and eager ops
 
 def concrete(x):
-    """The concrete value behind a placeholder whose iteration has given it one."""
+    """The concrete value behind a placeholder whose iteration has given it one, or of a
+    placeholder of an iteration open in another thread (``foreign``)."""
     if x._val is not None:
         return x._val
-    if x._rec is not None:
-        return x._rec.val
+    rec = x._rec
+    if type(rec) is RecTracer or rec is None:  # (else a LateValue: the iteration ended)
+        holder = x._it.unit.holder if x._it is not None else None
+        if holder is not None and holder != threading.get_ident():
+            return foreign(x)
+    if rec is not None:
+        return rec.val
     raise RuntimeError("terra_bc placeholder used outside its iteration before it was computed")
+
+
+def foreign(x):
+    """The value of a placeholder of an iteration another thread has open (handed over
+    through a queue, a global): computed here op by op from that iteration's recording and
+    the values fed to it so far, as a ``LateValue`` is.  That iteration is left as it is:
+    its thread alone launches, settles and moves it; this one only reads what it recorded
+    (its equations up to that value are final)."""
+    it = x._it
+    if x._rec is not None:
+        value = Recorder.known_value(x._rec)
+        if value is not None:
+            return value
+    value = it.env.get(x._id)
+    if value is not None:
+        return value
+    seg = it.path.recorder.segment([x._id], 0, None, pure=True)  # (effects: its thread's)
+    args = [it.env[i] for i in seg.inputs]
+    mine = current()  # (this thread's own recording, if it traces, must not see this work)
+    with nullcontext() if mine is None or mine.recording is None else \
+            set_current_trace(mine.recording.parent_trace()):
+        return evaluate_segment(seg, args)[0]
 
 
 def call(fn, args, kwargs):

@@ -10,6 +10,7 @@ import collections
 import functools
 import itertools
 import sys
+import threading
 import time
 import warnings
 import weakref
@@ -54,6 +55,10 @@ class Unit:
         self.eager_reason = None  # why the unit cannot be co-executed: it runs eagerly
         self.journal = collections.deque(maxlen=journal.JOURNAL_SIZE)  # divergences, compiles...
         self.fallbacks_noted = set()  # eager reasons journaled (each once: journal.fallback)
+        self.busy = threading.Lock()  # held while an iteration of it is open (any thread)
+        self.holder = None      # the thread holding busy
+        self.copies = {}        # thread id -> that thread's copy (see claim)
+        self.origin = None      # the unit this one is a thread's copy of
 
     def compiled_too_often(self):
         """launching.run: its compiles passed max_compiles (variants keep needing new
@@ -116,7 +121,7 @@ class Unit:
             result = self.fn(*args, **kwargs)
             ok = True
         finally:
-            self.end(it, ok)
+            it.unit.end(it, ok)
         return eager_value(result)
 
     def discard(self, it):
@@ -136,8 +141,42 @@ class Unit:
         self.paths.append(path)
         counts["paths_recorded"] += 1
 
+    def claim(self):
+        """The unit this thread's next iteration runs as, held (``busy``) until it ends.
+
+        One thread at a time runs iterations of a unit: its paths, memo and counters are
+        changed without locks.  A thread that finds it busy in another thread gets a copy of
+        its own (same function or loop, paths of its own, compiled segments shared through
+        the structural cache) and keeps using it: eight threads running one training loop
+        each co-execute, with at most one copy per thread."""
+        me = threading.get_ident()
+        own = self.copies.get(me)
+        if own is None:
+            if self.busy.acquire(blocking=False):
+                self.holder = me
+                return self
+            own = self.copies[me] = Unit(self.fn, f"{self.name} [thread {len(self.copies) + 1}]",
+                                         self.plain)
+            own.code, own.mark, own.origin = self.code, self.mark, self
+        return own.claim()  # (a copy is only ever claimed by its own thread: free)
+
+    def release(self):
+        """The claim ends (once: only the thread holding it releases it)."""
+        if self.holder == threading.get_ident():
+            self.holder = None
+            self.busy.release()
+
     def begin(self, args, kwargs):
-        """Open an iteration in this thread; returns it and the arguments to run it with."""
+        """Open an iteration in this thread; returns it and the arguments to run it with.
+        The iteration's unit is this one or this thread's copy of it (``claim``)."""
+        unit = self.claim()
+        try:
+            return unit._begin(args, kwargs)
+        except BaseException:
+            unit.release()
+            raise
+
+    def _begin(self, args, kwargs):
         last = self.last_path
         mode = COEXEC if last is not None else TRACE
         it = Iteration(self, mode, last if last is not None else Path())
@@ -157,6 +196,14 @@ class Unit:
         """Close ``it``; ``abandon``: the unit is not the repeating level after all (a loop
         inside it is): what it recorded runs eagerly and no path is kept."""
         context.close_iteration(it)  # (routing everywhere from now on: see there)
+        try:
+            self._end(it, ok, abandon)
+        finally:
+            if self.eager_reason and self.origin is not None and not self.origin.eager_reason:
+                self.origin.eager_reason = self.eager_reason  # (what callers check)
+            self.release()  # (after finishing: that launches and keeps paths)
+
+    def _end(self, it, ok, abandon):
         self.memo = it.memo
         try:
             it.finish(ok, abandon)
@@ -191,9 +238,10 @@ class Unit:
 
     def reset(self):
         """Forget what the unit learned from its calls: its next call traces afresh."""
-        it = context.current()
-        if it is not None and it.unit is self:
+        if self.busy.locked():  # (in this thread or another)
             raise RuntimeError(f"terra_bc.reset: unit {self.name} is running (an iteration is open)")
+        for copy in list(self.copies.values()):
+            copy.reset()
         self.paths, self.last_path, self.frozen = [], None, None
         self.dynamic, self.static, self.reused, self.memo = set(), set(), set(), {}
         self.recent.clear()
@@ -213,6 +261,7 @@ def _leave(it):
         it.recording.__exit__(None, None, None)
         it.recording = None
     context.close_iteration(it)
+    it.unit.release()
 
 
 def _warn(message):
