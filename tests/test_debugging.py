@@ -449,3 +449,18 @@ def test_a_timeline_renders_as_a_picture_in_notebooks(monkeypatch):
     assert tl.png() is None
     bundle = tl._repr_mimebundle_()
     assert "image/png" not in bundle and bundle["text/html"].startswith("<table>")
+
+
+def test_a_segment_shows_its_jaxpr_and_source_lines_on_request():
+    @terra_bc.function
+    def step(x):
+        y = jnp.tanh(x) * 2.0
+        return jnp.sum(y * y)
+
+    for k in range(3):
+        step(jnp.arange(4.0) + k)
+    seg = terra_bc.explain(step).units[0].paths[0].segments[0]
+    text = seg.source()
+    assert "tanh" in text and "reduce_sum" in text
+    line = step.__wrapped__.__code__.co_firstlineno
+    assert f"test_debugging.py:{line + 2}" in text and f"test_debugging.py:{line + 3}" in text

@@ -92,17 +92,27 @@ class EventReport(NamedTuple):
 
 class SegmentReport(NamedTuple):
     """A segment of a path: equations [start, stop), its primitives, inputs, outputs and
-    how it runs now (``compiling.state``)."""
+    how it runs now (``compiling.state``); ``jaxpr``: the segment as JAX runs it, and
+    ``lines``: (equations recorded up to, source line) of each op of the path in its range,
+    shown on request (``source()``)."""
     start: int
     stop: int
     ops: tuple
     inputs: int
     outputs: int
     state: str
+    jaxpr: object = None
+    lines: tuple = ()
 
     def __str__(self):
         return (f"segment [{self.start}, {self.stop}): {len(self.ops)} ops, {self.inputs} inputs, "
                 f"{self.outputs} outputs, {self.state}")
+
+    def source(self):
+        """The segment's jaxpr, then the source lines whose ops recorded its equations (the
+        equation count once each op was recorded: where each line's equations end)."""
+        head = [str(self), str(self.jaxpr), "recorded by:"]
+        return "\n".join(head + [f"  equations up to {mark}: {where}" for mark, where in self.lines])
 
 
 class Shown:
@@ -226,16 +236,18 @@ def _path_report(unit, name, n, path, nodes):
     made = {}  # value id -> (what made it, where): a fetch names its value's op
     events = tuple(_event_report(ev, nodes.setdefault(id(ev), len(nodes)), made)
                    for ev in path.events)
-    segments = tuple(_segment_report(key, entry) for key, entry in path.segments.items())
+    segments = tuple(_segment_report(key, entry, path) for key, entry in path.segments.items())
     return PathReport(shown_location(name), n + 1, events, path.recorder.mark(), parent,
                       shared, segments, path.eager_reason)
 
 
-def _segment_report(key, entry):
+def _segment_report(key, entry, path):
     start, stop, outs, _ = key  # (and the effects skipped)
     seg = entry.segment
+    lines = tuple((ev.mark, shown_location(ev.where)) for ev in path.events
+                  if ev.kind != "fetch" and start < ev.mark <= stop)
     return SegmentReport(start, stop, tuple(map(_op_name, seg.jaxpr.eqns)),
-                         len(seg.inputs), len(outs), compiling.state(entry))
+                         len(seg.inputs), len(outs), compiling.state(entry), seg.jaxpr, lines)
 
 
 def _op_name(eqn):
