@@ -89,10 +89,10 @@ def test_static_whose_eq_fails_raises_as_eagerly(cls):
     assert eager[:2] == ("raised", "ValueError") and hooked[:2] == eager[:2]
 
 
-@pytest.mark.xfail(strict=True, reason="while tracing, JAX's own jit cache compares the static "
-                   "with __eq__ (eagerly its C++ cache short-cuts on identity): left, see "
-                   "docs/reliability.md")
 def test_same_static_whose_eq_raises_passes_as_eagerly():
+    """The same static object each call of a user's jax.jit: the jitted function is
+    dispatched as JAX dispatches it (trace_rules.dispatched_as_is), whose C++ cache
+    short-cuts on identity, so its raising __eq__ is never called, as eagerly."""
     static = RaisingEq(2.0)
     eager, hooked = both(jit_with_static(lambda: static))
     assert hooked == eager
