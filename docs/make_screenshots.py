@@ -8,11 +8,11 @@ does, in a temporary folder) and takes from its outputs:
 - ``timeline.png``: the PNG of the ``tl.plot(...)`` cell, drawn by ``Timeline.plot``.
 - ``report.png``, ``diff.png``, ``diff_edit.png``: the HTML of ``terra_bc.explain(step)``,
   of ``terra_bc.diff(rep.paths[0], rep.paths[2])`` and of the diff of the reports taken
-  before and after the edit, *re-drawn with matplotlib*: no headless browser (chromium,
-  chrome, firefox, wkhtmltoimage) was available where these were made, so this script reads
-  the HTML (tables with their spans and colors, titles, lists) and draws the same contents
-  in a monospace font.  They show what the HTML holds and how it is colored, not how a
-  browser lays it out pixel for pixel.
+  before and after the edit, as headless Chromium shows it (a screenshot, cropped to the
+  content; Debian's ``chromium`` package).  Where no Chromium is installed the script reads
+  the HTML (tables with their spans and colors, titles, lists) and *re-draws* the same
+  contents with matplotlib in a monospace font instead: what the HTML holds and how it is
+  colored, not how a browser lays it out.
 
 Needs the test extras (nbclient, nbformat, ipykernel, matplotlib).
 """
@@ -21,6 +21,8 @@ from __future__ import annotations
 import base64
 import os
 import re
+import shutil
+import subprocess
 import tempfile
 import textwrap
 from html.parser import HTMLParser
@@ -187,6 +189,31 @@ def draw(page, path):
     fig.savefig(path, dpi=110, facecolor="white")
 
 
+# **** or a browser's screenshot ****
+
+def browser_shot(html, path, width=1200):
+    """``html`` as headless Chromium renders it, cropped to the content; False without one."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        return False
+    from PIL import Image, ImageChops
+    with tempfile.TemporaryDirectory() as folder:
+        page = os.path.join(folder, "page.html")
+        with open(page, "w") as f:
+            f.write(f'<html><body style="margin:8px;background:white">{html}</body></html>')
+        shot = os.path.join(folder, "shot.png")
+        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                        "--hide-scrollbars", f"--screenshot={shot}",
+                        f"--window-size={width},4000", "file://" + page],
+                       check=True, capture_output=True, timeout=120)
+        image = Image.open(shot).convert("RGB")
+        box = ImageChops.difference(image, Image.new("RGB", image.size, "white")).getbbox()
+        if box:
+            image = image.crop((0, 0, min(width, box[2] + 8), box[3] + 8))
+        image.save(path)
+    return True
+
+
 # **** the notebook ****
 
 def executed_notebook():
@@ -212,7 +239,9 @@ def main():
     for name, start in (("report", "rep = terra_bc.explain(step)"),
                         ("diff", "terra_bc.diff(rep.paths[0], rep.paths[2])"),
                         ("diff_edit", "terra_bc.diff(before, terra_bc.explain(step))")):
-        draw(output(nb, start, "text/html"), os.path.join(IMAGES, f"{name}.png"))
+        html, path = output(nb, start, "text/html"), os.path.join(IMAGES, f"{name}.png")
+        if not browser_shot(html, path):
+            draw(html, path)
     print("wrote", ", ".join(sorted(os.listdir(IMAGES))), "in", IMAGES)
 
 
