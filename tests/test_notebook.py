@@ -456,7 +456,8 @@ def test_the_debugging_notebook_runs_and_shows_each_feature(tmp_path):
     assert "iterations_coexecuted" in stats["text/html"]
     streams, _ = outputs_of(nb, "w = jnp.zeros")
     assert streams["stdout"].rstrip().endswith("4 paths")  # noise or not, clipped or not
-    assert "terra_bc: divergence in unit step at " in streams["stderr"]  # TERRA_BC_LOG
+    assert "terra_bc: divergence in unit step at Cell In[" in streams["stderr"]  # TERRA_BC_LOG
+    assert "ipykernel_" not in streams["stderr"]
     (report,) = outputs_of(nb, "rep = terra_bc.explain(step)")[1]
     assert "op clip(" in report["text/html"] and "Cell In[3], line 15" in report["text/html"]
     # Paths 1 and 2 part on a NumPy draw (the noisy batch: an add only on the left)...
@@ -468,6 +469,7 @@ def test_the_debugging_notebook_runs_and_shows_each_feature(tmp_path):
     page = loss_diff["text/html"]
     assert "op clip(" in page and "only on the left" in page
     assert "they part after Python read fetch (float) of" in page
+    assert re.search(r"fetch \(float\) of v\d+ f32\[\] = [0-9.]+ \(made by", page)  # its value
     assert "made by grad of loss_fn at Cell In[3], line 13" in page
     journal = outputs_of(nb, "for record in rep.units[0].journal")[0]["stdout"]
     assert "divergence in unit step at Cell In[3], line 16: expected clip(" in journal
