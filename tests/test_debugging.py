@@ -410,7 +410,15 @@ def test_a_timeline_draws_lanes_and_each_iterations_share():
     # The first call traces (and compiles on the calling thread), the second co-executes,
     # the third leaves the path (traces again), the fourth co-executes path 1.
     assert {"Python (iteration), tracing", "Python (iteration), co-execution",
-            "launch (dispatch)", "compile (calling thread)", "fetch wait"} <= set(drawn)
+            "launch (dispatch)", "compile (calling thread)", "fetch wait",
+            "segment running (device)"} <= set(drawn)
+    # Each launch is seen to finish on the device: from its launch until its values were ready.
+    launches = [s for s in tl.spans if s.category == "launch"]
+    device = [s for s in tl.spans if s.category == "device"]
+    assert len(device) == len(launches) and {s.thread for s in device} == {"device"}
+    for d in device:
+        (launch,) = [s for s in launches if s.start == d.start and s.name == d.name]
+        assert d.seconds >= launch.seconds
     python_ms = sum(w for label, bars in drawn.items() if label.startswith("Python")
                     for _, w in bars)
     iterations = tl.iterations()

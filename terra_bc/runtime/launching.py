@@ -134,8 +134,10 @@ def run(it, start, stop, outputs, required=None, later=None, final=False):
     env.update(zip(seg.outputs, values))
     it.effects_ran.update(effects)
     counts["segments_launched"] += 1
-    if t0:  # (dispatch only: the device runs it asynchronously)
-        timeline.add(journal.segment_name(it, entry), "launch", t0, it.mode)
+    if t0:  # (dispatch; the device runs it asynchronously: a watcher sees it finish)
+        name = journal.segment_name(it, entry)
+        timeline.add(name, "launch", t0, it.mode)
+        timeline.running(name, t0, values)
 
 
 def donatable(it, seg, args, later, final=False):

@@ -1,5 +1,7 @@
 """The timeline: when each iteration ran, when its segments were launched, when a segment
-was compiled (on the calling thread or the worker) and when Python waited for a value.
+was compiled (on the calling thread or the worker), when it finished running on the device
+(from its launch until its values were ready, seen by a watcher thread) and when Python
+waited for a value.
 
 Kept only while recording (``with terra_bc.timeline() as tl:``), in a bounded ring; when
 not recording, each place that would record reads one module flag (``on``) and nothing
@@ -16,6 +18,7 @@ import io
 import json
 import math
 import os
+import queue
 import threading
 import time
 from typing import NamedTuple
@@ -43,6 +46,43 @@ def add(name, category, start, detail=""):
                       threading.current_thread().name, detail))
 
 
+DEVICE = "device"     # the pseudo-thread of "device" spans: a segment from launch to ready
+_launched = queue.Queue()
+_watcher = None
+
+
+def running(name, start, values):
+    """A segment launched at ``start`` (call only while ``on``): a watcher thread waits for
+    its ``values`` and records a "device" span from the launch until they are ready (JAX
+    runs it asynchronously; the calling thread never waits for this)."""
+    global _watcher
+    if _watcher is None:
+        _watcher = threading.Thread(target=_watch, name="terra_bc-timeline", daemon=True)
+        _watcher.start()
+    _launched.put((name, start, values))
+
+
+def _watch():
+    import jax
+    while True:
+        name, start, values = _launched.get()
+        try:
+            jax.block_until_ready(values)
+            _ring.append(Span(name, "device", start, time.perf_counter() - start, DEVICE))
+        except Exception:  # (a value deleted since: donated to a later segment)
+            pass
+        finally:
+            del values
+            _launched.task_done()
+
+
+def _drain(seconds=10.0):
+    """Wait (a bounded time) until the watcher has seen every launched segment finish."""
+    deadline = time.perf_counter() + seconds
+    while _launched.unfinished_tasks and time.perf_counter() < deadline:
+        time.sleep(0.001)
+
+
 class Timeline:
     """What ``terra_bc.timeline()`` returns: ``with`` it, what runs is recorded; after it,
     ``spans`` holds what was.  One records at a time."""
@@ -62,6 +102,7 @@ class Timeline:
     def __exit__(self, *exc):
         global on
         on = False
+        _drain()
         self.spans = list(_ring)
         _ring.clear()
 
@@ -134,13 +175,14 @@ class Timeline:
         """Draw the recording with matplotlib and return the Figure.  Lanes over time
         (ms since recording began): Python running in an iteration (colored by mode),
         segments launched (dispatch), compiling (on the calling thread; on the worker),
-        Python waiting on a fetch; each iteration's start marked and numbered.
+        Python waiting on a fetch, segments running on the device; each iteration's start
+        marked and numbered.
         ``iterations``: a range of iteration numbers (from 1) to show in the lanes
         (``range(2, 31)``: leave out the first, traced one).  With ``ax=None``, a new
         figure also shows, per iteration, the share of its time in each activity and its
-        length.  Given ``ax``, only the lanes are drawn, there.  When a segment finished
-        running on the device is not recorded (it runs asynchronously): a fetch wait is
-        where Python waited for it."""
+        length.  Given ``ax``, only the lanes are drawn, there.  The last lane shows each
+        segment from its launch until its values were ready on the device (a watcher
+        thread sees it; Python never waits for it): a fetch wait is where Python did."""
         if ax is None:
             from matplotlib.figure import Figure  # (no pyplot: no global state, no backend)
             fig = Figure(figsize=(10, 6), layout="constrained")
@@ -169,13 +211,13 @@ class IterationTime(NamedTuple):
 WORKER = "terra_bc-compile"  # the compile worker's thread (compiling.py names it)
 # What the calling thread does, innermost first: a compile runs inside a launch, which may
 # run inside a fetch (a traced iteration computing recorded values), inside an iteration.
-ACTIVITIES = ("compile", "launch", "fetch", "python", "worker compile")
+ACTIVITIES = ("compile", "launch", "fetch", "python", "worker compile", "device")
 COLORS = {"python": "#4c72b0", "tracing": "#8172b2", "launch": "#55a868", "compile": "#c44e52",
-          "fetch": "#dd8452", "worker compile": "#937860"}
+          "fetch": "#dd8452", "worker compile": "#937860", "device": "#64b5cd"}
 LANES = (("python", "Python (iteration)"), ("launch", "launch (dispatch)"),
          ("compile", "compile (calling thread)"), ("fetch", "fetch wait"),
-         ("worker compile", "compile (worker)"))
-_RANK = {"compile": 0, "launch": 1, "fetch": 2, "iteration": 3}
+         ("worker compile", "compile (worker)"), ("device", "segment running (device)"))
+_RANK = {"compile": 0, "launch": 1, "fetch": 2, "iteration": 3, "device": 4}
 
 
 def _outermost(spans):
