@@ -59,12 +59,8 @@ def next_event(it, kind, key, check=None, leaves=()):
 
 def paths_here(it):
     """This path, then the unit's other paths sharing its first ``it.pos`` events."""
-    cur, pos = it.path, it.pos
-    yield cur
-    last = cur.events[pos - 1] if pos else None
-    for path in it.unit.paths:
-        if path is not cur and (pos == 0 or len(path.events) >= pos and path.events[pos - 1] is last):
-            yield path
+    yield it.path
+    yield from it.path.others_sharing(it.unit.paths, it.pos)
 
 
 def bind(it, feeds):

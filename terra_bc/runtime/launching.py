@@ -26,7 +26,7 @@ from .values import MISS, NUMBER_TYPES, ArrayImpl, device_number
 
 _LIVE_REFS = 3  # sys.getrefcount(p) of a placeholder only it.live holds, inside alive()
 DONATE_MIN_BUFFER = 1 << 16  # smaller inputs are not checked (each check costs ~1 us)
-NONE = frozenset()  # (no input donated)
+NONE = frozenset()  # (no input donated, no effect happened)
 
 
 def alive(it):
@@ -100,7 +100,7 @@ def run(it, start, stop, outputs, required=None, later=None, final=False):
     ``final``: the iteration's last launch)."""
     unit = it.unit
     effects = it.path.recorder.effects_in(start, stop)
-    skip = frozenset(k for k in effects if k in it.effects_ran) if effects else frozenset()
+    skip = _happened(it, effects)
     entry = it.path.segment(start, stop, outputs, skip, required)
     seg = entry.segment
     if later is not None and not set(outputs).issubset(seg.outputs):  # (see LateValue)
@@ -151,7 +151,7 @@ def donatable(it, seg, args, later, final=False):
     only where they hold ``DONATE_MIN_BYTES`` at least (the donating executable is compiled
     once more).  Counted in ``buffers_donated``."""
     sizes, big, _ = input_bytes(seg)
-    if not settings["donate"] or not final and _shared(it):
+    if not settings["donate"] or not final and any(it.path.others_sharing(it.unit.paths, it.pos)):
         return NONE
     env, fed, inputs = it.env, {}, seg.inputs
     for k in big:
@@ -189,12 +189,9 @@ def input_bytes(seg):
     return found
 
 
-def _shared(it):
-    """Does another recorded path of the unit share this path's events so far?"""
-    cur, pos = it.path, it.pos
-    last = cur.events[pos - 1] if pos else None
-    return any(p is not cur and (pos == 0 or len(p.events) >= pos and p.events[pos - 1] is last)
-               for p in it.unit.paths)
+def _happened(it, effects):
+    """Those of the equations ``effects`` whose effects happened in ``it`` already."""
+    return frozenset(k for k in effects if k in it.effects_ran) if effects else NONE
 
 
 def _known(it, id):
@@ -256,10 +253,8 @@ def recover(it):
     if ids:
         rec = it.path.recorder
         stop = rec.mark()
-        skip = frozenset(k for k in rec.effects_in(0, stop) if k in it.effects_ran)
-        seg = rec.segment(ids, 0, stop, skip)
-        values = jaxpr_builder.evaluate_segment(seg, [it.env[i] for i in seg.inputs])
-        it.env.update(zip(seg.outputs, values))
+        seg = rec.segment(ids, 0, stop, _happened(it, rec.effects_in(0, stop)))
+        it.env.update(zip(seg.outputs, _evaluated(seg, it.env)))
     for p in held_now:
         p._val, p._rec = it.env[p._id], None
 
@@ -297,11 +292,17 @@ class LateValue:
             path = self.path
             path.escaping.add(self.id)
             seg = path.recorder.segment([self.id], 0, self.stop, pure=True)  # (effects ran)
-            gone = [i for i in seg.inputs if i not in self.env]
-            if gone:  # (an earlier launch of its iteration donated them: launching.donatable)
-                raise RuntimeError(
-                    f"terra_bc: a value of a past iteration cannot be computed: its inputs "
-                    f"{gone} were donated to a segment; run with TERRA_BC_DONATE=0")
-            self._value = jaxpr_builder.evaluate_segment(seg, [self.env[i] for i in seg.inputs])[0]
+            self._value = _evaluated(seg, self.env)[0]
             self.path = self.env = None
         return self._value
+
+
+def _evaluated(seg, env):
+    """``seg`` run op by op (no compile) on an iteration's values ``env`` (recover, and
+    LateValue): its inputs are the iteration's feeds and what its launches computed."""
+    gone = [i for i in seg.inputs if i not in env]
+    if gone:  # (an earlier launch of the iteration donated them: donatable)
+        raise RuntimeError(
+            f"terra_bc: a value of a past iteration cannot be computed: its inputs "
+            f"{gone} were donated to a segment; run with TERRA_BC_DONATE=0")
+    return jaxpr_builder.evaluate_segment(seg, [env[i] for i in seg.inputs])

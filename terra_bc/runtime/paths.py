@@ -101,6 +101,13 @@ class Path:
                 best = best or entry
         return None if compiled else best
 
+    def others_sharing(self, paths, pos):
+        """The paths among ``paths`` other than this one that share its first ``pos``
+        events (the same objects): where an iteration on this path may move at ``pos``."""
+        last = self.events[pos - 1] if pos else None
+        return (p for p in paths if p is not self
+                and (pos == 0 or len(p.events) >= pos and p.events[pos - 1] is last))
+
     def shared_prefix(self, other):
         """How many first events this path shares with ``other`` (the same objects)."""
         k, n = 0, min(len(self.events), len(other.events))
