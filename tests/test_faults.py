@@ -18,8 +18,11 @@ pytestmark = pytest.mark.usefixtures("loop_units_on")  # (conftest.py)
 
 @pytest.fixture(autouse=True)
 def fresh_units():
-    """Each test's loops start undecided (a unit a failure made eager is forgotten)."""
+    """Each test's loops start undecided (a unit a failure made eager is forgotten), and
+    compile afresh (an executable an earlier test cached for the same structure would let
+    an injected compile failure go unseen)."""
     terra_bc.reset()
+    jaxpr_builder.clear_compile_cache()
     yield
     terra_bc.reset()
 
