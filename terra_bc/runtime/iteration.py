@@ -161,9 +161,10 @@ class Iteration:
         """Python needs the value of ``ph`` (``kind``: the conversion): a fetch event."""
         counts["fetches"] += 1
         if journal.fetches or timeline.on:
-            return self._watched_fetch(ph, kind, convert)
-        value = convert(self._fetched(ph, kind))
-        if self.mode == TRACE:
+            value = self._watched_fetch(ph, kind, convert)
+        else:
+            value = convert(self._fetched(ph, kind))
+        if self.mode == TRACE:  # (what the traced path's branch decided on, for reports)
             tracing.note_fetched(self.path, value)
         return value
 
@@ -174,8 +175,6 @@ class Iteration:
                         self.unit.name, user_line(), ph._id, journal.aval_text(ph.aval), self.mode)
         t0 = time.perf_counter()
         value = convert(self._fetched(ph, kind))  # (Python waits here for the device)
-        if self.mode == TRACE:
-            tracing.note_fetched(self.path, value)
         if timeline.on:
             timeline.add(f"fetch ({kind}) v{ph._id}", "fetch", t0, self.mode)
         return value
