@@ -276,6 +276,79 @@ def test_a_jitted_function_among_other_ops_is_never_compiled_into_a_segment():
                             str(e.params.get("name")) for e in eqns)
 
 
+def test_a_jit_its_author_marked_inline_is_recorded_not_a_graph_break():
+    """optax's tree_bias_correction is ``jax.jit(..., inline=True)``: a piece meant for the
+    computation around it.  It is recorded as one op, and the step stays one segment (a
+    graph break there split each step in three)."""
+    correct = jax.jit(lambda m, decay, count: m / (1 - decay ** count), inline=True)
+
+    def run():
+        m, out = jnp.ones(4), []
+        for k in range(1, 10):
+            m = 0.9 * m + jnp.full(4, float(k))
+            out.append(float(jnp.sum(correct(m, 0.9, k))))
+        return out
+
+    want, got = on_and_off(run)
+    np.testing.assert_allclose(got, want, rtol=RTOL)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 6 and stats["eager_fallbacks"] == 0, stats
+    # (jnp.ones before the loop is eager; dispatched as a user's jit, 9 more would be)
+    assert stats["ops_eager"] <= 1, stats
+    assert not trace_rules.dispatched_as_is(correct)
+    assert trace_rules.dispatched_as_is(jax.jit(lambda m: m * 2))
+
+
+def test_eval_shape_of_the_same_function_over_the_same_data_is_reused():
+    """flax linen's Scope.param calls ``jax.eval_shape(lambda: init(key, *shape))`` for each
+    parameter at every apply: a new lambda over a new tuple.  Its shapes are found once and
+    reused while the function's code and what it closes over are the same; a changed
+    shape in the closure finds new shapes (and the values stay eager's)."""
+    def init(key, shape, dtype):
+        return jax.random.normal(key, shape, dtype)
+
+    def shapes_of(shape):
+        out = jax.eval_shape(lambda: init(jax.random.PRNGKey(0), shape, jnp.float32))
+        return out.shape
+
+    def run():
+        w, out = jnp.ones((3, 5)), []
+        for k in range(12):
+            shape = (3, 5) if k < 8 else (3, 6)
+            got = shapes_of(tuple(list(shape)))  # (a new tuple each turn, equal by value)
+            w = w * 0.5 + 1.0
+            out.append((got, float(jnp.sum(w))))
+        return out
+
+    want, got = on_and_off(run)
+    assert [s for s, _ in got] == [s for s, _ in want] == [(3, 5)] * 8 + [(3, 6)] * 4
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=RTOL)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 9 and stats["eager_fallbacks"] == 0, stats
+    assert 8 <= stats["shapes_reused"] <= 10, stats  # (found afresh when the shape changed)
+
+
+def test_the_eval_shape_key_tells_functions_and_data_apart():
+    from terra_bc.runtime.guards import traced_function_key as key
+
+    def make(scale, shape):
+        return lambda: jnp.zeros(shape) * scale
+    assert key(make(1, (2, 3)), (), {}) == key(make(1, (2, 3)), (), {})
+    assert key(make(1, (2, 3)), (), {}) != key(make(1, (2, 4)), (), {})
+    assert key(make(1, (2, 3)), (), {}) != key(make(2.0, (2, 3)), (), {})
+    assert key(make(1, (2, 3)), (), {}) != key(lambda: jnp.zeros((2, 3)), (), {})
+    assert key(jnp.sum, (), {}) is None or key(jnp.sum, (), {}) == key(jnp.sum, (), {})
+    assert key(make(1, [2, 3]), (), {}) != key(make(1, (2, 3)), (), {})
+    def double(x):
+        return x * 2
+    assert key(double, (jnp.ones(3),), {}) == key(double, (jnp.zeros(3),), {})  # (avals)
+    assert key(double, (jnp.ones(3),), {}) != key(double, (jnp.ones(4),), {})
+
+    def recursive():
+        return recursive  # (a function closing over itself)
+    assert key(recursive, (), {}) == key(recursive, (), {})
+
+
 def test_linen_module_sized_by_a_numpy_integer_coexecutes():
     """gymnasium's action_space.n is an np.int64; as a linen Dense's features, flax's
     Scope.param checks the parameter's shape with jax.eval_shape(lambda: init(key, shape))

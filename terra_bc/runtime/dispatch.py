@@ -12,14 +12,16 @@ import sys
 import types
 
 import jax
+from jax.tree_util import tree_leaves
 
 from .. import frames
 from ..counters import counts
 from ..jaxpr_builder import ArrayImpl, Id
-from . import autodiff, discovery
+from . import autodiff, discovery, guards
 from .context import EAGER, current, thread
 from .placeholders import AT_METHODS, METHODS, eager
 from .trace_rules import calls_given_function, code_of, grad_spec, is_api_wrapper, is_dl_op
+from .values import is_array
 
 
 try:  # what `x.at[i]` gives for a concrete x (jax 0.10.2 to 0.12)
@@ -47,6 +49,8 @@ def on_site(site, callee, *args, **kwargs):
             return autodiff.vjp(it, _python_or_one_op(args[0]), args[1:], **kwargs)
         if callee is jax.jvp and len(args) == 3 and not kwargs.keys() - {"has_aux"}:
             return autodiff.jvp(it, _python_or_one_op(args[0]), *args[1:], **kwargs)
+    if callee is jax.eval_shape and args and it.opaque_depth == 0 and it.mode != EAGER:
+        return _shapes(it, args, kwargs)
     if it.opaque_depth == 0:
         if (callee is jax.grad or callee is jax.value_and_grad) and len(args) == 1:
             return _gradient_function(it, callee, args, kwargs)
@@ -97,6 +101,25 @@ def _python_or_one_op(fun):
         return current().op(fun, args, kwargs)
     one_op.__wrapped__ = fun  # (its guard key is fun's: trace_rules.body_key)
     return one_op
+
+
+def _shapes(it, args, kwargs):
+    """``jax.eval_shape(f, ...)`` of no array of the iteration: the shapes found for the same
+    function over the same plain data in the last iteration serve again, as JAX's tracing
+    cache serves a jitted function (``guards.traced_function_key``).  Flax linen checks every
+    parameter's shape with one at every ``apply``; traced again, they were most of a small
+    network's step.  One given an array is an op of the iteration (skipped, guarded)."""
+    key = None
+    if not any(map(is_array, tree_leaves((args, kwargs)))):
+        key = guards.traced_function_key(args[0], args[1:], kwargs)
+    if key is None:
+        return it.op(jax.eval_shape, args, kwargs)
+    found = []  # (made afresh, not reused)
+    shapes = it.remember(("eval_shape", key),
+                         lambda: found.append(True) or it.op(jax.eval_shape, args, kwargs))
+    if not found:
+        counts["shapes_reused"] += 1
+    return shapes
 
 
 def _with_routed_function(utility, args, kwargs):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import operator
 import types
 
+import numpy as np
+
 from ..jaxpr_builder import Id
 from .events import (ComputedIn, FastSpec, FeedIn, PlaceholderIn, PlaceholderOut, StaticIn,
                      key_name)
@@ -72,6 +74,53 @@ def _plain_key(v):
     if type(v) is types.FunctionType:
         return function_key(v)
     return Id(v)
+
+
+def traced_function_key(f, args, kwargs):
+    """The key under which ``jax.eval_shape(f, *args, **kwargs)`` gives the same shapes
+    again (None if there is none): ``f``'s code, globals and defaults, and what it closes
+    over and is given by value where the value is plain data (flax's ``Scope.param`` checks
+    each parameter with ``eval_shape(lambda: init_fn(key, *init_args))``, a new lambda over
+    a new shape tuple at every call), arrays by their avals.  As JAX's tracing cache does
+    for jit, a function is taken to compute its shapes from these alone."""
+    if type(f) is not types.FunctionType:
+        return None
+    try:
+        key = (_traced_key(f), _traced_key(args), _traced_key(kwargs))
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _traced_key(v, depth=0):
+    t = type(v)
+    if t in (int, float, str, bool, complex, type(None)) or isinstance(v, np.dtype):
+        return (t, v)
+    if depth > _TRACED_KEY_DEPTH:  # (a function closing over itself)
+        return Id(v)
+    if t in (tuple, list):
+        return (t,) + tuple(_traced_key(x, depth + 1) for x in v)
+    if t is dict:
+        return (t,) + tuple((k, _traced_key(x, depth + 1)) for k, x in v.items())
+    if t is types.FunctionType:
+        cells = tuple(_traced_key(_cell_value(c), depth + 1) for c in v.__closure__ or ())
+        return (v.__code__, Id(v.__globals__), _traced_key(v.__defaults__, depth + 1),
+                _traced_key(v.__kwdefaults__, depth + 1), cells)
+    if is_array(v):
+        return ("array", t, aval_of(v))
+    return Id(v)
+
+
+_TRACED_KEY_DEPTH = 8
+_EMPTY_CELL = object()
+
+
+def _cell_value(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return _EMPTY_CELL
 
 
 def same_static(x, value):

@@ -100,11 +100,21 @@ def dispatched_as_is(callee):
     """A function the program jitted itself (``jax.jit`` of code outside JAX's sources: the
     user's step, a library's ``nnx.jit``/``filter_jit`` inner function): it is dispatched as
     JAX dispatches it, its executable from JAX's own cache, as a graph break.  Recorded, the
-    same computation would be compiled again inside each segment and each path holding it."""
+    same computation would be compiled again inside each segment and each path holding it.
+    A jit marked ``inline=True`` (optax's ``tree_bias_correction``) is a piece its author
+    meant to be inlined into the computation that calls it: it is recorded as one op, as a
+    ``jnp`` function is, and a graph break there would split every step's segment."""
     if type(callee).__name__ != "PjitFunction":
+        return False
+    if _inlined_by_jax(getattr(getattr(callee, "_jit_info", None), "inline", False)):
         return False
     code = code_of(getattr(callee, "__wrapped__", None))
     return code is not None and not code.co_filename.startswith(JAX_DIRS)
+
+
+def _inlined_by_jax(inline):
+    # jax 0.10: a bool; 0.12: jax.Inline, AUTO by default, JAX_LATE for inline=True.
+    return inline is True or str(getattr(inline, "value", "")).startswith("jax_")
 
 
 def is_api_wrapper(callee):
