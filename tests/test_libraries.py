@@ -247,7 +247,16 @@ def test_a_step_the_user_jitted_is_not_compiled_again():
     np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=RTOL)
     stats = terra_bc.stats()
     assert stats["iterations_coexecuted"] >= 7 and stats["ops_eager"] >= 7, stats
-    assert stats["compiles"] == 0, stats
+    # (jnp.ones((2, 4)) * k is the unit's one segment; the jitted step is never in one)
+    assert stats["compiles"] <= 1, stats
+    assert not _segments_holding_a_jitted_lambda()
+
+
+def _segments_holding_a_jitted_lambda():
+    from terra_bc.runtime.units import all_units
+    return [e for u in list(all_units) for p in u.paths for entry in p.segments.values()
+            for e in entry.segment.jaxpr.eqns
+            if str(e.primitive) in ("jit", "pjit") and "<lambda>" in str(e.params.get("name"))]
 
 
 def test_a_jitted_function_among_other_ops_is_never_compiled_into_a_segment():
@@ -270,10 +279,8 @@ def test_a_jitted_function_among_other_ops_is_never_compiled_into_a_segment():
     np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=RTOL)
     stats = terra_bc.stats()
     assert stats["iterations_coexecuted"] >= 9 and stats["eager_fallbacks"] == 0, stats
-    eqns = [e for u in list(all_units) for p in u.paths for entry in p.segments.values()
-            for e in entry.segment.jaxpr.eqns]
-    assert eqns and not any(str(e.primitive) in ("jit", "pjit") and "<lambda>" in
-                            str(e.params.get("name")) for e in eqns)
+    assert any(p.segments for u in list(all_units) for p in u.paths)
+    assert not _segments_holding_a_jitted_lambda()
 
 
 def test_a_jit_its_author_marked_inline_is_recorded_not_a_graph_break():

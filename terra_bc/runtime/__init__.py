@@ -42,7 +42,7 @@ from .events import OpEvent
 from .explain import explain
 from .iteration import Iteration
 from .paths import Path
-from .placeholders import STAND_IN, Placeholder
+from .placeholders import STAND_IN, Placeholder, route_array_operators
 from .settings import settings
 from .tools import on_watched
 from .trace_rules import is_dl_op
@@ -56,12 +56,14 @@ __all__ = ["config", "diff", "explain", "function", "reset", "set_functions", "s
 def install():
     """Tell the C extension where routed DL-op calls go, what a DL op is, what an
     iteration does when a tool starts watching, and the classes and objects its fast path
-    reads (again after a reload: the classes are new)."""
+    reads (again after a reload: the classes are new); route a jax.Array's operators
+    inside an iteration (``placeholders.route_array_operators``)."""
     _hook.set_routing(on_site, is_dl_op)
     _hook.set_watch_handler(on_watched)
     _hook.set_fast_path({"placeholder": Placeholder, "event": OpEvent, "iteration": Iteration,
                          "path": Path, "array": ArrayImpl, "stand_in": STAND_IN,
                          "coexec": COEXEC, "miss": MISS})
+    route_array_operators(ArrayImpl)
 
 
 install()

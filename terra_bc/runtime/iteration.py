@@ -27,6 +27,7 @@ from .context import COEXEC, EAGER, TRACE
 from .events import FetchEvent
 from .guards import callee_key
 from .placeholders import Placeholder, concrete, eager
+from .trace_rules import builds_array_from
 from .values import MISS, arrays_in, is_array, user_line
 
 
@@ -115,11 +116,13 @@ class Iteration:
             out = _hook.fast_op(self, fn, args, kwargs)
             if out is not MISS:
                 return out
-        if not any(map(is_array, tree_leaves((args, kwargs)))):
-            # No array in: a constructor (jnp.zeros, PRNGKey), a transform being made
-            # (jax.grad(f)) or one that traces a function of no array of ours
-            # (jax.eval_shape(lambda: init(key, shape)) in flax); run it as an opaque op,
-            # whose inner calls are JAX's.  An array it makes enters later ops as a feed.
+        leaves = tree_leaves((args, kwargs))
+        if not any(map(is_array, leaves)) and not builds_array_from(fn, leaves):
+            # No array in, and not an array made from plain data (jnp.zeros(shape) is an
+            # op: trace_rules.builds_array_from): a transform being made (jax.grad(f)), a
+            # constructor of other kinds (PRNGKey(seed)) or one that traces a function of
+            # no array of ours; run it as an opaque op, whose inner calls are JAX's.  An
+            # array it makes enters later ops as a feed.
             self.opaque_depth += 1
             try:
                 return fn(*args, **kwargs)

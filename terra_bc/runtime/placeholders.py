@@ -23,7 +23,7 @@ from .. import _hook
 from ..jaxpr_builder import Recorder, RecTracer, evaluate_segment
 from ..counters import counts
 from ..jaxpr_builder import several_devices
-from .context import current
+from .context import EAGER, current
 
 
 class _StandIn(jax.core.Trace):
@@ -280,6 +280,9 @@ def hide_from_tools(cls):
             setattr(cls, name, _hook.Unseen(attr))
 
 
+ARITHMETIC = {}  # "__mul__" -> the callable a placeholder's (and an array's) x * y records
+
+
 def install_methods(cls):
     """Give ``cls`` (Placeholder) its operators, array properties and methods.  Returns the
     callables its arithmetic operators record: Python numbers given to those are fed, not
@@ -300,12 +303,42 @@ def install_methods(cls):
         setattr(cls, name, _property_of(ATTRS[name]))
     for name in METHOD_NAMES:
         setattr(cls, name, _method_of(METHODS[name], name))
+    ARITHMETIC.update(arithmetic)
     fed_operands = frozenset(arithmetic.values())
     STABLE.update(fed_operands)
     return fed_operands
 
 
 OPERATORS = install_methods(Placeholder)  # (see Iteration tracing: operands fed)
+
+
+def route_array_operators(cls):
+    """A concrete array's arithmetic operators (``cls``: jax.Array's implementation) inside
+    an iteration are ops of it, as a placeholder's are: ``0.9 * mu`` is then one event
+    whether ``mu`` is the array a loop's first turn starts from or a past iteration's
+    placeholder (which hands its operators to its value), recorded and skipped like any
+    op.  Left to JAX, such an operator ran eagerly at every turn, its result fed to the
+    graph (an optimizer's moments: a sixth of an optax step).  Outside an iteration, inside
+    an op JAX runs (``opaque_depth``: JAX's own code on arrays) or in an iteration run
+    eagerly, the operator is JAX's, unchanged."""
+    for name, fn in ARITHMETIC.items():
+        own = getattr(cls, name, None)
+        if own is None or getattr(own, "_terra_bc_routed", False):
+            continue
+        setattr(cls, name, _routed(fn, own))
+
+
+def _routed(fn, own):
+    def operator_method(self, *args):
+        it = current()
+        if it is None or it.opaque_depth or it.mode == EAGER:
+            return own(self, *args)
+        return it.op(fn, (self,) + args, {})
+    operator_method.__name__ = operator_method.__qualname__ = own.__name__
+    operator_method._terra_bc_routed = True
+    return _hook.Unseen(operator_method)
+
+
 for _cls in (Placeholder, _At, _AtIndex):
     hide_from_tools(_cls)
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
+import numpy as np
 
 JAX_DIRS = (os.path.dirname(jax.__file__) + os.sep,)
 # JAX functions that read only dtypes, shapes and types (what a placeholder carries as it
@@ -115,6 +116,28 @@ def dispatched_as_is(callee):
 def _inlined_by_jax(inline):
     # jax 0.10: a bool; 0.12: jax.Inline, AUTO by default, JAX_LATE for inline=True.
     return inline is True or str(getattr(inline, "value", "")).startswith("jax_")
+
+
+# Functions that make an array from Python data alone (jnp.array(1, jnp.int32), jnp.zeros
+# (shape), jnp.arange(n)): given no array, they are still ops of the iteration, recorded
+# and skipped, their numbers guarded (optax's safe_increment makes two per step; run
+# eagerly at every step they were a sixth of an Adam step).
+ARRAY_BUILDER_FILES = tuple(os.sep + os.path.join("numpy", f)
+                            for f in ("array_constructors.py", "array_creation.py"))
+ARRAY_BUILDER_NAMES = frozenset({"arange", "eye", "identity", "tri"})
+PLAIN_DATA = frozenset({int, float, bool, complex, str, type(None)})
+
+
+def builds_array_from(callee, leaves):
+    """Is ``callee(*leaves)`` an array made from plain Python data (numbers, shapes,
+    dtypes) by one of JAX's array constructors?"""
+    if not all(type(x) in PLAIN_DATA or isinstance(x, (type, np.dtype)) for x in leaves):
+        return False
+    code = code_of(callee)
+    if code is None or not code.co_filename.startswith(JAX_DIRS):
+        return False
+    return code.co_filename.endswith(ARRAY_BUILDER_FILES) or (
+        code.co_name in ARRAY_BUILDER_NAMES and code.co_filename.endswith("lax_numpy.py"))
 
 
 def is_api_wrapper(callee):
