@@ -127,7 +127,13 @@ def run(it, start, stop, outputs, required=None, later=None, final=False):
             dead = donatable(it, seg, args, later, final)
         for k in dead:  # (nothing reads them again: let go of them as the segment runs)
             del env[seg.inputs[k]]
-        values = compiling.run(it, entry, args, dead)
+        # (A callback's Python that runs while the segment does is the program's own, run
+        # as eager JAX runs it: its array operators are not ops of this iteration.)
+        it.opaque_depth += 1
+        try:
+            values = compiling.run(it, entry, args, dead)
+        finally:
+            it.opaque_depth -= 1
         del args
     if pacing.needed():
         pacing.launched(values)

@@ -90,7 +90,10 @@ class Placeholder(jax.core.Tracer):
 
     # Conversions: each is a fetch of the iteration (see Iteration.fetch).
     def __array__(self, dtype=None, copy=None):
-        return self._fetch("array", lambda v: np.asarray(v, dtype=dtype))
+        # (np.array(x) asks for a copy and takes what comes back as one: a writable array,
+        # as a jax.Array gives; np.asarray(x) takes the device buffer's read-only view)
+        return self._fetch("array", lambda v: np.array(v, dtype=dtype) if copy else
+                           np.asarray(v, dtype=dtype))
 
     def __bool__(self):
         return self._fetch("bool", lambda v: bool(v))
