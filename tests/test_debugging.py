@@ -80,7 +80,7 @@ W = jnp.ones((64, 64))
 
 def test_a_shape_change_is_journaled_with_the_op_expected_and_the_op_python_ran():
     def step(n):
-        x = jnp.ones((n, 64))
+        x = np.ones((n, 64), np.float32)  # (jnp.ones((n, 64)) would be the op that diverges)
         return jnp.sum(jnp.matmul(x, W))  # (the op that diverges)
     step = terra_bc.function(step)
     for n in (32, 32, 16):
