@@ -191,3 +191,47 @@ def test_early_launch_gives_the_values_of_a_launch_at_the_fetch(early):
     s = terra_bc.stats()
     assert s["iterations_coexecuted"] >= 9, s
     assert (s["early_launches"] > 0) == early, s
+
+
+def test_operators_on_the_array_a_loop_starts_from_are_ops_of_its_turns():
+    """``ema = 0.9 * ema + 0.1 * x``: in the first turn ``ema`` is the array made before the
+    loop, later a past turn's value.  Both turns record the same events (one path), the
+    operators are skipped like other ops (none runs eagerly), and the values are eager's;
+    the same operators outside any loop stay JAX's own."""
+    def run():
+        ema, mom, out = jnp.zeros(8), jnp.ones(8), []
+        rng = np.random.default_rng(5)
+        for step in range(12):
+            x = jnp.asarray(rng.normal(size=8), jnp.float32)
+            ema = 0.9 * ema + 0.1 * x
+            mom = mom * 0.5 - ema / 2.0
+            out.append(float(jnp.sum(ema * mom)))
+        return out, ema, mom
+
+    want = run()
+    terra_bc.reset()
+    got = hooked(run)
+    np.testing.assert_allclose(got[0], want[0], rtol=RTOL, atol=ATOL)
+    for g, w in zip(got[1:], want[1:]):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=RTOL, atol=ATOL)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 10 and stats["eager_fallbacks"] == 0, stats
+    assert stats["paths_recorded"] == 1 and stats["divergences"] == 0, stats
+    # (asarray, 0.9 * ema, 0.1 * x, +, mom * 0.5, ema / 2.0, -, ema * mom, sum: all skipped)
+    assert stats["ops_skipped"] >= 9 * stats["iterations_coexecuted"], stats
+    plain = jnp.ones(3) * 2.0 + jnp.ones(3)
+    assert type(plain) is type(jnp.ones(3)) and float(jnp.sum(plain)) == 9.0
+
+
+def test_np_array_of_a_value_is_a_writable_copy_as_of_a_jax_array():
+    def run():
+        v = jnp.zeros(3)
+        for step in range(4):
+            v = v + 1.0
+        return v
+
+    want, got = run(), hooked(run)
+    a, b = np.array(want), np.array(got)
+    assert a.flags.writeable and b.flags.writeable
+    b[0] = 7.0  # (a copy: the value itself is unchanged)
+    assert float(got[0]) == 4.0 and np.asarray(got).tolist() == np.asarray(want).tolist()
