@@ -256,13 +256,35 @@ def recover(it):
     are not repeated), and settle them.  An error here is the program's own."""
     held_now = [p for p in alive(it) if p._val is None]
     ids = tuple(sorted({p._id for p in held_now if p._id not in it.env}))
+    failed = None
     if ids:
         rec = it.path.recorder
         stop = rec.mark()
         seg = rec.segment(ids, 0, stop, _happened(it, rec.effects_in(0, stop)))
-        it.env.update(zip(seg.outputs, _evaluated(seg, it.env)))
+        try:
+            it.env.update(zip(seg.outputs, _evaluated(seg, it.env)))
+        except Exception as error:  # (the program's: a callback that raises, as eagerly)
+            failed = error
+            _evaluate_without_effects(it, ids, stop)
     for p in held_now:
-        p._val, p._rec = it.env[p._id], None
+        if p._id in it.env:
+            p._val, p._rec = it.env[p._id], None
+    if failed is not None:
+        raise failed
+
+
+def _evaluate_without_effects(it, ids, stop):
+    """After the program's error in ``recover``: the held values that need no effect's
+    result (``x = x * 1.3`` after a callback that raised) are computed all the same, so
+    the names Python bound in that turn hold values, as after a jitted step that raised;
+    one that needs a callback's result is left without."""
+    rec = it.path.recorder
+    for id in ids:
+        try:
+            seg = rec.segment([id], 0, stop, pure=True)
+            it.env.update(zip(seg.outputs, _evaluated(seg, it.env)))
+        except Exception:  # noqa: BLE001 (no value: reading it raises terra_bc's clear error)
+            pass
 
 
 def settle(it, alive_now=None):
