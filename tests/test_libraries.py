@@ -283,6 +283,36 @@ def test_a_jitted_function_among_other_ops_is_never_compiled_into_a_segment():
     assert not _segments_holding_a_jitted_lambda()
 
 
+def test_a_jit_wrapper_made_afresh_each_turn_is_the_same_callee():
+    """``jax.jit(loss)(w, x)`` and ``jax.jit(jax.grad(loss))`` written inside the loop make
+    new wrappers every turn; JAX reuses its executable for them (same function, same
+    options), and so do the unit's paths: one path after the first changed number, where
+    identity made a new path every turn and the unit fall back to eager."""
+    def loss(w, x):
+        return jnp.sum((x @ w) ** 2)
+
+    def run():
+        w, out = jnp.ones((4, 2)), []
+        for k in range(10):
+            x = jnp.full((3, 4), k / 10.0)
+            g = jax.jit(jax.grad(loss))(w, x)
+            v = jax.jit(loss)(w, x)
+            w = w - 0.01 * g
+            out.append(float(v))
+        return out, w
+
+    want, got = on_and_off(run)
+    np.testing.assert_allclose(got[0], want[0], rtol=RTOL)
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=RTOL)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 8 and stats["eager_fallbacks"] == 0, stats
+    assert stats["divergences"] <= 1 and stats["paths_recorded"] <= 2, stats
+    from terra_bc.runtime.guards import same_callee
+    assert same_callee(jax.jit(loss), jax.jit(loss))
+    assert not same_callee(jax.jit(loss), jax.jit(loss, static_argnums=1))
+    assert not same_callee(jax.jit(loss), jax.jit(lambda w, x: loss(w, x)))
+
+
 def test_a_jit_its_author_marked_inline_is_recorded_not_a_graph_break():
     """optax's tree_bias_correction is ``jax.jit(..., inline=True)``: a piece meant for the
     computation around it.  It is recorded as one op, and the step stays one segment (a
