@@ -548,10 +548,18 @@ class Recorder:
         return self
 
     def __exit__(self, *exc):
-        self._trace.active = False
-        self._trace.ran_effects = None
         ctx, self._ctx = self._ctx, None
-        ctx.__exit__(*exc)
+        trace = self._trace
+        if trace is None or ctx is None:  # (never entered, or left already)
+            return False
+        trace.active = False
+        trace.ran_effects = None
+        with take_current_trace() as current:
+            pass
+        if current is trace or current is not trace.parent:
+            ctx.__exit__(*exc)
+        # (else an interrupt came in __enter__ before its trace was made current: the
+        # parent is current, as it must be once this recording is left)
         return False
 
     def _live(self):

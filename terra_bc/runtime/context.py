@@ -70,6 +70,26 @@ def close_iteration(it):
         _hook.set_route_always(True)
 
 
+def cut_short(error):
+    """Can ``error`` have stopped terra_bc's own code half-way through a step of an iteration
+    (an op being matched, a launch, a divergence)?  An asynchronous exception can come at
+    any bytecode (the ``KeyboardInterrupt`` a signal handler raises, ``SystemExit``), and
+    ``MemoryError`` at any allocation.  Other errors are raised where the runtime expects
+    them and leave the iteration consistent (a program's error, JAX refusing an op)."""
+    return not isinstance(error, Exception) or isinstance(error, MemoryError)
+
+
+def leaving(error):
+    """``error`` leaves terra_bc's code for the program's (a routed call, an operator, a
+    fetch of a placeholder): if it may have cut a step of the open iteration short, the
+    iteration runs its rest eagerly (``Iteration.abort``).  Only at the outermost such
+    call: inside an op JAX runs itself or a function being differentiated, the caller
+    that routed it does this once the error reaches it."""
+    it = current()
+    if it is not None and not it.opaque_depth and not it.grad_depth and cut_short(error):
+        it.abort(error)
+
+
 def plain_trace(recording=None):
     """Is the current JAX trace the one this thread runs ops under: ``recording``'s (an
     iteration that is tracing), else the eager one?  Not so while JAX transforms user code

@@ -40,15 +40,35 @@ def on_loop(mark, token, exiting):
     an exception).  ``mark``: the ``for`` loop's LoopMark (``token``: its LoopIter) or the
     ``while`` loop's LoopHead (``token``: its frame).  Returns whether an iteration is open
     for this loop afterwards, or the program's own error met ending the last turn's
-    iteration (a callback that raised, see Unit.end), which the loop raises where it turns
-    (see ``_hook.c``); a failure of terra_bc's own is never the loop's exception."""
+    iteration (a callback that raised, see Unit.end) or an interrupt (the KeyboardInterrupt
+    a signal handler raised while this ran), which the loop raises where it turns (see
+    ``_hook.c``); a failure of terra_bc's own is never the loop's exception.  After any
+    error no turn of this loop is left open: C takes none to be."""
     try:
         return _on_loop(mark, token, exiting)
-    except Exception as error:
-        if error is not thread.program_error:
+    except BaseException as error:
+        _close_turn(mark, token)
+        if isinstance(error, Exception) and error is not thread.program_error:
             raise
         thread.program_error = None
         return error
+
+
+def _close_turn(mark, token):
+    """After an error in on_loop: the turn of this loop still open (the error came before it
+    ended), or an iteration opened for it that is not its turn yet (it came in between),
+    ends as a turn that did not complete.  Best effort: the error at hand is the one that
+    goes on (a second interrupt here is the program's too)."""
+    try:
+        turn = thread.loop
+        if turn is not None and turn.mark is mark and turn.token == token:
+            _end_turn(ok=False)
+        it = context.current()
+        if it is not None and it.unit.mark is mark and (thread.loop is None
+                                                         or thread.loop.iteration is not it):
+            it.unit.end(it, ok=False)
+    except Exception:
+        pass
 
 
 def _on_loop(mark, token, exiting):

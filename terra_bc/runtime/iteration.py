@@ -234,6 +234,32 @@ class Iteration:
         self.path, self.mode, self.fork_stop, self.left = new, TRACE, stop, old
         self.start_recording()
 
+    def abort(self, error):
+        """``error`` stopped terra_bc's own code in this iteration, maybe half-way through a
+        step (``context.cut_short``: an interrupt, a MemoryError), and now passes to the
+        program: the rest of the iteration runs eagerly.  Nothing the runtime was preparing
+        is trusted: the values Python holds are computed op by op from the recording and
+        the feeds (``launching.recover``, as eager JAX computes them), later ops are plain
+        JAX calls, and no path is kept from it.  The unit is left as it was: its next
+        iteration co-executes.  Safe to call again (a second interrupt: best effort)."""
+        if self.mode == EAGER and self.recording is None:
+            return
+        traced, recording = self.mode == TRACE, self.recording
+        self.mode, self.recording = EAGER, None
+        try:
+            if recording is not None:
+                recording.__exit__(None, None, None)
+            launching.recover(self, traced)
+        except Exception as failed:  # (its values are lost: reading one raises, see concrete)
+            journal.fallback(self.unit, f"computing the values an interrupted iteration held "
+                             f"failed ({type(failed).__name__}: {failed})")
+        finally:
+            if traced:
+                self.path.recorder.compute_values(None)
+        counts["eager_fallbacks"] += 1
+        journal.fallback(self.unit, f"{type(error).__name__} stopped terra_bc's work in an "
+                         "iteration (the rest ran eagerly)")
+
     def _note_divergence(self, failed, then):
         """The journal's record of a divergence here; returns the user's line."""
         unit, where = self.unit, user_line()

@@ -244,19 +244,28 @@ def value(it, id, stop):
     return it.env[id]
 
 
-def recover(it):
-    """After a failed launch: compute the values of ``it`` that Python holds op by op from
+def recover(it, traced=False):
+    """After a failed launch, or a step of terra_bc's own that did not finish (an interrupt
+    came, see Iteration.abort): compute the values of ``it`` that Python holds op by op from
     its recording and feeds, as eager JAX would (no compile; effects that happened already
-    are not repeated), and settle them.  An error here is the program's own."""
+    are not repeated), and settle them.  Nothing else the iteration prepared (segments,
+    what they computed, where it is on its path) is needed.  ``traced``: it was tracing, so
+    the tracers recorded abstractly that Python holds itself get their values too.  An
+    error here is the program's own."""
+    env, rec = it.env, it.path.recorder
     held_now = [p for p in alive(it) if p._val is None]
-    ids = tuple(sorted({p._id for p in held_now if p._id not in it.env}))
+    want = {p._id for p in held_now}
+    if traced:
+        want |= held(it) & {t.id for t in rec.unvalued()}
+    ids = tuple(sorted(i for i in want if i not in env and not _known(it, i)))
     if ids:
-        rec = it.path.recorder
         stop = rec.mark()
         seg = rec.segment(ids, 0, stop, _happened(it, rec.effects_in(0, stop)))
-        it.env.update(zip(seg.outputs, _evaluated(seg, it.env)))
+        env.update(zip(seg.outputs, _evaluated(seg, env)))
     for p in held_now:
-        p._val, p._rec = it.env[p._id], None
+        p._val, p._rec = env[p._id], None
+    if traced:
+        give_values(it)
 
 
 def settle(it, alive_now=None):

@@ -57,6 +57,7 @@ class Unit:
         self.fallbacks_noted = set()  # eager reasons journaled (each once: journal.fallback)
         self.busy = threading.Lock()  # held while an iteration of it is open (any thread)
         self.holder = None      # the thread holding busy
+        self.taker = None       # the thread that last tried to take it (see untake)
         self.copies = {}        # thread id -> that thread's copy (see claim)
         self.origin = None      # the unit this one is a thread's copy of
 
@@ -152,6 +153,11 @@ class Unit:
         me = threading.get_ident()
         own = self.copies.get(me)
         if own is None:
+            if self.holder == me:
+                # Held by this thread, with no iteration open in it (none is, where a unit is
+                # claimed): an interrupt came before the last one released it.  Still ours.
+                return self
+            self.taker = me  # (see untake)
             if self.busy.acquire(blocking=False):
                 self.holder = me
                 return self
@@ -166,10 +172,22 @@ class Unit:
             self.holder = None
             self.busy.release()
 
+    def untake(self):
+        """``claim`` was cut short (an interrupt can come between taking the lock and
+        noting the holder): this thread gives back the lock it may have taken."""
+        if self.holder is None and self.taker == threading.get_ident() and self.busy.locked():
+            self.busy.release()
+
     def begin(self, args, kwargs):
         """Open an iteration in this thread; returns it and the arguments to run it with.
         The iteration's unit is this one or this thread's copy of it (``claim``)."""
-        unit = self.claim()
+        try:
+            unit = self.claim()
+        except BaseException:
+            for unit in (self, self.copies.get(threading.get_ident())):
+                if unit is not None:
+                    unit.untake()
+            raise
         try:
             return unit._begin(args, kwargs)
         except BaseException:
@@ -195,7 +213,6 @@ class Unit:
     def end(self, it, ok, abandon=False):
         """Close ``it``; ``abandon``: the unit is not the repeating level after all (a loop
         inside it is): what it recorded runs eagerly and no path is kept."""
-        context.close_iteration(it)  # (routing everywhere from now on: see there)
         try:
             self._end(it, ok, abandon)
         finally:
@@ -204,11 +221,20 @@ class Unit:
             self.release()  # (after finishing: that launches and keeps paths)
 
     def _end(self, it, ok, abandon):
-        self.memo = it.memo
         try:
+            context.close_iteration(it)  # (routing everywhere from now on: see there)
+            self.memo = it.memo
             it.finish(ok, abandon)
         except Exception as error:
             self._failed_at_end(it, ok, error)
+        except BaseException as error:
+            # An interrupt (the KeyboardInterrupt a signal handler raised) cut the end short,
+            # anywhere in it: the program's own, raised once what Python holds has its value,
+            # computed op by op (it was raised unseen, and values were lost, before).
+            context.close_iteration(it)
+            it.abort(error)
+            it.let_go()
+            raise
         if it.started and timeline.on:
             timeline.add(f"iteration of {self.name}", "iteration", it.started, it.mode)
         # Tracing costs more than eager: a unit that keeps making new paths makes no more;
@@ -232,7 +258,7 @@ class Unit:
             launching.recover(it)
         except Exception as program_error:
             if ok:
-                if self.fn is None:  # a loop's: its loop raises it (discovery.on_loop)
+                if self.mark is not None:  # a loop's: its loop raises it (discovery.on_loop)
                     context.thread.program_error = program_error
                 raise
 
