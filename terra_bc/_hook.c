@@ -358,23 +358,62 @@ terra_interrupted(void)
 
 /* handler(*args) for the loop, call and watch handlers: never seen by a tool, and a
  * failure is reported (report_error: it must not become the user's exception where it is
- * terra_bc's own).  Steals args (NULL: building them failed). */
+ * terra_bc's own).  Steals args (NULL: building them failed).
+ *
+ * An interrupt can come as the handler begins (its first instruction runs the signal's
+ * handler), before it did anything: the handler then cannot have left a turn or an
+ * iteration consistent, so it is run once more, and the interrupt is handed to the caller
+ * in *interrupt (a new reference), which raises it where the program can get it.  (Once
+ * begun, the handlers catch an interrupt themselves: discovery.on_loop returns it.) */
 static PyObject *
-call_quietly(PyObject *handler, PyObject *args)
+call_quietly_taking(PyObject *handler, PyObject *args, PyObject **interrupt)
 {
     PyObject *r = NULL;
+    *interrupt = NULL;
     if (args != NULL) {
         PyThreadState *ts = PyThreadState_GET();
         int hidden = watched(ts, NULL);
         if (hidden)
             hide_begin(ts);
         r = PyObject_Call(handler, args, NULL);
+        if (r == NULL && !PyErr_ExceptionMatches(PyExc_Exception)) {
+            PyObject *type, *tb;
+            PyErr_Fetch(&type, interrupt, &tb);
+            PyErr_NormalizeException(&type, interrupt, &tb);
+            if (tb != NULL && *interrupt != NULL)
+                PyException_SetTraceback(*interrupt, tb);
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+            r = PyObject_Call(handler, args, NULL);
+        }
         if (hidden)
             hide_end(ts);
         Py_DECREF(args);
     }
     if (r == NULL)
         report_error(handler);
+    return r;
+}
+
+/* The interrupt call_quietly_taking handed over, where the program cannot get it now (a
+ * loop's iterator being freed, another exception unwinding): raised as soon as the main
+ * thread's Python runs again (report_error).  Steals it. */
+static void
+raise_later(PyObject *interrupt)
+{
+    if (interrupt != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(interrupt), interrupt);
+        Py_DECREF(interrupt);
+        report_error(loop_handler);
+    }
+}
+
+static PyObject *
+call_quietly(PyObject *handler, PyObject *args)
+{
+    PyObject *interrupt;
+    PyObject *r = call_quietly_taking(handler, args, &interrupt);
+    raise_later(interrupt);
     return r;
 }
 
@@ -803,21 +842,31 @@ loop_left(LoopIterObject *it)
 
 /* The loop handler's answer r (stolen): is an iteration open now (*open)?  Returns -1 with
  * the error set where r is an exception: the program's own error, met ending the turn's
- * iteration (a callback that raised), which the loop raises where it turns.  A failure of
- * the handler itself (r NULL, reported as unraisable) must not become the loop's. */
+ * iteration (a callback that raised), which the loop raises where it turns; so is an
+ * `interrupt` (stolen) that came as the handler began (call_quietly_taking; the program's
+ * error it may also have met is then reported).  A failure of the handler itself (r NULL,
+ * reported as unraisable) must not become the loop's. */
 static int
-loop_answer(PyObject *r, int *open)
+loop_answer(PyObject *r, PyObject *interrupt, int *open)
 {
     *open = 0;
-    if (r == NULL)
-        return 0;
-    if (PyExceptionInstance_Check(r)) {
+    if (r != NULL && PyExceptionInstance_Check(r)) {
+        if (interrupt == NULL) {
+            PyErr_SetObject((PyObject *)Py_TYPE(r), r);
+            Py_DECREF(r);
+            return -1;
+        }
         PyErr_SetObject((PyObject *)Py_TYPE(r), r);
-        Py_DECREF(r);
+        PyErr_WriteUnraisable(loop_handler);
+    }
+    else if (r != NULL)
+        *open = PyObject_IsTrue(r) > 0;
+    Py_XDECREF(r);
+    if (interrupt != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(interrupt), interrupt);
+        Py_DECREF(interrupt);
         return -1;
     }
-    *open = PyObject_IsTrue(r) > 0;
-    Py_DECREF(r);
     return 0;
 }
 
@@ -826,9 +875,10 @@ loop_answer(PyObject *r, int *open)
 static int
 notify_loop(LoopIterObject *it, int exiting)
 {
-    PyObject *r = call_quietly(loop_handler, Py_BuildValue(
-        "(OKi)", (PyObject *)it->mark, (unsigned long long)(uintptr_t)it, exiting));
-    return loop_answer(r, &it->open);
+    PyObject *interrupt;
+    PyObject *r = call_quietly_taking(loop_handler, Py_BuildValue(
+        "(OKi)", (PyObject *)it->mark, (unsigned long long)(uintptr_t)it, exiting), &interrupt);
+    return loop_answer(r, interrupt, &it->open);
 }
 
 /* The program's error where the loop cannot raise it (its iterator is being freed, or
@@ -1019,10 +1069,11 @@ notify_head(LoopHeadObject *head, void *frame, int exiting)
 {
     PyObject *type, *val, *tb;
     PyErr_Fetch(&type, &val, &tb);
-    PyObject *r = call_quietly(loop_handler, Py_BuildValue(
-        "(OKi)", (PyObject *)head, (unsigned long long)(uintptr_t)frame, exiting));
+    PyObject *interrupt;
+    PyObject *r = call_quietly_taking(loop_handler, Py_BuildValue(
+        "(OKi)", (PyObject *)head, (unsigned long long)(uintptr_t)frame, exiting), &interrupt);
     int open = 0;
-    int failed = loop_answer(r, &open);
+    int failed = loop_answer(r, interrupt, &open);
     if (failed && type != NULL) {
         unraisable_program_error();
         failed = 0;

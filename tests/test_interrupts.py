@@ -12,11 +12,15 @@ catch every interrupt that fired (none lost, none extra), and leave no iteration
 unit held.  Which delays land where depends on the machine's speed; what is asserted holds
 for every one of them."""
 import _thread
+import ast
+import functools
 import gc
+import inspect
 import itertools
 import random
 import signal
 import sys
+import textwrap
 import threading
 import time
 
@@ -107,13 +111,16 @@ def _swallowed_there(frame):
     """Would an exception raised in ``frame`` be lost, or break JAX, with or without
     terra_bc?  CPython reports one raised in a garbage collector callback or a finalizer
     as unraisable (JAX's gc callback runs at any allocation); JAX 0.12's caches turn one
-    raised while comparing or hashing their keys into a ValueError; and JAX 0.12's trace
+    raised while comparing or hashing their keys into a ValueError; some of JAX's code
+    catches everything (a bare ``except:`` that does not raise again); and JAX 0.12's trace
     context is not interrupt-safe (``take_current_trace`` sets no trace, and an exception
     raised before its ``__exit__`` has put the previous one back leaves none: every later
     op fails).  The interrupt goes to the program a moment later instead."""
     code = frame.f_code
     if code.co_filename.replace("\\", "/").endswith("jax/_src/core.py") \
             and code.co_name in ("set_trace", "__enter__", "__exit__"):
+        return True
+    if any(_swallows(f.f_code, f.f_lineno) for f in _jax_frames(frame)):
         return True
     inner = frame  # (and the frames of JAX's own around it: a property __eq__ reads)
     while inner is not None:
@@ -122,14 +129,53 @@ def _swallowed_there(frame):
         inner = inner.f_back
         if inner is not None and "/jax/" not in inner.f_code.co_filename:
             break
-    codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
     while frame is not None:
-        code = frame.f_code
-        if code in codes or code.co_name == "__del__" \
-                or code.co_filename.endswith(("weakref.py", "_weakrefset.py")):
-            return True  # (a weakref's callback: WeakKeyDictionary's `remove`)
+        if _a_callback(frame.f_code):
+            return True
+        if frame.f_code.co_name == "transform" and frame.f_code.co_filename.endswith(
+                "frames.py") and _a_callback(frame.f_locals.get("code")):
+            return True  # (terra_bc deciding about a callback's code as it begins)
         frame = frame.f_back
     return False
+
+
+def _a_callback(code):
+    """Is ``code`` a garbage collector callback, a finalizer or a weakref's callback
+    (WeakKeyDictionary's `remove`), whose exceptions CPython reports as unraisable?"""
+    return code is not None and (
+        code in {getattr(cb, "__code__", None) for cb in gc.callbacks}
+        or code.co_name == "__del__" or code.co_filename.endswith(("weakref.py", "_weakrefset.py")))
+
+
+def _jax_frames(frame):
+    """``frame`` and its callers, as long as they are JAX's."""
+    while frame is not None and "/jax/" in frame.f_code.co_filename.replace("\\", "/"):
+        yield frame
+        frame = frame.f_back
+
+
+def _swallows(code, line):
+    """Is ``line`` of ``code`` inside a ``try`` whose bare ``except:`` (or ``except
+    BaseException``) does not raise again?  (JAX's tree_util: "not our fault".)"""
+    return any(start <= line <= end for start, end in _swallowing_tries(code))
+
+
+@functools.lru_cache(maxsize=None)
+def _swallowing_tries(code):
+    try:
+        lines, first = inspect.getsourcelines(code)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except (OSError, TypeError, SyntaxError):
+        return ()
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and node.body:
+            for handler in node.handlers:
+                catches_all = handler.type is None or (
+                    isinstance(handler.type, ast.Name) and handler.type.id == "BaseException")
+                if catches_all and not any(isinstance(n, ast.Raise) for n in ast.walk(handler)):
+                    out.append((node.body[0].lineno + first - 1, node.body[-1].end_lineno + first - 1))
+    return tuple(out)
 
 
 def _where(frame):
@@ -235,12 +281,13 @@ def test_interrupts_at_random_points_never_change_what_the_program_computes(loop
     # The runs did what they claim: interrupts landed, many inside terra_bc's own code.
     assert fired >= TRIALS // 2
     assert sum(place != "program" for place in landed) >= fired // 4
-    # Co-execution goes on afterwards: the unit was never broken.
+    # Afterwards the unit co-executes, or runs eagerly saying why (explain()).
     terra_bc.reset_stats()
     with terra_bc.enabled():
         w, losses, _ = program([], loop, how)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
-    assert terra_bc.stats()["iterations_coexecuted"] >= STEPS - 2
+    report = str(terra_bc.explain())
+    assert terra_bc.stats()["iterations_coexecuted"] >= STEPS - 2 or "runs eagerly:" in report, report
     print(f"\n{loop}/{how}: {fired} interrupts caught;",
           sorted({p: landed.count(p) for p in landed}.items(), key=lambda kv: -kv[1])[:12],
           file=sys.stderr)

@@ -46,13 +46,18 @@ class LoopTurn:
 _routing_everywhere = False
 
 
+UNCHANGED = object()  # (an Iteration's was_routing / hook_was_enabled before it opens)
+
+
 def open_iteration(it):
     """Make ``it`` this thread's open iteration; route DL ops to it, hook enabled.  What
-    that changed is kept on the iteration (``was_routing``, ``hook_was_enabled``)."""
-    _hook.set_iteration(it)
-    it.was_routing = _hook.set_thread_routing(True)
+    that changed is kept on the iteration (``was_routing``, ``hook_was_enabled``).  The
+    iteration is made the thread's last: an interrupt that comes before leaves none open,
+    and ``close_iteration`` puts back only what was noted."""
     it.hook_was_enabled = _hook.thread_choice()  # (None: the thread follows the default)
+    it.was_routing = _hook.set_thread_routing(True)
     _hook.enable_thread()
+    _hook.set_iteration(it)
 
 
 def close_iteration(it):
@@ -62,8 +67,10 @@ def close_iteration(it):
     where ``dispatch.on_site`` runs them on concrete values.  Set once and kept, by
     design: programs that never open a unit pay nothing."""
     global _routing_everywhere
-    _hook.set_thread_routing(it.was_routing)
-    _hook.set_thread_choice(it.hook_was_enabled)
+    if it.was_routing is not UNCHANGED:
+        _hook.set_thread_routing(it.was_routing)
+    if it.hook_was_enabled is not UNCHANGED:
+        _hook.set_thread_choice(it.hook_was_enabled)
     _hook.set_iteration(None)
     if not _routing_everywhere:
         _routing_everywhere = True

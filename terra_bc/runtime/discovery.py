@@ -158,15 +158,18 @@ def _end_turn(ok, abandon=False):
     forgotten, and the loop is undecided again (see _hook.c: turns that call no JAX are not
     reported while no iteration is open)."""
     turn = thread.loop
-    thread.loop = None
     it = turn.iteration
     unit = it.unit
     if turn.first and ok and not abandon and it.mode == TRACE and not unit.paths \
             and all(ev.kind == "enter" for ev in it.path.events):
+        thread.loop = None
         unit.discard(it)
         turn.mark.state = 0
         return False
+    # (The turn stays this thread's until its end has begun: an interrupt that comes as it
+    # begins leaves it for on_loop to end, see _close_turn; Unit.end runs once.)
     unit.end(it, ok, abandon)
+    thread.loop = None
     return True
 
 

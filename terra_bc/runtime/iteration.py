@@ -23,7 +23,7 @@ from .. import _hook
 from ..counters import counts
 from . import coexecution, journal, launching, timeline, tracing
 from .coexecution import retried
-from .context import COEXEC, EAGER, TRACE
+from .context import COEXEC, EAGER, TRACE, UNCHANGED
 from .events import FetchEvent
 from .guards import callee_key
 from .placeholders import Placeholder, concrete, eager
@@ -35,7 +35,7 @@ class Iteration:
     __slots__ = ("unit", "mode", "path", "pos", "fork_stop", "left", "auto", "loop_turns",
                  "env", "seg_start", "tracers", "live", "opaque_depth", "recording",
                  "grad_depth", "memo", "was_routing", "hook_was_enabled", "trace_launches",
-                 "abandoning", "started", "effects_ran", "last_op_at")
+                 "abandoning", "started", "effects_ran", "last_op_at", "ended")
 
     def __init__(self, unit, mode, path):
         self.unit, self.mode, self.path = unit, mode, path
@@ -52,12 +52,13 @@ class Iteration:
         self.recording = None   # the Recorder entered for this iteration (tracing)
         self.grad_depth = 0     # > 0 while a differentiated function's Python runs
         self.memo = {}          # see remember
-        self.was_routing = self.hook_was_enabled = False  # the thread before it (context)
+        self.was_routing = self.hook_was_enabled = UNCHANGED  # the thread before it (context)
         self.trace_launches = 0  # segments run to compute values recorded abstractly
         self.abandoning = False  # finishing as a unit that is not the repeating level
         self.started = 0.0      # when it began (perf_counter), if a timeline was recording
         self.effects_ran = set()  # equations whose effects (callbacks) happened (launching.run)
         self.last_op_at = 0.0   # when tracing recorded its last op (tracing.launch_before)
+        self.ended = False      # Unit.end has begun
 
     def __repr__(self):
         return f"<Iteration of {self.unit.name}: {self.mode}, event {self.pos}>"

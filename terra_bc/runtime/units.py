@@ -122,7 +122,12 @@ class Unit:
             result = self.fn(*args, **kwargs)
             ok = True
         finally:
-            it.unit.end(it, ok)
+            try:
+                it.unit.end(it, ok)
+            except BaseException:
+                if not it.ended:  # (an interrupt came as end began, before it did anything)
+                    it.unit.end(it, ok)
+                raise
         return eager_value(result)
 
     def discard(self, it):
@@ -201,8 +206,8 @@ class Unit:
         if timeline.on:
             it.started = time.perf_counter()
         counts["iterations_coexecuted" if mode == COEXEC else "iterations_traced"] += 1
-        context.open_iteration(it)
         try:
+            context.open_iteration(it)
             if mode == TRACE:
                 it.start_recording()
             return it, it.enter(args, kwargs)
@@ -212,16 +217,26 @@ class Unit:
 
     def end(self, it, ok, abandon=False):
         """Close ``it``; ``abandon``: the unit is not the repeating level after all (a loop
-        inside it is): what it recorded runs eagerly and no path is kept."""
+        inside it is): what it recorded runs eagerly and no path is kept.  Once: a caller
+        that saw an interrupt come as it began (``it.ended`` not set yet) calls it again."""
+        if it.ended:
+            return
         try:
             self._end(it, ok, abandon)
         finally:
             if self.eager_reason and self.origin is not None and not self.origin.eager_reason:
                 self.origin.eager_reason = self.eager_reason  # (what callers check)
-            self.release()  # (after finishing: that launches and keeps paths)
+            # The claim ends, after finishing (that launches and keeps paths).  Inline, with
+            # no call before the lock's own release: an interrupt can come as any call
+            # begins, and release() cut short there left the unit held.  (The iteration's
+            # thread holds it: claim.)
+            if self.holder is not None:
+                self.holder = None
+                self.busy.release()
 
     def _end(self, it, ok, abandon):
         try:
+            it.ended = True  # (from here on, what an interrupt cuts short is made good below)
             context.close_iteration(it)  # (routing everywhere from now on: see there)
             self.memo = it.memo
             it.finish(ok, abandon)
