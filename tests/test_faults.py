@@ -8,10 +8,10 @@ import pytest
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
 import terra_bc
 from terra_bc import jaxpr_builder
-from terra_bc.runtime import compiling
 
 pytestmark = pytest.mark.usefixtures("loop_units_on")  # (conftest.py)
 
@@ -41,29 +41,34 @@ def training(steps):
 @pytest.mark.parametrize("where", ["compile", "launch"])
 def test_a_failed_compile_or_launch_falls_back_to_eager(monkeypatch, where):
     want = training(6)
-    real_jit, real_run = jaxpr_builder.jit_segment, compiling.run
+    real_jit, real_keep = jaxpr_builder.jit_segment, jaxpr_builder.keep_executable
 
     def failing_jit(segment, name):
         raise RuntimeError("injected compile failure")
 
     calls = []
 
-    def failing_run(it, entry, args, *rest):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("injected launch failure")
-        return real_run(it, entry, args, *rest)
+    def keep_failing(segment, fn, wait_only=False):
+        exe = real_keep(segment, fn, wait_only)
+
+        def launch(*args):  # (the executable's third launch fails, as XLA's error would)
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("injected launch failure")
+            return exe(*args)
+        return launch
 
     if where == "compile":
         monkeypatch.setattr(jaxpr_builder, "jit_segment", failing_jit)
     else:
-        monkeypatch.setattr(compiling, "run", failing_run)
+        monkeypatch.setattr(jaxpr_builder, "keep_executable", keep_failing)
     with terra_bc.enabled():
         got = training(6)
     monkeypatch.setattr(jaxpr_builder, "jit_segment", real_jit)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
     assert terra_bc.stats()["eager_fallbacks"] >= 1
+    assert where == "compile" or len(calls) >= 3
     text = str(terra_bc.explain())
     assert "injected" in text  # the reason, in explain()'s journal
 
@@ -152,3 +157,67 @@ def test_a_value_held_by_chance_reuses_the_compiled_segment():
     stats = terra_bc.stats()
     assert stats["iterations_coexecuted"] == 5
     assert stats["compiles"] == 1
+
+
+# ------------------------------------------------------------------ errors inside a segment
+
+def host_double(v):
+    v = np.asarray(v)
+    if v.sum() > 3.0:
+        raise ValueError(f"too big: {v.sum():.3f}")
+    return (2 * v).astype(np.float32)
+
+
+def callback_that_fails_at_some_turns(steps):
+    """A `pure_callback` whose Python raises at some turns (inside a segment: XLA reports it
+    as its runtime error, eager JAX raises the callback's ValueError)."""
+    x, log = jnp.linspace(0.1, 0.2, 4), []
+    for i in range(steps):
+        try:
+            y = jax.pure_callback(host_double, jax.ShapeDtypeStruct((4,), jnp.float32),
+                                  x * (1 + i % 4))
+            log.append(round(float(jnp.sum(y)), 5))
+        except ValueError as e:  # (JAX's message holds the traceback: its last line compared)
+            log.append((type(e).__name__, str(e).splitlines()[-1]))
+        x = x * 1.1
+    return log, np.asarray(x)
+
+
+def test_a_callback_that_raises_inside_a_segment_raises_the_same_type_mid_iteration():
+    want = callback_that_fails_at_some_turns(12)
+    assert any("too big" in str(v) for v in want[0])
+    with terra_bc.enabled():
+        got = callback_that_fails_at_some_turns(12)
+    assert got[0] == want[0]
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 8  # (the program's error is not terra_bc's)
+    assert stats["eager_fallbacks"] == 0
+
+
+def checked(v):
+    checkify.check(jnp.all(v < 2.0), "v too big: {}", jnp.max(v))
+    return v * 2
+
+
+def checkified(steps):
+    x, log = jnp.linspace(0.5, 1.0, 4), []
+    check = checkify.checkify(checked)
+    for i in range(steps):
+        err, y = check(x * (1 + 0.2 * i))
+        try:
+            err.throw()
+            log.append(round(float(jnp.sum(y)), 5))
+        except Exception as e:  # noqa: BLE001 (the type is compared with eager's)
+            log.append(type(e).__name__)
+        x = x * 1.01
+    return log, np.asarray(x)
+
+
+def test_a_failed_checkify_check_raises_as_eagerly():
+    want = checkified(8)
+    assert "JaxRuntimeError" in want[0]
+    with terra_bc.enabled():
+        got = checkified(8)
+    assert got[0] == want[0]
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)

@@ -35,7 +35,7 @@ class Iteration:
     __slots__ = ("unit", "mode", "path", "pos", "fork_stop", "left", "auto", "loop_turns",
                  "env", "seg_start", "tracers", "live", "opaque_depth", "recording",
                  "grad_depth", "memo", "was_routing", "hook_was_enabled", "trace_launches",
-                 "abandoning", "started", "effects_ran", "last_op_at", "ended")
+                 "abandoning", "started", "effects_ran", "last_op_at", "failed", "ended")
 
     def __init__(self, unit, mode, path):
         self.unit, self.mode, self.path = unit, mode, path
@@ -58,6 +58,7 @@ class Iteration:
         self.started = 0.0      # when it began (perf_counter), if a timeline was recording
         self.effects_ran = set()  # equations whose effects (callbacks) happened (launching.run)
         self.last_op_at = 0.0   # when tracing recorded its last op (tracing.launch_before)
+        self.failed = None      # the program's error a launch met (launching.stop_launching)
         self.ended = False      # Unit.end has begun
 
     def __repr__(self):

@@ -20,7 +20,7 @@ from jax.extend.core import set_current_trace
 from .. import jaxpr_builder
 from ..counters import counts
 from . import compiling, journal, pacing, timeline
-from .context import TRACE
+from .context import EAGER, TRACE
 from .settings import DONATE_MIN_BYTES, LAZY_LAUNCHES, settings
 from .values import MISS, NUMBER_TYPES, ArrayImpl, device_number
 
@@ -127,7 +127,11 @@ def run(it, start, stop, outputs, required=None, later=None, final=False):
             dead = donatable(it, seg, args, later, final)
         for k in dead:  # (nothing reads them again: let go of them as the segment runs)
             del env[seg.inputs[k]]
-        values = compiling.run(it, entry, args, dead)
+        try:
+            values = compiling.run(it, entry, args, dead)
+        except Exception as error:  # (the program's own: compiling.run)
+            stop_launching(it, effects, error)
+            raise
         del args
     if pacing.needed():
         pacing.launched(values)
@@ -138,6 +142,30 @@ def run(it, start, stop, outputs, required=None, later=None, final=False):
         name = journal.segment_name(it, entry)
         timeline.add(name, "launch", t0, it.mode)
         timeline.running(name, t0, values)
+
+
+def stop_launching(it, effects, error):
+    """The program's own ``error`` met in a launch (a callback that raised: eager JAX raised
+    it at that op, so nothing after it ran).  The iteration launches nothing more: the
+    launch's effects count as happened (those before the failing one did, and eager JAX
+    ran none after it), its rest runs eagerly, and each value Python holds that no launch
+    computed is computed op by op if Python reads it (``LateValue``: one that needed the
+    failed op raises its error again).  The unit goes on co-executing: the error is the
+    program's, not terra_bc's (``Unit._failed_at_end`` raises it as such)."""
+    it.effects_ran.update(effects)
+    recording, it.recording = it.recording, None
+    if recording is not None:
+        recording.__exit__(None, None, None)
+        it.path.recorder.compute_values(None)
+    it.mode, it.failed = EAGER, error
+    it.seg_start = it.path.recorder.mark()
+    env = it.env
+    for p in alive(it):
+        if p._val is None:
+            if p._id in env:
+                p._val, p._rec = env[p._id], None
+            else:
+                p._rec = LateValue(it, p._id)
 
 
 def donatable(it, seg, args, later, final=False):
@@ -274,6 +302,8 @@ def settle(it, alive_now=None):
     env = it.env
     for p in alive(it) if alive_now is None else alive_now:
         if p._val is None:
+            if type(p._rec) is LateValue:
+                continue  # (computed if read: see stop_launching)
             if p._rec is not None:
                 p._val = p._rec.val
             elif p._id in env:
@@ -286,9 +316,10 @@ def settle(it, alive_now=None):
 
 class LateValue:
     """The value of a placeholder Python still held at a launch that reused a compiled
-    segment not computing it (see run): computed from the iteration's recording and feeds,
-    op by op, if Python reads it (``.val``, as a recording tracer's).  Read once, the path's
-    later launches compute it (it joins ``Path.escaping``)."""
+    segment not computing it (see run), or when a launch met the program's error (see
+    stop_launching): computed from the iteration's recording and feeds, op by op, if Python
+    reads it (``.val``, as a recording tracer's).  Read once, the path's later launches
+    compute it (it joins ``Path.escaping``)."""
     __slots__ = ("path", "id", "stop", "env", "_value")
 
     def __init__(self, it, id):

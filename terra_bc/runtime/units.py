@@ -260,22 +260,28 @@ class Unit:
                                           f"{RETRACE_WINDOW} calls (its path or shapes change)")
 
     def _failed_at_end(self, it, ok, error):
-        """Launching what ``it`` left failed (a compile, a segment: terra_bc's failure or the
-        program's own, a callback that raised).  The unit runs eagerly from now on, and the
-        values Python holds are computed op by op as eager JAX would compute them; an error
-        then is the program's, raised as eager JAX raises it (see ProgramError), unless the
-        iteration is already ending with the program's own exception."""
-        reason = f"launching the end of an iteration failed ({type(error).__name__}: {error})"
-        self.eager_reason = self.eager_reason or reason
-        counts["eager_fallbacks"] += 1
-        journal.fallback(self, reason)
-        try:
-            launching.recover(it)
-        except Exception as program_error:
-            if ok:
-                if self.mark is not None:  # a loop's: its loop raises it (discovery.on_loop)
-                    context.thread.program_error = program_error
-                raise
+        """Ending ``it`` failed.  The program's own error a launch met (``it.failed``: a
+        callback that raised; ``launching.stop_launching`` has handled the iteration) is
+        raised as eager JAX raises it, unless the iteration is already ending with the
+        program's own exception.  Anything else is terra_bc's failure: the unit runs eagerly
+        from now on, and the values Python holds are computed op by op as eager JAX would
+        compute them (an error then is the program's)."""
+        if error is not it.failed:
+            reason = f"ending an iteration failed ({type(error).__name__}: {error})"
+            self.eager_reason = self.eager_reason or reason
+            counts["eager_fallbacks"] += 1
+            journal.fallback(self, reason)
+            try:
+                launching.recover(it)
+                it.let_go()
+                return
+            except Exception as program_error:
+                error = program_error
+        it.let_go()
+        if ok:
+            if self.mark is not None:  # a loop's: its loop raises it (discovery.on_loop)
+                context.thread.program_error = error
+            raise error
 
     def reset(self):
         """Forget what the unit learned from its calls: its next call traces afresh."""
