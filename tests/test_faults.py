@@ -1,8 +1,17 @@
-"""Faults at the end of an iteration: a launch that fails (terra_bc's compile or segment, or
-the program's own callback that raises) never loses values or an exception.  Terra_bc's
-failure falls back to eager (the values Python holds are computed op by op, the unit runs
-eagerly from then on, `eager_fallbacks` counts it); the program's error is raised as eager
-JAX raises it (same type), where the loop turns, and the next code sees correct values."""
+"""Faults mid-iteration and at its end (docs/reliability.md, "Failures at an iteration's
+end", "Faults mid-iteration"), each against eager JAX:
+
+* a launch that fails: terra_bc's compile or segment falls back to eager (the values Python
+  holds are computed op by op, the unit runs eagerly from then on, `eager_fallbacks` counts
+  it); the program's own error inside a segment (a callback that raised, a failed check, a
+  NaN under `jax_debug_nans`) is raised as eager JAX raises it (same type), where the launch
+  is (a fetch, or where the loop turns), and the next iterations see correct values;
+* `jax.config` changed between or inside iterations (x64, the default device, `disable_jit`,
+  `debug_nans`): every value and dtype as eagerly;
+
+Interrupts are in tests/test_interrupts.py."""
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -161,6 +170,52 @@ def test_a_value_held_by_chance_reuses_the_compiled_segment():
 
 # ------------------------------------------------------------------ errors inside a segment
 
+@contextlib.contextmanager
+def jax_config(**options):
+    """JAX's options set for the block (``jax_config(jax_debug_nans=True)``), as they were after."""
+    before = {name: getattr(jax.config, name) for name in options}
+    try:
+        for name, value in options.items():
+            jax.config.update(name, value)
+        yield
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+
+
+def logs_nans(steps, bad, debug_nans_from=0):
+    """A NaN made at turns ``bad`` (one kept, one masked at once by `where`): under
+    `jax_debug_nans` (on from turn ``debug_nans_from``) eager JAX raises FloatingPointError
+    at the op that made it, masked or not; the program catches it and goes on."""
+    x, log = jnp.linspace(0.5, 1.0, 4), []
+    for i in range(steps):
+        if i == debug_nans_from:
+            jax.config.update("jax_debug_nans", True)
+        try:
+            s = -1.0 if i in bad else 1.0
+            y = jnp.log(x * s)
+            y = jnp.where(jnp.isnan(y), 0.0, y) if i % 2 else y
+            log.append(round(float(jnp.sum(y * y)), 5))
+            x = x * 1.01
+        except FloatingPointError:
+            log.append("FloatingPointError")
+    return log, np.asarray(x)
+
+
+@pytest.mark.parametrize("debug_nans_from", [0, 4])
+def test_a_nan_under_debug_nans_raises_as_eagerly(debug_nans_from):
+    with jax_config(jax_debug_nans=False):
+        want = logs_nans(10, {3, 6, 7}, debug_nans_from)
+    assert want[0].count("FloatingPointError") == 3 - (debug_nans_from > 3)
+    with jax_config(jax_debug_nans=False), terra_bc.enabled():
+        got = logs_nans(10, {3, 6, 7}, debug_nans_from)
+    assert got[0] == want[0]
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+    if debug_nans_from:  # (co-executed until then; eager, as JAX checks each op, after)
+        assert terra_bc.stats()["iterations_coexecuted"] >= debug_nans_from - 2
+        assert "jax_debug_nans" in str(terra_bc.explain())
+
+
 def host_double(v):
     v = np.asarray(v)
     if v.sum() > 3.0:
@@ -221,3 +276,112 @@ def test_a_failed_checkify_check_raises_as_eagerly():
         got = checkified(8)
     assert got[0] == want[0]
     np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+
+
+# ------------------------------------------------------------------ jax.config changes
+
+def dtypes_as_x64_changes(steps, on_at, off_at):
+    """`jax_enable_x64` turned on inside turn ``on_at`` and off inside ``off_at``: a sum
+    of int32 values is int64 under x64, a product with a Python float float64."""
+    x, f, out = jnp.arange(4, dtype=jnp.int32), jnp.linspace(0.0, 1.0, 4), []
+    for i in range(steps):
+        if i == on_at:
+            jax.config.update("jax_enable_x64", True)
+        a = jnp.sum(x)
+        b = x * 2.5
+        c = f + 1e-9
+        if i == off_at:
+            jax.config.update("jax_enable_x64", False)
+        out.append([(str(v.dtype), np.asarray(v).tolist()) for v in (a, b, c)])
+    return out
+
+
+def test_x64_turned_on_and_off_mid_run_gives_eagers_dtypes_and_values():
+    with jax_config(jax_enable_x64=False):
+        want = dtypes_as_x64_changes(12, 4, 8)
+    assert want[5][0][0] == "int64" and want[2][0][0] == "int32" and want[9][0][0] == "int32"
+    with jax_config(jax_enable_x64=False), terra_bc.enabled():
+        got = dtypes_as_x64_changes(12, 4, 8)
+    assert got == want
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 6  # (each configuration's path co-executes)
+    assert "jax_enable_x64 changed inside an iteration" in str(terra_bc.explain())
+
+
+def test_x64_changed_between_calls_of_a_function_unit():
+    terra_bc.set_loops(False)
+
+    def step(x):
+        return jnp.sum(x) * 3, x + 1
+
+    unit = terra_bc.function(step)
+
+    def run(fn):
+        out = []
+        with jax_config(jax_enable_x64=False):
+            x = jnp.arange(3, dtype=jnp.int32)
+            for i in range(8):
+                if i == 4:
+                    jax.config.update("jax_enable_x64", True)
+                s, x = fn(x)
+                out.append((str(s.dtype), int(s), str(x.dtype)))
+        return out
+    want = run(step)
+    got = run(unit)
+    assert got == want and want[5][0] == "int64"
+    assert terra_bc.stats()["iterations_coexecuted"] >= 4
+
+
+def jitted_python_runs(steps, off_from):
+    """A jitted function whose Python logs each run: eagerly once (its trace) while jit is
+    on, at every call once `jax_disable_jit` is (from turn ``off_from``)."""
+    runs = []
+
+    @jax.jit
+    def f(x):
+        runs.append(1)
+        return jnp.sin(x) * 2
+
+    x, log = jnp.ones(3), []
+    for i in range(steps):
+        if i == off_from:
+            jax.config.update("jax_disable_jit", True)
+        x = f(x) + 0.5
+        log.append((len(runs), round(float(x.sum()), 5)))
+    return log
+
+
+def test_disable_jit_mid_run_runs_jitted_python_as_eagerly():
+    with jax_config(jax_disable_jit=False):
+        want = jitted_python_runs(10, 5)
+    assert want[4][0] == 1 and want[9][0] == 6
+    with jax_config(jax_disable_jit=False), terra_bc.enabled():
+        got = jitted_python_runs(10, 5)
+    assert got == want
+    assert terra_bc.stats()["iterations_coexecuted"] >= 2
+    assert "jax_disable_jit" in str(terra_bc.explain())
+
+
+def on_the_default_device(steps):
+    """The default device set with jax.config mid-run and with its context manager inside
+    a turn (the only device on CPU: it must be respected and change nothing else)."""
+    dev = jax.devices()[0]
+    x, log = jnp.ones(3), []
+    for i in range(steps):
+        if i == 3:
+            jax.config.update("jax_default_device", dev)
+        if i % 2:
+            with jax.default_device(dev):
+                x = jnp.tanh(x) + jnp.arange(3.0)
+        else:
+            x = jnp.tanh(x) * 0.5
+        log.append((round(float(x.sum()), 5), str(x.device)))
+    return log
+
+
+def test_default_device_set_mid_run():
+    with jax_config(jax_default_device=None):
+        want = on_the_default_device(8)
+    with jax_config(jax_default_device=None), terra_bc.enabled():
+        got = on_the_default_device(8)
+    assert got == want

@@ -44,7 +44,7 @@ from .iteration import Iteration
 from .paths import Path
 from .placeholders import STAND_IN, Placeholder
 from .settings import settings
-from .tools import on_watched
+from .tools import on_watched, watch_config
 from .trace_rules import is_dl_op
 from .units import Unit, function, reset
 from .values import MISS, ArrayImpl
@@ -59,6 +59,7 @@ def install():
     reads (again after a reload: the classes are new)."""
     _hook.set_routing(on_site, is_dl_op)
     _hook.set_watch_handler(on_watched)
+    watch_config()
     _hook.set_fast_path({"placeholder": Placeholder, "event": OpEvent, "iteration": Iteration,
                          "path": Path, "array": ArrayImpl, "stand_in": STAND_IN,
                          "coexec": COEXEC, "miss": MISS})

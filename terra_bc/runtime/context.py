@@ -97,6 +97,26 @@ def leaving(error):
         it.abort(error)
 
 
+def eager_only():
+    """Why JAX must run each op the moment the program reaches it, or None.  Under
+    ``jax_disable_jit`` eager JAX runs a jitted function's Python at every call, op by op;
+    under ``jax_debug_nans`` / ``jax_debug_infs`` it checks every op's output and raises at
+    the op that made a NaN.  Co-executed ops run later, fused, checked only where a segment
+    ends: while one of these is on, no iteration opens (the program runs as plain JAX)."""
+    for name, state in _EAGER_ONLY:
+        if state.value:
+            return f"{name} is on: JAX runs every op as the program reaches it"
+    return None
+
+
+def _eager_only_states():
+    from jax._src import config as jax_config
+    return tuple((f"jax_{n}", getattr(jax_config, n)) for n in ("disable_jit", "debug_nans", "debug_infs"))
+
+
+_EAGER_ONLY = _eager_only_states()
+
+
 def plain_trace(recording=None):
     """Is the current JAX trace the one this thread runs ops under: ``recording``'s (an
     iteration that is tracing), else the eager one?  Not so while JAX transforms user code

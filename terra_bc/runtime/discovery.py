@@ -80,9 +80,13 @@ def _on_loop(mark, token, exiting):
     cur = thread.loop
     loop = (mark, token)  # one execution of one loop statement
     first = exiting == FIRST_TURN
-    if exiting and not first or _hook.watched():  # (no turn opens while a tool watches: tools.py)
+    why = context.eager_only()  # (jax_disable_jit, jax_debug_nans: no turn opens either)
+    if exiting and not first or _hook.watched() or why:  # (no turn opens while a tool watches: tools.py)
         if cur is not None and (cur.mark, cur.token) == loop:
             _end_turn(ok=exiting != 2)
+        if why and (first or not exiting) and mark in _loop_units:  # (a turn ran eagerly)
+            counts["eager_fallbacks"] += 1
+            journal.fallback(_loop_units[mark], why)
         return False
     outer = context.current()
     if cur is None and outer is not None and not _loop_takes_over(outer, loop):
@@ -202,7 +206,7 @@ def on_call(unit, token, state):
             if token.mode == TRACE or unit.eager_reason:  # (a new path: is the unit worth it?)
                 _drop_if_small(unit)
         return None
-    if context.current() is not None or thread.opaque or unit.eager_reason:
+    if context.current() is not None or thread.opaque or unit.eager_reason or context.eager_only():
         return None
     if unit.warming_up(plain_calls=1) or not plain_trace():  # a unit from the 2nd call
         return None

@@ -25,7 +25,7 @@ from . import coexecution, journal, launching, timeline, tracing
 from .coexecution import retried
 from .context import COEXEC, EAGER, TRACE, UNCHANGED
 from .events import FetchEvent
-from .guards import callee_key
+from .guards import callee_key, config_key
 from .placeholders import Placeholder, concrete, eager
 from .values import MISS, arrays_in, is_array, user_line
 
@@ -35,7 +35,7 @@ class Iteration:
     __slots__ = ("unit", "mode", "path", "pos", "fork_stop", "left", "auto", "loop_turns",
                  "env", "seg_start", "tracers", "live", "opaque_depth", "recording",
                  "grad_depth", "memo", "was_routing", "hook_was_enabled", "trace_launches",
-                 "abandoning", "started", "effects_ran", "last_op_at", "failed", "ended")
+                 "abandoning", "started", "effects_ran", "last_op_at", "failed", "config", "ended")
 
     def __init__(self, unit, mode, path):
         self.unit, self.mode, self.path = unit, mode, path
@@ -59,6 +59,7 @@ class Iteration:
         self.effects_ran = set()  # equations whose effects (callbacks) happened (launching.run)
         self.last_op_at = 0.0   # when tracing recorded its last op (tracing.launch_before)
         self.failed = None      # the program's error a launch met (launching.stop_launching)
+        self.config = config_key()  # the configuration it began under (guards.config_key)
         self.ended = False      # Unit.end has begun
 
     def __repr__(self):

@@ -111,6 +111,11 @@ class Unit:
             return self.fn(*args, **kwargs)
         if _hook.watched():  # a debugger, profiler or coverage tool: the user's own code (tools.py)
             return self.plain(*args, **kwargs)
+        why = context.eager_only()
+        if why:  # (jax_disable_jit, jax_debug_nans: JAX runs each op as the program reaches it)
+            counts["eager_fallbacks"] += 1
+            journal.fallback(self, why)
+            return self.fn(*args, **kwargs)
         if self.eager_reason or self.warming_up():
             if self.eager_reason:
                 counts["eager_fallbacks"] += 1
