@@ -8,6 +8,8 @@ end", "Faults mid-iteration"), each against eager JAX:
   is (a fetch, or where the loop turns), and the next iterations see correct values;
 * `jax.config` changed between or inside iterations (x64, the default device, `disable_jit`,
   `debug_nans`): every value and dtype as eagerly;
+* `MemoryError` injected where terra_bc records: eager's values, the error (if it reaches
+  the program) caught and the step retried.
 
 Interrupts are in tests/test_interrupts.py."""
 import contextlib
@@ -20,7 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 import terra_bc
-from terra_bc import jaxpr_builder
+from terra_bc import _hook, jaxpr_builder
+from terra_bc.runtime import tracing, units
 
 pytestmark = pytest.mark.usefixtures("loop_units_on")  # (conftest.py)
 
@@ -385,3 +388,78 @@ def test_default_device_set_mid_run():
     with jax_config(jax_default_device=None), terra_bc.enabled():
         got = on_the_default_device(8)
     assert got == want
+
+
+# ------------------------------------------------------------------ MemoryError while recording
+
+def retried_steps(n):
+    """Each step tried again where it raised MemoryError.  What the step made before the
+    error is read after it (it must have its value; eagerly this never runs)."""
+    w = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    losses, errors, k = [], 0, 0
+    for _ in range(3 * n):
+        if k == n:
+            break
+        y = None
+        try:
+            x = jnp.arange(4.0) / (4 + k)
+            y = jnp.tanh(w @ x)
+            loss = float(jnp.sum(y * y))
+            w, k, losses = w - 0.1 * jnp.outer(y, x), k + 1, losses + [loss]
+        except MemoryError:
+            errors += 1
+            assert y is None or np.isfinite(float(jnp.sum(y)))
+    return losses, np.asarray(w), errors
+
+
+RECORDING = [(jaxpr_builder._RecordingTrace, "process_primitive"),
+             (jaxpr_builder._RecordingTrace, "record_abstract"),
+             (jaxpr_builder.Recorder, "input"), (jaxpr_builder, "_build_segment"),
+             (jaxpr_builder, "jit_segment"), (tracing, "append")]
+
+
+@pytest.mark.parametrize("owner,name", RECORDING, ids=[n for _, n in RECORDING])
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_memory_error_while_recording(monkeypatch, owner, name):
+    """MemoryError raised by the k-th call of one of the recorder's functions, for every k
+    a run makes: eager's values (the step that met it retried, or run eagerly), and a run
+    after it co-executes or says in explain() why it runs eagerly.  (Where a loop's turn
+    begins, terra_bc's own failure is reported as unraisable and the turn runs eagerly:
+    the warning pytest turns that report into is expected here.)"""
+    want = retried_steps(6)
+    real = getattr(owner, name)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, counting)
+    with terra_bc.enabled():
+        retried_steps(6)
+    total = len(calls)
+    assert total > 0
+    for k in range(1, total + 1):
+        terra_bc.reset()
+        jaxpr_builder.clear_compile_cache()
+        seen = []
+
+        def failing(*args, **kwargs):
+            seen.append(1)
+            if len(seen) == k:
+                raise MemoryError("injected")
+            return real(*args, **kwargs)
+        monkeypatch.setattr(owner, name, failing)
+        with terra_bc.enabled():
+            got = retried_steps(6)
+        monkeypatch.setattr(owner, name, real)
+        assert len(seen) >= k, k  # (the error was raised)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5, err_msg=f"call {k}")
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-5, err_msg=f"call {k}")
+        assert _hook.current_iteration() is None, k  # (nothing left open or held)
+        assert not any(u.busy.locked() for u in list(units.all_units)), k
+        terra_bc.reset_stats()
+        with terra_bc.enabled():
+            again = retried_steps(6)
+        np.testing.assert_allclose(again[0], want[0], rtol=1e-5)
+        report = str(terra_bc.explain())
+        assert terra_bc.stats()["iterations_coexecuted"] >= 3 or "runs eagerly:" in report, report

@@ -187,33 +187,40 @@ def _where(frame):
     return "program"
 
 
-def step(w, k):
+def step(w, k, made=None):
     x = jnp.arange(4.0) / (4 + k)
     y = jnp.tanh(w @ x)
+    if made is not None:
+        made.append(y)
     loss = float(jnp.sum(y * y))
     return w - 0.1 * jnp.outer(y, x), loss
 
 
 def steps_for(box, intr):
-    """Steps from the committed state ``box[0]`` = (w, steps done, losses) to STEPS."""
+    """Steps from the committed state ``box[0]`` = (w, steps done, losses) to STEPS.  What a
+    step made before an interrupt is read after it: it must have its value."""
     for _ in itertools.count():
         if box[0][1] == STEPS:
             break
+        made = []
         try:
-            w, loss = step(box[0][0], box[0][1])
+            w, loss = step(box[0][0], box[0][1], made)
             box[0] = (w, box[0][1] + 1, box[0][2] + (loss,))  # the commit: one store, no call
         except KeyboardInterrupt as e:  # (inside the step: it is tried again)
             intr.catch(e)
+            assert all(np.isfinite(float(jnp.sum(v))) for v in made)
             intr.arm()
 
 
 def steps_while(box, intr):
     while box[0][1] < STEPS:
+        made = []
         try:
-            w, loss = step(box[0][0], box[0][1])
+            w, loss = step(box[0][0], box[0][1], made)
             box[0] = (w, box[0][1] + 1, box[0][2] + (loss,))
         except KeyboardInterrupt as e:
             intr.catch(e)
+            assert all(np.isfinite(float(jnp.sum(v))) for v in made)
             intr.arm()
 
 
