@@ -22,7 +22,7 @@ One module per concern; each imports only those above it in this list:
   units         Unit, ``@terra_bc.function``
   discovery     loop units and function units found without decoration
   dispatch      on_site: where rewritten call sites send DL-op calls
-  tools         debuggers, profilers, coverage: what an iteration does while one watches
+  tools         debuggers, profilers, coverage, jax.config changes: what an iteration does then
   report        reports: snapshots of units and paths that print and render as HTML
   diff          how two reports differ (paths, units, whole reports)
   explain       explain(): a report of one unit or of every unit

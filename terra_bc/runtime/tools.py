@@ -14,6 +14,9 @@ A tool watches a thread while a trace or profile function is set in it (``sys.se
   first, so a debugger shows values and later ops are plain JAX calls.
 
 Once no tool watches, the next iteration co-executes again.
+
+The program changing ``jax.config`` inside an iteration is handled the same way
+(``watch_config``, ``before_change``): the rest of that iteration runs eagerly.
 """
 from __future__ import annotations
 
