@@ -77,7 +77,8 @@ still_at(PyObject *it, PyObject *path, Py_ssize_t pos)
 }
 
 /* Does argument x match its per-arg spec?  1 yes (a feed: *value is what to bind), 0 no
- * (a pending Python error is cleared), and *ran_python tells whether Python code ran. */
+ * (a pending Python error is cleared), -1 an interrupt came (it is left set: the op's call
+ * raises it), and *ran_python tells whether Python code ran. */
 static int
 match_arg(PyObject *it, PyObject *x, PyObject *spec, PyObject **value, int *ran_python)
 {
@@ -101,8 +102,8 @@ match_arg(PyObject *it, PyObject *x, PyObject *spec, PyObject **value, int *ran_
         PyObject *eq = PyObject_RichCompare(x, want, Py_EQ);
         int same = eq != NULL ? PyObject_IsTrue(eq) : -1;
         Py_XDECREF(eq);
-        if (same < 0)
-            PyErr_Clear();
+        if (same < 0 && terra_interrupted())
+            return -1;  /* (an interrupt in __eq__: the op's call raises it) */
         return same == 1;
     }
     /* a feed: a Python number of the recorded type, or an array of the recorded aval */
@@ -125,8 +126,8 @@ match_arg(PyObject *it, PyObject *x, PyObject *spec, PyObject **value, int *ran_
         same = aval == want ? 1 : PyObject_RichCompareBool(aval, want, Py_EQ);
         Py_DECREF(aval);
     }
-    if (same < 0)
-        PyErr_Clear();
+    if (same < 0 && terra_interrupted())
+        return -1;
     *value = t == F.placeholder ? SLOT(x, F.ph_val) : x;
     return same == 1;
 }
@@ -178,7 +179,10 @@ terra_fast_op(PyObject *it, PyObject *fn, PyObject *const *args, Py_ssize_t narg
     int feeds = 0, ran_python = 0;
     for (Py_ssize_t i = 0; i < total; i++) {
         PyObject *spec = PyTuple_GET_ITEM(specs, i), *value;
-        if (!match_arg(it, args[i], spec, &value, &ran_python))
+        int matched = match_arg(it, args[i], spec, &value, &ran_python);
+        if (matched < 0)
+            goto done;  /* (nothing changed yet: the iteration is as it was) */
+        if (!matched)
             goto miss;
         if (value != NULL) {
             feed_ids[feeds] = PyTuple_GET_ITEM(spec, 1);

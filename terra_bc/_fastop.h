@@ -13,5 +13,6 @@ int terra_fast_is_miss(PyObject *result);
 void terra_fast_reset(void);
 int terra_fast_init(PyObject *module);
 extern PyMethodDef terra_fast_methods[];
+int terra_interrupted(void);  /* (_hook.c) */
 
 #endif

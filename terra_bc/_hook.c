@@ -16,6 +16,7 @@
 #include <Python.h>
 #include <structmember.h>
 #include <internal/pycore_frame.h>
+#include <internal/pycore_pystate.h> /* _Py_IsMainThread */
 #if PY_VERSION_HEX >= 0x030c0000
 #include <internal/pycore_interp.h> /* the interpreter's sys.monitoring events */
 #endif
@@ -300,25 +301,119 @@ static PyTypeObject UnseenType = {
     .tp_doc = "Unseen(fn): calls fn (a method too) out of the sight of a debugger, profiler or coverage tool.",
 };
 
+/* A pending call (report_error): raise `exc` (stolen) where the main thread runs. */
+static int
+raise_pending(void *exc)
+{
+    PyErr_SetObject((PyObject *)Py_TYPE((PyObject *)exc), (PyObject *)exc);
+    Py_DECREF((PyObject *)exc);
+    return -1;
+}
+
+/* The error set now, met where it cannot be raised (a handler's failure, a loop's iterator
+ * being freed).  An asynchronous one (not an Exception: the KeyboardInterrupt a signal
+ * handler raised while the runtime ran) is the program's: raised in the main thread as soon
+ * as its Python runs again, as a signal's own handler would run (a pending call), never
+ * lost: defer_interrupt, 1 if it was.  Anything else is reported as unraisable by
+ * report_error (`obj`: what failed). */
+static int
+defer_interrupt(void)
+{
+    PyObject *type, *val, *tb;
+    PyErr_Fetch(&type, &val, &tb);
+    PyErr_NormalizeException(&type, &val, &tb);
+    if (val != NULL && !PyErr_GivenExceptionMatches(type, PyExc_Exception) && _Py_IsMainThread()) {
+        if (tb != NULL)
+            PyException_SetTraceback(val, tb);
+        if (Py_AddPendingCall(raise_pending, val) == 0) {  /* (it owns val now) */
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+            return 1;
+        }
+    }
+    PyErr_Restore(type, val, tb);
+    return 0;
+}
+
+static void
+report_error(PyObject *obj)
+{
+    if (!defer_interrupt())
+        PyErr_WriteUnraisable(obj);
+}
+
+/* The error set now came from Python that C called where it goes on as if the answer were
+ * no (a comparison in the fast path, classifying a callee, deciding about a code object).
+ * 1, the error left set, if it is an interrupt (not an Exception: the KeyboardInterrupt a
+ * signal handler raised meanwhile): the program gets it where it called, as it would have
+ * at that call without terra_bc.  Else the error is dropped: 0. */
+int
+terra_interrupted(void)
+{
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return 1;
+    PyErr_Clear();
+    return 0;
+}
+
 /* handler(*args) for the loop, call and watch handlers: never seen by a tool, and a
- * failure is reported as unraisable (it must not become the user's exception).  Steals args
- * (NULL: building them failed). */
+ * failure is reported (report_error: it must not become the user's exception where it is
+ * terra_bc's own).  Steals args (NULL: building them failed).
+ *
+ * An interrupt can come as the handler begins (its first instruction runs the signal's
+ * handler), before it did anything: the handler then cannot have left a turn or an
+ * iteration consistent, so it is run once more, and the interrupt is handed to the caller
+ * in *interrupt (a new reference), which raises it where the program can get it.  (Once
+ * begun, the handlers catch an interrupt themselves: discovery.on_loop returns it.) */
 static PyObject *
-call_quietly(PyObject *handler, PyObject *args)
+call_quietly_taking(PyObject *handler, PyObject *args, PyObject **interrupt)
 {
     PyObject *r = NULL;
+    *interrupt = NULL;
     if (args != NULL) {
         PyThreadState *ts = PyThreadState_GET();
         int hidden = watched(ts, NULL);
         if (hidden)
             hide_begin(ts);
         r = PyObject_Call(handler, args, NULL);
+        if (r == NULL && !PyErr_ExceptionMatches(PyExc_Exception)) {
+            PyObject *type, *tb;
+            PyErr_Fetch(&type, interrupt, &tb);
+            PyErr_NormalizeException(&type, interrupt, &tb);
+            if (tb != NULL && *interrupt != NULL)
+                PyException_SetTraceback(*interrupt, tb);
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+            r = PyObject_Call(handler, args, NULL);
+        }
         if (hidden)
             hide_end(ts);
         Py_DECREF(args);
     }
     if (r == NULL)
-        PyErr_WriteUnraisable(handler);
+        report_error(handler);
+    return r;
+}
+
+/* The interrupt call_quietly_taking handed over, where the program cannot get it now (a
+ * loop's iterator being freed, another exception unwinding): raised as soon as the main
+ * thread's Python runs again (report_error).  Steals it. */
+static void
+raise_later(PyObject *interrupt)
+{
+    if (interrupt != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(interrupt), interrupt);
+        Py_DECREF(interrupt);
+        report_error(loop_handler);
+    }
+}
+
+static PyObject *
+call_quietly(PyObject *handler, PyObject *args)
+{
+    PyObject *interrupt;
+    PyObject *r = call_quietly_taking(handler, args, &interrupt);
+    raise_later(interrupt);
     return r;
 }
 
@@ -359,8 +454,10 @@ should_route(SiteObject *self, PyObject *callee, int hide)
         Py_XDECREF(verdict);
         if (dl < 0) {
             /* classify never raises by design; should it, the user's call must not see it
-             * (nor an unraisable hook, which may call back into here): a plain callee. */
-            PyErr_Clear();
+             * (nor an unraisable hook, which may call back into here): a plain callee.  An
+             * interrupt that came meanwhile is the call's. */
+            if (terra_interrupted())
+                return -1;
             dl = 0;
         }
         Py_XSETREF(self->seen_key, Py_NewRef(key));
@@ -745,21 +842,31 @@ loop_left(LoopIterObject *it)
 
 /* The loop handler's answer r (stolen): is an iteration open now (*open)?  Returns -1 with
  * the error set where r is an exception: the program's own error, met ending the turn's
- * iteration (a callback that raised), which the loop raises where it turns.  A failure of
- * the handler itself (r NULL, reported as unraisable) must not become the loop's. */
+ * iteration (a callback that raised), which the loop raises where it turns; so is an
+ * `interrupt` (stolen) that came as the handler began (call_quietly_taking; the program's
+ * error it may also have met is then reported).  A failure of the handler itself (r NULL,
+ * reported as unraisable) must not become the loop's. */
 static int
-loop_answer(PyObject *r, int *open)
+loop_answer(PyObject *r, PyObject *interrupt, int *open)
 {
     *open = 0;
-    if (r == NULL)
-        return 0;
-    if (PyExceptionInstance_Check(r)) {
+    if (r != NULL && PyExceptionInstance_Check(r)) {
+        if (interrupt == NULL) {
+            PyErr_SetObject((PyObject *)Py_TYPE(r), r);
+            Py_DECREF(r);
+            return -1;
+        }
         PyErr_SetObject((PyObject *)Py_TYPE(r), r);
-        Py_DECREF(r);
+        PyErr_WriteUnraisable(loop_handler);
+    }
+    else if (r != NULL)
+        *open = PyObject_IsTrue(r) > 0;
+    Py_XDECREF(r);
+    if (interrupt != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(interrupt), interrupt);
+        Py_DECREF(interrupt);
         return -1;
     }
-    *open = PyObject_IsTrue(r) > 0;
-    Py_DECREF(r);
     return 0;
 }
 
@@ -768,17 +875,19 @@ loop_answer(PyObject *r, int *open)
 static int
 notify_loop(LoopIterObject *it, int exiting)
 {
-    PyObject *r = call_quietly(loop_handler, Py_BuildValue(
-        "(OKi)", (PyObject *)it->mark, (unsigned long long)(uintptr_t)it, exiting));
-    return loop_answer(r, &it->open);
+    PyObject *interrupt;
+    PyObject *r = call_quietly_taking(loop_handler, Py_BuildValue(
+        "(OKi)", (PyObject *)it->mark, (unsigned long long)(uintptr_t)it, exiting), &interrupt);
+    return loop_answer(r, interrupt, &it->open);
 }
 
 /* The program's error where the loop cannot raise it (its iterator is being freed, or
- * another exception is unwinding it): reported, as an error in __del__ is. */
+ * another exception is unwinding it): reported, as an error in __del__ is; an interrupt is
+ * raised as soon as the main thread's Python runs again (report_error). */
 static void
 unraisable_program_error(void)
 {
-    PyErr_WriteUnraisable(loop_handler);
+    report_error(loop_handler);
 }
 
 static PyObject *
@@ -815,8 +924,11 @@ loopiter_next(LoopIterObject *it)
             return NULL;
         }
     }
-    else if (PyErr_Occurred() == NULL) {
-        notify_loop(it, 3);  /* the first turn begins: the runtime may open an iteration */
+    else if (PyErr_Occurred() == NULL && notify_loop(it, 3) < 0) {
+        /* the first turn begins (the runtime may open an iteration) or, where an interrupt
+         * came meanwhile (the handler's answer), the loop raises it before any turn */
+        Py_DECREF(value);
+        return NULL;
     }
     it->started = 1;
     it->dl_at_turn = dl_calls;
@@ -957,10 +1069,11 @@ notify_head(LoopHeadObject *head, void *frame, int exiting)
 {
     PyObject *type, *val, *tb;
     PyErr_Fetch(&type, &val, &tb);
-    PyObject *r = call_quietly(loop_handler, Py_BuildValue(
-        "(OKi)", (PyObject *)head, (unsigned long long)(uintptr_t)frame, exiting));
+    PyObject *interrupt;
+    PyObject *r = call_quietly_taking(loop_handler, Py_BuildValue(
+        "(OKi)", (PyObject *)head, (unsigned long long)(uintptr_t)frame, exiting), &interrupt);
     int open = 0;
-    int failed = loop_answer(r, &open);
+    int failed = loop_answer(r, interrupt, &open);
     if (failed && type != NULL) {
         unraisable_program_error();
         failed = 0;
@@ -1173,13 +1286,9 @@ decide(PyCodeObject *code)
     in_callback = 0;
     if (answer == NULL) {
         /* The Python side catches and logs its own errors; what reaches here is
-         * KeyboardInterrupt, MemoryError and the like.  Never raise from the hook (the
-         * frame must run); re-deliver an interrupt, decide again next time. */
-        int interrupted = PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
-        PyErr_Clear();
-        if (interrupted)
-            PyErr_SetInterrupt();
-        return Py_None;
+         * KeyboardInterrupt, MemoryError and the like: decide again next time.  An
+         * interrupt is the frame's (NULL: it is raised as the frame begins, see hook). */
+        return terra_interrupted() ? NULL : Py_None;
     }
     /* Another thread may have decided meanwhile (the callback runs Python, which lets other
      * threads run): its answer stays, the frames it started run it. */
@@ -1255,6 +1364,8 @@ hook(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
     CodeExtras *extras = (CodeExtras *)code->co_extra;
     void *extra = extras != NULL && extra_index < extras->ce_size ? extras->ce_extras[extra_index] : NULL;
     PyObject *replacement = extra ? (PyObject *)extra : decide(code);
+    if (replacement == NULL)  /* an interrupt came: the frame begins by raising it */
+        return previous(ts, frame, 1);
     if (replacement == Py_None)
         return run_previous(ts, frame, throwflag);
     /* No instruction of the frame has run yet: swap the code and start from its top.  The

@@ -501,7 +501,7 @@ class _RecordingTrace(Trace):
             out_vals = [_LAZY] * len(_inner(closed).outvars)
         else:
             with set_current_trace(self.parent):
-                out_vals = jaxpr_as_fun(ClosedJaxpr(_inner(closed), consts))(*vals)
+                out_vals = as_fun(ClosedJaxpr(_inner(closed), consts))(*vals)
         result = []
         for o, val in zip(_inner(closed).outvars, out_vals):
             a = o.val if isinstance(o, Literal) else env[o]
@@ -548,10 +548,18 @@ class Recorder:
         return self
 
     def __exit__(self, *exc):
-        self._trace.active = False
-        self._trace.ran_effects = None
         ctx, self._ctx = self._ctx, None
-        ctx.__exit__(*exc)
+        trace = self._trace
+        if trace is None or ctx is None:  # (never entered, or left already)
+            return False
+        trace.active = False
+        trace.ran_effects = None
+        with take_current_trace() as current:
+            pass
+        if current is trace or current is not trace.parent:
+            ctx.__exit__(*exc)
+        # (else an interrupt came in __enter__ before its trace was made current: the
+        # parent is current, as it must be once this recording is left)
         return False
 
     def _live(self):
@@ -1154,7 +1162,7 @@ def cached_executable(segment: Segment):
 def jit_segment(segment: Segment, name=SEGMENT_NAME):
     """``segment`` as a ``jax.jit`` function named ``name`` (an identifier), not compiled
     yet (``.lower(...).compile()`` compiles it ahead of its first call, on any thread)."""
-    return jax.jit(_named(jaxpr_as_fun(segment.jaxpr), name))
+    return jax.jit(_named(as_fun(segment.jaxpr), name))
 
 
 _donating = {}  # (Segment.key, layout, donated) -> executable, or None: not ours
@@ -1188,7 +1196,7 @@ def _donating_executable(segment, layout, donated, reduced, name):
     usable = _aliasable(segment, [reduced[k].aval for k in donated], donated)
     if not usable or _one_jit_call(segment.jaxpr) is not None:
         return None
-    fun = jaxpr_as_fun(segment.jaxpr)
+    fun = as_fun(segment.jaxpr)
 
     def expanded(*xs):
         return fun(*[xs[j] for j in layout])
@@ -1231,16 +1239,53 @@ def evaluate_segment(segment: Segment, args):
     for eqn in jaxpr.eqns:
         prim = eqn.primitive
         ins = [a.val if isinstance(a, Literal) else env[a] for a in eqn.invars]
-        if _plain_context(eqn.ctx):
-            out = prim.bind(*ins, **prim.get_bind_params(eqn.params))
-        else:
-            with eqn.ctx.manager:
+        try:
+            if _plain_context(eqn.ctx):
                 out = prim.bind(*ins, **prim.get_bind_params(eqn.params))
+            else:
+                with eqn.ctx.manager:
+                    out = prim.bind(*ins, **prim.get_bind_params(eqn.params))
+        except _NAN_FOUND as e:
+            # (jax_debug_nans / jax_debug_infs: what JAX's API raises for it, where a
+            # primitive bound from outside it reports JAX's internal error)
+            raise FloatingPointError(f"invalid value ({e.ty}) encountered in {prim.name}") from None
         if prim.multiple_results:
             env.update(zip(eqn.outvars, out))
         else:
             env[eqn.outvars[0]] = out
     return [a.val if isinstance(a, Literal) else env[a] for a in jaxpr.outvars]
+
+
+try:
+    from jax._src.api_util import InternalFloatingPointError as _NAN_FOUND
+except ImportError:  # pragma: no cover
+    class _NAN_FOUND(Exception):
+        """(A JAX without it: nothing to convert.)"""
+
+
+def as_fun(closed):
+    """``jaxpr_as_fun(closed)``, leaving JAX's NaN checks as they were.  jaxpr_as_fun turns
+    them off for its call (``with config.debug_nans(False)``), and JAX's hook then leaves a
+    thread-local "no check" behind (it sets None where it should unset the thread's own
+    setting): ``jax_debug_nans`` turned on later checked nothing in a thread that had run a
+    segment, where eager JAX raises FloatingPointError."""
+    fun = jaxpr_as_fun(closed)
+    if _POST_HOOK is None:
+        return fun
+
+    def call(*args):
+        kept = _POST_HOOK.get_local()
+        try:
+            return fun(*args)
+        finally:
+            _POST_HOOK.set_local(kept)
+    return call
+
+
+try:
+    from jax._src.api import _post_hook_state as _POST_HOOK
+except ImportError:  # pragma: no cover
+    _POST_HOOK = None
 
 
 def _plain_context(ctx):

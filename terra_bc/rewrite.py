@@ -20,7 +20,7 @@ import sys
 import types
 from dataclasses import dataclass
 
-from bytecode import Bytecode, Instr, Label, TryBegin
+from bytecode import Bytecode, Instr, Label, TryBegin, TryEnd
 from bytecode.concrete import _ConvertBytecodeToConcrete
 
 from ._hook import LoopExit, LoopHead, LoopMark, Site
@@ -83,9 +83,9 @@ def rewrite(code: types.CodeType, loops: bool = True) -> Rewritten | None:
 
 
 def _build(code, bc, pairs, marks, whiles, offsets):
-    new_bc, expansion, sites = _apply(code, bc, pairs, marks, whiles, offsets)
+    new_bc, expansion, borrowed, sites = _apply(code, bc, pairs, marks, whiles, offsets)
     new_code = _assemble(code, new_bc)
-    _verify(code, new_code, expansion)
+    _verify(code, new_code, expansion, borrowed)
     return Rewritten(new_code, tuple(sites))
 
 
@@ -224,6 +224,8 @@ def _for_loops(bc, stacks, stacksize):
 class WhileLoop:
     head: int     # index in the bytecode of the instruction each turn begins at
     exits: tuple  # (index, raised) of each instruction control reaches on leaving the loop
+    entry: int    # index of an instruction of the statement that leads into the loop (its
+    #               first condition check), or of a back edge's source: see _while_marks
 
 
 def _while_loops(code, bc, stacks, offsets):
@@ -241,16 +243,19 @@ def _while_loops(code, bc, stacks, offsets):
         for m, _ in edges:
             preds[m].append(n)
     dominators = _dominators(succ, preds, entry=min(succ))
-    heads = {}
+    heads, sources = {}, {}
     for n, h in back:
         if n in dominators and _dominates(dominators, h, n) and items[h].name != "FOR_ITER":
             heads.setdefault(h, set()).update(_natural_loop(preds, n, h))
+            sources.setdefault(h, n)
+    for h, body in heads.items():  # (the way in from outside the body, where there is one)
+        sources[h] = min((n for n in preds[h] if n not in body), default=sources[h])
     room = lambda k: k in stacks and len(stacks[k]) + 2 <= code.co_stacksize  # noqa: E731
     loops = []
     for h, body in sorted(heads.items()):
         exits = sorted({(m, raised) for n in body for m, raised in succ[n] if m not in body})
         if room(h) and all(room(m) for m, _ in exits):
-            loops.append(WhileLoop(h, tuple(exits)))
+            loops.append(WhileLoop(h, tuple(exits), sources[h]))
     return loops
 
 
@@ -420,8 +425,10 @@ def _call_no_args(obj, loc):
 
 def _while_marks(code, items, whiles, offsets):
     """Instructions to run before some instructions (index -> list): each while loop's
-    LoopHead call where its turns begin, its LoopExit calls where it is left."""
-    before, heads = {}, []
+    LoopHead call where its turns begin, its LoopExit calls where it is left; the loop
+    heads whose calls take the exception handler of another instruction (head index ->
+    that instruction's index)."""
+    before, heads, borrowed = {}, [], {}
     for loop in whiles:
         head = LoopHead(_site_key(code, offsets[id(items[loop.head])]))
         heads.append(head)
@@ -430,13 +437,37 @@ def _while_marks(code, items, whiles, offsets):
         before.setdefault(loop.head, []).append(head)  # after exits landing there too
     calls = {n: [i for obj in objs for i in _call_no_args(obj, items[n].location)]
              for n, objs in before.items()}
-    return calls, heads
+    handlers = _handlers_at(items)
+    for loop in whiles:
+        # A turn's head is often the NOP of a `try:` that begins the body, which CPython
+        # leaves out of the exception table (a NOP cannot raise): the head's call, which
+        # raises the program's error or an interrupt where the loop turns, would have no
+        # handler and skip a `try` around the loop.  It gets the handler of the code that
+        # leads into the loop (its first condition check), the `while` statement's own.
+        entry = handlers[loop.entry]
+        if handlers[loop.head] is None and entry is not None:
+            begin = entry.copy()
+            calls[loop.head] = [begin] + calls[loop.head] + [TryEnd(begin)]
+            borrowed[loop.head] = loop.entry
+    return calls, heads, borrowed
+
+
+def _handlers_at(items):
+    """The TryBegin in effect at each item (None: no handler)."""
+    out, current = [], None
+    for item in items:
+        if isinstance(item, TryBegin):
+            current = item
+        elif isinstance(item, TryEnd):
+            current = None
+        out.append(current)
+    return out
 
 
 def _apply(code, bc, pairs, loops, whiles, offsets):
     items = list(bc)
     replace = {}
-    before, sites = _while_marks(code, items, whiles, offsets)
+    before, sites, borrowed_at = _while_marks(code, items, whiles, offsets)
     for n in loops:
         mark = LoopMark(_site_key(code, offsets[id(items[n])]))
         sites.append(mark)
@@ -452,12 +483,17 @@ def _apply(code, bc, pairs, loops, whiles, offsets):
     new = bc.copy()
     new.clear()
     expansion = []  # for each original Instr, how many Instrs it became
+    borrowed = {}   # original Instr -> (how many of its first Instrs, the Instr whose handler)
+    instr_index = {id(x): k for k, x in enumerate(x for x in items if isinstance(x, Instr))}
     for n, item in enumerate(items):
         out = before.get(n, []) + replace.get(id(item), [item])
         new.extend(out)
         if isinstance(item, Instr):
-            expansion.append(len(out))
-    return new, expansion, sites
+            if n in borrowed_at:
+                borrowed[len(expansion)] = (sum(isinstance(x, Instr) for x in before[n]),
+                                            instr_index[id(items[borrowed_at[n]])])
+            expansion.append(sum(isinstance(x, Instr) for x in out))
+    return new, expansion, borrowed, sites
 
 
 def _assemble(code, bc):
@@ -480,7 +516,11 @@ _SAME = ("co_argcount", "co_posonlyargcount", "co_kwonlyargcount", "co_flags", "
          "co_filename", "co_firstlineno", "co_stacksize")
 
 
-def _verify(old, new, expansion):
+def _verify(old, new, expansion, borrowed=None):
+    """The rewritten code ``new`` is ``old`` with each instruction expanded into
+    ``expansion[i]`` instructions of the same source position and exception handler (the
+    first ``borrowed[i][0]`` of them: the handler of instruction ``borrowed[i][1]``)."""
+    borrowed = borrowed or {}
     for attr in _SAME:
         if getattr(old, attr) != getattr(new, attr):
             raise Unsupported(f"{attr} changed")
@@ -493,10 +533,11 @@ def _verify(old, new, expansion):
     old_handlers, new_handlers = _handlers(old, old_units), _handlers(new, new_units)
     old_pos, new_pos = _positions(old, old_units), _positions(new, new_units)
     for i, k in enumerate(expansion):
-        want = old_handlers[i]
-        if want is not None:
-            want = (first_new[want[0]],) + want[1:]
+        lent, lender = borrowed.get(i, (0, i))
         for j in range(first_new[i], first_new[i] + k):
+            want = old_handlers[lender if j - first_new[i] < lent else i]
+            if want is not None:
+                want = (first_new[want[0]],) + want[1:]
             if new_handlers[j] != want:
                 raise Unsupported(f"exception handler of instruction {i} changed")
             if new_pos[j] != old_pos[i]:

@@ -175,3 +175,34 @@ def test_a_call_copied_into_both_arms_of_a_conditional_argument_is_rewritten():
     # Every call made went through a site: f twice, g once.
     assert terra_bc.stats()["sites_executed"] - before == 3
     assert len(calls) in (2, 3)  # 3 where the compiler copied f's call into both arms
+
+
+def test_a_while_loops_head_call_is_inside_the_try_around_the_loop():
+    """A while loop's LoopHead call, which raises the program's error (or an interrupt)
+    where a turn begins, is covered by the handler of the `try` around the loop, as the
+    loop's own condition is: CPython leaves the NOP of a body's leading `try:` (where the
+    head is) out of its exception table, and the call there had no handler at all."""
+    def train(n, step):
+        try:
+            while n > 0:
+                try:
+                    n = step(n, 0, 0, 0)  # (stack room for the loop's marks)
+                except KeyError:
+                    pass
+        except ValueError:
+            return -1
+        return n
+
+    code = rewrite(train.__code__).code
+    instrs = list(dis.get_instructions(code))
+    entries = dis.Bytecode(code).exception_entries
+
+    def handler(offset):
+        return next((e.target for e in entries if e.start <= offset < e.end), None)
+
+    head = next(k for k, i in enumerate(instrs) if type(i.argval).__name__ == "LoopHead")
+    call = next(i for i in instrs[head:] if i.opname == "CALL")
+    condition = next(i for i in instrs if i.opname == "COMPARE_OP")
+    assert handler(condition.offset) is not None
+    assert handler(call.offset) == handler(condition.offset)
+    assert train(3, lambda n, *_: n - 1) == 0  # (and it runs)

@@ -22,7 +22,7 @@ One module per concern; each imports only those above it in this list:
   units         Unit, ``@terra_bc.function``
   discovery     loop units and function units found without decoration
   dispatch      on_site: where rewritten call sites send DL-op calls
-  tools         debuggers, profilers, coverage: what an iteration does while one watches
+  tools         debuggers, profilers, coverage, jax.config changes: what an iteration does then
   report        reports: snapshots of units and paths that print and render as HTML
   diff          how two reports differ (paths, units, whole reports)
   explain       explain(): a report of one unit or of every unit
@@ -44,7 +44,7 @@ from .iteration import Iteration
 from .paths import Path
 from .placeholders import STAND_IN, Placeholder, route_array_operators
 from .settings import settings
-from .tools import on_watched
+from .tools import on_watched, watch_config
 from .trace_rules import is_dl_op
 from .units import Unit, function, reset
 from .values import MISS, ArrayImpl
@@ -60,6 +60,7 @@ def install():
     inside an iteration (``placeholders.route_array_operators``)."""
     _hook.set_routing(on_site, is_dl_op)
     _hook.set_watch_handler(on_watched)
+    watch_config()
     _hook.set_fast_path({"placeholder": Placeholder, "event": OpEvent, "iteration": Iteration,
                          "path": Path, "array": ArrayImpl, "stand_in": STAND_IN,
                          "coexec": COEXEC, "miss": MISS})

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import tree_flatten, tree_leaves, tree_unflatten
 
+from .. import jaxpr_builder
 from ..counters import counts
 from . import coexecution, launching, tracing
 from .coexecution import retried
@@ -164,7 +165,7 @@ def _trace_grad(it, spec, start, diff, out):
 def _function_of(seg, inputs, diff_ids):
     """Segment ``seg`` as a function of the values ``diff_ids``: its other inputs are taken
     from ``inputs`` (one per ``seg.inputs``)."""
-    fn = jax.extend.core.jaxpr_as_fun(seg.jaxpr)
+    fn = jaxpr_builder.as_fun(seg.jaxpr)
     where = {id: k for k, id in enumerate(seg.inputs)}
 
     def outputs_of(*xs):

@@ -90,7 +90,8 @@ def enter(it, shape, leaves, args, kwargs):
 
     def check(ev):
         feeds.clear()
-        return shape == ev.shape and all(
+        # (a path recorded under another configuration is not this one: see config_key)
+        return shape == ev.shape and ev.config == it.config and all(
             guards.matches(it, x, spec, feeds) for x, spec in zip(leaves, ev.args))
     ev = next_event(it, "enter", None, check, leaves)
     it.pos += 1

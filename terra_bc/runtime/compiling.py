@@ -69,17 +69,21 @@ def run(it, entry, args, donate=()):
     one, else as this module decides.  Returns the output values.  Each decision is
     journaled (a compile) or logged (an eager run) once, where it is made.  ``donate``: the
     positions of inputs nothing reads afterwards, whose buffers a compiled segment may
-    reuse (``launching.donatable``)."""
+    reuse (``launching.donatable``).  A compiled segment that fails runs op by op instead
+    (``_failed``): an error raised here is the program's own, as eager JAX raises it."""
     exe = entry.exe
     if exe is None:
         exe = entry.exe = jaxpr_builder.cached_executable(entry.segment)
     if exe is not None:
-        if donate:
-            values = jaxpr_builder.run_donating(entry.segment, args, donate,
-                                                journal.segment_name(it, entry))
-            if values is not None:
-                return values
-        return exe(*args)
+        try:
+            if donate:
+                values = jaxpr_builder.run_donating(entry.segment, args, donate,
+                                                    journal.segment_name(it, entry))
+                if values is not None:
+                    return values
+            return exe(*args)
+        except Exception as error:
+            return _failed(it, entry, args, donate, error)
     if it.abandoning:  # (its unit is not the repeating level: this graph does not come back)
         if "compiles" in journal.logged:
             journal.say("compiles", "%s runs eagerly: its unit is not the repeating level",
@@ -87,19 +91,49 @@ def run(it, entry, args, donate=()):
         counts["segments_eager"] += 1
         return jaxpr_builder.evaluate_segment(entry.segment, args)
     if not compiles_later(it, entry):
-        # (No executable of its structure exists, checked above: this makes one.)
-        entry.exe = jaxpr_builder.keep_executable(
-            entry.segment, jaxpr_builder.jit_segment(entry.segment, journal.segment_name(it, entry)))
-        it.unit.note_compile()
-        journal.note(it.unit, journal.Compiled, journal.path_number(it.unit, it.path), entry.start,
-                     entry.stop, "now, on the calling thread", _why_now(it, entry))
-        t0 = time.perf_counter()  # (its first call compiles it)
-        values = entry.exe(*args)
-        _measured(entry.segment, time.perf_counter() - t0)
-        if timeline.on:
-            timeline.add(journal.segment_name(it, entry), "compile", t0, "on the calling thread")
-        return values
+        try:
+            return _compile_now(it, entry, args)
+        except Exception as error:
+            return _failed(it, entry, args, (), error)
     return _until_it_pays(it, entry, args)
+
+
+def _compile_now(it, entry, args):
+    """Compile ``entry``'s segment on this thread (its first call) and run it."""
+    # (No executable of its structure exists, checked by run: this makes one.)
+    entry.exe = jaxpr_builder.keep_executable(
+        entry.segment, jaxpr_builder.jit_segment(entry.segment, journal.segment_name(it, entry)))
+    it.unit.note_compile()
+    journal.note(it.unit, journal.Compiled, journal.path_number(it.unit, it.path), entry.start,
+                 entry.stop, "now, on the calling thread", _why_now(it, entry))
+    t0 = time.perf_counter()  # (its first call compiles it)
+    values = entry.exe(*args)
+    _measured(entry.segment, time.perf_counter() - t0)
+    if timeline.on:
+        timeline.add(journal.segment_name(it, entry), "compile", t0, "on the calling thread")
+    return values
+
+
+def _failed(it, entry, args, donate, error):
+    """``entry``'s compiled segment failed: its compile (terra_bc's failure), or its run,
+    where XLA reports the program's own error as its runtime error too (a callback that
+    raised: ``JaxRuntimeError`` where eager JAX raises the callback's ``ValueError``).  Its
+    equations run op by op, as eager JAX runs them.  If they run, the failure was
+    terra_bc's: their values serve, and the unit runs eagerly from its next iteration (the
+    reason in explain()).  If they raise, that is the program's error, raised as eager JAX
+    raises it (its unit goes on co-executing: ``launching.run``)."""
+    if any(getattr(args[k], "is_deleted", lambda: False)() for k in donate):
+        raise error  # (it consumed inputs given to it: nothing to run again)
+    try:
+        values = jaxpr_builder.evaluate_segment(entry.segment, args)
+    except Exception as program_error:
+        raise program_error from None  # (XLA's report of it would only hide it)
+    unit = it.unit
+    reason = f"a segment failed to compile or run ({type(error).__name__}: {error})"
+    unit.eager_reason = unit.eager_reason or reason
+    counts["eager_fallbacks"] += 1
+    journal.fallback(unit, reason)
+    return values
 
 
 def _until_it_pays(it, entry, args):
@@ -115,8 +149,11 @@ def _until_it_pays(it, entry, args):
     job = cost.job
     if job is not None and job.done.is_set():
         del _costs[seg.key]
-        entry.exe = _take(job, it)
-        return entry.exe(*args)
+        try:
+            entry.exe = _take(job, it)
+            return entry.exe(*args)
+        except Exception as error:
+            return _failed(it, entry, args, (), error)
     if job is None:
         counts["compiles_skipped"] += 1
         price = BACKGROUND_SHARE * expected_compile_seconds(seg)

@@ -46,13 +46,18 @@ class LoopTurn:
 _routing_everywhere = False
 
 
+UNCHANGED = object()  # (an Iteration's was_routing / hook_was_enabled before it opens)
+
+
 def open_iteration(it):
     """Make ``it`` this thread's open iteration; route DL ops to it, hook enabled.  What
-    that changed is kept on the iteration (``was_routing``, ``hook_was_enabled``)."""
-    _hook.set_iteration(it)
-    it.was_routing = _hook.set_thread_routing(True)
+    that changed is kept on the iteration (``was_routing``, ``hook_was_enabled``).  The
+    iteration is made the thread's last: an interrupt that comes before leaves none open,
+    and ``close_iteration`` puts back only what was noted."""
     it.hook_was_enabled = _hook.thread_choice()  # (None: the thread follows the default)
+    it.was_routing = _hook.set_thread_routing(True)
     _hook.enable_thread()
+    _hook.set_iteration(it)
 
 
 def close_iteration(it):
@@ -62,12 +67,54 @@ def close_iteration(it):
     where ``dispatch.on_site`` runs them on concrete values.  Set once and kept, by
     design: programs that never open a unit pay nothing."""
     global _routing_everywhere
-    _hook.set_thread_routing(it.was_routing)
-    _hook.set_thread_choice(it.hook_was_enabled)
+    if it.was_routing is not UNCHANGED:
+        _hook.set_thread_routing(it.was_routing)
+    if it.hook_was_enabled is not UNCHANGED:
+        _hook.set_thread_choice(it.hook_was_enabled)
     _hook.set_iteration(None)
     if not _routing_everywhere:
         _routing_everywhere = True
         _hook.set_route_always(True)
+
+
+def cut_short(error):
+    """Can ``error`` have stopped terra_bc's own code half-way through a step of an iteration
+    (an op being matched, a launch, a divergence)?  An asynchronous exception can come at
+    any bytecode (the ``KeyboardInterrupt`` a signal handler raises, ``SystemExit``), and
+    ``MemoryError`` at any allocation.  Other errors are raised where the runtime expects
+    them and leave the iteration consistent (a program's error, JAX refusing an op)."""
+    return not isinstance(error, Exception) or isinstance(error, MemoryError)
+
+
+def leaving(error):
+    """``error`` leaves terra_bc's code for the program's (a routed call, an operator, a
+    fetch of a placeholder): if it may have cut a step of the open iteration short, the
+    iteration runs its rest eagerly (``Iteration.abort``).  Only at the outermost such
+    call: inside an op JAX runs itself or a function being differentiated, the caller
+    that routed it does this once the error reaches it."""
+    it = current()
+    if it is not None and not it.opaque_depth and not it.grad_depth and cut_short(error):
+        it.abort(error)
+
+
+def eager_only():
+    """Why JAX must run each op the moment the program reaches it, or None.  Under
+    ``jax_disable_jit`` eager JAX runs a jitted function's Python at every call, op by op;
+    under ``jax_debug_nans`` / ``jax_debug_infs`` it checks every op's output and raises at
+    the op that made a NaN.  Co-executed ops run later, fused, checked only where a segment
+    ends: while one of these is on, no iteration opens (the program runs as plain JAX)."""
+    for name, state in _EAGER_ONLY:
+        if state.value:
+            return f"{name} is on: JAX runs every op as the program reaches it"
+    return None
+
+
+def _eager_only_states():
+    from jax._src import config as jax_config
+    return tuple((f"jax_{n}", getattr(jax_config, n)) for n in ("disable_jit", "debug_nans", "debug_infs"))
+
+
+_EAGER_ONLY = _eager_only_states()
 
 
 def plain_trace(recording=None):

@@ -40,15 +40,35 @@ def on_loop(mark, token, exiting):
     an exception).  ``mark``: the ``for`` loop's LoopMark (``token``: its LoopIter) or the
     ``while`` loop's LoopHead (``token``: its frame).  Returns whether an iteration is open
     for this loop afterwards, or the program's own error met ending the last turn's
-    iteration (a callback that raised, see Unit.end), which the loop raises where it turns
-    (see ``_hook.c``); a failure of terra_bc's own is never the loop's exception."""
+    iteration (a callback that raised, see Unit.end) or an interrupt (the KeyboardInterrupt
+    a signal handler raised while this ran), which the loop raises where it turns (see
+    ``_hook.c``); a failure of terra_bc's own is never the loop's exception.  After any
+    error no turn of this loop is left open: C takes none to be."""
     try:
         return _on_loop(mark, token, exiting)
-    except Exception as error:
-        if error is not thread.program_error:
+    except BaseException as error:
+        _close_turn(mark, token)
+        if isinstance(error, Exception) and error is not thread.program_error:
             raise
         thread.program_error = None
         return error
+
+
+def _close_turn(mark, token):
+    """After an error in on_loop: the turn of this loop still open (the error came before it
+    ended), or an iteration opened for it that is not its turn yet (it came in between),
+    ends as a turn that did not complete.  Best effort: the error at hand is the one that
+    goes on (a second interrupt here is the program's too)."""
+    try:
+        turn = thread.loop
+        if turn is not None and turn.mark is mark and turn.token == token:
+            _end_turn(ok=False)
+        it = context.current()
+        if it is not None and it.unit.mark is mark and (thread.loop is None
+                                                         or thread.loop.iteration is not it):
+            it.unit.end(it, ok=False)
+    except Exception:
+        pass
 
 
 def _on_loop(mark, token, exiting):
@@ -60,9 +80,13 @@ def _on_loop(mark, token, exiting):
     cur = thread.loop
     loop = (mark, token)  # one execution of one loop statement
     first = exiting == FIRST_TURN
-    if exiting and not first or _hook.watched():  # (no turn opens while a tool watches: tools.py)
+    why = context.eager_only()  # (jax_disable_jit, jax_debug_nans: no turn opens either)
+    if exiting and not first or _hook.watched() or why:  # (no turn opens while a tool watches: tools.py)
         if cur is not None and (cur.mark, cur.token) == loop:
             _end_turn(ok=exiting != 2)
+        if why and (first or not exiting) and mark in _loop_units:  # (a turn ran eagerly)
+            counts["eager_fallbacks"] += 1
+            journal.fallback(_loop_units[mark], why)
         return False
     outer = context.current()
     if cur is None and outer is not None and not _loop_takes_over(outer, loop):
@@ -138,15 +162,18 @@ def _end_turn(ok, abandon=False):
     forgotten, and the loop is undecided again (see _hook.c: turns that call no JAX are not
     reported while no iteration is open)."""
     turn = thread.loop
-    thread.loop = None
     it = turn.iteration
     unit = it.unit
     if turn.first and ok and not abandon and it.mode == TRACE and not unit.paths \
             and all(ev.kind == "enter" for ev in it.path.events):
+        thread.loop = None
         unit.discard(it)
         turn.mark.state = 0
         return False
+    # (The turn stays this thread's until its end has begun: an interrupt that comes as it
+    # begins leaves it for on_loop to end, see _close_turn; Unit.end runs once.)
     unit.end(it, ok, abandon)
+    thread.loop = None
     return True
 
 
@@ -179,7 +206,7 @@ def on_call(unit, token, state):
             if token.mode == TRACE or unit.eager_reason:  # (a new path: is the unit worth it?)
                 _drop_if_small(unit)
         return None
-    if context.current() is not None or thread.opaque or unit.eager_reason:
+    if context.current() is not None or thread.opaque or unit.eager_reason or context.eager_only():
         return None
     if unit.warming_up(plain_calls=1) or not plain_trace():  # a unit from the 2nd call
         return None

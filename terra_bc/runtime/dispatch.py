@@ -18,7 +18,7 @@ from .. import frames
 from ..counters import counts
 from ..jaxpr_builder import ArrayImpl, Id
 from . import autodiff, discovery, guards
-from .context import EAGER, current, thread
+from .context import EAGER, current, leaving, thread
 from .placeholders import AT_METHODS, METHODS, eager
 from .trace_rules import calls_given_function, code_of, grad_spec, is_api_wrapper, is_dl_op
 from .values import is_array
@@ -33,44 +33,48 @@ except ImportError:  # pragma: no cover
 def on_site(site, callee, *args, **kwargs):
     """A rewritten call site called a DL op (see ``_hook.c``)."""
     __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
-    if args and calls_given_function(callee):
-        return _with_routed_function(callee, args, kwargs)
-    it = current()
-    if it is None:  # outside any iteration: values from past iterations are concrete
-        discovery.mark_caller(sys._getframe(1).f_code)
-        counts["ops_eager"] += 1
-        thread.opaque += 1  # no loop unit opens inside the op
-        try:
-            return eager(callee, args, kwargs)
-        finally:
-            thread.opaque -= 1
-    if it.opaque_depth == 0 and it.mode != EAGER:
-        if callee is jax.vjp and args and not kwargs.keys() - {"has_aux"}:
-            return autodiff.vjp(it, _python_or_one_op(args[0]), args[1:], **kwargs)
-        if callee is jax.jvp and len(args) == 3 and not kwargs.keys() - {"has_aux"}:
-            return autodiff.jvp(it, _python_or_one_op(args[0]), *args[1:], **kwargs)
-    if callee is jax.eval_shape and args and it.opaque_depth == 0 and it.mode != EAGER:
-        return _shapes(it, args, kwargs)
-    if it.opaque_depth == 0:
-        if (callee is jax.grad or callee is jax.value_and_grad) and len(args) == 1:
-            return _gradient_function(it, callee, args, kwargs)
-        if is_api_wrapper(callee):
-            spec = it.remember(("grad spec", Id(callee)), lambda: grad_spec(callee))
-            if spec is not None:
-                spec = spec._replace(fun=_python_or_one_op(spec.fun))
-                return autodiff.grad(it, callee, spec, args, kwargs)
-    if isinstance(callee, types.MethodType) and not isinstance(callee.__self__, type):
-        owner = callee.__self__
-        if type(owner) is INDEX_UPDATE_REF:
-            # x.at[i].add(v) on a concrete x: the op a placeholder's x.at[i].add(v) records,
-            # x and i its inputs.  Passed as JAX's reference object, an index that is a
-            # placeholder was hidden from the op (not a pytree): the op ran as opaque, and
-            # JAX's own `i < 0` on the placeholder recursed without end.
-            return it.op(AT_METHODS[callee.__name__], (owner.array, owner.index) + args, kwargs)
-        args = (owner,) + args  # x.sum() on a concrete array: x is an input
-        # (one guard key for x.sum() whether x is an array, a tracer or a placeholder)
-        callee = _ARRAY_METHODS.get(callee.__func__, callee.__func__)
-    return it.op(callee, args, kwargs)
+    try:
+        if args and calls_given_function(callee):
+            return _with_routed_function(callee, args, kwargs)
+        it = current()
+        if it is None:  # outside any iteration: values from past iterations are concrete
+            discovery.mark_caller(sys._getframe(1).f_code)
+            counts["ops_eager"] += 1
+            thread.opaque += 1  # no loop unit opens inside the op
+            try:
+                return eager(callee, args, kwargs)
+            finally:
+                thread.opaque -= 1
+        if it.opaque_depth == 0 and it.mode != EAGER:
+            if callee is jax.vjp and args and not kwargs.keys() - {"has_aux"}:
+                return autodiff.vjp(it, _python_or_one_op(args[0]), args[1:], **kwargs)
+            if callee is jax.jvp and len(args) == 3 and not kwargs.keys() - {"has_aux"}:
+                return autodiff.jvp(it, _python_or_one_op(args[0]), *args[1:], **kwargs)
+        if callee is jax.eval_shape and args and it.opaque_depth == 0 and it.mode != EAGER:
+            return _shapes(it, args, kwargs)
+        if it.opaque_depth == 0:
+            if (callee is jax.grad or callee is jax.value_and_grad) and len(args) == 1:
+                return _gradient_function(it, callee, args, kwargs)
+            if is_api_wrapper(callee):
+                spec = it.remember(("grad spec", Id(callee)), lambda: grad_spec(callee))
+                if spec is not None:
+                    spec = spec._replace(fun=_python_or_one_op(spec.fun))
+                    return autodiff.grad(it, callee, spec, args, kwargs)
+        if isinstance(callee, types.MethodType) and not isinstance(callee.__self__, type):
+            owner = callee.__self__
+            if type(owner) is INDEX_UPDATE_REF:
+                # x.at[i].add(v) on a concrete x: the op a placeholder's x.at[i].add(v) records,
+                # x and i its inputs.  Passed as JAX's reference object, an index that is a
+                # placeholder was hidden from the op (not a pytree): the op ran as opaque, and
+                # JAX's own `i < 0` on the placeholder recursed without end.
+                return it.op(AT_METHODS[callee.__name__], (owner.array, owner.index) + args, kwargs)
+            args = (owner,) + args  # x.sum() on a concrete array: x is an input
+            # (one guard key for x.sum() whether x is an array, a tracer or a placeholder)
+            callee = _ARRAY_METHODS.get(callee.__func__, callee.__func__)
+        return it.op(callee, args, kwargs)
+    except BaseException as error:
+        leaving(error)  # (an interrupt may have cut a step of the iteration short)
+        raise
 
 
 def _array_methods():

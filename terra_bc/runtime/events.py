@@ -86,9 +86,11 @@ class Event:
 
 @dataclass(slots=True, eq=False, repr=False)
 class EnterEvent(Event):
-    """The unit's arguments: ``shape`` (values.arrays_in) and a FeedIn per array."""
+    """The unit's arguments: ``shape`` (values.arrays_in) and a FeedIn per array; the
+    configuration the path is recorded under (``guards.config_key``)."""
     shape: object
     args: tuple
+    config: object = None
 
 
 @dataclass(slots=True, eq=False, repr=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import operator
 import types
 
+import jax
 import numpy as np
 
 from ..jaxpr_builder import Id
@@ -156,6 +157,25 @@ def same_static(x, value):
     if type(x) is types.FunctionType and type(value) is types.FunctionType:
         return x is value or function_key(x) == function_key(value)
     return same(x, value)
+
+
+# ------------------------------------------------------------------ configuration
+
+def config_key():
+    """The configuration a recording is valid under: what JAX keys its own caches on
+    (``jax._src.config.trace_context``: x64, the default device, matmul precision, dtype
+    promotion, meshes...).  A path recorded under another one is not reused: with
+    ``jax_enable_x64`` turned on, ``jnp.sum`` of int32 values gives an int64."""
+    return _trace_context()
+
+
+try:
+    from jax._src.config import trace_context as _trace_context
+except ImportError:  # pragma: no cover
+    def _trace_context():
+        config = jax.config
+        return (config.jax_enable_x64, config.jax_default_device, config.jax_default_matmul_precision,
+                config.jax_numpy_dtype_promotion, config.jax_numpy_rank_promotion)
 
 
 # ------------------------------------------------------------------ matching

@@ -23,9 +23,9 @@ from .. import _hook
 from ..counters import counts
 from . import coexecution, journal, launching, timeline, tracing
 from .coexecution import retried
-from .context import COEXEC, EAGER, TRACE
+from .context import COEXEC, EAGER, TRACE, UNCHANGED
 from .events import FetchEvent
-from .guards import callee_key
+from .guards import callee_key, config_key
 from .placeholders import Placeholder, concrete, eager
 from .trace_rules import builds_array_from
 from .values import MISS, arrays_in, is_array, user_line
@@ -36,7 +36,7 @@ class Iteration:
     __slots__ = ("unit", "mode", "path", "pos", "fork_stop", "left", "auto", "loop_turns",
                  "env", "seg_start", "tracers", "live", "opaque_depth", "recording",
                  "grad_depth", "memo", "was_routing", "hook_was_enabled", "trace_launches",
-                 "abandoning", "started", "effects_ran", "last_op_at")
+                 "abandoning", "started", "effects_ran", "last_op_at", "failed", "config", "ended")
 
     def __init__(self, unit, mode, path):
         self.unit, self.mode, self.path = unit, mode, path
@@ -53,12 +53,15 @@ class Iteration:
         self.recording = None   # the Recorder entered for this iteration (tracing)
         self.grad_depth = 0     # > 0 while a differentiated function's Python runs
         self.memo = {}          # see remember
-        self.was_routing = self.hook_was_enabled = False  # the thread before it (context)
+        self.was_routing = self.hook_was_enabled = UNCHANGED  # the thread before it (context)
         self.trace_launches = 0  # segments run to compute values recorded abstractly
         self.abandoning = False  # finishing as a unit that is not the repeating level
         self.started = 0.0      # when it began (perf_counter), if a timeline was recording
         self.effects_ran = set()  # equations whose effects (callbacks) happened (launching.run)
         self.last_op_at = 0.0   # when tracing recorded its last op (tracing.launch_before)
+        self.failed = None      # the program's error a launch met (launching.stop_launching)
+        self.config = config_key()  # the configuration it began under (guards.config_key)
+        self.ended = False      # Unit.end has begun
 
     def __repr__(self):
         return f"<Iteration of {self.unit.name}: {self.mode}, event {self.pos}>"
@@ -236,6 +239,32 @@ class Iteration:
                                             else new.recorder.adopt_abstract(p._id))
         self.path, self.mode, self.fork_stop, self.left = new, TRACE, stop, old
         self.start_recording()
+
+    def abort(self, error):
+        """``error`` stopped terra_bc's own code in this iteration, maybe half-way through a
+        step (``context.cut_short``: an interrupt, a MemoryError), and now passes to the
+        program: the rest of the iteration runs eagerly.  Nothing the runtime was preparing
+        is trusted: the values Python holds are computed op by op from the recording and
+        the feeds (``launching.recover``, as eager JAX computes them), later ops are plain
+        JAX calls, and no path is kept from it.  The unit is left as it was: its next
+        iteration co-executes.  Safe to call again (a second interrupt: best effort)."""
+        if self.mode == EAGER and self.recording is None:
+            return
+        traced, recording = self.mode == TRACE, self.recording
+        self.mode, self.recording = EAGER, None
+        try:
+            if recording is not None:
+                recording.__exit__(None, None, None)
+            launching.recover(self, traced)
+        except Exception as failed:  # (its values are lost: reading one raises, see concrete)
+            journal.fallback(self.unit, f"computing the values an interrupted iteration held "
+                             f"failed ({type(failed).__name__}: {failed})")
+        finally:
+            if traced:
+                self.path.recorder.compute_values(None)
+        counts["eager_fallbacks"] += 1
+        journal.fallback(self.unit, f"{type(error).__name__} stopped terra_bc's work in an "
+                         "iteration (the rest ran eagerly)")
 
     def _note_divergence(self, failed, then):
         """The journal's record of a divergence here; returns the user's line."""

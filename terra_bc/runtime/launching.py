@@ -20,7 +20,7 @@ from jax.extend.core import set_current_trace
 from .. import jaxpr_builder
 from ..counters import counts
 from . import compiling, journal, pacing, timeline
-from .context import TRACE
+from .context import EAGER, TRACE
 from .settings import DONATE_MIN_BYTES, LAZY_LAUNCHES, settings
 from .values import MISS, NUMBER_TYPES, ArrayImpl, device_number
 
@@ -132,6 +132,9 @@ def run(it, start, stop, outputs, required=None, later=None, final=False):
         it.opaque_depth += 1
         try:
             values = compiling.run(it, entry, args, dead)
+        except Exception as error:  # (the program's own: compiling.run)
+            stop_launching(it, effects, error)
+            raise
         finally:
             it.opaque_depth -= 1
         del args
@@ -144,6 +147,30 @@ def run(it, start, stop, outputs, required=None, later=None, final=False):
         name = journal.segment_name(it, entry)
         timeline.add(name, "launch", t0, it.mode)
         timeline.running(name, t0, values)
+
+
+def stop_launching(it, effects, error):
+    """The program's own ``error`` met in a launch (a callback that raised: eager JAX raised
+    it at that op, so nothing after it ran).  The iteration launches nothing more: the
+    launch's effects count as happened (those before the failing one did, and eager JAX
+    ran none after it), its rest runs eagerly, and each value Python holds that no launch
+    computed is computed op by op if Python reads it (``LateValue``: one that needed the
+    failed op raises its error again).  The unit goes on co-executing: the error is the
+    program's, not terra_bc's (``Unit._failed_at_end`` raises it as such)."""
+    it.effects_ran.update(effects)
+    recording, it.recording = it.recording, None
+    if recording is not None:
+        recording.__exit__(None, None, None)
+        it.path.recorder.compute_values(None)
+    it.mode, it.failed = EAGER, error
+    it.seg_start = it.path.recorder.mark()
+    env = it.env
+    for p in alive(it):
+        if p._val is None:
+            if p._id in env:
+                p._val, p._rec = env[p._id], None
+            else:
+                p._rec = LateValue(it, p._id)
 
 
 def donatable(it, seg, args, later, final=False):
@@ -250,25 +277,34 @@ def value(it, id, stop):
     return it.env[id]
 
 
-def recover(it):
-    """After a failed launch: compute the values of ``it`` that Python holds op by op from
+def recover(it, traced=False):
+    """After a failed launch, or a step of terra_bc's own that did not finish (an interrupt
+    came, see Iteration.abort): compute the values of ``it`` that Python holds op by op from
     its recording and feeds, as eager JAX would (no compile; effects that happened already
-    are not repeated), and settle them.  An error here is the program's own."""
+    are not repeated), and settle them.  Nothing else the iteration prepared (segments,
+    what they computed, where it is on its path) is needed.  ``traced``: it was tracing, so
+    the tracers recorded abstractly that Python holds itself get their values too.  An
+    error here is the program's own."""
+    env, rec = it.env, it.path.recorder
     held_now = [p for p in alive(it) if p._val is None]
-    ids = tuple(sorted({p._id for p in held_now if p._id not in it.env}))
+    want = {p._id for p in held_now}
+    if traced:
+        want |= held(it) & {t.id for t in rec.unvalued()}
+    ids = tuple(sorted(i for i in want if i not in env and not _known(it, i)))
     failed = None
     if ids:
-        rec = it.path.recorder
         stop = rec.mark()
         seg = rec.segment(ids, 0, stop, _happened(it, rec.effects_in(0, stop)))
         try:
-            it.env.update(zip(seg.outputs, _evaluated(seg, it.env)))
+            env.update(zip(seg.outputs, _evaluated(seg, env)))
         except Exception as error:  # (the program's: a callback that raises, as eagerly)
             failed = error
             _evaluate_without_effects(it, ids, stop)
     for p in held_now:
-        if p._id in it.env:
-            p._val, p._rec = it.env[p._id], None
+        if p._id in env:
+            p._val, p._rec = env[p._id], None
+    if traced:
+        give_values(it)
     if failed is not None:
         raise failed
 
@@ -293,6 +329,8 @@ def settle(it, alive_now=None):
     env = it.env
     for p in alive(it) if alive_now is None else alive_now:
         if p._val is None:
+            if type(p._rec) is LateValue:
+                continue  # (computed if read: see stop_launching)
             if p._rec is not None:
                 p._val = p._rec.val
             elif p._id in env:
@@ -305,9 +343,10 @@ def settle(it, alive_now=None):
 
 class LateValue:
     """The value of a placeholder Python still held at a launch that reused a compiled
-    segment not computing it (see run): computed from the iteration's recording and feeds,
-    op by op, if Python reads it (``.val``, as a recording tracer's).  Read once, the path's
-    later launches compute it (it joins ``Path.escaping``)."""
+    segment not computing it (see run), or when a launch met the program's error (see
+    stop_launching): computed from the iteration's recording and feeds, op by op, if Python
+    reads it (``.val``, as a recording tracer's).  Read once, the path's later launches
+    compute it (it joins ``Path.escaping``)."""
     __slots__ = ("path", "id", "stop", "env", "_value")
 
     def __init__(self, it, id):

@@ -23,7 +23,7 @@ from .. import _hook
 from ..jaxpr_builder import Recorder, RecTracer, evaluate_segment
 from ..counters import counts
 from ..jaxpr_builder import several_devices
-from .context import EAGER, current
+from .context import EAGER, current, leaving
 
 
 class _StandIn(jax.core.Trace):
@@ -59,7 +59,11 @@ class Placeholder(jax.core.Tracer):
         it = self._it
         if it is not current():
             return concrete(self)
-        return it.lower(self)
+        try:
+            return it.lower(self)
+        except BaseException as error:
+            leaving(error)  # (an interrupt may have cut the launch short)
+            raise
 
     def to_concrete_value(self):
         return None  # never let JAX bake a value in (DESIGN.md)
@@ -158,7 +162,11 @@ class Placeholder(jax.core.Tracer):
         _hook.watch_check()  # (a debugger printing a value: the iteration may run eagerly now)
         if self._val is not None:
             return convert(self._val)
-        return it.fetch(self, kind, convert)
+        try:
+            return it.fetch(self, kind, convert)
+        except BaseException as error:
+            leaving(error)  # (an interrupt may have cut the launch short)
+            raise
 
     def __getattr__(self, name):
         # Array methods not installed below (x.argwhere(), x.at is separate) are ops too.
@@ -400,7 +408,11 @@ def call(fn, args, kwargs):
         leaves, tree = tree_flatten((args, kwargs))
         a, k = tree_unflatten(tree, [x.full_lower() if type(x) is Placeholder else x for x in leaves])
         return fn(*a, **k)
-    return it.op(fn, args, kwargs)
+    try:
+        return it.op(fn, args, kwargs)
+    except BaseException as error:
+        leaving(error)  # (an interrupt may have cut a step of the iteration short)
+        raise
 
 
 def eager(fn, args, kwargs):

@@ -27,6 +27,10 @@ METADATA_FUNCTIONS = frozenset({"result_type", "promote_types", "can_cast", "iss
 # JAX functions that are Python-level utilities, not ops: tree_map(f, ...) must run f as
 # the iteration's own code (its ops are events), block_until_ready/device_get fetch.
 NOT_OPS_FILES = (os.sep + "tree_util.py", os.sep + "tree.py")
+# JAX's configuration (jax.config.update, the State objects behind jax.enable_x64(...),
+# jax.default_device(...)): not ops; a change the program makes while an iteration is open
+# is watched where JAX makes it (tools.before_change).
+CONFIG_FILE, CONFIG_MODULE = os.sep + os.path.join("_src", "config.py"), "jax._src.config"
 NOT_OPS_NAMES = frozenset({"block_until_ready", "device_get"}) | METADATA_FUNCTIONS
 # Pytree utilities that call a function they are given (jax.tree.map(jnp.sum, grads)):
 # routed, so that such a function, when it is a DL op, is called as an op of the iteration
@@ -68,9 +72,9 @@ def _is_dl_op(callee):
             return inner is None or _is_dl_op(inner)
         if code.co_filename.endswith(NOT_OPS_FILES):
             return _calls_given_function(code)
-        return code.co_name not in NOT_OPS_NAMES
+        return code.co_name not in NOT_OPS_NAMES and not code.co_filename.endswith(CONFIG_FILE)
     module = getattr(type(callee), "__module__", "") or ""
-    return module.startswith(("jax", "jaxlib")) and callable(callee)
+    return module.startswith(("jax", "jaxlib")) and module != CONFIG_MODULE and callable(callee)
 
 
 def calls_given_function(callee):

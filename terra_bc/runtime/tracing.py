@@ -95,14 +95,14 @@ def tracer(it, id):
 def enter(it, shape, leaves, args, kwargs):
     """The unit's arguments: each array is fed and handed to the unit as a placeholder."""
     if not leaves:
-        append(it, EnterEvent, "enter", None, shape=shape, args=())
+        append(it, EnterEvent, "enter", None, shape=shape, args=(), config=it.config)
         return args, kwargs
     specs, values = [], []
     for x in leaves:
         t = feed(it, x)
         specs.append(FeedIn(t.id, t.aval, type(x)))
         values.append(wrap(it, t))
-    append(it, EnterEvent, "enter", None, shape=shape, args=tuple(specs))
+    append(it, EnterEvent, "enter", None, shape=shape, args=tuple(specs), config=it.config)
     return with_arrays(args, kwargs, values)
 
 

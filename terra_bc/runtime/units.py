@@ -57,6 +57,7 @@ class Unit:
         self.fallbacks_noted = set()  # eager reasons journaled (each once: journal.fallback)
         self.busy = threading.Lock()  # held while an iteration of it is open (any thread)
         self.holder = None      # the thread holding busy
+        self.taker = None       # the thread that last tried to take it (see untake)
         self.copies = {}        # thread id -> that thread's copy (see claim)
         self.origin = None      # the unit this one is a thread's copy of
 
@@ -110,6 +111,11 @@ class Unit:
             return self.fn(*args, **kwargs)
         if _hook.watched():  # a debugger, profiler or coverage tool: the user's own code (tools.py)
             return self.plain(*args, **kwargs)
+        why = context.eager_only()
+        if why:  # (jax_disable_jit, jax_debug_nans: JAX runs each op as the program reaches it)
+            counts["eager_fallbacks"] += 1
+            journal.fallback(self, why)
+            return self.fn(*args, **kwargs)
         if self.eager_reason or self.warming_up():
             if self.eager_reason:
                 counts["eager_fallbacks"] += 1
@@ -121,7 +127,12 @@ class Unit:
             result = self.fn(*args, **kwargs)
             ok = True
         finally:
-            it.unit.end(it, ok)
+            try:
+                it.unit.end(it, ok)
+            except BaseException:
+                if not it.ended:  # (an interrupt came as end began, before it did anything)
+                    it.unit.end(it, ok)
+                raise
         return eager_value(result)
 
     def discard(self, it):
@@ -152,6 +163,11 @@ class Unit:
         me = threading.get_ident()
         own = self.copies.get(me)
         if own is None:
+            if self.holder == me:
+                # Held by this thread, with no iteration open in it (none is, where a unit is
+                # claimed): an interrupt came before the last one released it.  Still ours.
+                return self
+            self.taker = me  # (see untake)
             if self.busy.acquire(blocking=False):
                 self.holder = me
                 return self
@@ -166,10 +182,22 @@ class Unit:
             self.holder = None
             self.busy.release()
 
+    def untake(self):
+        """``claim`` was cut short (an interrupt can come between taking the lock and
+        noting the holder): this thread gives back the lock it may have taken."""
+        if self.holder is None and self.taker == threading.get_ident() and self.busy.locked():
+            self.busy.release()
+
     def begin(self, args, kwargs):
         """Open an iteration in this thread; returns it and the arguments to run it with.
         The iteration's unit is this one or this thread's copy of it (``claim``)."""
-        unit = self.claim()
+        try:
+            unit = self.claim()
+        except BaseException:
+            for unit in (self, self.copies.get(threading.get_ident())):
+                if unit is not None:
+                    unit.untake()
+            raise
         try:
             return unit._begin(args, kwargs)
         except BaseException:
@@ -183,8 +211,8 @@ class Unit:
         if timeline.on:
             it.started = time.perf_counter()
         counts["iterations_coexecuted" if mode == COEXEC else "iterations_traced"] += 1
-        context.open_iteration(it)
         try:
+            context.open_iteration(it)
             if mode == TRACE:
                 it.start_recording()
             return it, it.enter(args, kwargs)
@@ -194,21 +222,39 @@ class Unit:
 
     def end(self, it, ok, abandon=False):
         """Close ``it``; ``abandon``: the unit is not the repeating level after all (a loop
-        inside it is): what it recorded runs eagerly and no path is kept."""
-        context.close_iteration(it)  # (routing everywhere from now on: see there)
+        inside it is): what it recorded runs eagerly and no path is kept.  Once: a caller
+        that saw an interrupt come as it began (``it.ended`` not set yet) calls it again."""
+        if it.ended:
+            return
         try:
             self._end(it, ok, abandon)
         finally:
             if self.eager_reason and self.origin is not None and not self.origin.eager_reason:
                 self.origin.eager_reason = self.eager_reason  # (what callers check)
-            self.release()  # (after finishing: that launches and keeps paths)
+            # The claim ends, after finishing (that launches and keeps paths).  Inline, with
+            # no call before the lock's own release: an interrupt can come as any call
+            # begins, and release() cut short there left the unit held.  (The iteration's
+            # thread holds it: claim.)
+            if self.holder is not None:
+                self.holder = None
+                self.busy.release()
 
     def _end(self, it, ok, abandon):
-        self.memo = it.memo
         try:
+            it.ended = True  # (from here on, what an interrupt cuts short is made good below)
+            context.close_iteration(it)  # (routing everywhere from now on: see there)
+            self.memo = it.memo
             it.finish(ok, abandon)
         except Exception as error:
             self._failed_at_end(it, ok, error)
+        except BaseException as error:
+            # An interrupt (the KeyboardInterrupt a signal handler raised) cut the end short,
+            # anywhere in it: the program's own, raised once what Python holds has its value,
+            # computed op by op (it was raised unseen, and values were lost, before).
+            context.close_iteration(it)
+            it.abort(error)
+            it.let_go()
+            raise
         if it.started and timeline.on:
             timeline.add(f"iteration of {self.name}", "iteration", it.started, it.mode)
         # Tracing costs more than eager: a unit that keeps making new paths makes no more;
@@ -219,22 +265,28 @@ class Unit:
                                           f"{RETRACE_WINDOW} calls (its path or shapes change)")
 
     def _failed_at_end(self, it, ok, error):
-        """Launching what ``it`` left failed (a compile, a segment: terra_bc's failure or the
-        program's own, a callback that raised).  The unit runs eagerly from now on, and the
-        values Python holds are computed op by op as eager JAX would compute them; an error
-        then is the program's, raised as eager JAX raises it (see ProgramError), unless the
-        iteration is already ending with the program's own exception."""
-        reason = f"launching the end of an iteration failed ({type(error).__name__}: {error})"
-        self.eager_reason = self.eager_reason or reason
-        counts["eager_fallbacks"] += 1
-        journal.fallback(self, reason)
-        try:
-            launching.recover(it)
-        except Exception as program_error:
-            if ok:
-                if self.fn is None:  # a loop's: its loop raises it (discovery.on_loop)
-                    context.thread.program_error = program_error
-                raise
+        """Ending ``it`` failed.  The program's own error a launch met (``it.failed``: a
+        callback that raised; ``launching.stop_launching`` has handled the iteration) is
+        raised as eager JAX raises it, unless the iteration is already ending with the
+        program's own exception.  Anything else is terra_bc's failure: the unit runs eagerly
+        from now on, and the values Python holds are computed op by op as eager JAX would
+        compute them (an error then is the program's)."""
+        if error is not it.failed:
+            reason = f"ending an iteration failed ({type(error).__name__}: {error})"
+            self.eager_reason = self.eager_reason or reason
+            counts["eager_fallbacks"] += 1
+            journal.fallback(self, reason)
+            try:
+                launching.recover(it)
+                it.let_go()
+                return
+            except Exception as program_error:
+                error = program_error
+        it.let_go()
+        if ok:
+            if self.mark is not None:  # a loop's: its loop raises it (discovery.on_loop)
+                context.thread.program_error = error
+            raise error
 
     def reset(self):
         """Forget what the unit learned from its calls: its next call traces afresh."""
