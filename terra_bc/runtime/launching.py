@@ -77,6 +77,21 @@ def launch(it, stop, need, alive_now=None, final=False):
         run(it, 0, it.seg_start, tuple(sorted(missing)))
 
 
+def _launched(it, entry, args, dead, effects):
+    """``entry`` run on ``args`` (``compiling.run``); an error then is the program's own,
+    and the iteration launches nothing more.  A callback's Python that runs while the
+    segment does is the program's own too, run as eager JAX runs it: its array operators
+    are not ops of this iteration (``opaque_depth``)."""
+    it.opaque_depth += 1
+    try:
+        return compiling.run(it, entry, args, dead)
+    except Exception as error:
+        stop_launching(it, effects, error)
+        raise
+    finally:
+        it.opaque_depth -= 1
+
+
 def pending_effects(it, start, stop):
     """Do equations [start, stop) have effects (callbacks, prints) that have not happened
     in this iteration yet?  Their segment runs even if Python needs none of its values."""
@@ -127,16 +142,7 @@ def run(it, start, stop, outputs, required=None, later=None, final=False):
             dead = donatable(it, seg, args, later, final)
         for k in dead:  # (nothing reads them again: let go of them as the segment runs)
             del env[seg.inputs[k]]
-        # (A callback's Python that runs while the segment does is the program's own, run
-        # as eager JAX runs it: its array operators are not ops of this iteration.)
-        it.opaque_depth += 1
-        try:
-            values = compiling.run(it, entry, args, dead)
-        except Exception as error:  # (the program's own: compiling.run)
-            stop_launching(it, effects, error)
-            raise
-        finally:
-            it.opaque_depth -= 1
+        values = _launched(it, entry, args, dead, effects)
         del args
     if pacing.needed():
         pacing.launched(values)
