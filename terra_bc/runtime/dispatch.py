@@ -50,8 +50,8 @@ def on_site(site, callee, *args, **kwargs):
                 return autodiff.vjp(it, _python_or_one_op(args[0]), args[1:], **kwargs)
             if callee is jax.jvp and len(args) == 3 and not kwargs.keys() - {"has_aux"}:
                 return autodiff.jvp(it, _python_or_one_op(args[0]), *args[1:], **kwargs)
-        if callee is jax.eval_shape and args and it.opaque_depth == 0 and it.mode != EAGER:
-            return _shapes(it, args, kwargs)
+            if callee is jax.eval_shape and args:
+                return _shapes(it, args, kwargs)
         if it.opaque_depth == 0:
             if (callee is jax.grad or callee is jax.value_and_grad) and len(args) == 1:
                 return _gradient_function(it, callee, args, kwargs)
