@@ -297,36 +297,14 @@ def recover(it, traced=False):
     if traced:
         want |= held(it) & {t.id for t in rec.unvalued()}
     ids = tuple(sorted(i for i in want if i not in env and not _known(it, i)))
-    failed = None
     if ids:
         stop = rec.mark()
         seg = rec.segment(ids, 0, stop, _happened(it, rec.effects_in(0, stop)))
-        try:
-            env.update(zip(seg.outputs, _evaluated(seg, env)))
-        except Exception as error:  # (the program's: a callback that raises, as eagerly)
-            failed = error
-            _evaluate_without_effects(it, ids, stop)
+        env.update(zip(seg.outputs, _evaluated(seg, env)))
     for p in held_now:
-        if p._id in env:
-            p._val, p._rec = env[p._id], None
+        p._val, p._rec = env[p._id], None
     if traced:
         give_values(it)
-    if failed is not None:
-        raise failed
-
-
-def _evaluate_without_effects(it, ids, stop):
-    """After the program's error in ``recover``: the held values that need no effect's
-    result (``x = x * 1.3`` after a callback that raised) are computed all the same, so
-    the names Python bound in that turn hold values, as after a jitted step that raised;
-    one that needs a callback's result is left without."""
-    rec = it.path.recorder
-    for id in ids:
-        try:
-            seg = rec.segment([id], 0, stop, pure=True)
-            it.env.update(zip(seg.outputs, _evaluated(seg, it.env)))
-        except Exception:  # noqa: BLE001 (no value: reading it raises terra_bc's clear error)
-            pass
 
 
 def settle(it, alive_now=None):
