@@ -63,6 +63,8 @@ class FastSpec(NamedTuple):
 def key_name(key):
     """A guard key's printable name (a callee's qualified name, a conversion's kind)."""
     obj = getattr(key, "obj", key)
+    if isinstance(getattr(key, "op_name", None), str):  # (bodies.TracedBody)
+        return key.op_name
     if isinstance(key, tuple) and key and isinstance(key[0], types.CodeType):
         return key[0].co_qualname
     return getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or repr(obj)[:40]

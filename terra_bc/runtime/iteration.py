@@ -21,13 +21,13 @@ from jax.tree_util import tree_leaves
 
 from .. import _hook
 from ..counters import counts
-from . import coexecution, journal, launching, timeline, tracing
+from . import bodies, coexecution, journal, launching, timeline, tracing
 from .coexecution import retried
 from .context import COEXEC, EAGER, TRACE, UNCHANGED
 from .events import FetchEvent
 from .guards import callee_key, config_key
 from .placeholders import Placeholder, concrete, eager
-from .trace_rules import builds_array_from
+from .trace_rules import builds_array_from, retraced_body
 from .values import MISS, arrays_in, is_array, user_line
 
 
@@ -120,7 +120,10 @@ class Iteration:
             if out is not MISS:
                 return out
         leaves = tree_leaves((args, kwargs))
-        if not any(map(is_array, leaves)) and not builds_array_from(fn, leaves):
+        has_array = any(map(is_array, leaves))
+        if has_array and key is None and retraced_body(fn, leaves):
+            return bodies.op(self, fn, args, kwargs)  # (Python JAX runs at every call)
+        if not has_array and not builds_array_from(fn, leaves):
             # No array in, and not an array made from plain data (jnp.zeros(shape) is an
             # op: trace_rules.builds_array_from): a transform being made (jax.grad(f)), a
             # constructor of other kinds (PRNGKey(seed)) or one that traces a function of

@@ -101,6 +101,34 @@ def traces_its_body(callee):
                                  or code.co_filename.endswith(SPMD_FILES))
 
 
+def retraced_body(callee, leaves):
+    """Is ``callee(*leaves)`` an op whose body's Python eager JAX runs again at a call
+    (``runtime/bodies.py``)?  ``jax.vmap`` traces its function at every call; lax control
+    flow (cond, scan, while/fori loops, switch, map) traces the functions it is given unless
+    JAX's tracing cache holds them (the same function objects).  Recorded once and skipped,
+    such a body read Python or NumPy state as of the traced iteration.  Bodies that are
+    JAX's own functions (``jax.vmap(jnp.dot)``) compute from their arguments alone."""
+    code = _unwrapped_code(callee)
+    if code is None or not code.co_filename.startswith(JAX_DIRS):
+        return False
+    if code.co_name == "vmap_f":
+        return not _jax_function(cells(unwrap(getattr(callee, "__func__", callee))).get("fun"))
+    return "control_flow" in code.co_filename and any(
+        callable(x) and not isinstance(x, type) and not _jax_function(x) for x in leaves)
+
+
+def _unwrapped_code(callee):
+    code = getattr(unwrap(getattr(callee, "__func__", callee)), "__code__", None)
+    return code if isinstance(code, types.CodeType) else None
+
+
+def _jax_function(fun):
+    """Is ``fun`` one of JAX's own functions (through wrappers and partials)?"""
+    code = body_key(fun)
+    return isinstance(code, types.CodeType) and code.co_filename.startswith(JAX_DIRS) and (
+        code.co_name not in ("vmap_f",) + GRAD_FUNCTIONS + (VALUE_AND_GRAD_FUNCTION,))
+
+
 def dispatched_as_is(callee):
     """A function the program jitted itself (``jax.jit`` of code outside JAX's sources: the
     user's step, a library's ``nnx.jit``/``filter_jit`` inner function): it is dispatched as

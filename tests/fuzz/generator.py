@@ -503,7 +503,7 @@ class Statements(Generator):
                     f"(ct{k},) = pull{k}(jnp.ones_like(out{k}))\n{x} = 0.5 * out{k} + 0.5 * jnp.tanh(ct{k})")
 
     def vmap_map(self, env: Env) -> Stmt:
-        cands = [m for m in self.maps if m[1] == "V" and m[3]]
+        cands = [m for m in self.maps if m[1] == "V"]
         if not cands:
             return self.assign(env)
         name, _, ky, _ = self.r.choice(cands)
@@ -581,10 +581,9 @@ class ProgramGenerator(Statements):
 
     def map_helper(self) -> Stmt:
         k, kx, ky = self.uid(), self.r.choice(KINDS), self.r.choice(KINDS)
-        # Only a pure map (its arguments and constants) is vmapped: a vmapped function's
-        # Python runs only while tracing, so NumPy draws and Python state it reads are the
-        # traced call's (a known limit, tests/fuzz/regressions/case_300304_units.py and
-        # test_fuzz.py::test_vmap_reads_python_state_each_call, xfail).  vjp takes any.
+        # An impure map (NumPy draws, Python numbers and state it reads) is vmapped too:
+        # eager JAX runs a vmapped function's Python at every call, and so must terra_bc
+        # (runtime/bodies.py; tests/fuzz/regressions/case_300304_units.py).
         pure = self.chance(0.5)
         self.maps.append((f"f{k}", kx, ky, pure))
         env = self.helper_env(kx, ky, pure=pure)

@@ -1,8 +1,5 @@
-# Known limit, not fixed: jax.vmap of user Python is treated as JAX's business (trace_rules.
-# traces_its_body): its Python runs while tracing only, but eager JAX re-traces a vmap at every
-# call, so NumPy draws inside it (and prints, appends) happen every call. Here the NumPy stream
-# falls out of step and later values differ.
-# xfail: jax.vmap of a function that draws NumPy randomness: its Python is not re-run in co-execution
+# Fixed (runtime/bodies.py): jax.vmap of a function that draws NumPy randomness runs its
+# Python at every call, as eager JAX does (it was traced once and its draws were stale).
 # Found by: python -m tests.fuzz --seed 300304 --programs 1 --size 1
 # Mode: units
 # Failure: mismatch: values['a']: array element (np.int64(0), np.int64(2)): np.float32(-0.027154142) != np.float32(-0.049760494)

@@ -1,6 +1,5 @@
-# Known limit, not fixed: the same as case_300304_units.py, in a @terra_bc.function: jax.vmap
-# of a function that draws NumPy randomness runs its Python only while tracing.
-# xfail: jax.vmap of a function that draws NumPy randomness: its Python is not re-run in co-execution
+# Fixed (runtime/bodies.py): jax.vmap of a function that draws NumPy randomness runs its
+# Python at every call, as eager JAX does (it was traced once and its draws were stale).
 # Found by: python -m tests.fuzz --seed 300326 --programs 1 --size 1
 # Mode: function
 # Failure: mismatch: values['b']: array element (np.int64(0), np.int64(0)): np.float32(-0.0862721) != np.float32(-0.16819839)

@@ -1,0 +1,161 @@
+"""Bodies eager JAX traces at every call (runtime/bodies.py): `jax.vmap` of Python code, and
+lax control flow given a function JAX has not traced yet.  Their Python (NumPy draws, Python
+state it reads, prints) runs exactly when eager JAX runs it, and their results are eager's;
+bodies that compute the same thing again are still skipped in co-execution."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import terra_bc
+
+from conftest import on_and_off
+
+pytestmark = pytest.mark.usefixtures("loop_units_on")  # (conftest.py)
+
+STEPS = 8
+
+
+def numpy_draw_in_vmap(steps):
+    rs = np.random.RandomState(0)
+    x, out = jnp.ones((3, 4)), []
+    for _ in range(steps):
+        y = jax.vmap(lambda r: r * jnp.asarray(rs.uniform(size=4), jnp.float32))(x)
+        x = x + 0.1
+        out.append(float(y.sum()))
+    return out
+
+
+def test_numpy_draw_inside_vmap_is_fresh_each_call_and_fed():
+    want, got = on_and_off(numpy_draw_in_vmap, STEPS)
+    assert len(set(want)) == STEPS  # (a stale draw would repeat)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    stats = terra_bc.stats()
+    assert stats["bodies_traced"] == STEPS
+    # the draw is a constant of the traced body, fed like an array: no new path per draw
+    assert stats["divergences"] == 0 and stats["iterations_coexecuted"] >= STEPS - 2, stats
+
+
+def state_in_fresh_control_flow(steps):
+    cfg, x, out = {"s": 1.0}, jnp.ones(4), []
+    for _ in range(steps):
+        a = jax.lax.fori_loop(0, 3, lambda j, c: c * cfg["s"], x)
+        b = jax.lax.cond(x.sum() > 0, lambda v: v * cfg["s"], lambda v: v, x)
+        cfg["s"] += 0.5
+        out.append((float(a.sum()), float(b.sum())))
+    return out
+
+
+def test_control_flow_given_a_new_function_reads_state_as_eager_does():
+    want, got = on_and_off(state_in_fresh_control_flow, STEPS)
+    assert len(set(want)) == STEPS
+    assert got == want
+
+
+def state_in_cached_scan(steps):
+    cfg, x, out = {"s": 2.0}, jnp.ones(4), []
+
+    def body(c, _):  # the same function object at every call: JAX's cache holds its trace
+        return c * cfg["s"], None
+    for _ in range(steps):
+        y, _ = jax.lax.scan(body, x, None, length=2)
+        cfg["s"] += 1.0
+        out.append(float(y.sum()))
+    return out
+
+
+def test_control_flow_given_the_same_function_uses_jax_cache_as_eager_does():
+    want, got = on_and_off(state_in_cached_scan, STEPS)
+    assert want == [16.0] * STEPS  # eager JAX: the first call's trace, served from its cache
+    assert got == want
+
+
+def print_in_vmap(steps):
+    seen, x = [], jnp.ones((2, 3))
+    for i in range(steps):
+        def f(r):
+            seen.append(("traced", i))  # Python the body runs: once per call under eager
+            return jnp.tanh(r) * 2.0
+        x = jax.vmap(f)(x) * 0.5
+    return seen, np.asarray(x)
+
+
+def test_python_side_effects_in_vmap_happen_once_per_call():
+    (want, x_want), (got, x_got) = on_and_off(print_in_vmap, STEPS)
+    assert want == [("traced", i) for i in range(STEPS)]
+    assert got == want
+    np.testing.assert_allclose(x_got, x_want, rtol=1e-6)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= STEPS - 2 and stats["ops_skipped"] > 0, stats
+
+
+def vmap_of_jax_function(steps):
+    a, b = jnp.ones((5, 3)), jnp.arange(15.0).reshape(5, 3)
+    for _ in range(steps):
+        a = jax.vmap(jnp.dot)(a, b)[:, None] * 0.01 + a
+    return np.asarray(a)
+
+
+def test_vmap_of_a_jax_function_is_a_plain_op():
+    want, got = on_and_off(vmap_of_jax_function, STEPS)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    stats = terra_bc.stats()
+    assert stats["bodies_traced"] == 0 and stats["iterations_coexecuted"] >= STEPS - 2, stats
+
+
+def grad_through_vmap_reading_state(steps):
+    cfg, w, out = {"s": 1.0}, jnp.ones(3), []
+    xs = jnp.arange(12.0).reshape(4, 3) / 10
+
+    def loss(w):
+        return jnp.sum(jax.vmap(lambda x, w: jnp.tanh(x @ w) * cfg["s"], in_axes=(0, None))(xs, w))
+    for _ in range(steps):
+        g = jax.grad(loss)(w)
+        w = w - 0.1 * g
+        cfg["s"] = 1.0 + 0.25 * (len(out) % 3)  # three values: three paths, then reused
+        out.append(float(jnp.sum(w)))
+    return out
+
+
+def test_grad_of_a_vmap_reading_state():
+    want, got = on_and_off(grad_through_vmap_reading_state, STEPS)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    stats = terra_bc.stats()
+    assert stats["eager_fallbacks"] == 0 and stats["iterations_coexecuted"] >= STEPS - 4, stats
+
+
+def vmap_closing_over_this_iterations_value(steps):
+    w, xs, out = jnp.ones(3), jnp.arange(12.0).reshape(4, 3) / 10, []
+    for _ in range(steps):
+        y = jax.vmap(lambda x: jnp.tanh(x @ w))(xs)  # w: a value of this iteration
+        w = w - 0.1 * jnp.sum(y)
+        out.append(float(jnp.sum(w)))
+    return out
+
+
+def test_vmap_closing_over_this_iterations_value():
+    # (a known limit: the body's use of w is computed outside the recorded ops, so the unit
+    # runs eagerly, with eager's values: docs/coexecution.md)
+    want, got = on_and_off(vmap_closing_over_this_iterations_value, STEPS)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def concrete_value_read_in_vmap(steps):
+    scale, x, out = jnp.asarray(2.0), jnp.ones((2, 3)), []
+    for _ in range(steps):
+        def f(r):
+            # eager: jnp.sum of an unmapped array inside the vmap is computed, concrete
+            k = 3 if float(jnp.sum(scale)) > 1 else 4
+            return r * k
+        x = jax.vmap(f)(x) * 0.5
+        out.append(float(x.sum()))
+    return out
+
+
+def test_a_body_jax_cannot_trace_abstractly_runs_as_given():
+    # (recorded as the op it was before bodies were traced: its Python runs while tracing,
+    # and a second time in the iteration that traces it; docs/coexecution.md, limits)
+    want, got = on_and_off(concrete_value_read_in_vmap, 4)
+    assert got == want
+    assert terra_bc.stats()["bodies_untraced"] > 0
