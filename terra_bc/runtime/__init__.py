@@ -9,6 +9,7 @@ One module per concern; each imports only those above it in this list:
   trace_rules   which callees are DL ops; what JAX's wrappers hold
   events        typed records: input/output specs, one event class per kind
   guards        callee keys, matching, the C fast path's spec, changed numbers
+  bodies        vmap / lax control-flow bodies traced by JAX again at a call, as eager does
   paths         Path: one recorded path (a unit's TraceGraph is its paths)
   journal       records of divergences, compiles, fallbacks; the "terra_bc" logger
   timeline      spans of iterations, launches, compiles, fetches while recording

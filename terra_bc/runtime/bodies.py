@@ -20,6 +20,7 @@ from jax.tree_util import tree_flatten, tree_structure, tree_unflatten
 
 from ..counters import counts
 from ..jaxpr_builder import ClosedJaxpr, as_fun
+from .guards import callee_key
 from .trace_rules import cells, unwrap
 from .values import aval_of, is_array
 
@@ -49,17 +50,12 @@ def op(it, fn, args, kwargs):
         # JAX could not trace it abstractly where eager could (the body converts a value
         # it made to a Python number): run as it was given, its Python once more.
         counts["bodies_untraced"] += 1
-        return it.op(fn, args, kwargs, _given_key(fn))
+        return it.op(fn, args, kwargs, callee_key(fn))
     counts["bodies_traced"] += 1
     out_tree = tree_structure(shape)
     key = TracedBody(_name(fn), str(closed.jaxpr), out_tree)
     replay = _Replay(closed.jaxpr, len(closed.consts), out_tree)
     return it.op(replay, tuple(closed.consts) + tuple(inputs), {}, key)
-
-
-def _given_key(fn):
-    from .guards import callee_key  # (guards imports placeholders; this module stays below)
-    return callee_key(fn)
 
 
 class _Replay:
