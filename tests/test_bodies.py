@@ -135,10 +135,37 @@ def vmap_closing_over_this_iterations_value(steps):
 
 
 def test_vmap_closing_over_this_iterations_value():
-    # (a known limit: the body's use of w is computed outside the recorded ops, so the unit
-    # runs eagerly, with eager's values: docs/coexecution.md)
     want, got = on_and_off(vmap_closing_over_this_iterations_value, STEPS)
     np.testing.assert_allclose(got, want, rtol=1e-6)
+    stats = terra_bc.stats()  # (w enters the traced body as an input, not as a value)
+    assert stats["eager_fallbacks"] == 0 and stats["iterations_coexecuted"] >= STEPS - 2, stats
+
+
+def per_example_loss_closing_over_params(steps):
+    rs = np.random.RandomState(1)
+    params = {"w": jnp.ones((3, 2)) * 0.1, "b": jnp.zeros(2)}
+    xs, ys = jnp.asarray(rs.randn(6, 3), jnp.float32), jnp.asarray(rs.randn(6, 2), jnp.float32)
+
+    def mlp(p, x):
+        return jnp.tanh(x @ p["w"] + p["b"])
+
+    def loss(p):
+        per_example = jax.vmap(lambda x, y: jnp.sum((mlp(p, x) - y) ** 2))(xs, ys)
+        return jnp.mean(per_example)
+    out = []
+    for _ in range(steps):
+        value, g = jax.value_and_grad(loss)(params)
+        params = jax.tree.map(lambda a, b: a - 0.1 * b, params, g)
+        out.append(float(value))
+    return out, np.asarray(params["w"])
+
+
+def test_grad_of_a_vmap_closing_over_the_differentiated_parameters():
+    (want, w_want), (got, w_got) = on_and_off(per_example_loss_closing_over_params, STEPS)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(w_got, w_want, rtol=1e-5)
+    stats = terra_bc.stats()
+    assert stats["eager_fallbacks"] == 0 and stats["iterations_coexecuted"] >= STEPS - 2, stats
 
 
 def concrete_value_read_in_vmap(steps):

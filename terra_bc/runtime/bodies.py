@@ -12,6 +12,7 @@ thing again is skipped as any op is; one that changed leaves the path there.
 """
 from __future__ import annotations
 
+import functools
 import types
 from typing import NamedTuple
 
@@ -20,7 +21,7 @@ from jax.tree_util import tree_flatten, tree_structure, tree_unflatten
 
 from ..counters import counts
 from ..jaxpr_builder import ClosedJaxpr, as_fun
-from .guards import callee_key
+from .guards import callee_key, unsettled
 from .trace_rules import cells, unwrap
 from .values import aval_of, is_array
 
@@ -38,7 +39,7 @@ def op(it, fn, args, kwargs):
     traced by JAX now, then recorded or matched as the op its jaxpr makes."""
     __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     leaves, tree = tree_flatten((args, kwargs))
-    call, inputs = _with_inputs(fn, tree, leaves)
+    call, inputs = _with_inputs(it, fn, tree, leaves)
     it.opaque_depth += 1  # (the body's ops are JAX's to trace, not events)
     try:
         closed, shape = jax.make_jaxpr(call, return_shape=True)(*map(_spec, inputs))
@@ -71,12 +72,12 @@ class _Replay:
         return tree_unflatten(self.out_tree, outs)
 
 
-def _with_inputs(fn, tree, leaves):
+def _with_inputs(it, fn, tree, leaves):
     """A function of the call's arrays alone, and those arrays: every other leaf (functions,
-    numbers, strings) stays as given.  A vmapped callable object that is a pytree (an
-    Equinox module) gives its arrays as inputs too, so a module holding this iteration's
-    parameters is traced over them rather than over copies of their values."""
-    fun, fun_leaves, fun_tree = _vmapped_pytree(fn)
+    numbers, strings) stays as given.  The function ``jax.vmap`` was given contributes the
+    arrays it carries (``_opened``), so that its use of this iteration's values is traced
+    over them rather than over copies of their values."""
+    fun_leaves, rebuild = _opened(it, _vmapped(fn))
     every = fun_leaves + leaves
     where = [i for i, x in enumerate(every) if is_array(x)]
     nfun = len(fun_leaves)
@@ -85,25 +86,70 @@ def _with_inputs(fn, tree, leaves):
         vals = list(every)
         for i, x in zip(where, arrays):
             vals[i] = x
-        callee = fn if fun is None else _vmap_of(fn, tree_unflatten(fun_tree, vals[:nfun]))
+        callee = fn if rebuild is None else _vmap_of(fn, rebuild(vals[:nfun]))
         a, k = tree_unflatten(tree, vals[nfun:])
         return callee(*a, **k)
     return call, [every[i] for i in where]
 
 
-def _vmapped_pytree(fn):
-    """(the function jax.vmap was given, its leaves, its structure) when it is a pytree with
-    arrays among its leaves; else (None, [], None)."""
+def _vmapped(fn):
+    """The function ``jax.vmap`` was given, if ``fn`` is what it returned."""
     inner = unwrap(getattr(fn, "__func__", fn))
     if getattr(getattr(inner, "__code__", None), "co_name", "") != "vmap_f":
-        return None, [], None
-    fun = cells(inner).get("fun")
-    if fun is None or isinstance(fun, types.FunctionType):
-        return None, [], None
-    fun_leaves, fun_tree = tree_flatten(fun)
-    if not any(map(is_array, fun_leaves)):
-        return None, [], None
-    return fun, fun_leaves, fun_tree
+        return None
+    return cells(inner).get("fun")
+
+
+def _opened(it, fun):
+    """(the arrays ``fun`` carries, a function of new values for them that makes ``fun``
+    again) where ``fun`` carries some (else ``([], None)``): a pytree's arrays (an Equinox
+    module), a ``functools.partial``'s or a closure's values of this iteration
+    (``jax.vmap(lambda x: mlp(params, x))`` with ``params`` a step's parameters).  Only for
+    vmap, which has no tracing cache: lax control flow keeps the function object it was
+    given, whose identity JAX's cache is keyed on."""
+    if fun is None:
+        return [], None
+    if isinstance(fun, functools.partial):
+        leaves, tree = tree_flatten((fun.args, fun.keywords))
+        if not any(unsettled(x, it) for x in leaves):
+            return [], None
+        return leaves, lambda vals: _partial(fun.func, tree_unflatten(tree, vals))
+    if type(fun) is types.FunctionType:
+        return _closure_opened(it, fun)
+    leaves, tree = tree_flatten(fun)
+    if leaves == [fun] or not any(map(is_array, leaves)):
+        return [], None
+    return leaves, lambda vals: tree_unflatten(tree, vals)
+
+
+def _partial(func, args_and_keywords):
+    args, keywords = args_and_keywords
+    return functools.partial(func, *args, **keywords)
+
+
+def _closure_opened(it, fun):
+    """A closure's cells that hold values of this iteration, opened (see ``_opened``)."""
+    held = []  # (cell index, leaves, tree)
+    for i, cell in enumerate(fun.__closure__ or ()):
+        try:
+            leaves, tree = tree_flatten(cell.cell_contents)
+        except Exception:  # an empty cell, a pytree that will not flatten
+            continue
+        if any(unsettled(x, it) for x in leaves):
+            held.append((i, leaves, tree))
+    if not held:
+        return [], None
+
+    def rebuild(vals):
+        closure, k = list(fun.__closure__), 0
+        for i, leaves, tree in held:
+            closure[i] = types.CellType(tree_unflatten(tree, vals[k:k + len(leaves)]))
+            k += len(leaves)
+        made = types.FunctionType(fun.__code__, fun.__globals__, fun.__name__,
+                                  fun.__defaults__, tuple(closure))
+        made.__kwdefaults__ = fun.__kwdefaults__
+        return made
+    return [x for _, leaves, _ in held for x in leaves], rebuild
 
 
 def _vmap_of(fn, fun):
