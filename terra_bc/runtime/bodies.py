@@ -17,21 +17,75 @@ import types
 from typing import NamedTuple
 
 import jax
+import numpy as np
 from jax.tree_util import tree_flatten, tree_structure, tree_unflatten
 
 from ..counters import counts
-from ..jaxpr_builder import ClosedJaxpr, as_fun
+from ..jaxpr_builder import ClosedJaxpr, Id, Jaxpr, Literal, Var, as_fun
 from .guards import callee_key, unsettled
-from .trace_rules import cells, unwrap
+from .trace_rules import cells, grad_spec, unwrap
 from .values import aval_of, is_array
 
 
 class TracedBody(NamedTuple):
-    """The guard key of a traced body: what JAX traced it to (the jaxpr's text, constants
+    """The guard key of a traced body: what JAX traced it to (``jaxpr_key``: constants
     left out) and the structure of its result; ``op_name`` names it in reports."""
     op_name: str
-    jaxpr: str
+    jaxpr: tuple
     out_tree: object
+
+
+def jaxpr_key(jaxpr):
+    """A hashable key equal for two jaxprs that compute the same thing from their inputs and
+    constants: each equation's primitive, inputs (by position; literals by value), output
+    types and parameters (``_param_key``), in order.  (The jaxpr's text would do, but JAX's
+    printer costs ~0.1 ms an equation: more than tracing the body.)"""
+    where = {}
+    for v in (*jaxpr.constvars, *jaxpr.invars):
+        where[v] = len(where)
+    out = [tuple(v.aval for v in jaxpr.constvars), tuple(v.aval for v in jaxpr.invars)]
+    for eqn in jaxpr.eqns:
+        ins = tuple(_var_key(v, where) for v in eqn.invars)
+        for v in eqn.outvars:
+            where[v] = len(where)
+        out.append((eqn.primitive, ins, tuple(v.aval for v in eqn.outvars),
+                    tuple((k, _param_key(x)) for k, x in sorted(eqn.params.items()))))
+    out.append(tuple(_var_key(v, where) for v in jaxpr.outvars))
+    return tuple(out)
+
+
+def _var_key(v, where):
+    if isinstance(v, Literal):
+        return ("literal", v.aval, _value_key(v.val))
+    return where[v]
+
+
+def _param_key(x):
+    """An equation parameter as a key: jaxprs by structure, functions (a custom rule, a
+    thunk JAX makes afresh at each trace) by name, as JAX's printer shows them."""
+    if isinstance(x, Jaxpr):
+        return jaxpr_key(x)
+    if isinstance(x, ClosedJaxpr):
+        return (jaxpr_key(x.jaxpr), tuple(map(_value_key, x.consts)))
+    if type(x) in (tuple, list):
+        return tuple(map(_param_key, x))
+    if callable(x) and not isinstance(x, type):
+        fn = getattr(x, "f", x)  # (lu.WrappedFun)
+        return ("function", getattr(fn, "__qualname__", None) or type(fn).__name__)
+    try:
+        hash(x)
+    except TypeError:
+        return ("repr", repr(x))
+    return x
+
+
+def _value_key(v):
+    """A constant or literal by value where it is small and on the host, else by identity."""
+    if isinstance(v, (bool, int, float, complex)):
+        return (type(v), v)
+    if isinstance(v, (np.ndarray, np.generic)) and np.size(v) <= 64:
+        return (np.dtype(v.dtype).str, np.shape(v), np.asarray(v).tobytes())
+    return Id(v)
 
 
 def op(it, fn, args, kwargs):
@@ -39,24 +93,212 @@ def op(it, fn, args, kwargs):
     traced by JAX now, then recorded or matched as the op its jaxpr makes."""
     __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     leaves, tree = tree_flatten((args, kwargs))
+    plan = _vmap_plan(fn, args)
+    found = plan and _plain_call(it, plan, args, kwargs)
+    if found:
+        plain = _traced(it, *found[:2])
+        if plain is not None:
+            return _from_plain(it, fn, plan, plain, found[2], tree, leaves)
     call, inputs = _with_inputs(it, fn, tree, leaves)
-    it.opaque_depth += 1  # (the body's ops are JAX's to trace, not events)
-    try:
-        closed, shape = jax.make_jaxpr(call, return_shape=True)(*map(_spec, inputs))
-    except Exception:
-        closed = None
-    finally:
-        it.opaque_depth -= 1
+    closed = _traced(it, call, inputs)
     if closed is None:
         # JAX could not trace it abstractly where eager could (the body converts a value
         # it made to a Python number): run as it was given, its Python once more.
         counts["bodies_untraced"] += 1
         return it.op(fn, args, kwargs, callee_key(fn))
     counts["bodies_traced"] += 1
+    closed, shape = closed
     out_tree = tree_structure(shape)
-    key = TracedBody(_name(fn), str(closed.jaxpr), out_tree)
+    jaxpr, consts = _lifted(closed)
+    key = TracedBody(_name(fn), jaxpr_key(jaxpr), out_tree)
+    return it.op(_Replay(jaxpr, len(consts), out_tree), tuple(consts) + tuple(inputs), {}, key)
+
+
+def _lifted(closed):
+    """(jaxpr, constants) of a closed jaxpr whose literals (its equations' scalar
+    constants: ``x * cfg["s"]``, a NumPy scalar drawn in the body) are constants too, so
+    that they are fed, not compared: a body that draws a number at every call is one op."""
+    jaxpr, values, lifted = closed.jaxpr, [], []
+
+    def lift(v):
+        if not isinstance(v, Literal):
+            return v
+        values.append(np.asarray(v.val))
+        lifted.append(Var(v.aval))
+        return lifted[-1]
+    eqns = [eqn.replace(invars=[lift(v) for v in eqn.invars]) for eqn in jaxpr.eqns]
+    outvars = [lift(v) for v in jaxpr.outvars]
+    if not lifted:
+        return jaxpr, list(closed.consts)
+    jaxpr = jaxpr.replace(constvars=lifted + list(jaxpr.constvars), eqns=eqns, outvars=outvars)
+    return jaxpr, values + list(closed.consts)
+
+
+def _traced(it, call, inputs):
+    """(closed jaxpr, result shapes) of ``call`` traced by JAX over ``inputs``' avals, or
+    None where JAX could not trace it abstractly."""
+    it.opaque_depth += 1  # (the body's ops are JAX's to trace, not events)
+    try:
+        return jax.make_jaxpr(call, return_shape=True)(*map(_spec, inputs))
+    except Exception:
+        return None
+    finally:
+        it.opaque_depth -= 1
+
+
+# ------------------------------------------------------------------ vmap, traced plainly
+#
+# Tracing ``jax.vmap(jax.grad(loss))`` anew at every call costs what eager JAX pays for it:
+# JAX's batching and differentiation machinery, most of a per-example-gradient step.  Only
+# the Python of ``loss`` needs to run at each call.  So the function vmap was given (below
+# a jax.grad / value_and_grad) is traced plainly, over one example's avals: that runs its
+# Python once, as eager JAX does, and gives its jaxpr.  The batched (and differentiated)
+# computation is a function of that jaxpr alone; made once per jaxpr, it is reused while
+# the Python traces to the same jaxpr again (its constants, a NumPy draw, are inputs).
+
+
+class VmapPlan(NamedTuple):
+    """A ``jax.vmap`` call traced plainly: the function under it (``fun``), the gradient
+    JAX takes of it (``grad``: a ``trace_rules.Grad``, or None) and vmap's options."""
+    fun: object
+    grad: object
+    in_axes: tuple          # one int or None per positional argument
+    out_axes: object
+    axis_size: object
+
+
+def _vmap_plan(fn, args):
+    inner = unwrap(getattr(fn, "__func__", fn))
+    if getattr(getattr(inner, "__code__", None), "co_name", "") != "vmap_f":
+        return None
+    free = cells(inner)
+    named = free.get("axis_name")  # (JAX's "no name" is a bare object(), or None)
+    if not (named is None or type(named) is object) or free.get("spmd_axis_name") is not None \
+            or free.get("sum_match") or "out_axes" not in free or free.get("fun") is None:
+        return None  # (a named axis: its collectives do not trace outside the vmap)
+    in_axes = free.get("in_axes")
+    if in_axes is None or type(in_axes) is int:
+        in_axes = (in_axes,) * len(args)
+    if type(in_axes) is not tuple or len(in_axes) != len(args) \
+            or not all(a is None or type(a) is int for a in in_axes):
+        return None
+    fun, grad = free["fun"], grad_spec(free["fun"])
+    if grad is not None:
+        fun = grad.fun
+    if _vmapped_again(fun):
+        return None
+    return VmapPlan(fun, grad, in_axes, free["out_axes"], free.get("axis_size"))
+
+
+def _vmapped_again(fun):
+    code = getattr(unwrap(getattr(fun, "__func__", fun)), "__code__", None)
+    return code is not None and code.co_name == "vmap_f"
+
+
+class PlainLayout(NamedTuple):
+    """Where the arrays of a plainly traced call are: ``carried`` (the arrays the vmapped
+    function carries, ``_opened``), and the positions of the call's arrays among the
+    leaves of ``(args, kwargs)`` (``arg_where``)."""
+    carried: list
+    arg_where: list
+
+
+def _plain_call(it, plan, args, kwargs):
+    """``plan.fun`` as a function of one example's arrays (after the arrays it carries),
+    those inputs, and their layout; None where the call does not fit vmap's axes."""
+    fun_leaves, rebuild = _opened(it, plan.fun)
+    try:
+        one = tuple(_one_example(a, axis) for a, axis in zip(args, plan.in_axes))
+        one_kwargs = {k: _one_example(v, 0) for k, v in kwargs.items()}  # (keywords: axis 0)
+    except (IndexError, TypeError):  # (vmap itself will say what is wrong)
+        return None
+    leaves, tree = tree_flatten((one, one_kwargs))
+    fun_where = [i for i, x in enumerate(fun_leaves) if is_array(x)]
+    arg_where = [i for i, x in enumerate(leaves) if type(x) is jax.ShapeDtypeStruct or is_array(x)]
+    nfun = len(fun_leaves)
+
+    def call(*arrays):
+        vals = fun_leaves + leaves
+        for i, x in zip(fun_where + [nfun + i for i in arg_where], arrays):
+            vals[i] = x
+        a, k = tree_unflatten(tree, vals[nfun:])
+        return (plan.fun if rebuild is None else rebuild(vals[:nfun]))(*a, **k)
+    carried = [fun_leaves[i] for i in fun_where]
+    return call, carried + [leaves[i] for i in arg_where], PlainLayout(carried, arg_where)
+
+
+def _from_plain(it, fn, plan, plain, layout, tree, leaves):
+    """The vmap call as the op its plainly traced function makes (see above)."""
+    one_tree = tree_structure(plain[1])
+    one_jaxpr, one_consts = _lifted(plain[0])
+    batch = [leaves[i] for i in layout.arg_where]
+    grad = plan.grad and (plan.grad.argnums, plan.grad.has_aux, plan.grad.returns_value)
+    key = (jaxpr_key(one_jaxpr), tuple(map(aval_of, one_consts)), grad, plan.in_axes,
+           _hashable(plan.out_axes), plan.axis_size, tree, one_tree, tuple(layout.arg_where),
+           tuple(map(aval_of, layout.carried)), tuple(map(aval_of, batch)))
+    inputs = one_consts + layout.carried + batch
+    made = it.remember(("vmap of a plain trace", key),
+                       lambda: _batched(it, plan, one_jaxpr, len(one_consts), layout, tree,
+                                        leaves, one_tree, inputs))
+    counts["bodies_traced"] += 1
+    closed, out_tree = made
     replay = _Replay(closed.jaxpr, len(closed.consts), out_tree)
-    return it.op(replay, tuple(closed.consts) + tuple(inputs), {}, key)
+    return it.op(replay, tuple(closed.consts) + tuple(inputs), {},
+                 TracedBody(_name(fn), key, out_tree))
+
+
+def _batched(it, plan, one_jaxpr, nconsts, layout, tree, leaves, one_tree, inputs):
+    """(closed jaxpr, output structure) of vmap (of the gradient) of ``one_jaxpr``, as a
+    function of its constants, the carried arrays and the call's arrays."""
+    ncarried = len(layout.carried)
+
+    def batched(*flat):
+        consts, carried = flat[:nconsts], flat[nconsts:nconsts + ncarried]
+        vals = list(leaves)
+        for i, x in zip(layout.arg_where, flat[nconsts + ncarried:]):
+            vals[i] = x
+        a, k = tree_unflatten(tree, vals)
+
+        def one_example(*ea, **ek):
+            el = tree_flatten((ea, ek))[0]
+            outs = as_fun(ClosedJaxpr(one_jaxpr, list(consts)))(
+                *carried, *[el[i] for i in layout.arg_where])
+            return tree_unflatten(one_tree, outs)
+        f = one_example
+        if plan.grad is not None:
+            make = jax.value_and_grad if plan.grad.returns_value else jax.grad
+            f = make(one_example, argnums=plan.grad.argnums, has_aux=plan.grad.has_aux)
+        return jax.vmap(f, in_axes=plan.in_axes, out_axes=plan.out_axes,
+                        axis_size=plan.axis_size)(*a, **k)
+    it.opaque_depth += 1
+    try:
+        closed, shape = jax.make_jaxpr(batched, return_shape=True)(*map(_spec, inputs))
+    finally:
+        it.opaque_depth -= 1
+    return closed, tree_structure(shape)
+
+
+def _hashable(x):
+    try:
+        hash(x)
+    except TypeError:
+        return Id(x)
+    return x
+
+
+def _one_example(x, axis):
+    """The pytree ``x`` as one example sees it: each array without its mapped ``axis``."""
+    if axis is None:
+        return x
+
+    def one(leaf):
+        if not is_array(leaf):
+            return leaf
+        aval = aval_of(leaf)
+        shape = list(aval.shape)
+        del shape[axis]
+        return jax.ShapeDtypeStruct(tuple(shape), aval.dtype, weak_type=aval.weak_type)
+    return jax.tree.map(one, x)
 
 
 class _Replay:
@@ -162,6 +404,8 @@ def _vmap_of(fn, fun):
 
 
 def _spec(x):
+    if type(x) is jax.ShapeDtypeStruct:
+        return x
     aval = aval_of(x)
     return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False))
 
