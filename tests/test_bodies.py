@@ -69,6 +69,8 @@ def test_control_flow_given_the_same_function_uses_jax_cache_as_eager_does():
     want, got = on_and_off(state_in_cached_scan, STEPS)
     assert want == [16.0] * STEPS  # eager JAX: the first call's trace, served from its cache
     assert got == want
+    stats = terra_bc.stats()  # (one trace: later calls with the same function reuse it)
+    assert stats["bodies_traced"] == 1 and stats["iterations_coexecuted"] >= STEPS - 2, stats
 
 
 def print_in_vmap(steps):

@@ -100,13 +100,19 @@ def op(it, fn, args, kwargs):
         if plain is not None:
             return _from_plain(it, fn, plan, plain, found[2], tree, leaves)
     call, inputs = _with_inputs(it, fn, tree, leaves)
-    closed = _traced(it, call, inputs)
+    if plan is None and _vmapped(fn) is None:
+        # lax control flow: JAX traces a function again only where its tracing cache, keyed
+        # on the function objects and the avals, misses; so a call with the same objects
+        # gets the trace made before, its Python not run (as eager JAX).
+        closed = it.remember(("lax body", Id(fn), tree, tuple(map(_leaf_key, leaves))),
+                             lambda: _traced(it, call, inputs))
+    else:
+        closed = _traced(it, call, inputs)
     if closed is None:
         # JAX could not trace it abstractly where eager could (the body converts a value
         # it made to a Python number): run as it was given, its Python once more.
         counts["bodies_untraced"] += 1
         return it.op(fn, args, kwargs, callee_key(fn))
-    counts["bodies_traced"] += 1
     closed, shape = closed
     out_tree = tree_structure(shape)
     jaxpr, consts = _lifted(closed)
@@ -137,10 +143,12 @@ def _lifted(closed):
 def _traced(it, call, inputs):
     """(closed jaxpr, result shapes) of ``call`` traced by JAX over ``inputs``' avals, or
     None where JAX could not trace it abstractly."""
+    counts["bodies_traced"] += 1
     it.opaque_depth += 1  # (the body's ops are JAX's to trace, not events)
     try:
         return jax.make_jaxpr(call, return_shape=True)(*map(_spec, inputs))
     except Exception:
+        counts["bodies_traced"] -= 1
         return None
     finally:
         it.opaque_depth -= 1
@@ -240,7 +248,6 @@ def _from_plain(it, fn, plan, plain, layout, tree, leaves):
     made = it.remember(("vmap of a plain trace", key),
                        lambda: _batched(it, plan, one_jaxpr, len(one_consts), layout, tree,
                                         leaves, one_tree, inputs))
-    counts["bodies_traced"] += 1
     closed, out_tree = made
     replay = _Replay(closed.jaxpr, len(closed.consts), out_tree)
     return it.op(replay, tuple(closed.consts) + tuple(inputs), {},
@@ -276,6 +283,14 @@ def _batched(it, plan, one_jaxpr, nconsts, layout, tree, leaves, one_tree, input
     finally:
         it.opaque_depth -= 1
     return closed, tree_structure(shape)
+
+
+def _leaf_key(x):
+    if is_array(x):
+        return ("array", aval_of(x))
+    if callable(x):
+        return Id(x)
+    return _hashable(x)
 
 
 def _hashable(x):
