@@ -237,11 +237,14 @@ def test_no_iteration_opens_while_a_tool_watches(units_on):
         finally:
             sys.settrace(None)
         s = terra_bc.stats()
-        assert s["iterations_traced"] == s["iterations_coexecuted"] == s["frames_swapped"] == 0, s
+        assert s["iterations_traced"] == 0 and s["iterations_coexecuted"] == 0, s
+        # (frames_swapped counts every thread's frames: the watched frames are checked by
+        # what the tool saw, below; in the full suite another thread's frames were counted)
+        seen_while_watched = set(codes)
         after = program(step)
     assert watched == want and after == pytest.approx(want, rel=1e-5)
     # The tool saw the user's own code objects, not terra_bc's rewritten copies.
-    assert plain_step.__code__ in codes and program.__code__ in codes
+    assert seen_while_watched == {plain_step.__code__, program.__code__}, seen_while_watched
     assert terra_bc.stats()["iterations_coexecuted"] >= 3
 
 
