@@ -1288,6 +1288,36 @@ except ImportError:  # pragma: no cover
     _POST_HOOK = None
 
 
+def trace_abstractly(fun, specs):
+    """(closed jaxpr, output structure) of ``fun(*specs)`` traced by JAX over the avals of
+    ``specs`` (``ShapeDtypeStruct``s): ``fun``'s Python runs once.  JAX's tracing entry
+    itself, not ``jax.make_jaxpr``: that goes through ``jit``'s argument handling,
+    caches, profiler annotations and debug info, ~2x the tracing of a small function
+    (most of a per-example-gradient step whose loss is traced at every call)."""
+    out_tree = []
+
+    def flat(*xs):
+        leaves, tree = jax.tree_util.tree_flatten(fun(*xs))
+        out_tree.append(tree)
+        return leaves
+    if _TRACE_TO_JAXPR is None:  # pragma: no cover
+        closed = jax.make_jaxpr(flat)(*specs)
+        return closed, out_tree[0]
+    avals = [_ShapedArray(s.shape, s.dtype, weak_type=s.weak_type) for s in specs]
+    debug = _debug_info("terra_bc", flat, specs, {})
+    jaxpr, _, consts = _TRACE_TO_JAXPR(_wrap_init(flat, debug_info=debug), avals)
+    return ClosedJaxpr(jaxpr, consts), out_tree[0]
+
+
+try:
+    from jax._src.api_util import debug_info as _debug_info
+    from jax._src.core import ShapedArray as _ShapedArray
+    from jax._src.interpreters.partial_eval import trace_to_jaxpr_dynamic as _TRACE_TO_JAXPR
+    from jax._src.linear_util import wrap_init as _wrap_init
+except ImportError:  # pragma: no cover
+    _TRACE_TO_JAXPR = None
+
+
 def _plain_context(ctx):
     """Was the equation recorded in the context eager JAX runs in now?  Entering its context
     (an abstract mesh among it) changes JAX's cache key for eager ``jit`` calls; only a

@@ -18,10 +18,10 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-from jax.tree_util import tree_flatten, tree_structure, tree_unflatten
+from jax.tree_util import tree_flatten, tree_unflatten
 
 from ..counters import counts
-from ..jaxpr_builder import ClosedJaxpr, Id, Jaxpr, Literal, Var, as_fun
+from ..jaxpr_builder import ClosedJaxpr, Id, Jaxpr, Literal, Var, as_fun, trace_abstractly
 from .guards import callee_key, unsettled
 from .trace_rules import cells, grad_spec, unwrap
 from .values import aval_of, is_array
@@ -113,8 +113,7 @@ def op(it, fn, args, kwargs):
         # it made to a Python number): run as it was given, its Python once more.
         counts["bodies_untraced"] += 1
         return it.op(fn, args, kwargs, callee_key(fn))
-    closed, shape = closed
-    out_tree = tree_structure(shape)
+    closed, out_tree = closed
     jaxpr, consts = _lifted(closed)
     key = TracedBody(_name(fn), jaxpr_key(jaxpr), out_tree)
     return it.op(_Replay(jaxpr, len(consts), out_tree), tuple(consts) + tuple(inputs), {}, key)
@@ -129,7 +128,7 @@ def _lifted(closed):
     def lift(v):
         if not isinstance(v, Literal):
             return v
-        values.append(np.asarray(v.val))
+        values.append(_device_literal(v.val))
         lifted.append(Var(v.aval))
         return lifted[-1]
     eqns = [eqn.replace(invars=[lift(v) for v in eqn.invars]) for eqn in jaxpr.eqns]
@@ -141,12 +140,12 @@ def _lifted(closed):
 
 
 def _traced(it, call, inputs):
-    """(closed jaxpr, result shapes) of ``call`` traced by JAX over ``inputs``' avals, or
-    None where JAX could not trace it abstractly."""
+    """(closed jaxpr, output structure) of ``call`` traced by JAX over ``inputs``' avals,
+    or None where JAX could not trace it abstractly."""
     counts["bodies_traced"] += 1
     it.opaque_depth += 1  # (the body's ops are JAX's to trace, not events)
     try:
-        return jax.make_jaxpr(call, return_shape=True)(*map(_spec, inputs))
+        return trace_abstractly(call, list(map(_spec, inputs)))
     except Exception:
         counts["bodies_traced"] -= 1
         return None
@@ -237,7 +236,7 @@ def _plain_call(it, plan, args, kwargs):
 
 def _from_plain(it, fn, plan, plain, layout, tree, leaves):
     """The vmap call as the op its plainly traced function makes (see above)."""
-    one_tree = tree_structure(plain[1])
+    one_tree = plain[1]
     one_jaxpr, one_consts = _lifted(plain[0])
     batch = [leaves[i] for i in layout.arg_where]
     grad = plan.grad and (plan.grad.argnums, plan.grad.has_aux, plan.grad.returns_value)
@@ -279,10 +278,27 @@ def _batched(it, plan, one_jaxpr, nconsts, layout, tree, leaves, one_tree, input
                         axis_size=plan.axis_size)(*a, **k)
     it.opaque_depth += 1
     try:
-        closed, shape = jax.make_jaxpr(batched, return_shape=True)(*map(_spec, inputs))
+        return trace_abstractly(batched, list(map(_spec, inputs)))
     finally:
         it.opaque_depth -= 1
-    return closed, tree_structure(shape)
+
+
+_device_literals = {}  # (dtype, value's bytes) -> its device array
+DEVICE_LITERALS = 4096  # (numbers that change at every call: bounded)
+
+
+def _device_literal(value):
+    """A literal's value as a device array, made once per value: most literals of a body
+    (a scale, 1.0, -inf) come back at every call, and a NumPy value fed is a transfer
+    (~30 us each: most of a small per-example-gradient step's feeding)."""
+    value = np.asarray(value)
+    key = (value.dtype.str, value.shape, value.tobytes())
+    found = _device_literals.get(key)
+    if found is None:
+        if len(_device_literals) >= DEVICE_LITERALS:
+            _device_literals.clear()
+        found = _device_literals[key] = jax.device_put(value)
+    return found
 
 
 def _leaf_key(x):
