@@ -227,3 +227,34 @@ def test_per_example_gradients_equal_eager(variant):
     stats = terra_bc.stats()
     assert stats["bodies_traced"] == STEPS and stats["eager_fallbacks"] == 0, stats
     assert stats["divergences"] == 0 and stats["iterations_coexecuted"] >= STEPS - 2, stats
+
+
+def body_runs(steps):
+    """How often each body's Python runs: JAX's cache serves lax.scan's function again,
+    lax.map and associative_scan trace theirs at every call."""
+    runs, x = {"scan": 0, "map": 0, "assoc": 0}, jnp.ones(3)
+
+    def scan_body(c, _):
+        runs["scan"] += 1
+        return c * 0.5, None
+
+    def map_body(r):
+        runs["map"] += 1
+        return jnp.tanh(r)
+
+    def combine(a, b):
+        runs["assoc"] += 1
+        return a + b
+    for _ in range(steps):
+        c, _ = jax.lax.scan(scan_body, x, None, length=2)
+        m = jax.lax.map(map_body, jnp.stack([x, c]))
+        x = jax.lax.associative_scan(combine, m[1]) * 0.1 + c
+    return runs, np.asarray(x)
+
+
+def test_body_python_runs_as_often_as_eager():
+    (want, x_want), (got, x_got) = on_and_off(body_runs, STEPS)
+    assert want["scan"] == 1 and want["map"] == STEPS and want["assoc"] > STEPS  # (eager JAX)
+    assert got == want
+    np.testing.assert_allclose(x_got, x_want, rtol=1e-6)
+    assert terra_bc.stats()["iterations_coexecuted"] >= STEPS - 2

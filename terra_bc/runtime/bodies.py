@@ -23,7 +23,7 @@ from jax.tree_util import tree_flatten, tree_unflatten
 from ..counters import counts
 from ..jaxpr_builder import ClosedJaxpr, Id, Jaxpr, Literal, Var, as_fun, trace_abstractly
 from .guards import callee_key, unsettled
-from .trace_rules import cells, grad_spec, unwrap
+from .trace_rules import cells, grad_spec, jax_caches_body, unwrap
 from .values import aval_of, is_array
 
 
@@ -100,7 +100,7 @@ def op(it, fn, args, kwargs):
         if plain is not None:
             return _from_plain(it, fn, plan, plain, found[2], tree, leaves)
     call, inputs = _with_inputs(it, fn, tree, leaves)
-    if plan is None and _vmapped(fn) is None:
+    if jax_caches_body(fn):
         # lax control flow: JAX traces a function again only where its tracing cache, keyed
         # on the function objects and the avals, misses; so a call with the same objects
         # gets the trace made before, its Python not run (as eager JAX).
