@@ -21,7 +21,7 @@ import numpy as np
 from jax.tree_util import tree_flatten, tree_unflatten
 
 from ..counters import counts
-from ..jaxpr_builder import ClosedJaxpr, Id, Jaxpr, Literal, Var, as_fun, trace_abstractly
+from ..jaxpr_builder import ArrayImpl, ClosedJaxpr, Id, Jaxpr, Literal, Var, as_fun, trace_abstractly
 from .guards import callee_key, unsettled
 from .trace_rules import cells, grad_spec, jax_caches_body, unwrap
 from .values import aval_of, is_array
@@ -295,9 +295,12 @@ def _device_literal(value):
     key = (value.dtype.str, value.shape, value.tobytes())
     found = _device_literals.get(key)
     if found is None:
+        found = jax.device_put(value)
+        if type(found) is not ArrayImpl:  # (a tracing iteration's recorder made it: fed as is)
+            return value
         if len(_device_literals) >= DEVICE_LITERALS:
             _device_literals.clear()
-        found = _device_literals[key] = jax.device_put(value)
+        _device_literals[key] = found
     return found
 
 
