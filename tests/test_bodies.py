@@ -206,8 +206,8 @@ def per_example_gradients(steps, variant):
         if variant == "grad":
             g = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(w, xs, ys)
         elif variant == "value_and_grad_aux":
-            (v, aux), g = jax.vmap(jax.value_and_grad(lambda w, x, y: (loss(w, x, y), x.sum()),
-                                                      has_aux=True), in_axes=(None, 0, 0))(w, xs, ys)
+            with_aux = jax.value_and_grad(lambda w, x, y: (loss(w, x, y), x.sum()), has_aux=True)
+            (v, aux), g = jax.vmap(with_aux, in_axes=(None, 0, 0))(w, xs, ys)
             g = g + 0.0 * v[:, None] + 0.0 * aux[:, None]
         elif variant == "keywords_out_axes":
             g = jax.vmap(jax.grad(loss), in_axes=(None, 0), out_axes=1)(w, xs, y=ys).T
@@ -219,7 +219,8 @@ def per_example_gradients(steps, variant):
     return out
 
 
-@pytest.mark.parametrize("variant", ["grad", "value_and_grad_aux", "keywords_out_axes", "dict_in_axes"])
+@pytest.mark.parametrize("variant", ["grad", "value_and_grad_aux", "keywords_out_axes",
+                                     "dict_in_axes"])
 def test_per_example_gradients_equal_eager(variant):
     terra_bc.reset()  # (the variants share one loop: each starts with no recorded paths)
     want, got = on_and_off(per_example_gradients, STEPS, variant)

@@ -4,11 +4,12 @@ traces its function at every call) and lax control flow given functions (``cond`
 
 Recorded once and skipped, such a body read the Python and NumPy state of the traced
 iteration (``jax.vmap(lambda r: r * cfg["s"])`` with ``cfg`` changed since, a NumPy draw
-inside).  So inside an iteration the call is traced by JAX (``make_jaxpr``), which runs
-the body's Python exactly when eager JAX would (JAX's own caches decide), and the jaxpr it
-gives is the op: its text is the guard key, its constants (a NumPy draw, a closed-over
-array) are inputs fed like arrays Python hands the graph.  A body that computes the same
-thing again is skipped as any op is; one that changed leaves the path there.
+inside).  So inside an iteration the call is traced by JAX (``trace_abstractly``), which
+runs the body's Python exactly when eager JAX would, and the jaxpr it gives is the op: its
+structure (``jaxpr_key``) is the guard key, its constants and literals (a NumPy draw, a
+closed-over array, a number read from state) are inputs fed like arrays Python hands the
+graph.  A body that computes the same thing again is skipped as any op is; one that
+changed leaves the path there.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import numpy as np
 from jax.tree_util import tree_flatten, tree_unflatten
 
 from ..counters import counts
-from ..jaxpr_builder import ArrayImpl, ClosedJaxpr, Id, Jaxpr, Literal, Var, as_fun, trace_abstractly
+from ..jaxpr_builder import (ArrayImpl, ClosedJaxpr, Id, Jaxpr, Literal, Var, as_fun,
+                             trace_abstractly)
 from .guards import callee_key, unsettled
 from .trace_rules import cells, grad_spec, jax_caches_body, unwrap
 from .values import aval_of, is_array
