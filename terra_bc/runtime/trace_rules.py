@@ -108,6 +108,8 @@ def retraced_body(callee, leaves):
     JAX's tracing cache holds them (the same function objects).  Recorded once and skipped,
     such a body read Python or NumPy state as of the traced iteration.  Bodies that are
     JAX's own functions (``jax.vmap(jnp.dot)``) compute from their arguments alone."""
+    if type(callee) is not types.FunctionType:  # (what vmap and lax return or are)
+        return False
     code = _unwrapped_code(callee)
     if code is None or not code.co_filename.startswith(JAX_DIRS):
         return False
