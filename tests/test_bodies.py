@@ -260,3 +260,24 @@ def test_body_python_runs_as_often_as_eager():
     assert got == want
     np.testing.assert_allclose(x_got, x_want, rtol=1e-6)
     assert terra_bc.stats()["iterations_coexecuted"] >= STEPS - 2
+
+
+def callback_in_vmapped_gradient(steps):
+    log, w, xs = [], jnp.ones(3), jnp.arange(6.0).reshape(2, 3)
+
+    def loss(w, x):
+        jax.debug.callback(lambda v: log.append(np.round(np.asarray(v), 3).tolist()), jnp.sum(x * w))
+        return jnp.sum(jnp.tanh(x * w))
+    for _ in range(steps):
+        g = jax.vmap(jax.grad(loss), in_axes=(None, 0))(w, xs)
+        w = w - 0.1 * g.mean(0)
+    jax.effects_barrier()
+    return log, np.asarray(w)
+
+
+def test_callbacks_in_a_vmapped_gradient_run_as_eager():
+    (want, w_want), (got, w_got) = on_and_off(callback_in_vmapped_gradient, STEPS)
+    assert len(want) == 2 * STEPS  # (eager: once per example of each call)
+    assert got == want
+    np.testing.assert_allclose(w_got, w_want, rtol=1e-6)
+    assert terra_bc.stats()["iterations_coexecuted"] >= STEPS - 2
