@@ -1017,7 +1017,7 @@ def _lit_key(v):
 # Params that only matter when an equation is *differentiated*.  Compiled segments are only
 # ever evaluated forward, and JAX makes these callables afresh on every trace, so keying on
 # their identity would miss the cache on every iteration.
-_AD_ONLY = {"custom_jvp_call": {"jvp_jaxpr_fun", "jvp_jaxpr_thunk"},
+AD_ONLY_PARAMS = {"custom_jvp_call": {"jvp_jaxpr_fun", "jvp_jaxpr_thunk"},
             "custom_vjp_call": {"fwd_jaxpr_thunk", "bwd", "out_trees"}}
 
 
@@ -1028,7 +1028,7 @@ def _params_key(p, prim=None):
     hit = _params_memo.get(id(p))
     if hit is not None and hit[0] is p:
         return hit[1]
-    skip = _AD_ONLY.get(prim.name, ()) if prim is not None else ()
+    skip = AD_ONLY_PARAMS.get(prim.name, ()) if prim is not None else ()
     try:
         items = sorted(p.items())
     except TypeError:               # a nested dict with keys of mixed types

@@ -281,3 +281,23 @@ def test_callbacks_in_a_vmapped_gradient_run_as_eager():
     assert got == want
     np.testing.assert_allclose(w_got, w_want, rtol=1e-6)
     assert terra_bc.stats()["iterations_coexecuted"] >= STEPS - 2
+
+
+def callback_over_new_state_in_vmap(steps):
+    logs, x = [], jnp.arange(6.0).reshape(2, 3)
+    for _ in range(steps):
+        mine = []  # a new list each turn: the callback must append to this turn's
+        logs.append(mine)
+        def f(r):
+            jax.debug.callback(lambda v: mine.append(float(v)), r.sum())
+            return jnp.tanh(r)
+        x = jax.vmap(f)(x)
+    jax.effects_barrier()
+    return [len(m) for m in logs], np.asarray(x)
+
+
+def test_a_callback_in_a_vmapped_function_is_this_calls_callback():
+    (want, x_want), (got, x_got) = on_and_off(callback_over_new_state_in_vmap, STEPS)
+    assert want == [2] * STEPS
+    assert got == want
+    np.testing.assert_allclose(x_got, x_want, rtol=1e-6)

@@ -22,9 +22,9 @@ import numpy as np
 from jax.tree_util import tree_flatten, tree_unflatten
 
 from ..counters import counts
-from ..jaxpr_builder import (ArrayImpl, ClosedJaxpr, Id, Jaxpr, Literal, Var, as_fun,
-                             trace_abstractly)
-from .guards import callee_key, unsettled
+from ..jaxpr_builder import (AD_ONLY_PARAMS, ArrayImpl, ClosedJaxpr, Id, Jaxpr, Literal, Var,
+                             as_fun, trace_abstractly)
+from .guards import callee_key, function_key, unsettled
 from .trace_rules import cells, grad_spec, jax_caches_body, unwrap
 from .values import aval_of, is_array
 
@@ -51,7 +51,8 @@ def jaxpr_key(jaxpr):
         for v in eqn.outvars:
             where[v] = len(where)
         out.append((eqn.primitive, ins, tuple(v.aval for v in eqn.outvars),
-                    tuple((k, _param_key(x)) for k, x in sorted(eqn.params.items()))))
+                    tuple((k, _param_key(x)) for k, x in sorted(eqn.params.items())
+                          if k not in AD_ONLY_PARAMS.get(eqn.primitive.name, ()))))
     out.append(tuple(_var_key(v, where) for v in jaxpr.outvars))
     return tuple(out)
 
@@ -63,22 +64,39 @@ def _var_key(v, where):
 
 
 def _param_key(x):
-    """An equation parameter as a key: jaxprs by structure, functions (a custom rule, a
-    thunk JAX makes afresh at each trace) by name, as JAX's printer shows them."""
+    """An equation parameter as a key: jaxprs by structure; a function as a static is
+    guarded (``guards.function_key``: the recorded callback, called instead, does what this
+    one would), through the closure JAX makes afresh around it at each trace (a callback's
+    ``_flat_callback``: its code and what it holds).  (Keyed by name, an inline callback
+    over new state matched the recorded one.)  Differentiation-only parameters, thunks JAX
+    makes at every trace, are left out (``AD_ONLY_PARAMS``, as segment keys do)."""
     if isinstance(x, Jaxpr):
         return jaxpr_key(x)
     if isinstance(x, ClosedJaxpr):
         return (jaxpr_key(x.jaxpr), tuple(map(_value_key, x.consts)))
     if type(x) in (tuple, list):
         return tuple(map(_param_key, x))
+    if type(x) is types.FunctionType:
+        if x.__closure__ and (x.__module__ or "").startswith("jax."):
+            return ("JAX's closure", x.__code__, tuple(_param_key(_held(c)) for c in x.__closure__))
+        return function_key(x)
+    if type(x) is functools.partial:
+        return ("partial", _param_key(x.func), _param_key(x.args),
+                _param_key(tuple(sorted(x.keywords.items()))))
     if callable(x) and not isinstance(x, type):
-        fn = getattr(x, "f", x)  # (lu.WrappedFun)
-        return ("function", getattr(fn, "__qualname__", None) or type(fn).__name__)
+        return Id(x)
     try:
         hash(x)
     except TypeError:
         return ("repr", repr(x))
     return x
+
+
+def _held(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
 
 
 def _value_key(v):
