@@ -25,7 +25,7 @@ from ..counters import counts
 from ..jaxpr_builder import (AD_ONLY_PARAMS, ArrayImpl, ClosedJaxpr, Id, Jaxpr, Literal, Var,
                              as_fun, trace_abstractly)
 from .guards import callee_key, function_key, unsettled
-from .trace_rules import cells, grad_spec, jax_caches_body, unwrap
+from .trace_rules import cells, grad_spec, jax_caches_body, unwrap, vmapped_by
 from .values import aval_of, is_array
 
 
@@ -195,8 +195,8 @@ class VmapPlan(NamedTuple):
 
 
 def _vmap_plan(fn, args):
-    inner = unwrap(getattr(fn, "__func__", fn))
-    if getattr(getattr(inner, "__code__", None), "co_name", "") != "vmap_f":
+    inner = vmapped_by(fn)
+    if inner is None:
         return None
     free = cells(inner)
     named = free.get("axis_name")  # (JAX's "no name" is a bare object(), or None)
@@ -212,14 +212,9 @@ def _vmap_plan(fn, args):
     fun, grad = free["fun"], grad_spec(free["fun"])
     if grad is not None:
         fun = grad.fun
-    if _vmapped_again(fun):
+    if vmapped_by(fun) is not None:
         return None
     return VmapPlan(fun, grad, in_axes, free["out_axes"], free.get("axis_size"))
-
-
-def _vmapped_again(fun):
-    code = getattr(unwrap(getattr(fun, "__func__", fun)), "__code__", None)
-    return code is not None and code.co_name == "vmap_f"
 
 
 class PlainLayout(NamedTuple):
@@ -390,10 +385,8 @@ def _with_inputs(it, fn, tree, leaves):
 
 def _vmapped(fn):
     """The function ``jax.vmap`` was given, if ``fn`` is what it returned."""
-    inner = unwrap(getattr(fn, "__func__", fn))
-    if getattr(getattr(inner, "__code__", None), "co_name", "") != "vmap_f":
-        return None
-    return cells(inner).get("fun")
+    inner = vmapped_by(fn)
+    return None if inner is None else cells(inner).get("fun")
 
 
 def _opened(it, fun):
@@ -450,7 +443,7 @@ def _closure_opened(it, fun):
 
 def _vmap_of(fn, fun):
     """JAX's ``vmap_f`` of ``fn`` (its axes and options as given), mapping ``fun``."""
-    inner = unwrap(getattr(fn, "__func__", fn))
+    inner = vmapped_by(fn)
     code = inner.__code__
     closure = tuple(types.CellType(fun) if name == "fun" else cell
                     for name, cell in zip(code.co_freevars, inner.__closure__))
@@ -465,8 +458,8 @@ def _spec(x):
 
 
 def _name(fn):
-    inner = unwrap(getattr(fn, "__func__", fn))
-    if inner.__code__.co_name != "vmap_f":
-        return inner.__qualname__
+    inner = vmapped_by(fn)
+    if inner is None:
+        return unwrap(fn).__qualname__
     fun = cells(inner).get("fun")
     return f"vmap({getattr(fun, '__qualname__', None) or type(fun).__name__})"

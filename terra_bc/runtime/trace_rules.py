@@ -110,12 +110,12 @@ def retraced_body(callee, leaves):
     JAX's own functions (``jax.vmap(jnp.dot)``) compute from their arguments alone."""
     if type(callee) is not types.FunctionType:  # (what vmap and lax return or are)
         return False
-    code = _unwrapped_code(callee)
-    if code is None or not code.co_filename.startswith(JAX_DIRS):
-        return False
-    if code.co_name == "vmap_f":
-        return not _jax_function(cells(unwrap(getattr(callee, "__func__", callee))).get("fun"))
-    return "control_flow" in code.co_filename and any(
+    inner = vmapped_by(callee)
+    if inner is not None:
+        return not _jax_function(cells(inner).get("fun"))
+    code = code_of(callee)
+    return code is not None and code.co_filename.startswith(JAX_DIRS) \
+        and "control_flow" in code.co_filename and any(
         callable(x) and not isinstance(x, type) and not _jax_function(x) for x in leaves)
 
 
@@ -128,14 +128,19 @@ UNCACHED_CONTROL_FLOW = frozenset({"map", "associative_scan"})
 def jax_caches_body(callee):
     """Does JAX's tracing cache serve ``callee``'s body again when it is given the same
     function objects (lax.scan, cond, while/fori loops, switch)?"""
-    code = _unwrapped_code(callee)
+    code = code_of(callee)
     return code is not None and "control_flow" in code.co_filename \
         and code.co_name not in UNCACHED_CONTROL_FLOW
 
 
-def _unwrapped_code(callee):
-    code = getattr(unwrap(getattr(callee, "__func__", callee)), "__code__", None)
-    return code if isinstance(code, types.CodeType) else None
+def vmapped_by(callee):
+    """JAX's ``vmap_f`` inside ``callee`` (what ``jax.vmap`` returned), or None."""
+    inner = unwrap(getattr(callee, "__func__", callee))
+    code = getattr(inner, "__code__", None)
+    if isinstance(code, types.CodeType) and code.co_name == "vmap_f" \
+            and code.co_filename.startswith(JAX_DIRS):
+        return inner
+    return None
 
 
 def _jax_function(fun):
