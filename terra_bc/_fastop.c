@@ -341,11 +341,18 @@ placeholder(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
     return new_placeholder(args[0], args[1], args[2], live);
 }
 
+PyObject *
+terra_set_iteration(PyObject *it)
+{
+    PyObject *was = current;
+    current = it == NULL || it == Py_None ? NULL : Py_NewRef(it);
+    return was;  /* (a new reference, or NULL where none was open) */
+}
+
 static PyObject *
 set_iteration(PyObject *mod, PyObject *it)
 {
-    PyObject *was = current;
-    current = it == Py_None ? NULL : Py_NewRef(it);
+    PyObject *was = terra_set_iteration(it);
     return was != NULL ? was : Py_NewRef(Py_None);  /* hands the reference over */
 }
 

@@ -7,6 +7,7 @@
 #define THREAD_LOCAL _Thread_local __attribute__((tls_model("initial-exec")))
 
 PyObject *terra_current_iteration(void);
+PyObject *terra_set_iteration(PyObject *it);  /* returns the old one (new reference) or NULL */
 PyObject *terra_fast_op(PyObject *it, PyObject *fn, PyObject *const *args, Py_ssize_t nargs,
                         PyObject *kwnames);
 int terra_fast_is_miss(PyObject *result);

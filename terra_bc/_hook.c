@@ -1549,6 +1549,58 @@ set_thread_routing(PyObject *mod, PyObject *on)
 }
 
 static PyObject *
+thread_routing(PyObject *mod, PyObject *unused)
+{
+    return PyBool_FromLong(routing);
+}
+
+/* An iteration opens and closes in this thread in one call each, never in several: an
+ * interrupt comes as a call returns (CPython checks for one there), and between two calls
+ * it left a state changed whose old value was not noted yet, or not put back (routing left
+ * on in the thread for good, and with it frames that began under a trace function ran
+ * rewritten code).  The old states are noted on the iteration (runtime/context.py). */
+static PyObject *
+open_iteration(PyObject *mod, PyObject *it)
+{
+    PyObject *choice = get_thread_choice(mod, NULL);
+    if (choice == NULL)
+        return NULL;
+    int failed = PyObject_SetAttrString(it, "hook_was_enabled", choice) < 0
+        || PyObject_SetAttrString(it, "was_routing", routing ? Py_True : Py_False) < 0;
+    Py_DECREF(choice);
+    if (failed)
+        return NULL;
+    routing = route_handler != NULL && route_classify != NULL;
+    choose(CHOSE_ON);
+    Py_XDECREF(terra_set_iteration(it));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+close_iteration(PyObject *mod, PyObject *args)
+{
+    PyObject *it, *unchanged;
+    if (!PyArg_ParseTuple(args, "OO:close_iteration", &it, &unchanged))
+        return NULL;
+    PyObject *was_routing = PyObject_GetAttrString(it, "was_routing");
+    PyObject *choice = was_routing ? PyObject_GetAttrString(it, "hook_was_enabled") : NULL;
+    if (choice == NULL) {
+        Py_XDECREF(was_routing);
+        return NULL;
+    }
+    if (was_routing != unchanged)
+        routing = PyObject_IsTrue(was_routing) > 0 && route_handler != NULL && route_classify != NULL;
+    if (choice != unchanged)
+        choose(choice == Py_None ? FOLLOWS_DEFAULT : PyObject_IsTrue(choice) > 0 ? CHOSE_ON : CHOSE_OFF);
+    Py_DECREF(was_routing);
+    Py_DECREF(choice);
+    Py_XDECREF(terra_set_iteration(NULL));
+    /* Once an iteration has ended, its placeholders may be anywhere: route_always, for good. */
+    route_always = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 set_loop_handler(PyObject *mod, PyObject *fn)
 {
     return set_handler(&loop_handler, fn, "set_loop_handler takes a callable or None");
@@ -1624,6 +1676,14 @@ static PyMethodDef methods[] = {
      "set_routing(handler, classify): where routed DL-op calls go; classify(callee) -> bool."},
     {"set_thread_routing", set_thread_routing, METH_O,
      "Route DL-op calls in this thread (True inside a unit iteration); returns the old state."},
+    {"thread_routing", thread_routing, METH_NOARGS,
+     "Does this thread route DL-op calls (an iteration is open in it)?"},
+    {"open_iteration", open_iteration, METH_O,
+     "open_iteration(it): it is this thread's open iteration (routing on, hook enabled); "
+     "the old states are noted on it (was_routing, hook_was_enabled)."},
+    {"close_iteration", close_iteration, METH_VARARGS,
+     "close_iteration(it, unchanged): this thread as before open_iteration(it); a noted "
+     "state that is `unchanged` is left as it is. Route DL-op calls outside iterations from now on."},
     {"set_callback", set_callback, METH_O,
      "set_callback(fn): fn(code) -> replacement code or None, asked once per code object."},
     {"enable_thread", enable_thread, METH_NOARGS, "Enable the hook for the calling thread."},

@@ -58,6 +58,31 @@ except ImportError:
 
 # ----------------------------------------------------------------------------- compat
 
+# JAX's current trace is switched in Python, by two calls (jax._src.core.TracingContext
+# .set_trace), and ``take_current_trace`` sets None until its block ends.  An interrupt
+# comes as a call returns: landing there it leaves the thread without a trace, or with one
+# whose block is gone, and every later op fails or goes to that trace.  So the current
+# trace is read without being taken, and where an interrupt passed (context.put_back_trace)
+# the trace the program runs under is set again.
+try:
+    from jax._src.core import trace_ctx as _trace_ctx
+    from jax._src.core import unsafe_get_current_trace as current_trace
+except ImportError:  # pragma: no cover  (a JAX without them: read by taking it)
+    _trace_ctx = None
+
+    def current_trace():
+        with take_current_trace() as trace:
+            return trace
+
+
+def set_trace(trace):
+    """Make ``trace`` JAX's current trace in this thread (no block to leave: a repair)."""
+    if _trace_ctx is not None:
+        _trace_ctx.set_trace(trace)
+    else:  # pragma: no cover
+        set_current_trace(trace).__enter__()
+
+
 def _abstract_eval_effects(prim, avals, params):
     # Effects of a first-order primitive.  Only consulted when a segment is built, so the
     # per-op recording cost does not pay for shape rules.
@@ -536,8 +561,7 @@ class Recorder:
     def __enter__(self):
         if self._trace is not None and self._trace.active:
             raise RuntimeError("Recorder is already active")
-        with take_current_trace() as parent:
-            pass
+        parent = current_trace()
         if self._trace is None:
             self._trace = _RecordingTrace(parent, self.on_fetch)
         else:  # re-entered: keep recording into the same equation list
@@ -548,25 +572,23 @@ class Recorder:
         return self
 
     def __exit__(self, *exc):
-        ctx, self._ctx = self._ctx, None
-        trace = self._trace
+        ctx, trace = self._ctx, self._trace
         if trace is None or ctx is None:  # (never entered, or left already)
             return False
         trace.active = False
         trace.ran_effects = None
-        with take_current_trace() as current:
-            pass
-        if current is trace or current is not trace.parent:
+        if current_trace() is not trace.parent:
             ctx.__exit__(*exc)
-        # (else an interrupt came in __enter__ before its trace was made current: the
-        # parent is current, as it must be once this recording is left)
+        # (else an interrupt came in __enter__ before its trace was made current, or in a
+        # first __exit__ after it put the parent back: the parent is current, as it must be
+        # once this recording is left.  ``_ctx`` is let go only now: an interrupt coming
+        # before leaves this to be done by the next __exit__, which the runtime calls.)
+        self._ctx = None
         return False
 
     def _live(self):
         if self._trace is None:
-            with take_current_trace() as parent:
-                pass
-            self._trace = _RecordingTrace(parent, self.on_fetch)
+            self._trace = _RecordingTrace(current_trace(), self.on_fetch)
         return self._trace
 
     def input(self, value) -> RecTracer:
@@ -1119,8 +1141,7 @@ def _trace_state_eager_sees(convention=None):
     JAX runs: while it is current the answer is its parent's, so objects made before or
     during an iteration are usable in both.  Under a transform JAX runs on top of it
     (grad, jit) the answer is that transform's, as in eager JAX."""
-    with take_current_trace() as trace:
-        pass
+    trace = current_trace()
     if not isinstance(trace, _RecordingTrace):
         return _opaque_trace_state(convention)
     while isinstance(trace, _RecordingTrace):

@@ -1,7 +1,10 @@
 import pytest
 
 import terra_bc
-from terra_bc import _hook
+from terra_bc import _hook, jaxpr_builder
+from terra_bc.runtime import context
+
+EVAL_TRACE = jaxpr_builder.current_trace()  # (JAX's eager trace: none other is current between tests)
 
 
 @pytest.fixture(autouse=True)
@@ -13,6 +16,24 @@ def hook_off_after_test():
     terra_bc.disable()
     terra_bc.set_scope("user")
     assert not _hook.installed(), "a test left the frame hook installed"
+    left = left_open()
+    if left:  # (put right, so that one test's failure is not every later test's)
+        _hook.set_iteration(None)
+        _hook.set_thread_routing(False)
+        context.thread.loop, context.thread.opaque = None, 0
+        jaxpr_builder.set_trace(EVAL_TRACE)
+    assert not left, f"a test left this thread inside an iteration: {left}"
+
+
+def left_open():
+    """What of an iteration is still open in this thread (none outside the tests' own)."""
+    return [what for what, is_open in (
+        ("an open iteration", _hook.current_iteration() is not None),
+        ("DL-op calls routed", _hook.thread_routing()),
+        ("a loop unit's turn", context.thread.loop is not None),
+        ("an eager op outside iterations", context.thread.opaque != 0),
+        ("a JAX trace other than the eager one", jaxpr_builder.current_trace() is not EVAL_TRACE))
+        if is_open]
 
 
 @pytest.fixture

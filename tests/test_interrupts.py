@@ -30,8 +30,10 @@ import pytest
 import jax.numpy as jnp
 
 import terra_bc
-from terra_bc import _hook, jaxpr_builder
+from terra_bc import jaxpr_builder
 from terra_bc.runtime import units
+
+from conftest import left_open
 
 pytestmark = pytest.mark.usefixtures("loop_units_on")  # (conftest.py)
 
@@ -247,9 +249,10 @@ def program(delays, loop, how):
 
 
 def nothing_left_open():
-    """No iteration open in this thread, no unit held by any."""
+    """No iteration open in this thread (nor routing, a loop's turn, a JAX trace of its
+    own: conftest.left_open), no unit held by any."""
     busy = [u for u in list(units.all_units) if u.busy.locked()]
-    return _hook.current_iteration() is None and not busy
+    return not left_open() and not busy
 
 
 def timed(loop, how):

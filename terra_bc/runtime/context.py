@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import jax
 
-from .. import _hook
+from .. import _hook, jaxpr_builder
 
 TRACE, COEXEC, EAGER = "tracing", "co-execution", "eager"
 
@@ -43,21 +43,18 @@ class LoopTurn:
     first: bool = False       # the loop's first turn (dropped if it calls no JAX)
 
 
-_routing_everywhere = False
-
-
 UNCHANGED = object()  # (an Iteration's was_routing / hook_was_enabled before it opens)
 
 
 def open_iteration(it):
     """Make ``it`` this thread's open iteration; route DL ops to it, hook enabled.  What
-    that changed is kept on the iteration (``was_routing``, ``hook_was_enabled``).  The
-    iteration is made the thread's last: an interrupt that comes before leaves none open,
-    and ``close_iteration`` puts back only what was noted."""
-    it.hook_was_enabled = _hook.thread_choice()  # (None: the thread follows the default)
-    it.was_routing = _hook.set_thread_routing(True)
-    _hook.enable_thread()
-    _hook.set_iteration(it)
+    that changed is kept on the iteration (``was_routing``, ``hook_was_enabled``).  One C
+    call, as is ``close_iteration``'s: an interrupt comes as a call returns, and between
+    two calls it left a state changed that was not noted (see ``_hook.open_iteration``).
+    An interrupt that comes before leaves none open, and ``close_iteration`` puts back
+    only what was noted."""
+    _hook.open_iteration(it)
+    it.program_trace = jaxpr_builder.current_trace()
 
 
 def close_iteration(it):
@@ -66,15 +63,18 @@ def close_iteration(it):
     call may receive one: from then on sites route DL-op calls outside iterations too,
     where ``dispatch.on_site`` runs them on concrete values.  Set once and kept, by
     design: programs that never open a unit pay nothing."""
-    global _routing_everywhere
-    if it.was_routing is not UNCHANGED:
-        _hook.set_thread_routing(it.was_routing)
-    if it.hook_was_enabled is not UNCHANGED:
-        _hook.set_thread_choice(it.hook_was_enabled)
-    _hook.set_iteration(None)
-    if not _routing_everywhere:
-        _routing_everywhere = True
-        _hook.set_route_always(True)
+    _hook.close_iteration(it, UNCHANGED)
+    put_back_trace(it)
+
+
+def put_back_trace(it):
+    """JAX's current trace is the one the program ran under when ``it`` opened.  An
+    interrupt that landed in JAX's switching of traces left another, or none
+    (``jaxpr_builder.current_trace``); the iteration, ending or running its rest eagerly,
+    puts it right.  (A recording still current as the iteration ends is left by this.)"""
+    trace = it.program_trace
+    if trace is not None and jaxpr_builder.current_trace() is not trace:
+        jaxpr_builder.set_trace(trace)
 
 
 def cut_short(error):
@@ -121,8 +121,7 @@ def plain_trace(recording=None):
     """Is the current JAX trace the one this thread runs ops under: ``recording``'s (an
     iteration that is tracing), else the eager one?  Not so while JAX transforms user code
     (grad, jit, vmap) from a caller terra_bc does not route."""
-    with jax.extend.core.take_current_trace() as trace:
-        pass
+    trace = jaxpr_builder.current_trace()
     if recording is not None:
         return recording.owns_trace(trace)
     return type(trace).__name__ == "EvalTrace"

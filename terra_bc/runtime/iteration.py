@@ -21,7 +21,7 @@ from jax.tree_util import tree_leaves
 
 from .. import _hook
 from ..counters import counts
-from . import bodies, coexecution, journal, launching, timeline, tracing
+from . import bodies, coexecution, context, journal, launching, timeline, tracing
 from .coexecution import retried
 from .context import COEXEC, EAGER, TRACE, UNCHANGED
 from .events import FetchEvent
@@ -35,7 +35,7 @@ class Iteration:
     # The C fast path reads mode, opaque_depth, path, pos, env and live by these names.
     __slots__ = ("unit", "mode", "path", "pos", "fork_stop", "left", "auto", "loop_turns",
                  "env", "seg_start", "tracers", "live", "opaque_depth", "recording",
-                 "grad_depth", "memo", "was_routing", "hook_was_enabled", "trace_launches",
+                 "grad_depth", "memo", "was_routing", "hook_was_enabled", "program_trace", "trace_launches",
                  "abandoning", "started", "effects_ran", "last_op_at", "failed", "config", "ended")
 
     def __init__(self, unit, mode, path):
@@ -54,6 +54,7 @@ class Iteration:
         self.grad_depth = 0     # > 0 while a differentiated function's Python runs
         self.memo = {}          # see remember
         self.was_routing = self.hook_was_enabled = UNCHANGED  # the thread before it (context)
+        self.program_trace = None  # JAX's trace the program ran under when it opened (context)
         self.trace_launches = 0  # segments run to compute values recorded abstractly
         self.abandoning = False  # finishing as a unit that is not the repeating level
         self.started = 0.0      # when it began (perf_counter), if a timeline was recording
@@ -258,6 +259,7 @@ class Iteration:
         try:
             if recording is not None:
                 recording.__exit__(None, None, None)
+            context.put_back_trace(self)
             launching.recover(self, traced)
         except Exception as failed:  # (its values are lost: reading one raises, see concrete)
             journal.fallback(self.unit, f"computing the values an interrupted iteration held "
