@@ -312,6 +312,35 @@ def training(steps):
     return np.asarray(w), losses
 
 
+def test_an_interrupt_as_a_recording_ends_leaves_no_trace_of_terra_bc_current(monkeypatch):
+    """Not by chance: the interrupt comes in the one place that left JAX inside a finished
+    recording for good (Recorder.__exit__, as it reads the current trace, after it had let
+    go of its trace context), as the loop's first traced turn ends.  The loop ends there;
+    afterwards JAX runs under its eager trace, and the same loop co-executes with eager's
+    values."""
+    want = training(STEPS)
+    terra_bc.reset()
+    real, fired = jaxpr_builder.current_trace, []
+
+    def current_trace():
+        caller = sys._getframe(1).f_code
+        if not fired and caller is jaxpr_builder.Recorder.__exit__.__code__:
+            fired.append(caller.co_name)
+            raise KeyboardInterrupt
+        return real()
+    monkeypatch.setattr(jaxpr_builder, "current_trace", current_trace)
+    with terra_bc.enabled(), pytest.raises(KeyboardInterrupt):
+        training(STEPS)
+    monkeypatch.setattr(jaxpr_builder, "current_trace", real)
+    assert fired and nothing_left_open(), left_open()
+    terra_bc.reset_stats()
+    with terra_bc.enabled():
+        again = training(STEPS)
+    np.testing.assert_allclose(again[1], want[1], rtol=1e-5)
+    np.testing.assert_allclose(again[0], want[0], rtol=1e-5)
+    assert terra_bc.stats()["iterations_coexecuted"] >= STEPS - 2, terra_bc.stats()
+
+
 def test_an_interrupt_that_leaves_the_loop_leaves_terra_bc_usable():
     """The interrupt is not caught inside the loop: it ends the loop (the unit's turn in
     the middle of its ops, a launch, or the turn's end), then the same loop and another one
