@@ -23,6 +23,7 @@ import sys
 import textwrap
 import threading
 import time
+import traceback
 
 import numpy as np
 import pytest
@@ -53,6 +54,7 @@ class Interrupter:
         self.armed = False
         self.fired = self.caught = 0
         self.landed, self.raised, self.got = [], [], []
+        self.stacks = []  # where each landed, in full (what a lost one's report shows)
         self.timer = None
 
     def handler(self, signum, frame):
@@ -62,6 +64,7 @@ class Interrupter:
             self.armed = False
             self.fired += 1
             self.landed.append(_where(frame))
+            self.stacks.append("".join(traceback.format_stack(frame, limit=25)))
             self.raised.append(KeyboardInterrupt())
             raise self.raised[-1]
 
@@ -71,7 +74,8 @@ class Interrupter:
 
     def lost(self):
         """Where the interrupts the program did not catch had landed."""
-        return [w for w, e in zip(self.landed, self.raised) if not any(e is g for g in self.got)]
+        return [f"{w}, in:\n{stack}" for w, e, stack in zip(self.landed, self.raised, self.stacks)
+                if not any(e is g for g in self.got)]
 
     def arm(self):
         if self.delays:
@@ -362,7 +366,7 @@ def test_an_interrupt_that_leaves_the_loop_leaves_terra_bc_usable():
                 intr.disarm()
             except KeyboardInterrupt as e:
                 intr.catch(e)
-        assert intr.caught == intr.fired, intr.landed
+        assert intr.caught == intr.fired, intr.lost()
         assert nothing_left_open(), intr.landed
         terra_bc.reset_stats()
         with terra_bc.enabled():
@@ -427,7 +431,8 @@ def test_interrupts_in_a_function_unit():
         w, losses, intr = program_([rng.uniform(0.0, span / 2) for _ in range(DELAYS)])
         np.testing.assert_allclose(losses, want[1], rtol=1e-5, err_msg=str(intr.landed))
         np.testing.assert_allclose(w, want[0], rtol=1e-5, err_msg=str(intr.landed))
-        assert intr.caught == intr.fired and nothing_left_open(), intr.landed
+        assert intr.caught == intr.fired, intr.lost()
+        assert nothing_left_open(), intr.landed
         fired += intr.fired
     assert fired > 0
     terra_bc.reset_stats()
