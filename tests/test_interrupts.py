@@ -51,22 +51,29 @@ class Interrupter:
 
     def __init__(self, delays, how):
         self.delays, self.how = list(delays), how
-        self.armed = False
+        self.armed = self.handling = False
         self.fired = self.caught = 0
         self.landed, self.raised, self.got = [], [], []
         self.stacks = []  # where each landed, in full (what a lost one's report shows)
         self.timer = None
 
     def handler(self, signum, frame):
-        if self.armed and _swallowed_there(frame):
-            self._again()
-        elif self.armed:
-            self.armed = False
-            self.fired += 1
-            self.landed.append(_where(frame))
-            self.stacks.append("".join(traceback.format_stack(frame, limit=25)))
-            self.raised.append(KeyboardInterrupt())
-            raise self.raised[-1]
+        if self.handling:  # (the next signal came while this handler ran: raised here, it
+            self._again()  # would go where the last one landed, which may swallow it)
+            return
+        self.handling = True
+        try:
+            if self.armed and _swallowed_there(frame):
+                self._again()
+            elif self.armed:
+                self.armed = False
+                self.fired += 1
+                self.landed.append(_where(frame))
+                self.stacks.append("".join(traceback.format_stack(frame, limit=25)))
+                self.raised.append(KeyboardInterrupt())
+                raise self.raised[-1]
+        finally:
+            self.handling = False
 
     def catch(self, error):
         self.caught += 1
@@ -113,6 +120,9 @@ class Interrupter:
         signal.signal(*self.previous)
 
 
+MLIR_WALK_CALLBACKS = ("_strip_kernel", "_update_bc_attribute")  # (jax/_src/cache_key.py)
+
+
 def _swallowed_there(frame):
     """Would an exception raised in ``frame`` be lost, or break JAX, with or without
     terra_bc?  CPython reports one raised in a garbage collector callback or a finalizer
@@ -121,10 +131,16 @@ def _swallowed_there(frame):
     catches everything (a bare ``except:`` that does not raise again); and JAX 0.12's trace
     context is not interrupt-safe (``take_current_trace`` sets no trace, and an exception
     raised before its ``__exit__`` has put the previous one back leaves none: every later
-    op fails).  The interrupt goes to the program a moment later instead."""
+    op fails); one raised in a function MLIR's ``Operation.walk`` calls (JAX's compilation
+    cache key strips kernels and attributes that way) does not get out of MLIR's C++.  The
+    interrupt goes to the program a moment later instead."""
     code = frame.f_code
     if code.co_filename.replace("\\", "/").endswith("jax/_src/core.py") \
             and code.co_name in ("set_trace", "__enter__", "__exit__"):
+        return True
+    if any(f.f_code.co_name in MLIR_WALK_CALLBACKS
+           and f.f_code.co_filename.replace("\\", "/").endswith("jax/_src/cache_key.py")
+           for f in _jax_frames(frame)):
         return True
     if any(_swallows(f.f_code, f.f_lineno) for f in _jax_frames(frame)):
         return True
