@@ -242,6 +242,33 @@ def test_a_token_id_used_as_an_index_is_fed_after_one_retrace():
     assert traced(before) == traced(after) and before["compiles"] == after["compiles"], (before, after)
 
 
+def test_a_growing_token_list_is_fed_from_the_first_trace():
+    """Greedy decoding as nanoGPT's generate writes it: the context is a list, the prompt's
+    NumPy ints then one Python int per token (``int(argmax)``), cropped and turned into an
+    array (``jnp.asarray(ids[-6:])``).  Each token's position in the window moves at every
+    step, and some tokens repeat from one call to the next: fed only where a value was seen
+    to differ, the others left the path again at later calls, walking back one window each
+    time (one new path each).  An array's elements are data: fed from the start."""
+    def make():
+        def decode(w, prompt):
+            ids = list(prompt)
+            for _ in range(4):
+                window = jnp.asarray(ids[-6:])
+                logits = jnp.sum(jnp.tanh(w[window]), axis=0)
+                ids.append(int(jnp.argmax(logits)))
+            return ids[-4:]
+        return decode
+    rng = np.random.default_rng(2)  # (its 4th token repeats in the first calls: 0)
+    w = jnp.asarray(rng.normal(size=(10, 10)), jnp.float32)
+    prompts = [list(rng.integers(0, 10, size=6).astype(np.int32)) for _ in range(30)]
+    want, got, before, after = run_both(make, [(w, p) for p in prompts], n_tail=10)
+    assert got == want
+    # The elements are fed from the first trace (tracing._record_op): one path.  Fed only
+    # once a value had differed, this program made 4 paths, walking back one window a call.
+    assert traced(after) == 1 and after["divergences"] == 0, after
+    assert traced(before) == traced(after) and before["compiles"] == after["compiles"], (before, after)
+
+
 def test_numbers_jax_needs_static_stay_static_and_guarded():
     """An axis and a reshape size that change: fed they would fail, so they stay static; each
     value is its own path and the results are right."""

@@ -213,7 +213,8 @@ def continues(path, pos, kind, key, check):
 def changed_numbers(unit, path, pos, key, tree, leaves):
     """Automatic dynamism: Python numbers baked into ``path``'s op at ``pos`` that now differ
     (a step counter, a schedule's value, a token id) are fed from now on: their (line, op,
-    leaf index) joins ``unit.dynamic``, unless JAX needed that number static before."""
+    leaf index) joins ``unit.dynamic``, unless JAX needed that number static before.
+    (Elements of a ``jnp.asarray`` list are fed from the first trace: tracing._record_op.)"""
     if path is None or pos >= len(path.events) or not settings["dynamic_numbers"]:
         return
     ev = path.events[pos]

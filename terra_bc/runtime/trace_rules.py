@@ -193,6 +193,14 @@ def builds_array_from(callee, leaves):
         code.co_name in ARRAY_BUILDER_NAMES and code.co_filename.endswith("lax_numpy.py"))
 
 
+def takes_elements(callee):
+    """Is ``callee`` ``jnp.array`` / ``jnp.asarray``, whose first argument's numbers are the
+    array's elements (data, never a shape or an axis)?"""
+    code = code_of(callee)
+    return code is not None and code.co_name in ("array", "asarray") \
+        and code.co_filename.startswith(JAX_DIRS) and code.co_filename.endswith(ARRAY_BUILDER_FILES)
+
+
 def is_api_wrapper(callee):
     """Is ``callee`` a function JAX's API wrapped (what jax.grad(f) returns is one)?"""
     code = getattr(callee, "__code__", None)

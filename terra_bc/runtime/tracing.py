@@ -25,7 +25,7 @@ from .events import (BreakEvent, ComputedIn, EnterEvent, FeedIn, FetchEvent, OpE
                      PlaceholderIn, PlaceholderOut, StaticIn, StaticOut, key_name)
 from .placeholders import OPERATORS, Placeholder, concrete, eager
 from .settings import EARLY_LAUNCH_GAP_SECONDS, settings
-from .trace_rules import dispatched_as_is, traces_its_body
+from .trace_rules import dispatched_as_is, takes_elements, traces_its_body
 from .values import aval_of, is_array, is_number, user_line, with_arrays
 
 
@@ -135,15 +135,28 @@ def _run_recorded(it, fn, tree, leaves, fed_number, kept=frozenset()):
     return specs, fn(*a, **k)
 
 
+def _first_argument_leaves(tree):
+    """How many of the leaves of a call's flattened ``(args, kwargs)`` its first positional
+    argument holds (0 where it has none)."""
+    args = tree.children()[0] if tree.num_nodes > 1 else None
+    return args.children()[0].num_leaves if args is not None and args.num_nodes > 1 else 0
+
+
 def _record_op(it, fn, key, where, tree, leaves):
     """Run ``fn`` recorded; its inputs' specs and its output.  Numbers at leaves the unit
     learnt are dynamic are fed; if JAX needs one static after all, it stays static.  NumPy
-    scalars are fed like arrays, unless JAX needed them static here before."""
+    scalars are fed like arrays, unless JAX needed them static here before.  The numbers of
+    a list ``jnp.asarray`` / ``jnp.array`` makes an array of are its elements, data as an
+    operator's operands are: fed from the first trace (a decoding loop's token list, the
+    prompt's NumPy ints then one Python int per token, left its path at every new token)."""
     __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     operands = fn in OPERATORS
     unit = it.unit
     name = key_name(key)
     dynamic = {i for i in range(len(leaves)) if (where, name, i) in unit.dynamic}
+    if settings["dynamic_numbers"] and takes_elements(fn):  # (elements: fed from the start)
+        dynamic |= {i for i in range(_first_argument_leaves(tree))
+                    if (where, name, i) not in unit.static}
     scalars = set() if operands else {i for i, x in enumerate(leaves) if isinstance(x, np.generic)}
     kept = {i for i in scalars if (where, name, i) in unit.static}
     try:
