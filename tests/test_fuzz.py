@@ -106,6 +106,14 @@ def test_a_program_eager_cannot_run_is_invalid():
     assert harness.check(PROGRAM.replace("jnp.arange(4.0)", "jnp.arange(4.0) + jnp.ones(3)"))["status"] == "invalid"
 
 
+def test_a_main_left_a_generator_by_a_shrinking_cut_is_invalid():
+    """A cut that removes a helper's ``def`` can leave its ``yield`` in main: main then
+    returns a generator, not (values, log) (the shrinker's subprocess crashed on it)."""
+    source = PROGRAM.replace("    return {'x': x, 'n': i}, log", "    yield x")
+    v = harness.check(source, modes=("units",))
+    assert v["status"] == "invalid" and "generator" in v["detail"], v
+
+
 def test_a_branch_flipped_within_tolerance_is_a_tie_and_outside_it_a_mismatch():
     want = [("if", 1, 0.30000001, 0.3), ("big", 1), ("v", 2, 1.0)]
     near = [("if", 1, 0.29999999, 0.3), ("v", 2, 1.0)]

@@ -221,6 +221,9 @@ def main(argv=None):
                                   "--size", str(args.size), "--verdict", json.dumps(v),
                                   "--shrink-budget", str(args.shrink_budget)],
                                  cwd=ROOT, capture_output=True, text=True)
+            if out.returncode != 0 or not out.stdout:
+                print(f"  shrinking failed (rc {out.returncode}):\n{out.stderr[-1500:]}", flush=True)
+                continue
             path = os.path.join(args.out, f"case_{v['seed']}_{v['mode']}.py")
             with open(path, "w") as f:
                 f.write(out.stdout)

@@ -250,6 +250,11 @@ def check(source: str, modes=MODES, path: str | None = None, inject=None) -> Ver
         if eager.error is not None:
             v.update(status="invalid", detail=f"eager raised {eager.error[0]}: {eager.error[1]}")
             return v
+        if not (isinstance(eager.result, tuple) and len(eager.result) == 2):
+            # (a shrinking cut that left a `yield` in main: it returns a generator)
+            v.update(status="invalid", detail=f"main returned {type(eager.result).__name__}, "
+                                              "not (values, log)")
+            return v
         for mode in modes:
             out = run(source, path, mode)
             if inject is not None:
