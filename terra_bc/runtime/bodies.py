@@ -238,15 +238,23 @@ def _plain_call(it, plan, args, kwargs):
     fun_where = [i for i, x in enumerate(fun_leaves) if is_array(x)]
     arg_where = [i for i, x in enumerate(leaves) if type(x) is jax.ShapeDtypeStruct or is_array(x)]
     nfun = len(fun_leaves)
-
-    def call(*arrays):
-        vals = fun_leaves + leaves
-        for i, x in zip(fun_where + [nfun + i for i in arg_where], arrays):
-            vals[i] = x
-        a, k = tree_unflatten(tree, vals[nfun:])
-        return (plan.fun if rebuild is None else rebuild(vals[:nfun]))(*a, **k)
+    call = _substituting(fun_leaves + leaves, fun_where + [nfun + i for i in arg_where], nfun,
+                         tree, lambda held: plan.fun if rebuild is None else rebuild(held))
     carried = [fun_leaves[i] for i in fun_where]
     return call, carried + [leaves[i] for i in arg_where], PlainLayout(carried, arg_where)
+
+
+def _substituting(every, where, nfun, tree, callee_of):
+    """A function of new values for ``every[i]``, ``i`` in ``where``: ``every`` is what the
+    called function holds (its first ``nfun``) then the call's leaves (``tree``);
+    ``callee_of(held)`` makes the function again from what it holds."""
+    def call(*arrays):
+        vals = list(every)
+        for i, x in zip(where, arrays):
+            vals[i] = x
+        a, k = tree_unflatten(tree, vals[nfun:])
+        return callee_of(vals[:nfun])(*a, **k)
+    return call
 
 
 def _from_plain(it, fn, plan, plain, layout, tree, leaves):
@@ -371,15 +379,8 @@ def _with_inputs(it, fn, tree, leaves):
     fun_leaves, rebuild = _opened(it, _vmapped(fn))
     every = fun_leaves + leaves
     where = [i for i, x in enumerate(every) if is_array(x)]
-    nfun = len(fun_leaves)
-
-    def call(*arrays):
-        vals = list(every)
-        for i, x in zip(where, arrays):
-            vals[i] = x
-        callee = fn if rebuild is None else _vmap_of(fn, rebuild(vals[:nfun]))
-        a, k = tree_unflatten(tree, vals[nfun:])
-        return callee(*a, **k)
+    call = _substituting(every, where, len(fun_leaves), tree,
+                         lambda held: fn if rebuild is None else _vmap_of(fn, rebuild(held)))
     return call, [every[i] for i in where]
 
 
