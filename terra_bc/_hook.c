@@ -1468,10 +1468,17 @@ get_thread_choice(PyObject *mod, PyObject *unused)
     return PyBool_FromLong(thread_choice == CHOSE_ON);
 }
 
+/* A choice as thread_choice() gives it (True, False, None) put back. */
+static void
+choose_as(PyObject *choice)
+{
+    choose(choice == Py_None ? FOLLOWS_DEFAULT : PyObject_IsTrue(choice) > 0 ? CHOSE_ON : CHOSE_OFF);
+}
+
 static PyObject *
 set_thread_choice(PyObject *mod, PyObject *choice)
 {
-    choose(choice == Py_None ? FOLLOWS_DEFAULT : PyObject_IsTrue(choice) > 0 ? CHOSE_ON : CHOSE_OFF);
+    choose_as(choice);
     Py_RETURN_NONE;
 }
 
@@ -1540,11 +1547,18 @@ set_routing(PyObject *mod, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* This thread routes DL-op calls if `on` and there is somewhere to route them. */
+static void
+route_thread(PyObject *on)
+{
+    routing = PyObject_IsTrue(on) > 0 && route_handler != NULL && route_classify != NULL;
+}
+
 static PyObject *
 set_thread_routing(PyObject *mod, PyObject *on)
 {
     int was = routing;
-    routing = PyObject_IsTrue(on) > 0 && route_handler != NULL && route_classify != NULL;
+    route_thread(on);
     return PyBool_FromLong(was);
 }
 
@@ -1570,7 +1584,7 @@ open_iteration(PyObject *mod, PyObject *it)
     Py_DECREF(choice);
     if (failed)
         return NULL;
-    routing = route_handler != NULL && route_classify != NULL;
+    route_thread(Py_True);
     choose(CHOSE_ON);
     Py_XDECREF(terra_set_iteration(it));
     Py_RETURN_NONE;
@@ -1589,9 +1603,9 @@ close_iteration(PyObject *mod, PyObject *args)
         return NULL;
     }
     if (was_routing != unchanged)
-        routing = PyObject_IsTrue(was_routing) > 0 && route_handler != NULL && route_classify != NULL;
+        route_thread(was_routing);
     if (choice != unchanged)
-        choose(choice == Py_None ? FOLLOWS_DEFAULT : PyObject_IsTrue(choice) > 0 ? CHOSE_ON : CHOSE_OFF);
+        choose_as(choice);
     Py_DECREF(was_routing);
     Py_DECREF(choice);
     Py_XDECREF(terra_set_iteration(NULL));

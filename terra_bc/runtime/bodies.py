@@ -78,7 +78,7 @@ def _param_key(x):
         return tuple(map(_param_key, x))
     if type(x) is types.FunctionType:
         if x.__closure__ and (x.__module__ or "").startswith("jax."):
-            return ("JAX's closure", x.__code__, tuple(_param_key(_held(c)) for c in x.__closure__))
+            return ("JAX's closure", x.__code__, tuple(map(_param_key, cells(x).values())))
         return function_key(x)
     if type(x) is functools.partial:
         return ("partial", _param_key(x.func), _param_key(x.args),
@@ -90,13 +90,6 @@ def _param_key(x):
     except TypeError:
         return ("repr", repr(x))
     return x
-
-
-def _held(cell):
-    try:
-        return cell.cell_contents
-    except ValueError:  # an empty cell
-        return None
 
 
 def _value_key(v):
