@@ -30,6 +30,7 @@ import collections
 import contextlib
 import functools
 import gc
+import itertools
 import operator
 import time
 import types
@@ -313,6 +314,7 @@ class _RecordingTrace(Trace):
         self.abstract_eqns = []  # indexes of the equations recorded without computing them
         self.effect_eqns = []    # indexes of the equations with effects (callbacks, prints)
         self.ran_effects = None  # a set the indexes of effectful equations run now go to
+        self.meshes = {}         # equation index -> the abstract mesh it was bound under (_append)
 
     # -- helpers
     def new(self, val, aval=None, const=False):
@@ -407,11 +409,20 @@ class _RecordingTrace(Trace):
             self._note_effects(True)
         if prim.multiple_results:
             outs = [self.new(v, const=const) for v in out]
-            self.eqns.append((prim, params, atoms, tuple(t.id for t in outs)))
+            self._append((prim, params, atoms, tuple(t.id for t in outs)))
             return outs
         t = self.new(out, const=const)
-        self.eqns.append((prim, params, atoms, (t.id,)))
+        self._append((prim, params, atoms, (t.id,)))
         return t
+
+    def _append(self, eqn):
+        """Record equation ``eqn``, and the abstract mesh JAX binds it under now where that
+        is not the default: JAX's linearize and transpose bind under an empty one, and
+        eager ``jit`` keys its executables by it (evaluate_segment binds it there again)."""
+        mesh = _mesh_now()
+        if mesh is not _UNSET:
+            self.meshes[len(self.eqns)] = mesh
+        self.eqns.append(eqn)
 
     def _note_effects(self, ran):
         """The equation about to be appended has effects; ``ran``: they happened now."""
@@ -432,10 +443,10 @@ class _RecordingTrace(Trace):
         self.abstract_eqns.append(len(self.eqns))
         if prim.multiple_results:
             outs = [self.new_abstract(a) for a in out_avals]
-            self.eqns.append((prim, params, atoms, tuple(t.id for t in outs)))
+            self._append((prim, params, atoms, tuple(t.id for t in outs)))
             return outs
         t = self.new_abstract(out_avals)
-        self.eqns.append((prim, params, atoms, (t.id,)))
+        self._append((prim, params, atoms, (t.id,)))
         return t
 
     def process_custom_jvp_call(self, prim, fun, jvp, tracers, /, *, symbolic_zeros):
@@ -521,7 +532,7 @@ class _RecordingTrace(Trace):
                 self.avals.append(o.aval)
                 env[o] = i
                 outs.append(i)
-            self.eqns.append((e.primitive, e.params, ins, tuple(outs)))
+            self._append((e.primitive, e.params, ins, tuple(outs)))
         if abstract:
             out_vals = [_LAZY] * len(_inner(closed).outvars)
         else:
@@ -619,6 +630,7 @@ class Recorder:
         copy.literals = {i: v for i, v in trace.literals.items() if i < num_values}
         copy.abstract_eqns = trace.abstract_eqns[:bisect.bisect_left(trace.abstract_eqns, stop)]
         copy.effect_eqns = trace.effect_eqns[:bisect.bisect_left(trace.effect_eqns, stop)]
+        copy.meshes = {k: m for k, m in trace.meshes.items() if k < stop}
         return new
 
     def adopt(self, id, value) -> RecTracer:
@@ -752,15 +764,17 @@ class Recorder:
 class Segment:
     """Plain data: ``jaxpr`` (ClosedJaxpr), ``inputs`` / ``outputs`` (value ids, in order),
     ``key`` (structural cache key used by compile_segment); ``sizes``: what the runtime
-    learnt of its inputs' sizes, once (launching.input_bytes)."""
-    __slots__ = ("jaxpr", "inputs", "outputs", "key", "sizes")
+    learnt of its inputs' sizes, once (launching.input_bytes); ``meshes``: None, or per
+    equation the abstract mesh it was recorded under (``_UNSET``: the default)."""
+    __slots__ = ("jaxpr", "inputs", "outputs", "key", "sizes", "meshes")
 
-    def __init__(self, jaxpr, inputs, outputs, key):
+    def __init__(self, jaxpr, inputs, outputs, key, meshes=None):
         self.jaxpr = jaxpr
         self.inputs = inputs
         self.outputs = outputs
         self.key = key
         self.sizes = None
+        self.meshes = meshes
 
     def __repr__(self):
         return (f"Segment(inputs={self.inputs}, outputs={self.outputs}, "
@@ -861,11 +875,11 @@ def _build_segment(trace, out_ids, start, stop, skip=frozenset(), pure=False):
 
 
 def _build_segment_nogc(trace, out_ids, start, stop, skip, pure):
-    eqns, avals, literals = trace.eqns, trace.avals, trace.literals
+    eqns, avals, literals, meshes = trace.eqns, trace.avals, trace.literals, trace.meshes
     # Dead-code elimination, backwards: keep an equation if an output is needed or it
     # has effects (a debug print or callback must still happen when replayed).
     needed = set(out_ids)
-    kept = []
+    kept, kept_meshes = [], []
     for k in range(stop - 1, start - 1, -1):
         prim, params, atoms, outs = eqns[k]
         if k in skip:  # (what it computed is read as an input)
@@ -873,8 +887,10 @@ def _build_segment_nogc(trace, out_ids, start, stop, skip, pure):
         effs = _effects(prim, params, avals, atoms)
         if effs and not pure or any(o in needed for o in outs):
             kept.append((prim, params, atoms, outs, effs))
+            kept_meshes.append(meshes.get(k, _UNSET))
             needed.update(a for a in atoms if isinstance(a, int))
     kept.reverse()
+    kept_meshes.reverse()
     if any(e[4] for e in kept):
         kept = [_in_program_order(*e, avals) if e[4] else e for e in kept]
 
@@ -933,7 +949,8 @@ def _build_segment_nogc(trace, out_ids, start, stop, skip, pure):
     closed = _closed(constvars, invars, outvars, jeqns, effects, consts)
     key = (tuple(avals[i] for i in inputs), tuple(key_consts), tuple(key_eqns),
            tuple(key_outs))
-    return Segment(closed, inputs, list(out_ids), key)
+    on_meshes = tuple(kept_meshes) if any(m is not _UNSET for m in kept_meshes) else None
+    return Segment(closed, inputs, list(out_ids), key, on_meshes)
 
 
 # ----------------------------------------------------------------------------- structural keys
@@ -1257,11 +1274,14 @@ def evaluate_segment(segment: Segment, args):
     jaxpr = closed.jaxpr
     env = dict(zip(jaxpr.constvars, closed.consts))
     env.update(zip(jaxpr.invars, args))
-    for eqn in jaxpr.eqns:
+    meshes = segment.meshes or itertools.repeat(_UNSET)
+    for eqn, mesh in zip(jaxpr.eqns, meshes):
         prim = eqn.primitive
         ins = [a.val if isinstance(a, Literal) else env[a] for a in eqn.invars]
         try:
-            if _plain_context(eqn.ctx):
+            if mesh is not _UNSET:  # (where JAX bound it as it was recorded: its executable)
+                out = _bind_on_mesh(eqn, ins, mesh)
+            elif _plain_context(eqn.ctx):
                 out = prim.bind(*ins, **prim.get_bind_params(eqn.params))
             else:
                 with eqn.ctx.manager:
@@ -1275,6 +1295,32 @@ def evaluate_segment(segment: Segment, args):
         else:
             env[eqn.outvars[0]] = out
     return [a.val if isinstance(a, Literal) else env[a] for a in jaxpr.outvars]
+
+
+def _bind_on_mesh(eqn, ins, mesh):
+    """Bind ``eqn`` under abstract mesh ``mesh`` (and its own context where that is not
+    the default)."""
+    prim = eqn.primitive
+    kept = _MESH.swap_local(mesh)
+    try:
+        if _plain_context(eqn.ctx):
+            return prim.bind(*ins, **prim.get_bind_params(eqn.params))
+        with eqn.ctx.manager:
+            return prim.bind(*ins, **prim.get_bind_params(eqn.params))
+    finally:
+        _MESH.set_local(kept)
+
+
+try:  # (jax 0.10: gradients are linearized and transposed under an empty abstract mesh)
+    from jax._src.config import abstract_mesh_context_manager as _MESH
+    from jaxlib._jax.config import unset as _UNSET
+except ImportError:  # (a JAX that keys eager jit by no such context: nothing to note)
+    _MESH, _UNSET = None, object()
+
+
+def _mesh_now():
+    """The abstract mesh set for this thread now (``_UNSET``: none, the default)."""
+    return _UNSET if _MESH is None else _MESH.get_local()
 
 
 try:

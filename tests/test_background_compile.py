@@ -6,6 +6,7 @@ the compile is done.  Every test compares values and Python side effects with ea
 reads the decisions from terra_bc.stats().
 """
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -197,3 +198,63 @@ def test_the_process_exits_cleanly_with_a_compile_in_flight(tmp_path):
     assert out.stdout.splitlines()[0] == plain.stdout.splitlines()[0]
     stats = json.loads((out.stdout + out.stderr).split("terra_bc stats: ")[1].splitlines()[0])
     assert stats["compiles_background"] == 1 and stats["compiles"] == 0
+
+
+class CompileCounter(logging.Handler):
+    """Counts the executables JAX compiles (``jax_log_compiles``), by name."""
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("Compiling "):
+            self.names.append(message.split()[1])
+
+
+@pytest.fixture
+def jax_compiles():
+    counter = CompileCounter()
+    logger = logging.getLogger("jax")
+    logger.addHandler(counter)
+    was = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)
+    try:
+        yield counter
+    finally:
+        jax.config.update("jax_log_compiles", was)
+        logger.removeHandler(counter)
+
+
+def test_an_eager_run_of_a_gradient_reuses_the_traced_iterations_executables(jax_compiles):
+    """The traced iteration runs each op of a value_and_grad eagerly; the segment's eager runs
+    after it bind the same equations and must find their executables (jax 0.10 keys them by
+    the abstract mesh its linearize and transpose set: bound outside it, each op of the
+    gradient compiled again, the cost of eager's first step once more)."""
+    def loss_fn(w, x):
+        return jnp.mean(jnp.tanh(x @ w) * 2.0)
+
+    def step(w, x):
+        loss, g = jax.value_and_grad(loss_fn)(w, x)
+        return w - 0.1 * g, loss
+
+    w0 = jnp.asarray(np.random.default_rng(7).normal(size=(17, 3)), jnp.float32)
+    x = np.ones((5, 17), np.float32)
+    fn = terra_bc.function(step)
+    w, got = w0, []
+    w, loss = fn(w, x)                       # traced: each op compiled as eager JAX compiles it
+    got.append(float(loss))
+    traced = len(jax_compiles.names)
+    for _ in range(3):                       # its segment run eagerly (not compiled yet)
+        w, loss = fn(w, x)
+        got.append(float(loss))
+    s = terra_bc.stats()
+    assert s["iterations_traced"] == 1 and s["segments_eager"] == 3 and s["compiles"] == 0
+    assert traced > 0
+    assert jax_compiles.names[traced:] == []
+    want_w, want = w0, []
+    for _ in range(4):
+        want_w, loss = step(want_w, x)
+        want.append(float(loss))
+    np.testing.assert_allclose(got, want, rtol=RTOL)
+    check_equal(w, want_w)
