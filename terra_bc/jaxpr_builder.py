@@ -405,6 +405,8 @@ class _RecordingTrace(Trace):
                 return parent.process_primitive(prim, vals, params)
         with set_current_trace(parent):
             out = parent.process_primitive(prim, vals, params)
+        if type(parent).__name__ == "EvalTrace":  # (it ran eagerly: JAX compiled it)
+            _warm_operation(prim, params, [_aval_of(a, self.avals) for a in atoms])
         if effects:
             self._note_effects(True)
         if prim.multiple_results:
@@ -766,7 +768,7 @@ class Segment:
     ``key`` (structural cache key used by compile_segment); ``sizes``: what the runtime
     learnt of its inputs' sizes, once (launching.input_bytes); ``meshes``: None, or per
     equation the abstract mesh it was recorded under (``_UNSET``: the default)."""
-    __slots__ = ("jaxpr", "inputs", "outputs", "key", "sizes", "meshes")
+    __slots__ = ("jaxpr", "inputs", "outputs", "key", "sizes", "meshes", "operations", "warmed")
 
     def __init__(self, jaxpr, inputs, outputs, key, meshes=None):
         self.jaxpr = jaxpr
@@ -775,6 +777,8 @@ class Segment:
         self.key = key
         self.sizes = None
         self.meshes = meshes
+        self.operations = None  # its distinct operations (operations_of), once asked
+        self.warmed = False     # run eagerly once: JAX holds an executable for each operation
 
     def __repr__(self):
         return (f"Segment(inputs={self.inputs}, outputs={self.outputs}, "
@@ -1265,6 +1269,53 @@ def keep_executable(segment: Segment, fn, wait_only=False):
     return fn
 
 
+# Operations (primitive, parameters, input avals, abstract mesh) run eagerly, by a recording
+# as it recorded them or by evaluate_segment: JAX holds an eager executable for each, so
+# running them again compiles nothing.  Bounded (a key may hold an object of the parameters
+# alive): past WARM_LIMIT it starts afresh, and estimates count some warm operations as cold.
+_warm = set()
+WARM_LIMIT = 1 << 14
+
+
+def operations_of(segment: Segment) -> frozenset:
+    """``segment``'s distinct operations, as eager JAX keys its per-operation executables:
+    equations repeating one (a cell applied at every node of a tree) compile it once."""
+    ops = segment.operations
+    if ops is None:
+        eqns = _inner(segment.jaxpr).eqns
+        meshes = segment.meshes or itertools.repeat(_UNSET)
+        ops = segment.operations = frozenset(
+            (k[0], k[1], tuple(v.aval for v in e.invars), None if m is _UNSET else m)
+            for k, e, m in zip(segment.key[2], eqns, meshes))
+    return ops
+
+
+def cold_operations(segment: Segment, among=None) -> int:
+    """How many of ``segment``'s distinct operations no eager run has compiled yet (and are
+    in ``among``, if given): running it eagerly now compiles each of them first, as eager
+    JAX's first step does."""
+    if segment.warmed:
+        return 0
+    cold = operations_of(segment) - _warm
+    return len(cold) if among is None else len(cold & among)
+
+
+def _warm_operation(prim, params, in_avals):
+    """An operation the recording ran eagerly as it recorded it (see operations_of)."""
+    if len(_warm) > WARM_LIMIT:
+        _warm.clear()
+    mesh = _mesh_now()
+    _warm.add((prim, _params_key(params, prim), tuple(in_avals), None if mesh is _UNSET else mesh))
+
+
+def _note_warm(segment):
+    """``segment``'s operations have run eagerly (evaluate_segment)."""
+    if len(_warm) > WARM_LIMIT:
+        _warm.clear()
+    _warm.update(operations_of(segment))
+    segment.warmed = True
+
+
 def evaluate_segment(segment: Segment, args):
     """Run ``segment``'s equations eagerly, one JAX dispatch each (no compile of the whole).
     Bound as eager JAX binds them, outside the name stack of the source they were recorded
@@ -1294,6 +1345,8 @@ def evaluate_segment(segment: Segment, args):
             env.update(zip(eqn.outvars, out))
         else:
             env[eqn.outvars[0]] = out
+    if not segment.warmed:
+        _note_warm(segment)
     return [a.val if isinstance(a, Literal) else env[a] for a in jaxpr.outvars]
 
 

@@ -135,7 +135,7 @@ def test_compiles_and_fallbacks_are_journaled(settings_back):
     journal = list(unit_of(step).journal)
     compiles = [r for r in journal if type(r) is Compiled]
     # The fetch of the first (traced) call computes what was recorded so far.
-    assert compiles[0].path == 1 and compiles[0].why == "a traced iteration needs its values"
+    assert compiles[0].path == 1 and compiles[0].why == "a traced iteration needs its values: the unit's first path"
     assert compiles[0].how == "now, on the calling thread"
     assert all(r.stop > r.start for r in compiles)
     falls = [r for r in journal if type(r) is Fallback]

@@ -340,3 +340,41 @@ def test_placement_of_a_value_recorded_abstractly_needs_no_launch():
     if jax.device_count() == 1:
         assert where == want_where
         assert terra_bc.stats()["trace_launches"] == 0
+
+
+def tree_step(w, x, order):
+    """A tree-shaped model: one cell applied at each node, in an order Python draws, so each
+    order is a path of its own made of the same operations."""
+    h = x
+    for k in order:
+        h = jnp.tanh(h @ w[k] + h)
+    return jnp.sum(h * h)
+
+
+def test_a_new_path_made_of_operations_run_eagerly_before_is_not_compiled():
+    """Eager JAX compiles each operation once, whatever the path: a path whose operations
+    the unit already ran eagerly costs nothing to run eagerly, so its traced iteration runs
+    it eagerly (abstract tracing), and it is compiled only once that pays.  A path with an
+    operation never run eagerly (a new shape) is compiled at once, as before."""
+    r = np.random.default_rng(11)
+    w = [jnp.asarray(r.normal(size=(7, 7)) * 0.3, jnp.float32) for _ in range(2)]
+    x = jnp.asarray(r.normal(size=(3, 7)), jnp.float32)
+    unit = terra_bc.function(tree_step)
+    terra_bc.config(abstract_tracing=False)   # the first path's operations run as recorded
+    got = [float(unit(w, x, (0, 1, 0)))]
+    terra_bc.config(abstract_tracing=True)
+    terra_bc.reset_stats()
+    got.append(float(unit(w, x, (1, 1, 0, 1))))  # a new order: traced abstractly, then run
+    s = terra_bc.stats()
+    # (one launch: the traced iteration's end computes the path recorded abstractly)
+    assert s["iterations_traced"] == 1 and s["segments_eager"] == 1 and s["compiles"] == 0, s
+    got.append(float(unit(w, x, (1, 1, 0, 1))))  # comes back: co-executed, still eagerly
+    assert terra_bc.stats()["compiles"] == 0
+    # A new shape is an operation never run eagerly: compiled at its traced iteration.
+    x5 = jnp.asarray(r.normal(size=(5, 7)), jnp.float32)
+    got.append(float(unit(w, x5, (0, 1))))
+    assert terra_bc.stats()["compiles"] == 1
+    want = [tree_step(w, x, (0, 1, 0)), tree_step(w, x, (1, 1, 0, 1)),
+            tree_step(w, x, (1, 1, 0, 1)), tree_step(w, x5, (0, 1))]
+    np.testing.assert_allclose(got, [float(v) for v in want], rtol=RTOL)
+    assert "run eagerly 2 time(s)" in str(terra_bc.explain(unit))

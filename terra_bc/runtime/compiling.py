@@ -1,13 +1,13 @@
 """Compiling segments: whether a new segment is compiled, on which thread, and what runs
 until it is ready.  The one place that decides it (``run``).
 
-* A segment a traced iteration launches is compiled on the calling thread: the iteration
-  has no values but the ones segments compute, and one compile (what ``jax.jit``'s first
-  call pays) costs less than running the equations eagerly a first time (eager JAX compiles
-  every primitive once per shape).  So is a segment more of whose equations were recorded
-  abstractly (never run eagerly) than running them eagerly is worth: each costs a
-  primitive's first compile (``EAGER_FIRST_RUN_SECONDS``) against the segment's expected
-  compile time.
+* A unit's first path is compiled in its traced iteration, on the calling thread: the
+  iteration has no values but the ones segments compute, and one compile (what
+  ``jax.jit``'s first call pays) costs less than running the equations eagerly a first time
+  (eager JAX compiles each operation once).  Any other segment more of whose operations no
+  eager run has compiled than is worth it is compiled at its launch too (``Choice``: the
+  first compiles an eager run would cost against the compile times of the unit's paths to
+  come, which operations run eagerly once serve as well).
 * Any other new segment (recorded eagerly-valued: a unit whose paths or shapes keep
   changing, or the setting; JAX holds the executables of its primitives) runs its
   equations eagerly (``jaxpr_builder.evaluate_segment``) and
@@ -30,6 +30,7 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .. import jaxpr_builder
 from ..counters import counts
@@ -62,6 +63,7 @@ class SegmentCost:
 
 _costs = {}                    # Segment.key -> SegmentCost (segments not compiled yet)
 _rate = [0.0, 0]               # compile seconds and equations measured (either thread)
+_first_runs = [0.0, 0]         # seconds of eager runs with cold operations, and those operations
 
 
 def run(it, entry, args, donate=()):
@@ -145,7 +147,8 @@ def _until_it_pays(it, entry, args):
         cost = _costs[seg.key] = SegmentCost()
         if "compiles" in journal.logged:
             journal.say("compiles", "%s runs eagerly until compiling pays (expected compile "
-                        "%.2f s)", journal.segment_name(it, entry), expected_compile_seconds(seg))
+                        "%.2f s; %d operation(s) never run eagerly)", journal.segment_name(it, entry),
+                        expected_compile_seconds(seg), jaxpr_builder.cold_operations(seg))
     job = cost.job
     if job is not None and job.done.is_set():
         del _costs[seg.key]
@@ -166,35 +169,95 @@ def _until_it_pays(it, entry, args):
                          f"expected compile Python would lose ({price:.3f} s)")
     counts["segments_eager"] += 1
     it.unit.eager_launches += 1
+    cold = jaxpr_builder.cold_operations(seg)
     t0 = time.perf_counter()
     values = jaxpr_builder.evaluate_segment(seg, args)
-    cost.eager_seconds += time.perf_counter() - t0
+    took = time.perf_counter() - t0
+    cost.eager_seconds += took
+    if cold:  # (what a first compile of an operation costs here: Choice.per_operation)
+        _first_runs[0] += took
+        _first_runs[1] += cold
     cost.launches += 1
     return values
 
 
 def _why_now(it, entry):
     """Why a new segment is compiled at its launch, on the calling thread (journal)."""
-    if it.recording is not None:
-        return "a traced iteration needs its values"
     if not settings["background_compile"]:
         return "background_compile is off"
     if pacing.several_processes():
         return "one of several processes: each compiles at the same launch"
-    return (f"{entry.cold} of its equations were recorded abstractly: running them eagerly "
-            f"would compile each (~{entry.cold * EAGER_FIRST_RUN_SECONDS:.2f} s), more than "
-            f"its expected compile ({expected_compile_seconds(entry.segment):.2f} s)")
+    if not any(p is not it.path for p in it.unit.paths):
+        return "a traced iteration needs its values: the unit's first path"
+    return ("a traced iteration needs its values; " if it.recording is not None else "") + \
+        str(choice(it, entry))
 
 
 def compiles_later(it, entry):
     """Does ``entry``'s segment run eagerly until compiling it pays (else: compile now)?
-    Not in a traced iteration, nor where more of its equations were recorded abstractly
-    than running eagerly is worth: each would compile its primitive first, nor in one of
-    several processes: the choice depends on timing, and processes that chose differently
-    would run different collectives (docs/distributed.md)."""
-    return settings["background_compile"] and it.recording is None and (
-        not entry.cold or entry.cold * EAGER_FIRST_RUN_SECONDS < expected_compile_seconds(entry.segment)
-    ) and not pacing.several_processes()
+
+    A segment all of whose equations were recorded eagerly-valued runs eagerly (JAX
+    compiled each as it was recorded), except in the traced iteration that recorded it; so
+    does one all of whose operations an eager run compiled already.  The first path of a
+    unit is compiled in its traced iteration (what ``jax.jit``'s first call pays, less than
+    eager's first step).  Otherwise it runs eagerly where the first compiles that costs are
+    worth less than compiling it (``Choice``).  Never in one of several processes: the
+    choice depends on timing, and processes that chose differently would run different
+    collectives (docs/distributed.md)."""
+    if not settings["background_compile"] or pacing.several_processes():
+        return False
+    if not entry.cold:
+        return it.recording is None
+    if not jaxpr_builder.cold_operations(entry.segment):
+        return True
+    if it.recording is not None and not any(p is not it.path for p in it.unit.paths):
+        return False
+    return choice(it, entry).eager
+
+
+class Choice(NamedTuple):
+    """Run a new segment eagerly, or compile it.  Eager JAX compiles each operation
+    (primitive, parameters, input avals) the first time it runs, whatever path runs it:
+    running the segment eagerly first costs one such compile per operation no eager run has
+    compiled yet (``cold``: equations repeating an operation, a cell applied at every node
+    of a tree, compile it once), at the cost measured per operation (``per_operation``).  A
+    compile serves this segment alone; those first compiles serve every path using the
+    operations too.  So they are weighed against the compile times the unit's paths to come
+    would pay: a unit that has made ``paths`` other paths is taken to make as many more
+    (``paths`` is all its history says), and ``shared`` of the cold operations are ones its
+    other paths use (they come back in new paths).  Eager where
+    ``cold * per_operation < compile * (1 + paths * shared)``."""
+    eager: bool
+    cold: int
+    per_operation: float
+    compile: float
+    paths: int
+    shared: float
+
+    def __str__(self):
+        return (f"{self.cold} operation(s) never run eagerly would compile first "
+                f"(~{self.cold * self.per_operation:.2f} s), against its expected compile "
+                f"({self.compile:.2f} s) and those of paths to come ({self.paths} other "
+                f"path(s), {self.shared:.0%} of these operations shared with them)")
+
+
+def choice(it, entry):
+    """Decide ``entry``'s segment (see Choice)."""
+    seg = entry.segment
+    cold = jaxpr_builder.cold_operations(seg)
+    others = [p for p in it.unit.paths if p is not it.path]
+    shared = 0.0
+    if others and cold:
+        known = set()
+        for p in others:
+            for e in p.segments.values():
+                known |= jaxpr_builder.operations_of(e.segment)
+        shared = jaxpr_builder.cold_operations(seg, among=known) / cold
+    seconds, ops = _first_runs
+    per_op = seconds / ops if ops >= 20 else EAGER_FIRST_RUN_SECONDS
+    compile_s = expected_compile_seconds(seg)
+    eager = cold * per_op < compile_s * (1 + len(others) * shared)
+    return Choice(eager, cold, per_op, compile_s, len(others), shared)
 
 
 def state(entry):
