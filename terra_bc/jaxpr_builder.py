@@ -1308,6 +1308,11 @@ def _warm_operation(prim, params, in_avals):
     _warm.add((prim, _params_key(params, prim), tuple(in_avals), None if mesh is _UNSET else mesh))
 
 
+def forget_warm():
+    """Take every operation for cold again (segments already run eagerly stay warm)."""
+    _warm.clear()
+
+
 def _note_warm(segment):
     """``segment``'s operations have run eagerly (evaluate_segment)."""
     if len(_warm) > WARM_LIMIT:
@@ -1372,8 +1377,13 @@ except ImportError:  # (a JAX that keys eager jit by no such context: nothing to
 
 
 def _mesh_now():
-    """The abstract mesh set for this thread now (``_UNSET``: none, the default)."""
-    return _UNSET if _MESH is None else _MESH.get_local()
+    """The empty abstract mesh JAX's autodiff sets for this thread, if it is set now, else
+    ``_UNSET`` (the default; a program's own mesh is left to the program's context, where
+    segments run too: set alone, without its devices, eager JAX refuses explicit shardings)."""
+    if _MESH is None:
+        return _UNSET
+    mesh = _MESH.get_local()
+    return mesh if mesh is not _UNSET and getattr(mesh, "empty", False) else _UNSET
 
 
 try:

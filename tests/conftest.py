@@ -2,16 +2,19 @@ import pytest
 
 import terra_bc
 from terra_bc import _hook, jaxpr_builder
-from terra_bc.runtime import context
+from terra_bc.runtime import compiling, context
 
 EVAL_TRACE = jaxpr_builder.current_trace()  # (JAX's eager trace: none other is current between tests)
 
 
 @pytest.fixture(autouse=True)
 def hook_off_after_test():
-    """Each test starts and ends with the hook disabled in this thread."""
+    """Each test starts and ends with the hook disabled in this thread, and decides what to
+    compile as a fresh process would (JAX's executables of earlier tests' operations stay,
+    but their counts, and so each test's, would depend on the order tests run in)."""
     terra_bc.disable()
     terra_bc.set_scope("user")
+    compiling.forget()
     yield
     terra_bc.disable()
     terra_bc.set_scope("user")

@@ -100,14 +100,14 @@ def run(it, entry, args, donate=()):
     return _until_it_pays(it, entry, args)
 
 
-def _compile_now(it, entry, args):
+def _compile_now(it, entry, args, why=None):
     """Compile ``entry``'s segment on this thread (its first call) and run it."""
     # (No executable of its structure exists, checked by run: this makes one.)
     entry.exe = jaxpr_builder.keep_executable(
         entry.segment, jaxpr_builder.jit_segment(entry.segment, journal.segment_name(it, entry)))
     it.unit.note_compile()
     journal.note(it.unit, journal.Compiled, journal.path_number(it.unit, it.path), entry.start,
-                 entry.stop, "now, on the calling thread", _why_now(it, entry))
+                 entry.stop, "now, on the calling thread", why or _why_now(it, entry))
     t0 = time.perf_counter()  # (its first call compiles it)
     values = entry.exe(*args)
     _measured(entry.segment, time.perf_counter() - t0)
@@ -126,6 +126,8 @@ def _failed(it, entry, args, donate, error):
     raises it (its unit goes on co-executing: ``launching.run``)."""
     if any(getattr(args[k], "is_deleted", lambda: False)() for k in donate):
         raise error  # (it consumed inputs given to it: nothing to run again)
+    if isinstance(error, RecursionError):
+        raise error  # (Python's stack is spent, as eager JAX would find it: op by op too)
     try:
         values = jaxpr_builder.evaluate_segment(entry.segment, args)
     except Exception as program_error:
@@ -171,7 +173,10 @@ def _until_it_pays(it, entry, args):
     it.unit.eager_launches += 1
     cold = jaxpr_builder.cold_operations(seg)
     t0 = time.perf_counter()
-    values = jaxpr_builder.evaluate_segment(seg, args)
+    try:
+        values = jaxpr_builder.evaluate_segment(seg, args)
+    except Exception as error:
+        return _eager_failed(it, entry, args, error)
     took = time.perf_counter() - t0
     cost.eager_seconds += took
     if cold:  # (what a first compile of an operation costs here: Choice.per_operation)
@@ -179,6 +184,28 @@ def _until_it_pays(it, entry, args):
         _first_runs[1] += cold
     cost.launches += 1
     return values
+
+
+def _eager_failed(it, entry, args, error):
+    """Running ``entry``'s equations one by one failed.  Some equations JAX records inside a
+    ``jit`` cannot be bound on their own (an explicit sharding needs the mesh context its
+    ``jit`` gave it): where the segment has no effects (none can have happened), it is
+    compiled and run instead.  If that fails too, or effects may have run, ``error`` is the
+    program's own, raised as eager JAX raises it."""
+    if entry.segment.jaxpr.effects or isinstance(error, RecursionError):
+        raise error
+    try:
+        return _compile_now(it, entry, args, f"running it eagerly failed ({type(error).__name__}: "
+                            f"{str(error)[:120]})")
+    except Exception:
+        raise error from None
+
+
+def forget():
+    """Forget what this process learnt of eager runs: which operations ran eagerly and what
+    their first runs cost (``terra_bc.reset()``; tests start from a fresh process's view)."""
+    jaxpr_builder.forget_warm()
+    _first_runs[:] = [0.0, 0]
 
 
 def _why_now(it, entry):
@@ -208,11 +235,9 @@ def compiles_later(it, entry):
         return False
     if not entry.cold:
         return it.recording is None
-    if not jaxpr_builder.cold_operations(entry.segment):
-        return True
     if it.recording is not None and not any(p is not it.path for p in it.unit.paths):
         return False
-    return choice(it, entry).eager
+    return not jaxpr_builder.cold_operations(entry.segment) or choice(it, entry).eager
 
 
 class Choice(NamedTuple):

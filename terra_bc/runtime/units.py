@@ -17,7 +17,7 @@ import weakref
 
 from .. import _hook
 from ..counters import counts
-from . import context, journal, launching, timeline
+from . import compiling, context, journal, launching, timeline
 from .context import COEXEC, TRACE
 from .iteration import Iteration
 from .paths import Path
@@ -334,9 +334,12 @@ def unit_of(fn, caller):
 
 
 def reset(fn=None):
-    """``terra_bc.reset(fn)``: forget a unit's recorded paths (every unit's with None)."""
+    """``terra_bc.reset(fn)``: forget a unit's recorded paths (with None: every unit's, and
+    what the process learnt of eager runs, ``compiling.forget``)."""
     for unit in [unit_of(fn, "reset")] if fn is not None else list(all_units):
         unit.reset()
+    if fn is None:
+        compiling.forget()
 
 
 def function(fn, plain=None):
