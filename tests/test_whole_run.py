@@ -321,7 +321,11 @@ def test_a_divergence_records_the_new_path_from_its_start_one_segment_per_path()
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL)
     s = terra_bc.stats()
     assert s["paths_recorded"] == 3 and s["divergences"] >= 2, s
-    assert s["compiles"] == 3, s
+    # One segment per path (compiled, or run eagerly where the cost model finds that
+    # cheaper: the three paths share most operations; which it picks depends on the
+    # compile rate this process measured).
+    assert [len(p.segments) for p in unit.__terra_bc_unit__.paths] == [1, 1, 1]
+    assert 1 <= s["compiles"] <= 3, s
 
 
 def test_placement_of_a_value_recorded_abstractly_needs_no_launch():
@@ -351,11 +355,13 @@ def tree_step(w, x, order):
     return jnp.sum(h * h)
 
 
-def test_a_new_path_made_of_operations_run_eagerly_before_is_not_compiled():
+def test_a_new_path_made_of_operations_run_eagerly_before_is_not_compiled(monkeypatch):
     """Eager JAX compiles each operation once, whatever the path: a path whose operations
     the unit already ran eagerly costs nothing to run eagerly, so its traced iteration runs
     it eagerly (abstract tracing), and it is compiled only once that pays.  A path with an
     operation never run eagerly (a new shape) is compiled at once, as before."""
+    from terra_bc.runtime import compiling
+    monkeypatch.setattr(compiling, "_rate", [0.0, 0])  # (the prior: not the suite's rate)
     r = np.random.default_rng(11)
     w = [jnp.asarray(r.normal(size=(7, 7)) * 0.3, jnp.float32) for _ in range(2)]
     x = jnp.asarray(r.normal(size=(3, 7)), jnp.float32)
