@@ -1285,9 +1285,13 @@ def operations_of(segment: Segment) -> frozenset:
         eqns = _inner(segment.jaxpr).eqns
         meshes = segment.meshes or itertools.repeat(_UNSET)
         ops = segment.operations = frozenset(
-            (k[0], k[1], tuple(v.aval for v in e.invars), None if m is _UNSET else m)
+            _operation(k[0], k[1], [v.aval for v in e.invars], m)
             for k, e, m in zip(segment.key[2], eqns, meshes))
     return ops
+
+
+def _operation(prim, params_key, in_avals, mesh):
+    return (prim, params_key, tuple(in_avals), None if mesh is _UNSET else mesh)
 
 
 def cold_operations(segment: Segment, among=None) -> int:
@@ -1302,10 +1306,13 @@ def cold_operations(segment: Segment, among=None) -> int:
 
 def _warm_operation(prim, params, in_avals):
     """An operation the recording ran eagerly as it recorded it (see operations_of)."""
+    _remember_warm((_operation(prim, _params_key(params, prim), in_avals, _mesh_now()),))
+
+
+def _remember_warm(operations):
     if len(_warm) > WARM_LIMIT:
         _warm.clear()
-    mesh = _mesh_now()
-    _warm.add((prim, _params_key(params, prim), tuple(in_avals), None if mesh is _UNSET else mesh))
+    _warm.update(operations)
 
 
 def forget_warm():
@@ -1315,9 +1322,7 @@ def forget_warm():
 
 def _note_warm(segment):
     """``segment``'s operations have run eagerly (evaluate_segment)."""
-    if len(_warm) > WARM_LIMIT:
-        _warm.clear()
-    _warm.update(operations_of(segment))
+    _remember_warm(operations_of(segment))
     segment.warmed = True
 
 
@@ -1335,13 +1340,8 @@ def evaluate_segment(segment: Segment, args):
         prim = eqn.primitive
         ins = [a.val if isinstance(a, Literal) else env[a] for a in eqn.invars]
         try:
-            if mesh is not _UNSET:  # (where JAX bound it as it was recorded: its executable)
-                out = _bind_on_mesh(eqn, ins, mesh)
-            elif _plain_context(eqn.ctx):
-                out = prim.bind(*ins, **prim.get_bind_params(eqn.params))
-            else:
-                with eqn.ctx.manager:
-                    out = prim.bind(*ins, **prim.get_bind_params(eqn.params))
+            # (where JAX bound it as it was recorded: its executable)
+            out = _bind(eqn, ins) if mesh is _UNSET else _bind_on_mesh(eqn, ins, mesh)
         except _NAN_FOUND as e:
             # (jax_debug_nans / jax_debug_infs: what JAX's API raises for it, where a
             # primitive bound from outside it reports JAX's internal error)
@@ -1355,16 +1355,20 @@ def evaluate_segment(segment: Segment, args):
     return [a.val if isinstance(a, Literal) else env[a] for a in jaxpr.outvars]
 
 
-def _bind_on_mesh(eqn, ins, mesh):
-    """Bind ``eqn`` under abstract mesh ``mesh`` (and its own context where that is not
-    the default)."""
+def _bind(eqn, ins):
+    """Bind ``eqn`` on ``ins``, in its own context only where that is not the default."""
     prim = eqn.primitive
+    if _plain_context(eqn.ctx):
+        return prim.bind(*ins, **prim.get_bind_params(eqn.params))
+    with eqn.ctx.manager:
+        return prim.bind(*ins, **prim.get_bind_params(eqn.params))
+
+
+def _bind_on_mesh(eqn, ins, mesh):
+    """``_bind`` under abstract mesh ``mesh``."""
     kept = _MESH.swap_local(mesh)
     try:
-        if _plain_context(eqn.ctx):
-            return prim.bind(*ins, **prim.get_bind_params(eqn.params))
-        with eqn.ctx.manager:
-            return prim.bind(*ins, **prim.get_bind_params(eqn.params))
+        return _bind(eqn, ins)
     finally:
         _MESH.set_local(kept)
 

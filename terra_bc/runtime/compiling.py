@@ -214,7 +214,7 @@ def _why_now(it, entry):
         return "background_compile is off"
     if pacing.several_processes():
         return "one of several processes: each compiles at the same launch"
-    if not any(p is not it.path for p in it.unit.paths):
+    if _first_path(it):
         return "a traced iteration needs its values: the unit's first path"
     return ("a traced iteration needs its values; " if it.recording is not None else "") + \
         str(choice(it, entry))
@@ -235,9 +235,14 @@ def compiles_later(it, entry):
         return False
     if not entry.cold:
         return it.recording is None
-    if it.recording is not None and not any(p is not it.path for p in it.unit.paths):
+    if it.recording is not None and _first_path(it):
         return False
     return not jaxpr_builder.cold_operations(entry.segment) or choice(it, entry).eager
+
+
+def _first_path(it):
+    """Is ``it`` on its unit's only path (no other recorded)?"""
+    return not any(p is not it.path for p in it.unit.paths)
 
 
 class Choice(NamedTuple):
