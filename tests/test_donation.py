@@ -2,6 +2,8 @@
 nothing can read afterwards (the old parameters of `params = update(params, grads)`), and
 never one that Python, a placeholder or a later launch can still read: every program here
 gives eager's results, and what it kept of old values is still readable."""
+import time
+
 import numpy as np
 import pytest
 
@@ -125,6 +127,37 @@ def test_dead_parameters_are_donated(program):
                                "compiles", "compiles_background", "segments_eager")}
     assert s["iterations_coexecuted"] >= 6 and s["eager_fallbacks"] == 0, shown
     assert s["buffers_donated"] >= 3 * 5, shown  # three parameters a step, once co-executed
+
+
+def sgd_slow_first_read(steps=8):
+    """The traced iteration waits between the update and the read (a thread switch, a
+    collection: what a loaded machine does once), later ones read at once."""
+    p, losses = init(), []
+    for step in range(steps):
+        loss, g = jax.value_and_grad(loss_fn)(p, X)
+        p = [a - 0.1 * b for a, b in zip(p, g)]
+        if step == 0:
+            time.sleep(0.01)
+        losses.append(float(loss))
+    return losses, p
+
+
+def test_an_early_launch_that_overlaps_nothing_is_dropped_and_donation_follows():
+    """The traced gap before the read asked for an early launch (tracing.launch_before),
+    which launches inside ``p = [...]`` while the old parameters are still held, so it can
+    donate nothing.  The first co-executed read comes at once: the op launches nothing early
+    from then on, and the launches at the read donate."""
+    saved = terra_bc.config()["background_compile"]
+    terra_bc.config(background_compile=False)
+    try:
+        s = run_both(sgd_slow_first_read)
+    finally:
+        terra_bc.config(background_compile=saved)
+    shown = {k: s[k] for k in ("iterations_coexecuted", "early_launches",
+                               "early_launches_dropped", "buffers_donated")}
+    assert s["iterations_coexecuted"] == 7 and s["early_launches"] == 1, shown
+    assert s["early_launches_dropped"] == 1, shown
+    assert s["buffers_donated"] == 3 * 6, shown  # every later co-executed step's parameters
 
 
 @pytest.mark.parametrize("program", [keeps_history, reads_old_after_update, closes_over_old,

@@ -8,6 +8,7 @@ goes, ``next_event`` raises ``Divergence`` and the method that met it is run aga
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import numpy as np
@@ -17,7 +18,7 @@ from ..counters import counts
 from . import guards, launching
 from .events import FetchEvent, PlaceholderIn, PlaceholderOut
 from .placeholders import Placeholder, concrete
-from .settings import settings
+from .settings import EARLY_LAUNCH_GAP_SECONDS, settings
 from .values import with_arrays
 
 
@@ -132,6 +133,22 @@ def launch_early(it, ev):
     if type(fetch) is FetchEvent and fetch.mark == ev.mark and settings["early_launch"]:
         launching.launch(it, ev.mark, [fetch.id])
         counts["early_launches"] += 1
+        it.last_op_at = time.perf_counter()  # (Python has its placeholders from here on)
+
+
+def early_launch_paid(it, op_pos):
+    """At the fetch right after an op that launched early (``launch_early``): if Python
+    came to it sooner than ``EARLY_LAUNCH_GAP_SECONDS``, the traced iteration's one measured
+    gap was noise (a thread switch, a collection), not host work, and launching there only
+    costs what a launch at the read could reuse (the old parameters still held inside
+    ``params = [...]``: launching.donatable).  The op launches nothing from then on.  A
+    later gap is never shorter for noise, so one short gap decides."""
+    if it.last_op_at and op_pos >= 0:
+        op = it.path.events[op_pos]
+        if op.launch and time.perf_counter() - it.last_op_at < EARLY_LAUNCH_GAP_SECONDS:
+            op.launch = False  # (it stays on the general path: one op a step, ~1 us)
+            counts["early_launches_dropped"] += 1
+    it.last_op_at = 0.0
 
 
 def graph_break(it, ev, fn, tree, leaves):

@@ -59,7 +59,8 @@ class Iteration:
         self.abandoning = False  # finishing as a unit that is not the repeating level
         self.started = 0.0      # when it began (perf_counter), if a timeline was recording
         self.effects_ran = set()  # equations whose effects (callbacks) happened (launching.run)
-        self.last_op_at = 0.0   # when tracing recorded its last op (tracing.launch_before)
+        self.last_op_at = 0.0   # when tracing recorded its last op (tracing.launch_before), or an op
+        #                         launched early (coexecution.early_launch_paid)
         self.failed = None      # the program's error a launch met (launching.stop_launching)
         self.config = config_key()  # the configuration it began under (guards.config_key)
         self.ended = False      # Unit.end has begun
@@ -199,6 +200,7 @@ class Iteration:
             ev = coexecution.next_event(self, "fetch", kind, None, (ph,))
             if ev.id != ph._id:
                 raise coexecution.Divergence("fetch", kind, (ph,))
+            coexecution.early_launch_paid(self, self.pos - 1)
             self.pos += 1
             launching.launch(self, ev.mark, [ph._id])
             return self.env[ph._id]
