@@ -276,9 +276,8 @@ class Iteration:
     def _note_divergence(self, failed, then):
         """The journal's record of a divergence here; returns the user's line."""
         unit, where = self.unit, user_line()
-        got = journal.got(*failed) if failed else "another event"
         journal.note(unit, journal.Diverged, journal.path_number(unit, self.path), self.pos,
-                     journal.expected(self.path, self.pos), got, where, then)
+                     self.path.events, journal.did(*failed) if failed else None, where, then)
         return where
 
     def start_recording(self):

@@ -34,19 +34,34 @@ _numbers = itertools.count(1)  # records in the order they were made, across uni
 class Diverged(NamedTuple):
     """Python left path ``path`` at its event ``event``: the recorded event ``expected``
     did not match what Python did (``got``) at ``where``; ``then``: what the iteration did
-    next (traced a new path, ran the rest eagerly, kept the prefix as a path)."""
+    next (traced a new path, ran the rest eagerly, kept the prefix as a path).  Both texts
+    are written when read: a unit that leaves its paths at every call (a growing cache)
+    would otherwise format them at every call (~9% of a greedy decoding step).  ``events``
+    is the path's event list (its first ``event`` ones never change), ``did`` what Python
+    did in short (``did``), or None where it did another event."""
     number: int
     unit: str
     path: int
     event: int
-    expected: str
-    got: str
+    events: list
+    did: tuple | None
     where: str
     then: str
+
+    @property
+    def expected(self):
+        return expected(self.events, self.event)
+
+    @property
+    def got(self):
+        return "another event" if self.did is None else got(*self.did)
 
     def __str__(self):
         return (f"divergence in unit {self.unit} at {self.where}: expected {self.expected}, "
                 f"got {self.got} (path {self.path}, event {self.event}; {self.then})")
+
+    def __repr__(self):
+        return f"Diverged({self})"
 
 
 class Compiled(NamedTuple):
@@ -137,10 +152,10 @@ def aval_text(aval):
         return str(aval)
 
 
-def _made_avals(path, pos):
-    """Value id -> aval of the values path's first ``pos`` events made or fed."""
+def _made_avals(events, pos):
+    """Value id -> aval of the values the first ``pos`` ``events`` made or fed."""
     avals = {}
-    for ev in path.events[:pos]:
+    for ev in events[:pos]:
         for spec in getattr(ev, "args", ()) + getattr(ev, "outs", ()):
             if type(spec) in (FeedIn, PlaceholderOut):
                 avals[spec.id] = spec.aval
@@ -159,12 +174,12 @@ def _spec_text(spec, avals):
     return aval_text(spec.aval)  # a feed, a graph break's input
 
 
-def expected(path, pos):
-    """The recorded event at ``pos`` of ``path``, in one line."""
-    if pos >= len(path.events):
+def expected(events, pos):
+    """The recorded event at ``pos`` of a path's ``events``, in one line."""
+    if pos >= len(events):
         return "the end of the path"
-    ev = path.events[pos]
-    avals = _made_avals(path, pos)
+    ev = events[pos]
+    avals = _made_avals(events, pos)
     t = type(ev)
     if t is FetchEvent:
         return f"fetch ({ev.key}) of {_spec_text(PlaceholderIn(ev.id), avals)}"
@@ -177,17 +192,34 @@ def expected(path, pos):
     return ev.kind if t is ForwardEndEvent else f"{ev.kind} {key_name(ev.key)}"
 
 
-def _leaf_text(x):
+LEAVES_SHOWN = 8  # (a stack of a 40-entry cache: its first arguments say enough)
+
+
+def did(kind, key, leaves):
+    """What Python did where a guard failed, in short (``got`` writes it): its first
+    ``LEAVES_SHOWN`` arguments as they are now (a placeholder's value may come later)."""
+    return kind, key, tuple(map(_leaf, leaves[:LEAVES_SHOWN])), len(leaves)
+
+
+def _leaf(x):
     if type(x) is Placeholder and x._val is None:
-        return f"v{x._id} {aval_text(x.aval)}"
+        return PlaceholderOut(x._id, x.aval)
     if is_array(x):
-        return aval_text(aval_of(x))
+        return aval_of(x)
     return repr(x)[:40]
 
 
-def got(kind, key, leaves):
+def _leaf_text(leaf):
+    if type(leaf) is PlaceholderOut:
+        return f"v{leaf.id} {aval_text(leaf.aval)}"
+    return leaf if type(leaf) is str else aval_text(leaf)
+
+
+def got(kind, key, leaves, count):
     """What Python did where a guard failed, in one line (as ``expected`` writes events)."""
     ins = ", ".join(map(_leaf_text, leaves))
+    if count > len(leaves):
+        ins += f", ... ({count - len(leaves)} more)"
     if kind == "fetch":
         return f"fetch ({key}) of {ins}"
     if kind == "end":
