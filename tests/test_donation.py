@@ -155,9 +155,12 @@ def test_an_early_launch_that_overlaps_nothing_is_dropped_and_donation_follows()
         terra_bc.config(background_compile=saved)
     shown = {k: s[k] for k in ("iterations_coexecuted", "early_launches",
                                "early_launches_dropped", "buffers_donated")}
-    assert s["iterations_coexecuted"] == 7 and s["early_launches"] == 1, shown
-    assert s["early_launches_dropped"] == 1, shown
-    assert s["buffers_donated"] == 3 * 6, shown  # every later co-executed step's parameters
+    assert s["iterations_coexecuted"] == 7 and s["early_launches_dropped"] == 1, shown
+    # (1 early launch, unless a thread switch stretched the next gap too: then it is dropped
+    # at the first read that comes at once)
+    assert 1 <= s["early_launches"] <= 3, shown
+    # every co-executed step that did not launch early donates its three parameters
+    assert s["buffers_donated"] == 3 * (7 - s["early_launches"]), shown
 
 
 @pytest.mark.parametrize("program", [keeps_history, reads_old_after_update, closes_over_old,
