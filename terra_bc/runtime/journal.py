@@ -36,7 +36,7 @@ class Diverged(NamedTuple):
     did not match what Python did (``got``) at ``where``; ``then``: what the iteration did
     next (traced a new path, ran the rest eagerly, kept the prefix as a path).  Both texts
     are written when read: a unit that leaves its paths at every call (a growing cache)
-    would otherwise format them at every call (~9% of a greedy decoding step).  ``events``
+    would otherwise format them at every call (7% of greedy decoding's samples).  ``events``
     is the path's event list (its first ``event`` ones never change), ``did`` what Python
     did in short (``did``), or None where it did another event."""
     number: int
