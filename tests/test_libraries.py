@@ -365,6 +365,31 @@ def test_eval_shape_of_the_same_function_over_the_same_data_is_reused():
     assert 8 <= stats["shapes_reused"] <= 10, stats  # (found afresh when the shape changed)
 
 
+def test_shapes_found_are_kept_across_turns_that_do_not_ask():
+    """A DQN acts every turn and updates every second one (CleanRL): shapes the update's
+    apply finds are asked for every second turn.  Dropped after each turn that did not ask,
+    they were found afresh at every update; kept MEMO_IDLE_TURNS turns unasked, they serve."""
+    def init(key, shape, dtype):
+        return jax.random.normal(key, shape, dtype)
+
+    def run():
+        w, out = jnp.ones((3, 5)), []
+        for k in range(16):
+            if k % 2 == 0:
+                out.append(jax.eval_shape(lambda: init(jax.random.PRNGKey(0), (3, 5),
+                                                       jnp.float32)).shape)
+            w = w * 0.5 + 1.0
+            out.append(float(jnp.sum(w)))
+        return out
+
+    want, got = on_and_off(run)
+    assert got == want
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 12 and stats["eager_fallbacks"] == 0, stats
+    # (found when first asked, and in the turn that traced a path asking, then reused)
+    assert stats["shapes_reused"] >= 5, stats
+
+
 def test_the_eval_shape_key_tells_functions_and_data_apart():
     from terra_bc.runtime.guards import traced_function_key as key
 

@@ -84,9 +84,10 @@ class Iteration:
         return tracing.enter(self, shape, leaves, args, kwargs)
 
     def remember(self, key, make):
-        """``make()``, made once for ``key`` while every iteration of the unit asks for it:
-        kept to the next iteration, dropped after one that did not ask (so what ``key``
-        holds, a function made afresh each step, is not kept alive)."""
+        """``make()``, made once for ``key`` while the unit's iterations ask for it: kept
+        until ``MEMO_IDLE_TURNS`` iterations in a row did not ask (``Unit.keep_memo``; a
+        training step that updates every second turn asks every second turn), so what
+        ``key`` holds, a function made afresh each step, is not kept alive for long."""
         try:
             return self.memo[key]
         except KeyError:
