@@ -20,6 +20,7 @@ from ..jaxpr_builder import ArrayImpl, Id
 from . import autodiff, discovery, guards
 from .context import EAGER, current, leaving, thread
 from .placeholders import AT_METHODS, METHODS, eager
+from .settings import MEMO_IDLE_TURNS
 from .trace_rules import calls_given_function, code_of, grad_spec, is_api_wrapper, is_dl_op
 from .values import is_array
 
@@ -120,7 +121,8 @@ def _shapes(it, args, kwargs):
         return it.op(jax.eval_shape, args, kwargs)
     found = []  # (made afresh, not reused)
     shapes = it.remember(("eval_shape", key),
-                         lambda: found.append(True) or it.op(jax.eval_shape, args, kwargs))
+                         lambda: found.append(True) or it.op(jax.eval_shape, args, kwargs),
+                         MEMO_IDLE_TURNS)  # (plain data: kept while the unit skips some turns)
     if not found:
         counts["shapes_reused"] += 1
     return shapes

@@ -35,7 +35,7 @@ class Iteration:
     # The C fast path reads mode, opaque_depth, path, pos, env and live by these names.
     __slots__ = ("unit", "mode", "path", "pos", "fork_stop", "left", "auto", "loop_turns",
                  "env", "seg_start", "tracers", "live", "opaque_depth", "recording",
-                 "grad_depth", "memo", "was_routing", "hook_was_enabled", "program_trace", "trace_launches",
+                 "grad_depth", "memo", "memo_lasting", "was_routing", "hook_was_enabled", "program_trace", "trace_launches",
                  "abandoning", "started", "effects_ran", "last_op_at", "failed", "config", "ended")
 
     def __init__(self, unit, mode, path):
@@ -53,6 +53,7 @@ class Iteration:
         self.recording = None   # the Recorder entered for this iteration (tracing)
         self.grad_depth = 0     # > 0 while a differentiated function's Python runs
         self.memo = {}          # see remember
+        self.memo_lasting = {}  # key -> iterations its entry may go unasked (remember)
         self.was_routing = self.hook_was_enabled = UNCHANGED  # the thread before it (context)
         self.program_trace = None  # JAX's trace the program ran under when it opened (context)
         self.trace_launches = 0  # segments run to compute values recorded abstractly
@@ -83,11 +84,15 @@ class Iteration:
             return args, kwargs
         return tracing.enter(self, shape, leaves, args, kwargs)
 
-    def remember(self, key, make):
+    def remember(self, key, make, idle_turns=0):
         """``make()``, made once for ``key`` while the unit's iterations ask for it: kept
-        until ``MEMO_IDLE_TURNS`` iterations in a row did not ask (``Unit.keep_memo``; a
-        training step that updates every second turn asks every second turn), so what
-        ``key`` holds, a function made afresh each step, is not kept alive for long."""
+        to the next iteration, and dropped after one that did not ask, or after
+        ``idle_turns`` + 1 in a row that did not (``Unit.keep_memo``).  A key that may hold
+        a function made afresh each step (over that step's batch) keeps none (it is not
+        kept alive); one that holds plain data (``eval_shape``'s shapes) may, for a unit
+        that asks every second turn (a DQN's update) or not in some turns (exploring)."""
+        if idle_turns:
+            self.memo_lasting[key] = idle_turns
         try:
             return self.memo[key]
         except KeyError:

@@ -52,7 +52,7 @@ EAGER_FIRST_RUN_SECONDS = 0.03  # an equation run eagerly a first time: its comp
 BACKGROUND_SHARE = 0.5       # Python ran ~45% slower while a compile ran on the worker
 DONATE_MIN_BYTES = 1 << 20  # a launch donates buffers only this large in all (one more compile)
 IN_FLIGHT = 2  # unfinished launches where several devices run them (pacing.py; XLA:CPU hangs at 33)
-MEMO_IDLE_TURNS = 4  # a unit keeps what its iterations remembered this many calls unasked
+MEMO_IDLE_TURNS = 4  # iterations eval_shape's shapes stay remembered unasked (Iteration.remember)
 EARLY_LAUNCH_GAP_SECONDS = 0.0005  # Python work between an op and a read worth overlapping
 DEVICE_NUMBERS = 4096  # fed Python numbers kept as device arrays (values.device_number)
 

@@ -21,7 +21,7 @@ from . import compiling, context, journal, launching, timeline
 from .context import COEXEC, TRACE
 from .iteration import Iteration
 from .paths import Path
-from .settings import MEMO_IDLE_TURNS, RETRACE_WINDOW, settings
+from .settings import RETRACE_WINDOW, settings
 from .values import PACKAGE_DIR, eager_value
 
 all_units = weakref.WeakSet()  # for explain() and reset()
@@ -48,7 +48,7 @@ class Unit:
         self.compiles = 0       # segments compiled for it (settings["max_compiles"])
         self.eager_launches = 0  # segment launches run eagerly, not compiled (compiling.py)
         self.memo = {}          # what recent iterations remembered (Iteration.remember)
-        self.memo_idle = {}     # key -> iterations in a row that did not ask for it (keep_memo)
+        self.memo_left = {}     # key -> iterations its entry may still go unasked (keep_memo)
         self.code = None        # a function unit's code (discovery), else None
         self.mark = None        # a loop unit's LoopMark / LoopHead (discovery), else None
         self.abstract_tracing = True  # off once a traced iteration read values too often
@@ -244,7 +244,7 @@ class Unit:
         try:
             it.ended = True  # (from here on, what an interrupt cuts short is made good below)
             context.close_iteration(it)  # (routing everywhere from now on: see there)
-            self.keep_memo(it.memo)
+            self.keep_memo(it.memo, it.memo_lasting)
             it.finish(ok, abandon)
         except Exception as error:
             self._failed_at_end(it, ok, error)
@@ -265,16 +265,14 @@ class Unit:
             self.frozen = self.frozen or (f"traced new paths in {sum(self.recent)} of its last "
                                           f"{RETRACE_WINDOW} calls (its path or shapes change)")
 
-    def keep_memo(self, asked):
-        """What an iteration remembered (``asked``), and what earlier ones did that fewer
-        than ``MEMO_IDLE_TURNS`` iterations in a row have not asked for since."""
-        idle = {}
-        for key, value in self.memo.items():
-            if key not in asked:
-                turns = self.memo_idle.get(key, 0) + 1
-                if turns < MEMO_IDLE_TURNS:
-                    asked[key], idle[key] = value, turns
-        self.memo, self.memo_idle = asked, idle
+    def keep_memo(self, asked, lasting):
+        """What an iteration remembered (``asked``), and what earlier ones did that may go
+        unasked for more iterations (``lasting``: key -> how many; see Iteration.remember)."""
+        left = dict(lasting)
+        for key, turns in self.memo_left.items():
+            if turns > 0 and key not in asked:
+                asked[key], left[key] = self.memo[key], turns - 1
+        self.memo, self.memo_left = asked, left
 
     def _failed_at_end(self, it, ok, error):
         """Ending ``it`` failed.  The program's own error a launch met (``it.failed``: a
@@ -307,7 +305,7 @@ class Unit:
         for copy in list(self.copies.values()):
             copy.reset()
         self.paths, self.last_path, self.frozen = [], None, None
-        self.dynamic, self.static, self.reused, self.memo, self.memo_idle = set(), set(), set(), {}, {}
+        self.dynamic, self.static, self.reused, self.memo, self.memo_left = set(), set(), set(), {}, {}
         self.recent.clear()
         self.compiles = self.eager_launches = self.nested_calls = 0
         self.abstract_tracing = True
