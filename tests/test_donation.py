@@ -111,18 +111,22 @@ def run_both(program):
     return terra_bc.stats()
 
 
-@pytest.mark.parametrize("program", [sgd, sgd_no_fetch])
-def test_dead_parameters_are_donated(program):
-    # A segment compiled on the worker is used from the launch after it is ready, and only a
-    # compiled segment donates: on a loaded machine (the full 3.12 suite, once) no compile
-    # had finished within the 8 steps.  Compiled at its first launch, donation is decided
-    # at every launch, which is what this test checks.
+def run_both_compiled_at_first_launch(program):
+    """``run_both`` with each segment compiled at its first launch.  A segment compiled on
+    the worker is used from the launch after it is ready, and only a compiled segment
+    donates: on a loaded machine (the full 3.12 suite, once) no compile had finished within
+    the 8 steps.  Compiled at its first launch, donation is decided at every launch."""
     saved = terra_bc.config()["background_compile"]
     terra_bc.config(background_compile=False)
     try:
-        s = run_both(program)
+        return run_both(program)
     finally:
         terra_bc.config(background_compile=saved)
+
+
+@pytest.mark.parametrize("program", [sgd, sgd_no_fetch])
+def test_dead_parameters_are_donated(program):
+    s = run_both_compiled_at_first_launch(program)
     shown = {k: s[k] for k in ("iterations_coexecuted", "eager_fallbacks", "buffers_donated",
                                "compiles", "compiles_background", "segments_eager")}
     assert s["iterations_coexecuted"] >= 6 and s["eager_fallbacks"] == 0, shown
@@ -147,12 +151,7 @@ def test_an_early_launch_that_overlaps_nothing_is_dropped_and_donation_follows()
     which launches inside ``p = [...]`` while the old parameters are still held, so it can
     donate nothing.  The first co-executed read comes at once: the op launches nothing early
     from then on, and the launches at the read donate."""
-    saved = terra_bc.config()["background_compile"]
-    terra_bc.config(background_compile=False)
-    try:
-        s = run_both(sgd_slow_first_read)
-    finally:
-        terra_bc.config(background_compile=saved)
+    s = run_both_compiled_at_first_launch(sgd_slow_first_read)
     shown = {k: s[k] for k in ("iterations_coexecuted", "early_launches",
                                "early_launches_dropped", "buffers_donated")}
     assert s["iterations_coexecuted"] == 7 and s["early_launches_dropped"] == 1, shown
