@@ -32,9 +32,12 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 USER, LIBRARY, NEVER_REWRITTEN = "user", "library", "never"
 
 # Never rewritten: JAX itself (rewriting its internals breaks its own tracing), terra_bc,
-# and array libraries whose Python is not JAX code.
+# array libraries whose Python is not JAX code, and the packaging tools whose import hooks
+# run at any import (asking whether they require jax would read every distribution's
+# metadata, ~10 ms, in the middle of a first step).
 NEVER = frozenset({"jax", "jaxlib", "jax_plugins", "terra_bc", "numpy", "scipy", "ml_dtypes",
-                   "opt_einsum"})
+                   "opt_einsum", "_distutils_hack", "setuptools", "pkg_resources", "pip",
+                   "_virtualenv"})
 ALWAYS_OUT = frozenset({"jax", "jaxlib", "jax_plugins", "terra_bc"})  # even under --scope all
 # Libraries that compute with JAX but do not list it as a plain requirement.
 JAX_LIBRARIES = frozenset({"haiku", "chex", "distrax", "rlax", "jraph", "jmp", "optax", "flax",
@@ -125,15 +128,15 @@ def _installed_beside(entry, top):
     """Was ``top`` installed into ``entry`` with its metadata (pip --target, a venv's
     site directory on PYTHONPATH): a ``.dist-info`` of the distribution that owns it?  A
     user's project installed for development keeps a ``.egg-info`` (or nothing) there."""
-    owners = {_normalized(d) for d in _owners(top)}
-    if not owners:
-        return False
-    try:
-        names = os.listdir(entry)
+    try:  # (listed first: a project's folder rarely holds any, and asking who owns
+        # ``top`` can read every distribution's metadata, ~10 ms)
+        infos = [name for name in os.listdir(entry) if name.endswith(".dist-info")]
     except OSError:
         return False
-    return any(name.endswith(".dist-info") and _normalized(name.split("-", 1)[0]) in owners
-               for name in names)
+    if not infos:
+        return False
+    owners = {_normalized(d) for d in _owners(top)}
+    return any(_normalized(name.split("-", 1)[0]) in owners for name in infos)
 
 
 def _normalized(name):
