@@ -33,6 +33,7 @@ import gc
 import itertools
 import operator
 import time
+import sys
 import types
 import weakref
 
@@ -40,8 +41,17 @@ import numpy as np
 
 import jax
 from jax.core import Trace, Tracer
-from jax.extend.core import (ClosedJaxpr, DebugInfo, Jaxpr, Literal, Var, jaxpr_as_fun,
-                             new_jaxpr_eqn, set_current_trace, take_current_trace)
+try:  # the names jax.extend.core re-exports, from where it takes them: importing
+    # jax.extend imports all of it, Pallas included (~16 ms a plain JAX program never pays)
+    from jax._src import core as _jax_core
+    from jax._src.core import (DebugInfo, Jaxpr, Literal, Var, jaxpr_as_fun, new_jaxpr_eqn,
+                               set_current_trace, take_current_trace)
+    ClosedJaxpr = getattr(_jax_core, "ClosedJaxpr", Jaxpr)  # (one class from jax 0.12 on)
+    _jax_core.get_opaque_trace_state  # noqa: B018  (patched below: must be there)
+except (ImportError, AttributeError):  # pragma: no cover
+    import jax.extend.core as _jax_core
+    from jax.extend.core import (ClosedJaxpr, DebugInfo, Jaxpr, Literal, Var, jaxpr_as_fun,
+                                 new_jaxpr_eqn, set_current_trace, take_current_trace)
 
 from .counters import counts
 
@@ -1150,7 +1160,7 @@ _cache_stats = {"compiles": 0, "hits": 0}  # since the process started (never re
 
 # ----------------------------------------------------------------------------- trace state
 
-_opaque_trace_state = jax.extend.core.get_opaque_trace_state
+_opaque_trace_state = _jax_core.get_opaque_trace_state
 
 
 def _trace_state_eager_sees(convention=None):
@@ -1171,7 +1181,11 @@ def _trace_state_eager_sees(convention=None):
         return _opaque_trace_state(convention)
 
 
-jax.extend.core.get_opaque_trace_state = _trace_state_eager_sees
+# Where libraries look it up: ``jax.extend.core`` (Flax, Haiku) takes it from JAX's core at
+# its own import, so setting it there covers a later import; an earlier one is set too.
+_jax_core.get_opaque_trace_state = _trace_state_eager_sees
+if "jax.extend.core" in sys.modules:
+    sys.modules["jax.extend.core"].get_opaque_trace_state = _trace_state_eager_sees
 
 
 def compile_segment(segment: Segment, on_compile=None, name=SEGMENT_NAME):

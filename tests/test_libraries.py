@@ -653,6 +653,35 @@ def test_module_library_loop_coexecutes_and_matches_eager(training):
     assert stats["eager_fallbacks"] == 0, stats
 
 
+@pytest.mark.parametrize("flax_first", [False, True])
+def test_nnx_sees_eager_trace_state_whichever_is_imported_first(tmp_path, flax_first):
+    """NNX asks ``jax.extend.core.get_opaque_trace_state``; terra_bc answers it as eager
+    JAX would whether ``jax.extend`` was imported before terra_bc (set in place) or after
+    it (it takes the answer from JAX's core, where terra_bc set it)."""
+    script = tmp_path / "prog.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        if {flax_first}:
+            import flax.nnx
+        import terra_bc
+        assert ("jax.extend" in sys.modules) == {flax_first}
+        from tests.test_libraries import nnx_training
+        want = nnx_training(6)[0]
+        terra_bc.set_loops(True)
+        with terra_bc.enabled():
+            got = nnx_training(6)[0]
+        assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-4 * max(map(abs, want)), (got, want)
+        stats = terra_bc.stats()
+        assert stats["iterations_coexecuted"] >= 3 and stats["eager_fallbacks"] == 0, stats
+        print("ok")
+    """))
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    done = subprocess.run([sys.executable, str(script), ROOT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
 def test_excluding_a_library_the_gradient_goes_through_gives_eager_results(tmp_path):
     """--exclude equinox: equinox calls jax.value_and_grad itself, from code we do not
     rewrite, on the user's rewritten loss.  JAX's tracers must not reach the recorder: the

@@ -15,9 +15,9 @@ import time
 from contextlib import nullcontext
 
 import jax
-from jax.extend.core import set_current_trace
 
 from .. import jaxpr_builder
+from ..jaxpr_builder import set_current_trace
 from ..counters import counts
 from . import compiling, journal, pacing, timeline
 from .context import EAGER, TRACE

@@ -16,11 +16,10 @@ from contextlib import nullcontext
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import set_current_trace
 from jax.tree_util import tree_flatten, tree_unflatten
 
 from .. import _hook
-from ..jaxpr_builder import Recorder, RecTracer, evaluate_segment
+from ..jaxpr_builder import Recorder, RecTracer, evaluate_segment, set_current_trace
 from ..counters import counts
 from ..jaxpr_builder import several_devices
 from .context import EAGER, current, leaving

@@ -18,7 +18,7 @@ import numpy as np
 from jax.tree_util import tree_flatten, tree_unflatten
 
 from ..counters import counts
-from ..jaxpr_builder import RecTracer
+from ..jaxpr_builder import RecTracer, set_current_trace
 from . import guards, launching
 from .context import plain_trace
 from .events import (BreakEvent, ComputedIn, EnterEvent, FeedIn, FetchEvent, OpEvent,
@@ -265,5 +265,5 @@ def settled_eager(it, fn, args, kwargs):
     __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     counts["ops_eager"] += 1
     rec = it.recording
-    with jax.extend.core.set_current_trace(rec.parent_trace()) if rec is not None else nullcontext():
+    with set_current_trace(rec.parent_trace()) if rec is not None else nullcontext():
         return eager(fn, args, kwargs)
