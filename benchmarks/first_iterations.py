@@ -47,6 +47,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.run import child_env  # noqa: E402  (one environment for every timed child)
 PROGRAMS = {"mlp": ("eager", "jit", "jit_warm", "terra_bc", "terra_bc_eager", "terra_bc_warm"),
             "mlp_fetch": ("eager", "terra_bc", "terra_bc_eager", "terra_bc_warm")}
 # benchmarks/control.py's programs, whole: each benchmark step is one step of the program
@@ -170,9 +172,9 @@ def child(program, mode, steps):
 # ----------------------------------------------------------------------------- parent
 
 def run_child(program, mode, steps, cache):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    env = dict(child_env(), PYTHONPATH=os.pathsep.join(
         p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    for k in ("TERRA_BC_CACHE_DIR", "JAX_COMPILATION_CACHE_DIR", "TERRA_BC_ABSTRACT_TRACING"):
+    for k in ("TERRA_BC_CACHE_DIR", "TERRA_BC_ABSTRACT_TRACING"):
         env.pop(k, None)
     if mode == "terra_bc_eager":
         env["TERRA_BC_ABSTRACT_TRACING"] = "0"
