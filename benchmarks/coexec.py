@@ -486,7 +486,33 @@ def bench_overhead(args):
             out["cost_per_segment_launch_us"] = t1 / launches * 1e6
     except Exception as e:
         out["terra_bc_1op_error"] = err(e)
+    try:
+        out.update(eager_routed_cost(x, args.repeats))
+    except Exception as e:
+        out["routed_error"] = err(e)
     return out
+
+
+def eager_routed_cost(x, repeats, calls=2000):
+    """An op run eagerly through a rewritten call site outside any iteration (the way every
+    DL-op call goes once a unit has run: an eager fallback, an eager tail, code between
+    units): its time against the same op called plainly, interleaved."""
+    from terra_bc.runtime import dispatch
+    fns = {"plain": lambda: jnp.sin(x), "routed": lambda: dispatch.on_site(None, jnp.sin, x),
+           "routed_kw": lambda: dispatch.on_site(None, jnp.sum, x, axis=0),
+           "plain_kw": lambda: jnp.sum(x, axis=0)}
+    times = {k: [] for k in fns}
+    for _ in range(max(repeats, 5)):
+        for k, f in fns.items():
+            sync(f())
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                f()
+            times[k].append((time.perf_counter() - t0) / calls * 1e6)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"eager_op_us": med["plain"], "routed_eager_op_us": med["routed"],
+            "routed_extra_us": med["routed"] - med["plain"],
+            "routed_kw_extra_us": med["routed_kw"] - med["plain_kw"]}
 
 
 # ------------------------------------------------------------------ report
@@ -603,6 +629,12 @@ def report(res):
                 f"{fmt(e.get('segments_per_iteration'))} segments/iteration -> "
                 f"{fmt(e.get('cost_per_segment_launch_us'), ' us')} per segment launch "
                 f"(whole iteration cost / launches)")
+        if e.get("routed_error"):
+            add(f"    ERROR (routed eager op) {e['routed_error']}")
+        elif "routed_extra_us" in e:
+            add(f"    eager op through a routed site: {fmt(e['routed_eager_op_us'], ' us')} against "
+                f"{fmt(e['eager_op_us'], ' us')} plain: +{fmt(e['routed_extra_us'], ' us')} "
+                f"(+{fmt(e['routed_kw_extra_us'], ' us')} with a keyword argument)")
     for k, v in res.get("section_errors", {}).items():
         add(f"ERROR in section {k}: {v}")
     return "\n".join(lines)
