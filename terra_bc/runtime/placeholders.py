@@ -19,9 +19,9 @@ import numpy as np
 from jax.tree_util import tree_flatten, tree_unflatten
 
 from .. import _hook
-from ..jaxpr_builder import Recorder, RecTracer, evaluate_segment, set_current_trace
+from ..jaxpr_builder import (ArrayImpl, Recorder, RecTracer, evaluate_segment, set_current_trace,
+                             several_devices)
 from ..counters import counts
-from ..jaxpr_builder import several_devices
 from .context import EAGER, current, leaving
 
 
@@ -414,9 +414,21 @@ def call(fn, args, kwargs):
         raise
 
 
+# Arguments that can hold no placeholder: an op given only these runs as it is.
+_HOLD_NOTHING = frozenset({ArrayImpl, np.ndarray, int, float, bool, complex, str, type(None)})
+
+
 def eager(fn, args, kwargs):
     """``fn`` run by JAX on the concrete values of any placeholders among its arguments."""
     __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
+    # Most eager ops are given arrays and numbers only: flattening them to look for
+    # placeholders cost ~2 us, a third of a small op's own dispatch.
+    for x in args:
+        if type(x) not in _HOLD_NOTHING:
+            break
+    else:
+        if not kwargs or _HOLD_NOTHING.issuperset(map(type, kwargs.values())):
+            return fn(*args, **kwargs)
     leaves, tree = tree_flatten((args, kwargs))
     a, k = tree_unflatten(tree, [concrete(x) if type(x) is Placeholder else x for x in leaves])
     return fn(*a, **k)
