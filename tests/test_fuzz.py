@@ -125,6 +125,22 @@ def test_a_branch_flipped_within_tolerance_is_a_tie_and_outside_it_a_mismatch():
     assert harness.compare(eager, harness.Outcome(({}, same_side)))[0] == "mismatch"
 
 
+def test_an_argmax_of_values_that_tie_is_a_tie_and_of_others_a_mismatch():
+    """Values driven to one value (seed 801016): eager rounds all four alike, a fused
+    segment the last two one ulp lower, and argmax picks another index."""
+    tied = [0.57063925, 0.57063925, 0.57063925, 0.57063925]
+    lower = [0.57063925, 0.57063925, 0.5706392, 0.5706392]
+    eager = harness.Outcome(({}, [("i", 7, 0, tied), ("v", 2, 1.0)]))
+    assert harness.compare(eager, harness.Outcome(({}, [("i", 7, 2, lower), ("v", 2, 1.0)])))[0] == "tie"
+    apart = [0.1, 0.5, 0.9, 0.2]  # a wrong index among values that do not tie
+    eager = harness.Outcome(({}, [("i", 7, 2, apart)]))
+    assert harness.compare(eager, harness.Outcome(({}, [("i", 7, 1, apart)])))[0] == "mismatch"
+    # a tie does not hide a real difference elsewhere in the log
+    eager = harness.Outcome(({}, [("i", 7, 0, tied), ("v", 2, 1.0)]))
+    got = harness.Outcome(({}, [("i", 7, 2, lower), ("v", 2, 2.0)]))
+    assert harness.compare(eager, got)[0] == "mismatch"
+
+
 def test_tolerance_is_the_documented_one():
     a = ("array", "float32", (2,), np.array([1.0, 2.0], np.float32))
     within = ("array", "float32", (2,), np.array([1.0 + 5e-6, 2.0], np.float32))

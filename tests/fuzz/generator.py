@@ -326,8 +326,9 @@ class Statements(Generator):
             return Stmt(f"log.append(('v', {k}, float({self.expr('S', 2, env)})))")
         if form == 1:
             return Stmt(f"log.append(('l', {k}, {self.expr('V', 2, env)}.tolist()))")
-        if form == 2:
-            return Stmt(f"log.append(('i', {k}, int(jnp.argmax({self.expr('V', 2, env)}))))")
+        if form == 2:  # (the values too: an argmax of values that tie is a tie, harness.py)
+            return Stmt(f"v{k} = {self.expr('V', 2, env)}\n"
+                        f"log.append(('i', {k}, int(jnp.argmax(v{k})), v{k}.tolist()))")
         if form == 3:
             c = self.threshold()
             return Stmt(f"c{k} = {self.expr('S', 2, env)}\nlog.append(('b', {k}, float(c{k}), {c}, bool(c{k} > {c})))")
