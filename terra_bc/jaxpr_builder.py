@@ -32,8 +32,8 @@ import functools
 import gc
 import itertools
 import operator
-import time
 import sys
+import time
 import types
 import weakref
 
