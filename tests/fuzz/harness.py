@@ -208,16 +208,11 @@ def argmax_tie(w, g) -> bool:
 
 def argmax_ties(want_log: list, got_log: list) -> str | None:
     """If the logs differ only in argmax ties (and rounded prints): a description."""
-    if len(want_log) != len(got_log):
+    differing = _beyond_formatting(want_log, got_log)
+    if not differing or not all(argmax_tie(w, g) for _, w, g in differing):
         return None
-    ties = []
-    for i, (w, g) in enumerate(zip(want_log, got_log)):
-        if difference(w, g) is None or formatted_tie(w, g):
-            continue
-        if not argmax_tie(w, g):
-            return None
-        ties.append(f"log[{i}] {w[:2]}: argmax {w[2]} vs {g[2]} of values that tie")
-    return "; ".join(ties) or None
+    return "; ".join(f"log[{i}] {w[:2]}: argmax {w[2]} vs {g[2]} of values that tie"
+                     for i, w, g in differing)
 
 
 def branch_tie(want_log: list, got_log: list) -> str | None:
@@ -263,9 +258,16 @@ def compare(eager: Outcome, other: Outcome) -> tuple[str, str | None]:
 
 
 def _only_formatting(want_log, got_log) -> bool:
+    return _beyond_formatting(want_log, got_log) == []
+
+
+def _beyond_formatting(want_log, got_log) -> list | None:
+    """The log entries (index, eager's, the other's) that differ by more than a rounded
+    print; None if the logs differ in length."""
     if len(want_log) != len(got_log):
-        return False
-    return all(difference(w, g) is None or formatted_tie(w, g) for w, g in zip(want_log, got_log))
+        return None
+    return [(i, w, g) for i, (w, g) in enumerate(zip(want_log, got_log))
+            if difference(w, g) is not None and not formatted_tie(w, g)]
 
 
 def check(source: str, modes=MODES, path: str | None = None, inject=None) -> Verdict:
