@@ -124,7 +124,10 @@ def summary(results: list[dict]) -> dict:
 
 
 def fuzz(start: int, programs: int, jobs: int = 1, size: int = 1, timeout: float = 300.0,
-         modes=harness.MODES, verbose: bool = True) -> list[dict]:
+         modes=harness.MODES, verbose: bool = True, log=None) -> list[dict]:
+    """Verdicts of seeds start .. start+programs-1; each is also written to ``log`` (an open
+    text file, one JSON line a verdict) as it arrives, so a long run stopped early keeps
+    what it found."""
     seeds = list(range(start, start + programs))
     batches = [seeds[i::jobs] for i in range(jobs)]
     results: list[dict] = []
@@ -133,6 +136,9 @@ def fuzz(start: int, programs: int, jobs: int = 1, size: int = 1, timeout: float
     def report(v):
         with lock:
             results.append(v)
+            if log is not None:
+                log.write(json.dumps(v) + "\n")
+                log.flush()
             if verbose and (v["status"] != "ok" or len(results) % 50 == 0):
                 line = f"[{len(results)}/{programs}] seed {v['seed']}: {v['status']}"
                 if v["status"] != "ok":
@@ -185,6 +191,8 @@ def main(argv=None):
     ap.add_argument("--shrink-budget", type=float, default=600.0, help="seconds per failure")
     ap.add_argument("--out", default="fuzz-failures", help="where reproducers go")
     ap.add_argument("--json", help="write every verdict to this file")
+    ap.add_argument("--log", help="append each verdict to this file as a JSON line when it arrives")
+    ap.add_argument("--summarize", help="print the counts of a --log file (a run stopped early) and exit")
     ap.add_argument("--show", type=int, help="print the program of this seed and exit")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--seeds", help=argparse.SUPPRESS)
@@ -195,6 +203,10 @@ def main(argv=None):
     if args.show is not None:
         print(generate(args.show, args.size).source(), end="")
         return 0
+    if args.summarize:
+        with open(args.summarize) as f:
+            print(json.dumps(summary([json.loads(line) for line in f if line.strip()]), indent=1))
+        return 0
     if args.worker:
         worker([int(s) for s in args.seeds.split(",")], args.size, modes)
         return 0
@@ -202,7 +214,12 @@ def main(argv=None):
         print(shrink_one(args.shrink_seed, args.size, json.loads(args.verdict), args.shrink_budget), end="")
         return 0
     t0 = time.time()
-    results = fuzz(args.seed, args.programs, args.jobs, args.size, args.timeout, modes)
+    log = open(args.log, "a") if args.log else None
+    try:
+        results = fuzz(args.seed, args.programs, args.jobs, args.size, args.timeout, modes, log=log)
+    finally:
+        if log is not None:
+            log.close()
     s = summary(results)
     s["wall_seconds"] = round(time.time() - t0, 1)
     s["command"] = "python -m tests.fuzz " + " ".join(sys.argv[1:] if argv is None else argv)
