@@ -706,3 +706,49 @@ def test_excluding_a_library_the_gradient_goes_through_gives_eager_results(tmp_p
     assert hooked.returncode == 0, hooked.stderr
     assert hooked.stdout == plain.stdout
     assert hooked.stderr.strip().splitlines()[-1] == "True"
+
+
+def test_a_transform_from_excluded_code_met_on_a_later_path_gives_eager_results(tmp_path):
+    """The unit's first paths never meet the excluded package; a later turn calls its
+    jax.value_and_grad of the user's loss while the turn co-executes.  The divergence
+    inside JAX's transform must not start a recording there (JAX restores its own trace on
+    return, and `0.1 * g` recursed until RecursionError): that turn's rest runs eagerly."""
+    pkg = tmp_path / "gradlib_excluded"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "import jax\n\ndef value_and_grad_of(f, w, x):\n    return jax.value_and_grad(f)(w, x)\n")
+    script = tmp_path / "prog.py"
+    script.write_text(textwrap.dedent("""
+        import jax.numpy as jnp
+        import terra_bc
+        from gradlib_excluded import value_and_grad_of
+
+        def loss(w, x):
+            return jnp.sum(jnp.tanh(x @ w) ** 2)
+
+        def main():
+            w, x, out = jnp.ones((4, 3)) * 0.1, jnp.arange(8.0).reshape(2, 4) / 8, []
+            for step in range(12):
+                if step < 6:
+                    l, g = loss(w, x), jnp.zeros_like(w) + 0.01
+                else:
+                    l, g = value_and_grad_of(loss, w, x)
+                w = w - 0.1 * g
+                out.append(float(l))
+            print(repr([round(v, 6) for v in out]), repr(round(float(jnp.sum(w)), 6)))
+            s = terra_bc.stats()
+            print(s["iterations_coexecuted"], s["eager_fallbacks"], file=sys.stderr)
+
+        import sys
+        main()
+    """))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, str(tmp_path)]))
+    plain = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                           text=True, timeout=300)
+    hooked = subprocess.run([sys.executable, "-m", "terra_bc", "--exclude", "gradlib_excluded",
+                             str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    assert hooked.returncode == 0, hooked.stderr[-3000:]
+    assert hooked.stdout == plain.stdout
+    coexecuted, fallbacks = map(int, hooked.stderr.strip().splitlines()[-1].split())
+    assert coexecuted >= 5 and fallbacks == 6, hooked.stderr[-2000:]

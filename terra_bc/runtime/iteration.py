@@ -226,7 +226,11 @@ class Iteration:
         last = old.events[pos - 1] if pos else None
         stop = last.mark if last else 0
         alive = [p for p in launching.alive(self) if p._val is None]
-        to_eager = self.unit.frozen and not self.grad_depth  # (a gradient needs the recording)
+        # JAX transforming this code from a caller terra_bc does not rewrite (a library left
+        # out of scope took jax.grad of the user's function): a recording started here
+        # would be JAX's inner trace's business and lost when the transform returns.
+        transformed = not context.plain_trace()
+        to_eager = (self.unit.frozen or transformed) and not self.grad_depth  # (a gradient needs the recording)
         # Traced abstractly, the rest of the iteration records the new path from its start:
         # the prefix not launched yet is computed with it (one segment, the one the path's
         # later iterations launch) rather than alone (a segment used once).
@@ -240,7 +244,9 @@ class Iteration:
         if to_eager:
             self.mode = EAGER
             counts["eager_fallbacks"] += 1
-            journal.fallback(self.unit, f"past a branch point: {self.unit.frozen}", where)
+            journal.fallback(self.unit, "JAX transforms this code from a caller terra_bc does not "
+                             "rewrite (a library out of scope)" if transformed
+                             else f"past a branch point: {self.unit.frozen}", where)
             launching.settle(self)
             return
         counts["iterations_traced"] += pos == 0

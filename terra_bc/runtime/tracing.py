@@ -180,7 +180,11 @@ def op(it, fn, key, args, kwargs):
         it.path.eager_reason = it.path.eager_reason or (
             "JAX transforms this code from a caller terra_bc does not rewrite "
             "(a library out of scope)")
-        return fn(*args, **kwargs)
+        it.opaque_depth += 1  # (its inner calls, and an operator's reflected one, are JAX's)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            it.opaque_depth -= 1
     leaves, tree = tree_flatten((args, kwargs))
     where = user_line()
     if not it.grad_depth and dispatched_as_is(fn):  # (a gradient cannot flow through it)
