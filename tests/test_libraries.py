@@ -390,6 +390,38 @@ def test_shapes_found_are_kept_across_turns_that_do_not_ask():
     assert stats["shapes_reused"] >= 5, stats
 
 
+class _Sized:  # (an object changed in place between turns)
+    rows = 1
+
+
+ROWS = 1  # (a global rebound between turns)
+
+
+def test_eval_shape_of_a_function_reading_state_changed_in_place_is_traced_again():
+    """Eager JAX traces eval_shape's function at every call.  Shapes from an object the
+    function closes over that was changed in place, or from a global rebound between
+    turns, must be found afresh (reused, they were the first turn's: (1, 2) every turn)."""
+    def run():
+        global ROWS
+        cfg, w, out = _Sized(), jnp.ones(3), []
+        for step in range(9):
+            cfg.rows = step % 3 + 1
+            ROWS = (step + 1) % 3 + 1
+            out.append(jax.eval_shape(lambda: jnp.zeros((cfg.rows, 2))).shape)
+            out.append(jax.eval_shape(lambda: jnp.zeros((ROWS, 3))).shape)
+            w = w * 1.01
+            out.append(float(jnp.sum(w)))
+        return out
+
+    want, got = on_and_off(run)
+    assert [x for x in got if isinstance(x, tuple)] == [x for x in want if isinstance(x, tuple)]
+    assert want[:2] == [(1, 2), (2, 3)] and want[3:5] == [(2, 2), (3, 3)]
+    np.testing.assert_allclose([x for x in got if isinstance(x, float)],
+                               [x for x in want if isinstance(x, float)], rtol=RTOL)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 6 and stats["eager_fallbacks"] == 0, stats
+
+
 def test_the_eval_shape_key_tells_functions_and_data_apart():
     from terra_bc.runtime.guards import traced_function_key as key
 
@@ -409,6 +441,11 @@ def test_the_eval_shape_key_tells_functions_and_data_apart():
     def recursive():
         return recursive  # (a function closing over itself)
     assert key(recursive, (), {}) == key(recursive, (), {})
+
+    held = _Sized()
+    assert key(lambda: jnp.zeros((held.rows, 2)), (), {}) is None  # (could change in place)
+    assert key(make(1, (2, 3)), (held,), {}) is None
+    assert key(lambda: jnp.zeros((ROWS, 2)), (), {}) is not None  # (a global, by value)
 
 
 def test_linen_module_sized_by_a_numpy_integer_coexecutes():

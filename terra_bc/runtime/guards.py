@@ -7,6 +7,7 @@ itself), and automatic dynamism (Python numbers that changed are fed from then o
 """
 from __future__ import annotations
 
+import functools
 import operator
 import types
 
@@ -107,42 +108,103 @@ def _plain_key(v):
 
 def traced_function_key(f, args, kwargs):
     """The key under which ``jax.eval_shape(f, *args, **kwargs)`` gives the same shapes
-    again (None if there is none): ``f``'s code, globals and defaults, and what it closes
-    over and is given by value where the value is plain data (flax's ``Scope.param`` checks
-    each parameter with ``eval_shape(lambda: init_fn(key, *init_args))``, a new lambda over
-    a new shape tuple at every call), arrays by their avals.  As JAX's tracing cache does
-    for jit, a function is taken to compute its shapes from these alone."""
+    again (None if there is none): ``f``'s code and defaults, what it closes over, the
+    globals its code reads and what it is given, by value wherever the value is plain data
+    (flax's ``Scope.param`` checks each parameter with ``eval_shape(lambda: init_fn(key,
+    *init_args))``, a new lambda over a new shape tuple at every call), arrays by their
+    avals, functions it holds the same way (one it reads as a global by identity).  Eager JAX traces ``f`` at every
+    call, so a reused result must not depend on anything the key does not hold: an object
+    that could be changed in place (an instance of a class of the user's) gives no key,
+    and the call runs as JAX runs it.  Classes, modules and builtins are taken by identity
+    (an attribute rebound on a module between calls is not seen)."""
     if type(f) is not types.FunctionType:
         return None
     try:
-        key = (_traced_key(f), _traced_key(args), _traced_key(kwargs))
+        key = (_traced_key(f, 0, set()), _traced_key(args, 0, set()), _traced_key(kwargs, 0, set()))
         hash(key)
-    except TypeError:
+    except (TypeError, _NotPlain):
         return None
     return key
 
 
-def _traced_key(v, depth=0):
+class _NotPlain(Exception):
+    """A value a traced function's shapes may depend on that no key can stand for."""
+
+
+_PLAIN = (int, float, str, bool, complex, type(None), bytes, np.dtype, np.generic)
+_BY_IDENTITY = (type, types.ModuleType, types.BuiltinFunctionType)
+
+
+def _traced_key(v, depth, active):
     t = type(v)
-    if t in (int, float, str, bool, complex, type(None)) or isinstance(v, np.dtype):
+    if isinstance(v, _PLAIN):
         return (t, v)
-    if depth > _TRACED_KEY_DEPTH:  # (a function closing over itself)
-        return Id(v)
+    if depth > _TRACED_KEY_DEPTH:
+        raise _NotPlain
     if t in (tuple, list):
-        return (t,) + tuple(_traced_key(x, depth + 1) for x in v)
+        return (t,) + tuple(_traced_key(x, depth + 1, active) for x in v)
     if t is dict:
-        return (t,) + tuple((k, _traced_key(x, depth + 1)) for k, x in v.items())
+        return (t,) + tuple((k, _traced_key(x, depth + 1, active)) for k, x in v.items())
+    if t is frozenset:
+        return (t, frozenset(_traced_key(x, depth + 1, active) for x in v))
     if t is types.FunctionType:
-        cells = tuple(_traced_key(_cell_value(c), depth + 1) for c in v.__closure__ or ())
-        return (v.__code__, Id(v.__globals__), _traced_key(v.__defaults__, depth + 1),
-                _traced_key(v.__kwdefaults__, depth + 1), cells)
+        if id(v) in active:  # (a function reaching itself: its key is being made)
+            return ("recursive", v.__code__)
+        active.add(id(v))
+        try:
+            return _function_traced_key(v, depth, active)
+        finally:
+            active.discard(id(v))
     if is_array(v):
         return ("array", t, aval_of(v))
-    return Id(v)
+    if isinstance(v, _BY_IDENTITY) or _jax_callable(t):
+        return Id(v)
+    if t is functools.partial:
+        return (t, _traced_key(v.func, depth + 1, active), _traced_key(v.args, depth + 1, active),
+                _traced_key(v.keywords, depth + 1, active))
+    if t is types.MethodType:
+        return (t, _traced_key(v.__func__, depth + 1, active), _traced_key(v.__self__, depth + 1, active))
+    if isinstance(v, tuple) and hasattr(t, "_fields"):  # (a named tuple)
+        return (t,) + tuple(_traced_key(x, depth + 1, active) for x in v)
+    raise _NotPlain
+
+
+def _function_traced_key(f, depth, active):
+    g = f.__globals__
+    cells = tuple(_traced_key(_cell_value(c), depth + 1, active) for c in f.__closure__ or ())
+    # A function the code reads as a global is taken by identity (a rebinding is seen, the
+    # globals that function reads in turn are not): keying whole modules' worth of helpers
+    # cost ~300 us an eval_shape, more than tracing it again.
+    reads = tuple((name, Id(value) if type(value) is types.FunctionType
+                   else _traced_key(value, depth + 1, active))
+                  for name, value in ((n, g[n]) for n in _global_names(f.__code__) if n in g))
+    return (f.__code__, _traced_key(f.__defaults__, depth + 1, active),
+            _traced_key(f.__kwdefaults__, depth + 1, active), cells, reads)
+
+
+_global_names_of = {}  # code -> the names it and the code nested in it may read as globals
+
+
+def _global_names(code):
+    names = _global_names_of.get(code)
+    if names is None:
+        found = set(code.co_names)
+        for c in code.co_consts:
+            if isinstance(c, types.CodeType):
+                found.update(_global_names(c))
+        names = _global_names_of[code] = tuple(sorted(found))
+    return names
+
+
+def _jax_callable(t):
+    # jax.jit-wrapped functions (jnp's among them) and JAX's custom_jvp/vjp objects: JAX's
+    # own, never changed in place.
+    return (getattr(t, "__module__", None) or "").startswith(("jaxlib", "jax."))
 
 
 _TRACED_KEY_DEPTH = 8
-_EMPTY_CELL = object()
+class _EMPTY_CELL:  # (an empty cell's stand-in: a class, keyed by identity)
+    pass
 
 
 def _cell_value(cell):
