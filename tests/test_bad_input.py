@@ -351,3 +351,38 @@ def test_star_call_error_names_the_callee():
         return x, out
     eager, hooked = both(program)
     assert hooked == eager and "argument after * must be an iterable" in eager[1][0]
+
+
+# ------------------------------------------------------------------ gradients JAX refuses
+
+GRAD_REFUSALS = {
+    "non-scalar output": (lambda w: (lambda x: w * x), 1.0),
+    "integer input": (lambda w: (lambda x: jnp.sum(w) * x), 1),
+    "integer output": (lambda w: (lambda x: (jnp.sum(w) * x).astype(jnp.int32)), 1.0),
+    "complex output": (lambda w: (lambda x: (jnp.sum(w) * x).astype(jnp.complex64)), 1.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRAD_REFUSALS))
+@pytest.mark.parametrize("transform", ["grad", "value_and_grad"])
+def test_a_gradient_jax_refuses_raises_jaxs_error_at_every_turn(case, transform):
+    """jax.grad of a non-scalar, integer or complex output, or of an integer input, raises
+    JAX's TypeError at every turn.  Recorded, the forward was differentiated as if it were
+    a real scalar (no error: `sum` of the output's gradient), and an integer input failed
+    with an unrelated TypeError."""
+    make, arg = GRAD_REFUSALS[case]
+    grad = getattr(jax, transform)
+
+    def program():
+        w, said = jnp.ones(2), []
+        for step in range(4):
+            w = w * 2.0
+            try:
+                said.append(float(jnp.sum(jax.tree.leaves(grad(make(w))(arg))[-1])))
+            except TypeError as e:
+                said.append(str(e))
+        return said, w
+
+    eager, hooked = both(program)
+    assert all(isinstance(s, str) and "grad" in s.lower() for s in eager[0]), eager
+    assert hooked == eager

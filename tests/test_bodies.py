@@ -301,3 +301,42 @@ def test_a_callback_in_a_vmapped_function_is_this_calls_callback():
     assert want == [2] * STEPS
     assert got == want
     np.testing.assert_allclose(x_got, x_want, rtol=1e-6)
+
+
+@jax.tree_util.register_pytree_node_class
+class _Scaler:
+    """A callable pytree holding an array (as an Equinox module does)."""
+    def __init__(self, w):
+        self.w = w
+
+    def tree_flatten(self):
+        return (self.w,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+    def __call__(self, x):
+        return self.w * x
+
+
+def vmap_of_a_callable_pytree(steps):
+    model, x, out = _Scaler(jnp.ones(2)), jnp.arange(8.0).reshape(4, 2), []
+    for _ in range(steps):
+        model = _Scaler(model.w * 2.0)
+        out.append(float(jnp.sum(jax.vmap(model)(x))))
+        g = jax.value_and_grad(lambda m: jnp.sum(jax.vmap(m)(x)))(model)[1]
+        model = _Scaler(model.w - 0.01 * g.w)
+        out.append(float(jnp.sum(model.w)))
+    return out
+
+
+def test_vmap_of_a_callable_pytree_holding_this_iterations_arrays():
+    """jax.vmap(model), model a pytree holding this turn's weights: jax.vmap only makes a
+    function.  Recorded as an op, the function it made in the traced turn came back at
+    every later turn, holding that turn's weights (56.0 at every step)."""
+    want, got = on_and_off(vmap_of_a_callable_pytree, STEPS)
+    assert len(set(want[::2])) == STEPS  # (the weights change every turn)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= STEPS - 2 and stats["eager_fallbacks"] == 0, stats

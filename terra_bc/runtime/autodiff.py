@@ -9,6 +9,7 @@ recorded op whose placeholders the end event hands back.
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import jax
@@ -117,6 +118,8 @@ def grad(it, callee, spec, args, kwargs):
     if it.mode == EAGER:
         return it.op(callee, args, kwargs)
     args = list(args)
+    if it.mode == TRACE:  # (a recorded begin event guards avals that passed these checks)
+        _refused_as_jax_refuses(it, spec, [args[i] for i in spec.nums if i < len(args)])
     trees = [tree_flatten(args[i]) for i in spec.nums]
     phs = iter(differentiated_inputs(it, "grad-begin", spec.key, [x for ls, _ in trees for x in ls]))
     begin = _begin_index(it)
@@ -135,6 +138,8 @@ def grad(it, callee, spec, args, kwargs):
 
 def _trace_grad(it, spec, start, diff, out):
     value, aux = out if spec.has_aux else (out, None)
+    if is_array(value):
+        _refused_as_jax_refuses(it, spec, [tree_unflatten(tree, phs) for tree, phs in diff], aval_of(value))
     if type(value) is not Placeholder or value._it is not it or value._rec is None:
         raise TypeError("terra_bc: the differentiated function must return a scalar array")
     rec = it.path.recorder
@@ -160,6 +165,32 @@ def _trace_grad(it, spec, start, diff, out):
                    outs=tuple(PlaceholderOut(p._id, p.aval) for p in out_leaves))
     counts["ops_traced"] += 1
     return _grad_result(spec, value, grads, aux)
+
+
+def _refused_as_jax_refuses(it, spec, diff_args, out_aval=None):
+    """Raise the TypeError jax.grad / value_and_grad raises for differentiated arguments
+    like ``diff_args`` and an output of ``out_aval`` (a non-scalar, integer or complex
+    output; an integer input), by running JAX's own checks abstractly on a stand-in of
+    those avals: the same exception and message as eager, where before the recorded
+    forward was differentiated as if it were a scalar.  JAX checks the inputs before it
+    runs the function, so they are checked first (``out_aval`` None)."""
+    out = jax.ShapeDtypeStruct((), jnp.float32) if out_aval is None else out_aval
+
+    def stand_in(*xs):
+        value = jnp.zeros(out.shape, out.dtype)
+        return (value, None) if spec.has_aux else value
+    structs = jax.tree_util.tree_map(_struct, diff_args)
+    checked = jax.grad(stand_in, argnums=tuple(range(len(structs))), has_aux=spec.has_aux)
+    rec = it.recording  # (JAX's checks run under the trace eager JAX runs under, not ours)
+    with jaxpr_builder.set_current_trace(rec.parent_trace()) if rec is not None else nullcontext():
+        jax.eval_shape(checked, *structs)
+
+
+def _struct(x):
+    if is_array(x):
+        aval = aval_of(x)
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False))
+    return x
 
 
 def _function_of(seg, inputs, diff_ids):

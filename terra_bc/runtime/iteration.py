@@ -27,7 +27,7 @@ from .context import COEXEC, EAGER, TRACE, UNCHANGED
 from .events import FetchEvent
 from .guards import callee_key, config_key
 from .placeholders import Placeholder, concrete, eager
-from .trace_rules import builds_array_from, retraced_body
+from .trace_rules import builds_array_from, makes_transform, retraced_body
 from .values import MISS, arrays_in, is_array, user_line
 
 
@@ -131,7 +131,7 @@ class Iteration:
         has_array = any(map(is_array, leaves))
         if has_array and key is None and retraced_body(fn, leaves):
             return bodies.op(self, fn, args, kwargs)  # (Python JAX runs at every call)
-        if not has_array and not builds_array_from(fn, leaves):
+        if not has_array and not builds_array_from(fn, leaves) or has_array and makes_transform(fn):
             # No array in, and not an array made from plain data (jnp.zeros(shape) is an
             # op: trace_rules.builds_array_from): a transform being made (jax.grad(f)), a
             # constructor of other kinds (PRNGKey(seed)) or one that traces a function of

@@ -193,6 +193,24 @@ def builds_array_from(callee, leaves):
         code.co_name in ARRAY_BUILDER_NAMES and code.co_filename.endswith("lax_numpy.py"))
 
 
+# JAX's transforms that take a function and return one, computing nothing: called inside an
+# iteration they run as JAX's Python, given what the program gave them.  Given a callable
+# pytree holding this iteration's arrays (an Equinox module: jax.vmap(model)), they are not
+# ops: recorded as one, the function they return (holding the traced iteration's values)
+# came back as a recorded static at every later iteration, with the first turn's weights.
+# (jax.grad and value_and_grad are dispatch._gradient_function; jax.jit's result is an op.)
+TRANSFORM_MAKERS = frozenset({jax.vmap, jax.checkpoint, jax.jacrev, jax.jacfwd, jax.hessian,
+                              jax.named_call})
+
+
+def makes_transform(callee):
+    """Is ``callee`` one of JAX's transforms that only make a function (TRANSFORM_MAKERS)?"""
+    try:
+        return callee in TRANSFORM_MAKERS
+    except TypeError:  # (an unhashable callable)
+        return False
+
+
 def takes_elements(callee):
     """Is ``callee`` ``jnp.array`` / ``jnp.asarray``, whose first argument's numbers are the
     array's elements (data, never a shape or an axis)?"""
