@@ -340,3 +340,24 @@ def test_vmap_of_a_callable_pytree_holding_this_iterations_arrays():
     np.testing.assert_allclose(got, want, rtol=1e-5)
     stats = terra_bc.stats()
     assert stats["iterations_coexecuted"] >= STEPS - 2 and stats["eager_fallbacks"] == 0, stats
+
+
+def control_flow_given_no_array(steps):
+    p, out = jnp.ones(3), []
+    for _ in range(steps):
+        p = p * 1.5
+        n = jax.lax.while_loop(lambda n: n * jnp.sum(p) < 100.0, lambda n: n + 1.0, 1.0)
+        m = jax.lax.fori_loop(0, 4, lambda j, c: c + jnp.sum(p), 0.0)
+        out.append((float(n), float(m)))
+    return out
+
+
+def test_control_flow_given_no_array_but_closing_over_this_iterations_value():
+    """lax.while_loop / fori_loop given only functions and Python numbers, whose bodies
+    close over this turn's array: an op of the iteration (it ran as JAX code outside the
+    recording, which used the placeholder's value, and the unit ran eagerly)."""
+    want, got = on_and_off(control_flow_given_no_array, STEPS)
+    assert len(set(want)) == STEPS
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= STEPS - 2 and stats["eager_fallbacks"] == 0, stats
