@@ -506,7 +506,67 @@ def _assemble(code, bc):
     for name in code.co_varnames:
         converter.add_varname(name)
     concrete = converter.to_concrete_bytecode(compute_exception_stack_depths=False)
-    return concrete.to_code(stacksize=code.co_stacksize, compute_exception_stack_depths=False)
+    made = concrete.to_code(stacksize=code.co_stacksize, compute_exception_stack_depths=False)
+    return made.replace(co_linetable=location_table(made.co_firstlineno, made.co_positions()))
+
+
+# ---------------------------------------------------------------- the location table
+#
+# bytecode writes a column of 128 or more (a long line, a long docstring) as a one-line
+# entry's raw byte, whose top bit marks the start of an entry: CPython's line lookup
+# (tracebacks, co_lines, f_lineno) walks entries by that bit and read wrong lines (line -8
+# for line 7), while co_positions, which decodes each field, read right.  So the table is
+# written again from the positions, as CPython's compiler writes it (Objects/locations.md).
+
+_NO_LOCATION, _LONG, _NO_COLUMNS, _ONE_LINE = 15, 14, 13, 10
+
+
+def location_table(firstlineno, positions) -> bytes:
+    """co_linetable for a code object whose code units have ``positions`` (its
+    co_positions(), one (line, end line, column, end column) per code unit)."""
+    positions, out, line, k = list(positions), bytearray(), firstlineno, 0
+    while k < len(positions):
+        pos, run = positions[k], 1
+        while k + run < len(positions) and run < 8 and positions[k + run] == pos:
+            run += 1
+        k += run
+        lineno, end_lineno, col, end_col = pos
+        if lineno is None:
+            out.append(0x80 | _NO_LOCATION << 3 | run - 1)
+            continue
+        delta, line = lineno - line, lineno
+        end_lineno = lineno if end_lineno is None else end_lineno
+        if col is None or end_col is None:
+            if end_lineno == lineno:
+                out.append(0x80 | _NO_COLUMNS << 3 | run - 1)
+                out += _svarint(delta)
+                continue
+            col = end_col = -1
+        elif end_lineno == lineno:
+            if delta == 0 and col < 80 and 0 <= end_col - col < 16:  # (short form)
+                out.append(0x80 | (col >> 3) << 3 | run - 1)
+                out.append((col & 7) << 4 | end_col - col)
+                continue
+            if 0 <= delta < 3 and col < 128 and end_col < 128:
+                out.append(0x80 | (_ONE_LINE + delta) << 3 | run - 1)
+                out += bytes((col, end_col))
+                continue
+        out.append(0x80 | _LONG << 3 | run - 1)
+        out += _svarint(delta) + _varint(end_lineno - lineno) + _varint(col + 1) + _varint(end_col + 1)
+    return bytes(out)
+
+
+def _varint(v):
+    out = bytearray()
+    while v >= 64:
+        out.append(0x40 | v & 63)
+        v >>= 6
+    out.append(v)
+    return bytes(out)
+
+
+def _svarint(v):
+    return _varint((-v) << 1 | 1 if v < 0 else v << 1)
 
 
 # ---------------------------------------------------------------- verification
@@ -542,6 +602,11 @@ def _verify(old, new, expansion, borrowed=None):
                 raise Unsupported(f"exception handler of instruction {i} changed")
             if new_pos[j] != old_pos[i]:
                 raise Unsupported(f"position of instruction {i} changed")
+    lines = [None] * (len(new.co_code) // 2)  # (what tracebacks read: co_lines, not positions)
+    for start, end, line in new.co_lines():
+        lines[start // 2:end // 2] = [line] * ((end - start) // 2)
+    if any(lines[off // 2] != pos[0] for off, pos in zip(new_units, new_pos)):
+        raise Unsupported("line table disagrees with the positions")
 
 
 def _real_instructions(code):

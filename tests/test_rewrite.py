@@ -206,3 +206,26 @@ def test_a_while_loops_head_call_is_inside_the_try_around_the_loop():
     assert handler(condition.offset) is not None
     assert handler(call.offset) == handler(condition.offset)
     assert train(3, lambda n, *_: n - 1) == 0  # (and it runs)
+
+
+def test_lines_past_column_127_read_right_in_tracebacks():
+    """A column of 128 or more (a long docstring, a long line) was written as a byte with
+    its top bit set, which CPython's line lookup takes for the start of an entry:
+    tracebacks under terra_bc named line -8 for line 7.  Every code unit's line from
+    co_lines (what tracebacks read) must be its position's line."""
+    long_sum = " + ".join(["a"] * 60)  # (columns past 200)
+    src = ('"""' + "x" * 240 + '"""\n'
+           "a = len([1] * 2)\n"
+           f"c = [{long_sum}, len([a] * 2)]\n"
+           "d = int('not a number') + c[0]\n")
+    old = compile(src, "<long lines>", "exec")
+    new = rewrite(old).code
+    lines = {}
+    for start, end, line in new.co_lines():
+        for off in range(start, end, 2):
+            lines[off] = line
+    assert all(lines[2 * k] == pos[0] for k, pos in enumerate(new.co_positions()))
+    assert {line for *_, line in new.co_lines()} == {line for *_, line in old.co_lines()}
+    with pytest.raises(ValueError) as raised:
+        exec(new, {})
+    assert raised.traceback[-1].lineno + 1 == 4  # (pytest counts lines from 0)
