@@ -33,6 +33,7 @@ import gc
 import itertools
 import operator
 import sys
+import threading
 import time
 import types
 import weakref
@@ -1161,6 +1162,33 @@ _cache_stats = {"compiles": 0, "hits": 0}  # since the process started (never re
 # ----------------------------------------------------------------------------- trace state
 
 _opaque_trace_state = _jax_core.get_opaque_trace_state
+_EvalTrace = getattr(_jax_core, "EvalTrace", None)
+_OpaqueTraceState = getattr(_jax_core, "OpaqueTraceState", None)
+
+
+class _Differentiation:
+    """Stands for the trace eager JAX would run a function under while terra_bc records its
+    differentiation (``differentiating``): one per call, as JAX makes one JVP trace a call."""
+    __slots__ = ("__weakref__",)
+
+
+_differentiations = threading.local()  # .stack: this thread's open _Differentiation objects
+
+
+@contextlib.contextmanager
+def differentiating():
+    """While terra_bc runs a function whose gradient it records (jax.grad of user code), the
+    trace state libraries see is a new one, as under eager JAX's JVP trace: an NNX Variable
+    made outside is refused there as eagerly ("Cannot mutate ... from a different trace
+    level"), one made inside is usable inside."""
+    stack = getattr(_differentiations, "stack", None)
+    if stack is None:
+        stack = _differentiations.stack = []
+    stack.append(_Differentiation())
+    try:
+        yield
+    finally:
+        stack.pop()
 
 
 def _trace_state_eager_sees(convention=None):
@@ -1170,10 +1198,16 @@ def _trace_state_eager_sees(convention=None):
     object under another (Flax NNX: "Cannot extract graph node from different trace level").
     The recording trace is current for a whole iteration, but it only records what eager
     JAX runs: while it is current the answer is its parent's, so objects made before or
-    during an iteration are usable in both.  Under a transform JAX runs on top of it
-    (grad, jit) the answer is that transform's, as in eager JAX."""
+    during an iteration are usable in both; inside a differentiation terra_bc records, it
+    is that differentiation's (``differentiating``).  Under a transform JAX runs on top of
+    it (grad, jit) the answer is that transform's, as in eager JAX."""
     trace = current_trace()
-    if not isinstance(trace, _RecordingTrace):
+    recording = isinstance(trace, _RecordingTrace)
+    if recording or type(trace) is _EvalTrace:
+        stack = getattr(_differentiations, "stack", None)
+        if stack and _OpaqueTraceState is not None:
+            return _OpaqueTraceState(weakref.ref(stack[-1]))
+    if not recording:
         return _opaque_trace_state(convention)
     while isinstance(trace, _RecordingTrace):
         trace = trace.parent

@@ -840,3 +840,54 @@ def test_equinox_stateful_batchnorm_under_vmap_of_the_module():
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
     stats = terra_bc.stats()
     assert stats["iterations_coexecuted"] >= 5 and stats["eager_fallbacks"] == 0, stats
+
+
+def nnx_mutation_inside_jax_grad(steps):
+    """A model taken apart with nnx.split and put together inside jax.grad (of user code),
+    whose call mutates a Variable: eager NNX refuses (the merged Variable belongs to the
+    grad's trace, the count it writes back to does not).  Mutating one made inside is fine."""
+    from flax import nnx
+
+    class Count(nnx.Variable):
+        pass
+
+    class M(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.ones(3))
+            self.calls = Count(jnp.array(0, jnp.int32))
+
+        def __call__(self, x):
+            self.calls[...] += 1
+            return jnp.sum(self.w[...] * x)
+
+    model = M()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params, rest, x):
+        return nnx.merge(graphdef, params, rest)(x)
+
+    def loss_counting_inside(params, x):
+        inner = Count(jnp.array(0, jnp.int32))
+        inner[...] += 1
+        return jnp.sum(params["w"][...] * x) * inner[...]
+
+    said = []
+    for step in range(steps):
+        x = jnp.full(3, float(step))
+        try:
+            said.append(float(jax.grad(loss)(params, rest, x)["w"][...].sum()))
+        except Exception as e:
+            said.append(type(e).__name__)
+        said.append(float(jax.grad(loss_counting_inside)(params, x)["w"][...].sum()))
+    return said, int(model.calls[...])
+
+
+def test_nnx_refuses_a_mutation_inside_jax_grad_as_eagerly():
+    """Inside a differentiation terra_bc records, libraries see a trace state of their own
+    (as under eager JAX's JVP trace): before, they saw the iteration's, so the mutation
+    eager NNX refuses went through (TraceContextError not raised, the count changed)."""
+    want, got = on_and_off(nnx_mutation_inside_jax_grad, 5)
+    assert want[0][0] == "TraceContextError" and want[1] == 0
+    assert got == want
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 3 and stats["eager_fallbacks"] == 0, stats

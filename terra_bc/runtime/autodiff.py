@@ -102,7 +102,8 @@ def _run_differentiated(it, fun, args, kwargs):
     __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     it.grad_depth += 1
     try:
-        return fun(*args, **kwargs)
+        with jaxpr_builder.differentiating():  # (the trace state libraries see: a JVP's)
+            return fun(*args, **kwargs)
     finally:
         it.grad_depth -= 1
 

@@ -144,7 +144,12 @@ def vmapped_by(callee):
 
 
 def _jax_function(fun):
-    """Is ``fun`` one of JAX's own functions (through wrappers and partials)?"""
+    """Is ``fun`` one of JAX's own functions (through wrappers and partials)?  A callable
+    object of another's class (an Equinox module, whose ``__call__`` JAX's name-scope
+    wrapper wraps) is not: its Python and the arrays it holds are the program's."""
+    if not isinstance(fun, (types.FunctionType, types.MethodType, functools.partial)) \
+            and not (getattr(type(fun), "__module__", None) or "").startswith(("jax", "jaxlib")):
+        return False
     code = body_key(fun)
     return isinstance(code, types.CodeType) and code.co_filename.startswith(JAX_DIRS) and (
         code.co_name not in ("vmap_f",) + GRAD_FUNCTIONS + (VALUE_AND_GRAD_FUNCTION,))
