@@ -891,3 +891,35 @@ def test_nnx_refuses_a_mutation_inside_jax_grad_as_eagerly():
     assert got == want
     stats = terra_bc.stats()
     assert stats["iterations_coexecuted"] >= 3 and stats["eager_fallbacks"] == 0, stats
+
+
+def lbfgs_training(steps):
+    """optax's L-BFGS as its docs write it: value_and_grad_from_state, and update given the
+    value, the gradient and value_fn (its zoom linesearch runs lax.while_loops whose bodies
+    index the L-BFGS memory, a value of the iteration)."""
+    x = jnp.arange(6.0)
+
+    def f(p):
+        return jnp.sum((p - x) ** 2 * (1.0 + 0.1 * jnp.arange(6.0)))
+    params = jnp.zeros(6)
+    opt = optax.lbfgs()
+    state = opt.init(params)
+    value_and_grad = optax.value_and_grad_from_state(f)
+    values = []
+    for _ in range(steps):
+        value, grad = value_and_grad(params, state=state)
+        updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=f)
+        params = optax.apply_updates(params, updates)
+        values.append(float(value))
+    return values, params
+
+
+def test_optax_lbfgs_coexecutes():
+    """A placeholder given to a method inside a body JAX traces for the iteration enters
+    the trace as a constant of the body (an input of its op); lowered to its value, the
+    body used a value the iteration could not reproduce and the unit ran eagerly."""
+    want, got = on_and_off(lbfgs_training, 8)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-4, atol=1e-5)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 5 and stats["eager_fallbacks"] == 0, stats

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import tree_flatten, tree_unflatten
 
-from .. import _hook
+from .. import _hook, jaxpr_builder
 from ..jaxpr_builder import (ArrayImpl, Recorder, RecTracer, evaluate_segment, set_current_trace,
                              several_devices)
 from ..counters import counts
@@ -405,13 +405,26 @@ def call(fn, args, kwargs):
         # ``fn`` is given what JAX lowers a placeholder to, not the placeholder, whose
         # method ``fn`` calls (``x.at[i].add``, ``x + y``) would come back here without end.
         leaves, tree = tree_flatten((args, kwargs))
-        a, k = tree_unflatten(tree, [x.full_lower() if type(x) is Placeholder else x for x in leaves])
+        a, k = tree_unflatten(tree, [_lowered(x) if type(x) is Placeholder else x for x in leaves])
         return fn(*a, **k)
     try:
         return it.op(fn, args, kwargs)
     except BaseException as error:
         leaving(error)  # (an interrupt may have cut a step of the iteration short)
         raise
+
+
+def _lowered(ph):
+    """A placeholder given to a method inside an op JAX runs itself.  While JAX traces a
+    body (a lax loop's, for the iteration: runtime/bodies.py), the placeholder enters that
+    trace as JAX's own functions take it (``jnp.sum(p)``): a constant of the body, which
+    becomes an input of the body's op, through an identity JAX differentiates and batches
+    (``optimization_barrier``).  Lowered to its value instead, the body used a value the
+    iteration could not reproduce (optax's L-BFGS indexes its memory inside its linesearch's
+    while_loop, and the unit ran eagerly).  Elsewhere: its value, as JAX lowers it."""
+    if type(jaxpr_builder.current_trace()).__name__ == "DynamicJaxprTrace":
+        return jax.lax.optimization_barrier(ph)
+    return ph.full_lower()
 
 
 # Arguments that can hold no placeholder: an op given only these runs as it is.
