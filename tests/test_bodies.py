@@ -361,3 +361,23 @@ def test_control_flow_given_no_array_but_closing_over_this_iterations_value():
     np.testing.assert_allclose(got, want, rtol=1e-6)
     stats = terra_bc.stats()
     assert stats["iterations_coexecuted"] >= STEPS - 2 and stats["eager_fallbacks"] == 0, stats
+
+
+def jit_made_each_turn_closing_over_its_values(steps):
+    w, out = jnp.arange(6.0).reshape(2, 3), []
+    for _ in range(steps):
+        w = w * 1.1
+        f = jax.jit(lambda x: x @ w.T + w[0].sum() + jnp.sum(jnp.transpose(w)))
+        out.append(float(f(jnp.ones(3)).sum()))
+    return out
+
+
+def test_a_jit_made_each_turn_closing_over_this_turns_array():
+    """The program's own jax.jit runs as JAX dispatches it (a graph break); a placeholder it
+    closes over gives it its value.  In the traced turn it gave the recorded tracer, which
+    became a constant of JAX's eager computation: UnexpectedTracerError."""
+    want, got = on_and_off(jit_made_each_turn_closing_over_its_values, STEPS)
+    assert len(set(want)) == STEPS
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= STEPS - 2 and stats["eager_fallbacks"] == 0, stats

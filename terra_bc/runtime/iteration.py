@@ -36,7 +36,8 @@ class Iteration:
     __slots__ = ("unit", "mode", "path", "pos", "fork_stop", "left", "auto", "loop_turns",
                  "env", "seg_start", "tracers", "live", "opaque_depth", "recording",
                  "grad_depth", "memo", "memo_lasting", "was_routing", "hook_was_enabled", "program_trace", "trace_launches",
-                 "abandoning", "started", "effects_ran", "last_op_at", "failed", "config", "ended")
+                 "abandoning", "started", "effects_ran", "last_op_at", "failed", "config", "ended",
+                 "settled_depth")
 
     def __init__(self, unit, mode, path):
         self.unit, self.mode, self.path = unit, mode, path
@@ -52,6 +53,7 @@ class Iteration:
         self.opaque_depth = 0   # > 0 while inside an opaque DL op's own Python (JAX traces it)
         self.recording = None   # the Recorder entered for this iteration (tracing)
         self.grad_depth = 0     # > 0 while a differentiated function's Python runs
+        self.settled_depth = 0  # > 0 while an op runs eagerly outside the recording (tracing)
         self.memo = {}          # see remember
         self.memo_lasting = {}  # key -> iterations its entry may go unasked (remember)
         self.was_routing = self.hook_was_enabled = UNCHANGED  # the thread before it (context)
@@ -164,6 +166,13 @@ class Iteration:
         unit will run eagerly from then on.  In co-execution (a path not seen while tracing)
         it gets the value: right, except for a gradient through it, which we refuse."""
         if self.mode == TRACE:
+            if self.settled_depth:
+                # An op run eagerly outside the recording (a graph break: the program's own
+                # jax.jit, closing over this placeholder) is JAX's business at every
+                # iteration; it gets the value, here as in co-execution.  Its recorded tracer
+                # would have become a constant of JAX's eager computation and escaped it
+                # (UnexpectedTracerError).
+                return ph._rec.val
             self.path.eager_reason = self.path.eager_reason or (
                 "JAX code outside the recorded ops (a library, jax_array[placeholder]) used a value")
             return ph._rec

@@ -269,5 +269,9 @@ def settled_eager(it, fn, args, kwargs):
     __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     counts["ops_eager"] += 1
     rec = it.recording
-    with set_current_trace(rec.parent_trace()) if rec is not None else nullcontext():
-        return eager(fn, args, kwargs)
+    it.settled_depth += 1  # (a placeholder it closes over gives its value: Iteration.lower)
+    try:
+        with set_current_trace(rec.parent_trace()) if rec is not None else nullcontext():
+            return eager(fn, args, kwargs)
+    finally:
+        it.settled_depth -= 1
