@@ -472,3 +472,15 @@ def test_a_segment_shows_its_jaxpr_and_source_lines_on_request():
     assert "tanh" in text and "reduce_sum" in text
     line = step.__wrapped__.__code__.co_firstlineno
     assert f"test_debugging.py:{line + 2}" in text and f"test_debugging.py:{line + 3}" in text
+
+
+def test_guard_keys_print_as_names_in_reasons():
+    """explain()'s reasons name a transform's key by its kind and the user's function
+    (before: the repr of a tuple holding a code object, cut at 40 characters)."""
+    from terra_bc.runtime.events import key_name
+
+    def loss(w):
+        return w
+    assert key_name(("jvp-apply", 17, ("jvp", loss.__code__, 1))).endswith("jvp-apply of test_guard_keys_print_as_names_in_reasons.<locals>.loss")
+    assert key_name(loss.__code__) == loss.__code__.co_qualname
+    assert key_name(("grad", 3)) == "grad"

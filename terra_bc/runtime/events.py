@@ -65,9 +65,25 @@ def key_name(key):
     obj = getattr(key, "obj", key)
     if isinstance(getattr(key, "op_name", None), str):  # (bodies.TracedBody)
         return key.op_name
+    if isinstance(key, types.CodeType):
+        return key.co_qualname
     if isinstance(key, tuple) and key and isinstance(key[0], types.CodeType):
         return key[0].co_qualname
+    if isinstance(key, tuple) and key and isinstance(key[0], str):  # ("vjp-apply", ...)
+        code = _first_code(key)
+        return key[0] + (f" of {code.co_qualname}" if code is not None else "")
     return getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or repr(obj)[:40]
+
+
+def _first_code(key, depth=0):
+    for x in key:
+        if isinstance(x, types.CodeType):
+            return x
+        if isinstance(x, tuple) and depth < 4:
+            found = _first_code(x, depth + 1)
+            if found is not None:
+                return found
+    return None
 
 
 # ------------------------------------------------------------------ events
