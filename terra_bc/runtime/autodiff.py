@@ -9,7 +9,6 @@ recorded op whose placeholders the end event hands back.
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
 from typing import NamedTuple
 
 import jax
@@ -25,7 +24,7 @@ from .events import BeginEvent, ForwardEndEvent, GradEndEvent, PlaceholderOut
 from .guards import unsettled
 from .placeholders import Placeholder, named
 from .trace_rules import body_key
-from .values import aval_of, is_array
+from .values import aval_of, is_array, shape_struct
 
 
 def _begin_index(it):
@@ -180,18 +179,10 @@ def _refused_as_jax_refuses(it, spec, diff_args, out_aval=None):
     def stand_in(*xs):
         value = jnp.zeros(out.shape, out.dtype)
         return (value, None) if spec.has_aux else value
-    structs = jax.tree_util.tree_map(_struct, diff_args)
+    structs = jax.tree_util.tree_map(lambda x: shape_struct(x) if is_array(x) else x, diff_args)
     checked = jax.grad(stand_in, argnums=tuple(range(len(structs))), has_aux=spec.has_aux)
-    rec = it.recording  # (JAX's checks run under the trace eager JAX runs under, not ours)
-    with jaxpr_builder.set_current_trace(rec.parent_trace()) if rec is not None else nullcontext():
+    with tracing.outside_recording(it):  # (JAX's checks, under the trace eager JAX runs under)
         jax.eval_shape(checked, *structs)
-
-
-def _struct(x):
-    if is_array(x):
-        aval = aval_of(x)
-        return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False))
-    return x
 
 
 def _function_of(seg, inputs, diff_ids):

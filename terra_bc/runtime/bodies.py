@@ -26,7 +26,7 @@ from ..jaxpr_builder import (AD_ONLY_PARAMS, ArrayImpl, ClosedJaxpr, Id, Jaxpr, 
                              as_fun, trace_abstractly)
 from .guards import callee_key, function_key, unsettled
 from .trace_rules import cells, grad_spec, jax_caches_body, unwrap, vmapped_by
-from .values import aval_of, is_array
+from .values import aval_of, is_array, shape_struct
 
 
 class TracedBody(NamedTuple):
@@ -158,7 +158,7 @@ def _traced(it, call, inputs):
     counts["bodies_traced"] += 1
     it.opaque_depth += 1  # (the body's ops are JAX's to trace, not events)
     try:
-        return trace_abstractly(call, list(map(_spec, inputs)))
+        return trace_abstractly(call, list(map(shape_struct, inputs)))
     except Exception:
         counts["bodies_traced"] -= 1
         return None
@@ -294,7 +294,7 @@ def _batched(it, plan, one_jaxpr, nconsts, layout, tree, leaves, one_tree, input
                         axis_size=plan.axis_size)(*a, **k)
     it.opaque_depth += 1
     try:
-        return trace_abstractly(batched, list(map(_spec, inputs)))
+        return trace_abstractly(batched, list(map(shape_struct, inputs)))
     finally:
         it.opaque_depth -= 1
 
@@ -442,13 +442,6 @@ def _vmap_of(fn, fun):
     closure = tuple(types.CellType(fun) if name == "fun" else cell
                     for name, cell in zip(code.co_freevars, inner.__closure__))
     return types.FunctionType(code, inner.__globals__, inner.__name__, inner.__defaults__, closure)
-
-
-def _spec(x):
-    if type(x) is jax.ShapeDtypeStruct:
-        return x
-    aval = aval_of(x)
-    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False))
 
 
 def _name(fn):

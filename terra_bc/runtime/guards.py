@@ -112,11 +112,11 @@ def traced_function_key(f, args, kwargs):
     globals its code reads and what it is given, by value wherever the value is plain data
     (flax's ``Scope.param`` checks each parameter with ``eval_shape(lambda: init_fn(key,
     *init_args))``, a new lambda over a new shape tuple at every call), arrays by their
-    avals, functions it holds the same way (one it reads as a global by identity).  Eager JAX traces ``f`` at every
-    call, so a reused result must not depend on anything the key does not hold: an object
-    that could be changed in place (an instance of a class of the user's) gives no key,
-    and the call runs as JAX runs it.  Classes, modules and builtins are taken by identity
-    (an attribute rebound on a module between calls is not seen)."""
+    avals, functions it holds the same way (one it reads as a global by identity).  Eager
+    JAX traces ``f`` at every call, so a reused result must not depend on anything the key
+    does not hold: an object that could be changed in place (an instance of a class of the
+    user's) gives no key, and the call runs as JAX runs it.  Classes, modules and builtins
+    are taken by identity (an attribute rebound on a module between calls is not seen)."""
     if type(f) is not types.FunctionType:
         return None
     try:
@@ -203,6 +203,8 @@ def _jax_callable(t):
 
 
 _TRACED_KEY_DEPTH = 8
+
+
 class _EMPTY_CELL:  # (an empty cell's stand-in: a class, keyed by identity)
     pass
 

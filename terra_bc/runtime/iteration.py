@@ -135,7 +135,7 @@ class Iteration:
         # iteration's values: lax.while_loop(lambda n: n * jnp.sum(p) < 100, ..., 1.0).)
         if key is None and retraced_body(fn, leaves):
             return bodies.op(self, fn, args, kwargs)
-        if not has_array and not builds_array_from(fn, leaves) or has_array and makes_transform(fn):
+        if (not has_array and not builds_array_from(fn, leaves)) or (has_array and makes_transform(fn)):
             # No array in, and not an array made from plain data (jnp.zeros(shape) is an
             # op: trace_rules.builds_array_from): a transform being made (jax.grad(f)), a
             # constructor of other kinds (PRNGKey(seed)) or one that traces a function of

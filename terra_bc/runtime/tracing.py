@@ -264,14 +264,19 @@ def _break_spec(it, x):
     return StaticIn(x)
 
 
+def outside_recording(it):
+    """The trace eager JAX runs under, made current while ``it`` records (else nothing)."""
+    rec = it.recording
+    return set_current_trace(rec.parent_trace()) if rec is not None else nullcontext()
+
+
 def settled_eager(it, fn, args, kwargs):
     """Run ``fn`` on concrete values, outside the recording (the unit will run eagerly)."""
     __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
     counts["ops_eager"] += 1
-    rec = it.recording
     it.settled_depth += 1  # (a placeholder it closes over gives its value: Iteration.lower)
     try:
-        with set_current_trace(rec.parent_trace()) if rec is not None else nullcontext():
+        with outside_recording(it):
             return eager(fn, args, kwargs)
     finally:
         it.settled_depth -= 1

@@ -46,6 +46,14 @@ def aval_of(x):
     return aval if aval is not None else jax.typeof(x)
 
 
+def shape_struct(x):
+    """A stand-in of array ``x`` (a ShapeDtypeStruct of its aval) to trace a function on."""
+    if type(x) is jax.ShapeDtypeStruct:
+        return x
+    aval = aval_of(x)
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False))
+
+
 def same(a, b):
     """Are two static values the same for a guard: identical, or equal and of one type?"""
     if a is b:
