@@ -26,7 +26,7 @@ SAMPLE_SEEDS = list(range(20260101, 20260107))
 def test_fixed_seed_sample_matches_eager():
     results = run_batch(SAMPLE_SEEDS, timeout=120)
     s = summary(results)
-    bad = [v for v in results if v["status"] not in ("ok", "tie")]
+    bad = [v for v in results if v["status"] not in ("ok", "tie", "rounding")]
     assert not bad, bad
     assert s["programs"] == len(SAMPLE_SEEDS)
     assert s["coexecuted_share"] >= 0.8, s  # the programs really ran as units
@@ -78,6 +78,46 @@ def test_a_wrong_value_is_a_mismatch():
         out.result[0]["x"][3][2] += 1e-3  # one element, 1e-3 off (tolerance: 1e-5 relative)
     v = harness.check(PROGRAM, inject=inject)
     assert v["status"] == "mismatch" and "values['x']" in v["detail"], v
+
+
+def test_an_exact_run_dispatches_segments_op_by_op_and_equals_eager_to_the_bit():
+    path = harness.write_source(PROGRAM)
+    try:
+        eager = harness.run(PROGRAM, path, "eager")
+        out = harness.run(PROGRAM, path, "units", exact=True)
+    finally:
+        os.unlink(path)
+    assert harness.compare(eager, out, exact=True) == ("ok", None)
+    assert out.stats["iterations_coexecuted"] > 0 and out.stats["segments_eager"] > 0, out.stats
+    assert out.stats["compiles"] == 0, out.stats
+    import terra_bc
+    assert terra_bc.config()["op_by_op"] is False  # (put back after the run)
+    assert harness.check(PROGRAM, exact=True)["status"] == "ok"
+
+
+def test_an_exact_run_flags_a_difference_in_the_last_bit():
+    def inject(out):
+        x = out.result[0]["x"][3]
+        x[2] = np.nextafter(x[2], np.float32(np.inf))  # one ulp: within the tolerance
+    assert harness.check(PROGRAM, inject=inject)["status"] == "ok"
+    v = harness.check(PROGRAM, inject=inject, exact=True)
+    assert v["status"] == "mismatch" and "values['x']" in v["detail"], v
+
+
+def test_a_float_difference_gone_op_by_op_is_rounding_and_one_that_stays_a_mismatch():
+    calls = []
+
+    def compiled_only(out):  # off in the compiled run only: the exact run is eager's
+        calls.append(out)
+        if len(calls) == 1:
+            out.result[0]["x"][3][2] += 1e-3
+    v = harness.check(PROGRAM, modes=("units",), inject=compiled_only)
+    assert len(calls) == 2 and v["status"] == "rounding" and "equal to the bit" in v["detail"], v
+
+    def always(out):
+        out.result[0]["x"][3][2] += 1e-3
+    v = harness.check(PROGRAM, modes=("units",), inject=always)
+    assert v["status"] == "mismatch" and "op by op: values['x']" in v["detail"], v
 
 
 def test_a_changed_log_is_a_mismatch():

@@ -77,14 +77,16 @@ journal.use_log(settings["log"])
 def config(**changes):
     """``terra_bc.config(max_paths=16, max_compiles=32, warmup=0, inner_turns=16,
     dynamic_numbers=True, abstract_tracing=True, background_compile=True, donate=True, cache_dir="",
-    log="", loops=None, functions=None,
+    op_by_op=False, log="", loops=None, functions=None,
     include=None, exclude=None)``: set
     limits (only those given); returns the settings now in force.  ``loops`` / ``functions``
     switch the units found without decoration (``set_loops`` / ``set_functions``);
     ``include`` / ``exclude`` replace the lists of library packages rewritten or never
     rewritten (``terra_bc/scope.py``; for code objects not seen yet).  ``log``: what the
     ``terra_bc`` logger says ("divergences,compiles,fallbacks,fetches", a list of them,
-    "all" or "": ``runtime/journal.py``)."""
+    "all" or "": ``runtime/journal.py``).  ``op_by_op``: segments run one eager dispatch an
+    equation, never compiled, so values equal eager JAX's to the bit (a check, far slower:
+    docs/reliability.md)."""
     if not isinstance(changes.get("log", ""), str):
         changes["log"] = ",".join(changes["log"])
     loops = changes.pop("loops", None)

@@ -73,6 +73,9 @@ def run(it, entry, args, donate=()):
     positions of inputs nothing reads afterwards, whose buffers a compiled segment may
     reuse (``launching.donatable``).  A compiled segment that fails runs op by op instead
     (``_failed``): an error raised here is the program's own, as eager JAX raises it."""
+    if settings["op_by_op"]:
+        counts["segments_eager"] += 1
+        return jaxpr_builder.evaluate_segment(entry.segment, args)
     exe = entry.exe
     if exe is None:
         exe = entry.exe = jaxpr_builder.cached_executable(entry.segment)

@@ -35,6 +35,10 @@ settings = {
     # A co-executed segment may reuse the buffers of inputs nothing reads afterwards (the
     # old parameters of `params = update(params, grads)`): launching.donatable.
     "donate": os.environ.get("TERRA_BC_DONATE", "1") != "0",
+    # Segments run op by op, one eager JAX dispatch an equation, never compiled: their
+    # values are then eager JAX's to the bit wherever the recorded equations are the ones
+    # eager JAX runs (a check of results, docs/reliability.md; far slower).
+    "op_by_op": os.environ.get("TERRA_BC_OP_BY_OP", "0") == "1",
     # Compiled segments persist in JAX's compilation cache there ("": not kept).
     "cache_dir": os.environ.get("TERRA_BC_CACHE_DIR", ""),
     # What the "terra_bc" logger says, one line each (journal.py): a comma-separated list

@@ -31,11 +31,11 @@ FAILURES = ("mismatch", "crash")
 
 # **** worker: programs in this process ****
 
-def worker(seeds: list[int], size: int, modes: tuple) -> None:
+def worker(seeds: list[int], size: int, modes: tuple, exact: bool = False) -> None:
     import gc
     for n, seed in enumerate(seeds):
         print("BEGIN", seed, flush=True)
-        v = harness.check(generate(seed, size).source(), modes)
+        v = harness.check(generate(seed, size).source(), modes, exact=exact)
         v["seed"] = seed
         print("RESULT", json.dumps(v), flush=True)
         if n % 20 == 19:
@@ -71,13 +71,14 @@ def worker_env(compile_cache: str | None) -> dict:
 
 
 def run_batch(seeds: list[int], size: int = 1, timeout: float = 300.0, modes=harness.MODES,
-              on_result=None, compile_cache: str | None = None) -> list[dict]:
+              on_result=None, compile_cache: str | None = None, exact: bool = False) -> list[dict]:
     """Verdicts for ``seeds``, run in worker processes (a fresh one after PER_WORKER
     programs, a crash or a hang)."""
     results, todo = [], list(seeds)
     while todo:
         cmd = [sys.executable, "-m", "tests.fuzz", "--worker", "--size", str(size),
-               "--modes", ",".join(modes), "--seeds", ",".join(map(str, todo[:PER_WORKER]))]
+               "--modes", ",".join(modes), "--seeds", ",".join(map(str, todo[:PER_WORKER]))] + \
+            (["--exact"] if exact else [])
         err = tempfile.TemporaryFile("w+")
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err,
                                 text=True, env=worker_env(compile_cache))
@@ -129,6 +130,7 @@ def summary(results: list[dict]) -> dict:
         "mismatches": count("mismatch"),
         "crashes": count("crash"),
         "ties": count("tie"),
+        "rounding": count("rounding"),
         "invalid": count("invalid"),
         "runs": len(runs),
         "runs_with_eager_fallbacks": sum(v["fallbacks"].get(m, 0) > 0 for m, v in runs),
@@ -141,7 +143,7 @@ def summary(results: list[dict]) -> dict:
 
 def fuzz(start: int, programs: int, jobs: int = 1, size: int = 1, timeout: float = 300.0,
          modes=harness.MODES, verbose: bool = True, log=None,
-         compile_cache: str | None = None) -> list[dict]:
+         compile_cache: str | None = None, exact: bool = False) -> list[dict]:
     """Verdicts of seeds start .. start+programs-1; each is also written to ``log`` (an open
     text file, one JSON line a verdict) as it arrives, so a long run stopped early keeps
     what it found."""
@@ -162,7 +164,7 @@ def fuzz(start: int, programs: int, jobs: int = 1, size: int = 1, timeout: float
                     line += f" ({v.get('mode')}) {v.get('detail')}"
                 print(line, flush=True)
 
-    threads = [threading.Thread(target=run_batch, args=(b, size, timeout, modes, report, compile_cache))
+    threads = [threading.Thread(target=run_batch, args=(b, size, timeout, modes, report, compile_cache, exact))
                for b in batches if b]
     for t in threads:
         t.start()
@@ -205,6 +207,8 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=1, help="statements per block, roughly x")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per program")
     ap.add_argument("--modes", default=",".join(harness.MODES))
+    ap.add_argument("--exact", action="store_true",
+                    help="terra_bc's segments run op by op; every float must equal eager's to the bit")
     ap.add_argument("--shrink", action="store_true", help="shrink each failure")
     ap.add_argument("--shrink-budget", type=float, default=600.0, help="seconds per failure")
     ap.add_argument("--out", default="fuzz-failures", help="where reproducers go")
@@ -229,7 +233,7 @@ def main(argv=None):
             print(json.dumps(summary([json.loads(line) for line in f if line.strip()]), indent=1))
         return 0
     if args.worker:
-        worker([int(s) for s in args.seeds.split(",")], args.size, modes)
+        worker([int(s) for s in args.seeds.split(",")], args.size, modes, args.exact)
         return 0
     if args.shrink_seed is not None:
         print(shrink_one(args.shrink_seed, args.size, json.loads(args.verdict), args.shrink_budget), end="")
@@ -240,7 +244,7 @@ def main(argv=None):
         tempfile.mkdtemp(prefix="fuzz-jax-cache-") if args.compile_cache == "run" else args.compile_cache
     try:
         results = fuzz(args.seed, args.programs, args.jobs, args.size, args.timeout, modes, log=log,
-                       compile_cache=cache)
+                       compile_cache=cache, exact=args.exact)
     finally:
         if log is not None:
             log.close()

@@ -19,6 +19,14 @@ and choose other transcendental approximations inside a fusion, so float32 resul
 differ in the last bits (about 1e-7 relative per op) and the difference grows over a
 program's turns.  Integer results (PRNG keys, ``argmax``, counts) must be exact.
 
+Exact runs (``exact=True``) take that tolerance away: terra_bc runs with
+``config(op_by_op=True)``, each recorded segment dispatched one equation at a time as eager
+JAX dispatches them, and every float must equal eager's to the bit.  A program that
+differs beyond tolerance (or ties) is run again that way in the mode that differed: if it
+then equals eager to the bit, the recorded ops were eager's ops and only XLA's compilation
+of the segment changed the floats — status *rounding*, counted apart; if not, it stays a
+*mismatch* (the exact run's difference is reported).
+
 A terra_bc run that raises where eager did not (or raises another exception type) is a
 *crash*.  A difference whose first sign in the log is a branch taken differently while both
 runs' compared values lie within tolerance of each other (on either side of the
@@ -100,10 +108,18 @@ def run_cli(path: str) -> Outcome:
     return Outcome(result, error, stats, time.perf_counter() - start)
 
 
-def run(source: str, path: str, mode: str) -> Outcome:
+def run(source: str, path: str, mode: str, exact: bool = False) -> Outcome:
+    """Run ``source`` (written at ``path``) in ``mode``; ``exact``: terra_bc's segments run
+    op by op (``config(op_by_op=True)``)."""
     import terra_bc
     if mode == "cli":
         return run_cli(path)
+    if exact and mode != "eager":
+        terra_bc.config(op_by_op=True)
+        try:
+            return run(source, path, mode)
+        finally:
+            terra_bc.config(op_by_op=False)
     ns = {"__name__": "fuzzprog", "__file__": path, "__builtins__": __builtins__}
     terra_bc.reset_stats()
     start = time.perf_counter()
@@ -139,21 +155,25 @@ def run(source: str, path: str, mode: str) -> Outcome:
 
 # **** comparing ****
 
-def close(w: float, g: float) -> bool:
+def close(w: float, g: float, tol=(RTOL, ATOL)) -> bool:
     if math.isnan(w) or math.isnan(g):
         return math.isnan(w) and math.isnan(g)
-    return abs(w - g) <= ATOL + RTOL * abs(w)
+    return abs(w - g) <= tol[1] + tol[0] * abs(w)
 
 
-def difference(want, got, where="") -> str | None:
-    """Where ``got`` first differs from ``want`` (depth first, in order), or None."""
+EXACT = (0.0, 0.0)  # (rtol, atol) of an exact run: equal to the bit
+
+
+def difference(want, got, where="", tol=(RTOL, ATOL)) -> str | None:
+    """Where ``got`` first differs from ``want`` (depth first, in order), or None; floats
+    within ``tol`` (rtol, atol) are equal."""
     if type(want) is not type(got):
         return f"{where}: type {type(want).__name__} != {type(got).__name__} ({want!r:.80} vs {got!r:.80})"
     if isinstance(want, dict):
         if list(want) != list(got):
             return f"{where}: keys {list(want)} != {list(got)}"
         for k in want:
-            d = difference(want[k], got[k], f"{where}[{k!r}]")
+            d = difference(want[k], got[k], f"{where}[{k!r}]", tol)
             if d:
                 return d
         return None
@@ -163,7 +183,7 @@ def difference(want, got, where="") -> str | None:
         if (dt, shape) != (dt2, shape2):
             return f"{where}: array {dt}{shape} != {dt2}{shape2}"
         if np.issubdtype(w.dtype, np.inexact):
-            ok = np.isclose(g, w, rtol=RTOL, atol=ATOL, equal_nan=True)
+            ok = np.isclose(g, w, rtol=tol[0], atol=tol[1], equal_nan=True)
             if not ok.all():
                 i = np.unravel_index(np.argmin(ok), ok.shape) if ok.shape else ()
                 return f"{where}: array element {i}: {w[i]!r} != {g[i]!r}"
@@ -172,7 +192,7 @@ def difference(want, got, where="") -> str | None:
         return None
     if isinstance(want, (list, tuple)):
         for i, (w, g) in enumerate(zip(want, got)):
-            d = difference(w, g, f"{where}[{i}]")
+            d = difference(w, g, f"{where}[{i}]", tol)
             if d:
                 return d
         if len(want) != len(got):
@@ -180,7 +200,7 @@ def difference(want, got, where="") -> str | None:
                 if isinstance(want, tuple) else f"{where}: length {len(want)} != {len(got)}"
         return None
     if isinstance(want, float):
-        return None if close(want, got) else f"{where}: {want!r} != {got!r}"
+        return None if close(want, got, tol) else f"{where}: {want!r} != {got!r}"
     if want != got:
         return f"{where}: {want!r:.200} != {got!r:.200}"
     return None
@@ -233,17 +253,32 @@ def branch_tie(want_log: list, got_log: list) -> str | None:
     return None
 
 
+def _recheck(source, path, mode, eager, status, detail, inject):
+    """A float difference (``status`` mismatch or tie) checked by an exact run of ``mode``:
+    *rounding* if op by op it equals eager to the bit, else a mismatch."""
+    out = run(source, path, mode, exact=True)
+    if inject is not None:
+        inject(out)
+    exact_status, exact_detail = compare(eager, out, exact=True)
+    if exact_status == "ok":
+        return "rounding", f"{detail} (op by op: equal to the bit)"
+    return "mismatch", f"{detail}; op by op: {exact_detail}"
+
+
 class Verdict(dict):
-    """One program's result: status ('ok', 'mismatch', 'crash', 'tie', 'invalid'), the
+    """One program's result: status ('ok', 'mismatch', 'crash', 'tie', 'rounding', 'invalid'), the
     failing mode and what differed, eager fallbacks, co-executed iterations, seconds."""
 
 
-def compare(eager: Outcome, other: Outcome) -> tuple[str, str | None]:
+def compare(eager: Outcome, other: Outcome, exact: bool = False) -> tuple[str, str | None]:
     if other.error is not None:
         if eager.error is not None and eager.error[0] == other.error[0]:
             return "ok", None
         return "crash", f"{other.error[0]}: {other.error[1]}"
     want, got = eager.result, other.result
+    if exact:  # (no tolerance, so no ties and no rounded prints that differ)
+        d = difference(want[1], got[1], "log", EXACT) or difference(want[0], got[0], "values", EXACT)
+        return ("ok", None) if d is None else ("mismatch", d)
     d = difference(want[0], got[0], "values")
     dl = difference(want[1], got[1], "log")
     if dl is not None:
@@ -270,8 +305,11 @@ def _beyond_formatting(want_log, got_log) -> list | None:
             if difference(w, g) is not None and not formatted_tie(w, g)]
 
 
-def check(source: str, modes=MODES, path: str | None = None, inject=None) -> Verdict:
+def check(source: str, modes=MODES, path: str | None = None, inject=None,
+          exact: bool = False) -> Verdict:
     """Run ``source`` eagerly and in ``modes``; the first mode that differs decides.
+    ``exact``: every mode runs op by op and must equal eager to the bit.  Otherwise a
+    mismatch or tie is run again exactly in its mode (*rounding* if that equals eager).
     ``inject(outcome)`` may alter a terra_bc outcome before it is compared (the self-test)."""
     own = path is None
     path = path or write_source(source)
@@ -288,15 +326,17 @@ def check(source: str, modes=MODES, path: str | None = None, inject=None) -> Ver
                                               "not (values, log)")
             return v
         for mode in modes:
-            out = run(source, path, mode)
+            out = run(source, path, mode, exact)
             if inject is not None:
                 inject(out)
             v["seconds"] += out.seconds
             v["fallbacks"][mode] = out.stats.get("eager_fallbacks", 0)
             v["coexecuted"][mode] = out.stats.get("iterations_coexecuted", 0)
             v["traced"][mode] = out.stats.get("iterations_traced", 0)
-            status, detail = compare(eager, out)
-            if status != "ok" and v["status"] in ("ok", "tie"):
+            status, detail = compare(eager, out, exact)
+            if status in ("mismatch", "tie") and not exact:
+                status, detail = _recheck(source, path, mode, eager, status, detail, inject)
+            if status != "ok" and v["status"] in ("ok", "tie", "rounding"):
                 v.update(status=status, mode=mode, detail=detail)
         return v
     finally:
