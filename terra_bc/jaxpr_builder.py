@@ -87,6 +87,20 @@ except ImportError:  # pragma: no cover  (a JAX without them: read by taking it)
             return trace
 
 
+def tracing_to_jaxpr():
+    """Is JAX tracing to a jaxpr under the current trace: is it a ``DynamicJaxprTrace``
+    (a jit's, a body's), or a transform's (JVP, linearize, batching) whose parents reach
+    one (``jax.jacrev`` of a function, traced as a body)?"""
+    trace = current_trace()
+    for _ in range(64):  # (a bound: a chain of parents never loops, but stay safe)
+        if trace is None:
+            return False
+        if type(trace).__name__ == "DynamicJaxprTrace":
+            return True
+        trace = getattr(trace, "parent_trace", None)
+    return False
+
+
 def set_trace(trace):
     """Make ``trace`` JAX's current trace in this thread (no block to leave: a repair)."""
     if _trace_ctx is not None:

@@ -381,3 +381,38 @@ def test_a_jit_made_each_turn_closing_over_this_turns_array():
     np.testing.assert_allclose(got, want, rtol=1e-6)
     stats = terra_bc.stats()
     assert stats["iterations_coexecuted"] >= STEPS - 2 and stats["eager_fallbacks"] == 0, stats
+
+
+_BATCH = None  # (read as a global by a differentiated lambda below)
+
+
+def jacobians_of_python_functions(steps):
+    global _BATCH
+    rs = np.random.RandomState(1)
+    w, cfg, out = jnp.asarray(rs.normal(size=(4, 4)), jnp.float32) * 0.3, {"s": 1.0}, []
+    for _ in range(steps):
+        _BATCH = jnp.asarray(rs.normal(size=(3, 4)), jnp.float32)
+        x = _BATCH * 2.0
+        y = jax.checkpoint(lambda w, x: jnp.tanh(x @ w))(w, x)
+        jr = jax.jacrev(lambda w: jnp.tanh(_BATCH @ w * cfg["s"]).sum(0))(w)
+        jf = jax.jacfwd(lambda w: jnp.tanh(x @ w).sum())(w)
+        h = jax.hessian(lambda v: jnp.sum(jnp.sin(v) * cfg["s"]))(w[0])
+        loss, g = jax.value_and_grad(
+            lambda w: jnp.sum(jax.checkpoint(lambda w: jnp.tanh(x @ w))(w) ** 2))(w)
+        cfg["s"] += 0.5
+        w = w - 0.01 * jf - 0.01 * g
+        out.append((float(y.sum()), float(jr.sum()), float(h.sum()), float(loss)))
+    return out
+
+
+def test_jacobians_and_checkpoints_of_python_functions_coexecute():
+    """jax.jacrev / jacfwd / hessian / checkpoint of the program's functions (one reading
+    this turn's array as a global, one closing over it, one reading Python state that
+    changes every turn; checkpoint inside jax.value_and_grad): JAX traces the function at
+    every call, so each is a body traced as eager JAX traces it (they ran as JAX code
+    outside the recording, and the unit ran eagerly)."""
+    want, got = on_and_off(jacobians_of_python_functions, STEPS)
+    assert len(set(w[2] for w in want)) == STEPS  # (the hessian reads cfg["s"], changed each turn)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= STEPS - 2 and stats["eager_fallbacks"] == 0, stats

@@ -25,7 +25,7 @@ from ..counters import counts
 from ..jaxpr_builder import (AD_ONLY_PARAMS, ArrayImpl, ClosedJaxpr, Id, Jaxpr, Literal, Var,
                              as_fun, trace_abstractly)
 from .guards import callee_key, function_key, unsettled
-from .trace_rules import cells, grad_spec, jax_caches_body, unwrap, vmapped_by
+from .trace_rules import cells, grad_spec, jax_caches_body, made_by_transform, unwrap, vmapped_by
 from .values import aval_of, is_array, shape_struct
 
 
@@ -366,20 +366,27 @@ class _Replay:
 
 def _with_inputs(it, fn, tree, leaves):
     """A function of the call's arrays alone, and those arrays: every other leaf (functions,
-    numbers, strings) stays as given.  The function ``jax.vmap`` was given contributes the
-    arrays it carries (``_opened``), so that its use of this iteration's values is traced
-    over them rather than over copies of their values."""
-    fun_leaves, rebuild = _opened(it, _vmapped(fn))
+    numbers, strings) stays as given.  The function ``jax.vmap`` (jacrev, checkpoint...)
+    was given contributes the arrays it carries (``_opened``), so that its use of this
+    iteration's values is traced over them rather than over copies of their values."""
+    fun_leaves, rebuild = _opened(it, _given(fn))
     every = fun_leaves + leaves
     where = [i for i, x in enumerate(every) if is_array(x)]
     call = _substituting(every, where, len(fun_leaves), tree,
-                         lambda held: fn if rebuild is None else _vmap_of(fn, rebuild(held)))
+                         lambda held: fn if rebuild is None else _remade(fn, rebuild(held)))
     return call, [every[i] for i in where]
 
 
-def _vmapped(fn):
-    """The function ``jax.vmap`` was given, if ``fn`` is what it returned."""
-    inner = vmapped_by(fn)
+def _transform_made(fn):
+    """JAX's function inside ``fn`` if ``jax.vmap`` or a transform of
+    ``trace_rules.TRANSFORMED_FUNCTIONS`` made it, else None."""
+    return vmapped_by(fn) or made_by_transform(fn)
+
+
+def _given(fn):
+    """The function ``jax.vmap`` (jacrev, jacfwd, hessian, checkpoint) was given, if ``fn``
+    is what it returned."""
+    inner = _transform_made(fn)
     return None if inner is None else cells(inner).get("fun")
 
 
@@ -392,6 +399,9 @@ def _opened(it, fun):
     given, whose identity JAX's cache is keyed on."""
     if fun is None:
         return [], None
+    if _given(fun) is not None:  # (hessian: jacfwd of jacrev of the user's function)
+        leaves, rebuild = _opened(it, _given(fun))
+        return (leaves, lambda vals: _remade(fun, rebuild(vals))) if rebuild else ([], None)
     if isinstance(fun, functools.partial):
         leaves, tree = tree_flatten((fun.args, fun.keywords))
         if not any(unsettled(x, it) for x in leaves):
@@ -435,9 +445,10 @@ def _closure_opened(it, fun):
     return [x for _, leaves, _ in held for x in leaves], rebuild
 
 
-def _vmap_of(fn, fun):
-    """JAX's ``vmap_f`` of ``fn`` (its axes and options as given), mapping ``fun``."""
-    inner = vmapped_by(fn)
+def _remade(fn, fun):
+    """JAX's function inside ``fn`` (``vmap_f``, ``jacfun``...: its axes and options as
+    given), made again around ``fun``."""
+    inner = _transform_made(fn)
     code = inner.__code__
     closure = tuple(types.CellType(fun) if name == "fun" else cell
                     for name, cell in zip(code.co_freevars, inner.__closure__))
@@ -445,8 +456,9 @@ def _vmap_of(fn, fun):
 
 
 def _name(fn):
-    inner = vmapped_by(fn)
+    inner = _transform_made(fn)
     if inner is None:
         return unwrap(fn).__qualname__
     fun = cells(inner).get("fun")
-    return f"vmap({getattr(fun, '__qualname__', None) or type(fun).__name__})"
+    made_by = inner.__qualname__.split(".")[0]  # (vmap, jacrev, jacfwd, checkpoint)
+    return f"{made_by}({_name(fun) if _transform_made(fun) else getattr(fun, '__qualname__', None) or type(fun).__name__})"

@@ -421,8 +421,10 @@ def _lowered(ph):
     becomes an input of the body's op, through an identity JAX differentiates and batches
     (``optimization_barrier``).  Lowered to its value instead, the body used a value the
     iteration could not reproduce (optax's L-BFGS indexes its memory inside its linesearch's
-    while_loop, and the unit ran eagerly).  Elsewhere: its value, as JAX lowers it."""
-    if type(jaxpr_builder.current_trace()).__name__ == "DynamicJaxprTrace":
+    while_loop, and the unit ran eagerly).  The same under a transform inside such a trace
+    (``jax.jacrev(lambda w: x @ w)`` over a global ``x``: JAX's JVP trace over the body's).
+    Elsewhere: its value, as JAX lowers it."""
+    if jaxpr_builder.tracing_to_jaxpr():
         return jax.lax.optimization_barrier(ph)
     return ph.full_lower()
 

@@ -110,9 +110,10 @@ def retraced_body(callee, leaves):
     JAX's own functions (``jax.vmap(jnp.dot)``) compute from their arguments alone."""
     if type(callee) is not types.FunctionType:  # (what vmap and lax return or are)
         return False
-    inner = vmapped_by(callee)
+    inner = vmapped_by(callee) or made_by_transform(callee)
     if inner is not None:
-        return not _jax_function(cells(inner).get("fun"))
+        fun = cells(inner).get("fun")
+        return not _jax_function(fun) or retraced_body(fun, leaves)
     code = code_of(callee)
     return code is not None and code.co_filename.startswith(JAX_DIRS) \
         and "control_flow" in code.co_filename and any(
@@ -131,6 +132,21 @@ def jax_caches_body(callee):
     code = code_of(callee)
     return code is not None and "control_flow" in code.co_filename \
         and code.co_name not in UNCACHED_CONTROL_FLOW
+
+
+# What jax.jacrev / jacfwd / hessian and jax.checkpoint return: JAX traces the function
+# they were given (``fun``) at every call, as vmap does.
+TRANSFORMED_FUNCTIONS = ("jacfun", "fun_remat")
+
+
+def made_by_transform(callee):
+    """JAX's function inside ``callee`` if one of TRANSFORMED_FUNCTIONS made it, or None."""
+    inner = unwrap(getattr(callee, "__func__", callee))
+    code = getattr(inner, "__code__", None)
+    if isinstance(code, types.CodeType) and code.co_name in TRANSFORMED_FUNCTIONS \
+            and code.co_filename.startswith(JAX_DIRS):
+        return inner
+    return None
 
 
 def vmapped_by(callee):
