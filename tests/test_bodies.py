@@ -416,3 +416,25 @@ def test_jacobians_and_checkpoints_of_python_functions_coexecute():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     stats = terra_bc.stats()
     assert stats["iterations_coexecuted"] >= STEPS - 2 and stats["eager_fallbacks"] == 0, stats
+
+
+def asarray_of_a_closed_over_value_in_bodies(steps):
+    p, out = jnp.ones(3), []
+    for _ in range(steps):
+        p = p * 1.5
+        m = jax.lax.fori_loop(0, 4, lambda j, c: c + jnp.asarray(p, jnp.float32).sum(), 0.0)
+        v = jax.vmap(lambda r: r * jnp.asarray(p))(jnp.ones((2, 3)))
+        out.append((float(m), float(v.sum())))
+    return out
+
+
+def test_jnp_asarray_of_this_iterations_value_inside_a_body():
+    """``jnp.asarray(p)`` inside a body JAX traces (flax's ``promote_dtype`` does it to every
+    parameter), ``p`` this turn's array: a constant of the body, fed as the body op's input,
+    as a method of ``p`` is (JAX took its value through ``__jax_array__``, and the unit ran
+    eagerly)."""
+    want, got = on_and_off(asarray_of_a_closed_over_value_in_bodies, STEPS)
+    assert len(set(want)) == STEPS
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= STEPS - 2 and stats["eager_fallbacks"] == 0, stats

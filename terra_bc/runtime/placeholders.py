@@ -89,7 +89,7 @@ class Placeholder(jax.core.Tracer):
         # an op of the iteration.
         if sys._getframe(1).f_code.co_name.startswith("_operator_"):
             return DEFER
-        return self.full_lower()
+        return _lowered(self)  # (jnp.asarray(p) inside a body JAX traces: see _lowered)
 
     # Conversions: each is a fetch of the iteration (see Iteration.fetch).
     def __array__(self, dtype=None, copy=None):
