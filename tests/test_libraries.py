@@ -923,3 +923,41 @@ def test_optax_lbfgs_coexecutes():
     np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-4, atol=1e-5)
     stats = terra_bc.stats()
     assert stats["iterations_coexecuted"] >= 5 and stats["eager_fallbacks"] == 0, stats
+
+
+def haiku_dynamic_unroll_training(steps):
+    import haiku as hk
+
+    def net(xs):  # xs: [T, B, 2]
+        core = hk.LSTM(8)
+        outs, _ = hk.dynamic_unroll(core, xs, core.initial_state(xs.shape[1]))
+        return hk.Linear(1)(outs[-1])[:, 0]
+    f = hk.without_apply_rng(hk.transform(net))
+    rng = jax.random.PRNGKey(0)
+    params = f.init(rng, jnp.zeros((5, 16, 2)))
+    optim = optax.adam(1e-2)
+    opt_state = optim.init(params)
+
+    def loss_fn(params, xs, ys):
+        return jnp.mean((f.apply(params, xs) - ys) ** 2)
+    losses = []
+    for _ in range(steps):
+        rng, k = jax.random.split(rng)
+        xs = jax.random.normal(k, (5, 16, 2))
+        ys = jnp.sum(xs[:, :, 0] * xs[:, :, 1], axis=0)
+        loss, grads = jax.value_and_grad(loss_fn)(params, xs, ys)
+        updates, opt_state = optim.update(grads, opt_state)
+        params = optax.apply_updates(params, updates)
+        losses.append(float(loss))
+    return losses, [np.asarray(p) for p in jax.tree_util.tree_leaves(params)]
+
+
+def test_haiku_dynamic_unroll_coexecutes():
+    """hk.dynamic_unroll (a lax.scan whose body haiku builds, converting every parameter
+    with jnp.asarray inside it) is an op of the iteration; it ran eagerly."""
+    want, got = on_and_off(haiku_dynamic_unroll_training, 8)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    for w, g in zip(want[1], got[1]):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 5 and stats["eager_fallbacks"] == 0, stats
