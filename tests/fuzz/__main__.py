@@ -35,7 +35,7 @@ def worker(seeds: list[int], size: int, modes: tuple, exact: bool = False) -> No
     import gc
     for n, seed in enumerate(seeds):
         print("BEGIN", seed, flush=True)
-        v = harness.check(generate(seed, size).source(), modes, exact=exact)
+        v = harness.check(generate(seed, size, exact).source(), modes, exact=exact)
         v["seed"] = seed
         print("RESULT", json.dumps(v), flush=True)
         if n % 20 == 19:
@@ -175,25 +175,26 @@ def fuzz(start: int, programs: int, jobs: int = 1, size: int = 1, timeout: float
 
 # **** shrinking a failure (in a worker process) ****
 
-def still_fails_like(verdict: dict, size: int):
+def still_fails_like(verdict: dict, size: int, exact: bool = False):
     mode, status = verdict["mode"], verdict["status"]
     kind = verdict["detail"].split(":")[0] if status == "crash" else None
 
     def still_fails(source: str) -> bool:
-        v = harness.check(source, (mode,))
+        v = harness.check(source, (mode,), exact=exact)
         return v["status"] == status and (kind is None or (v["detail"] or "").split(":")[0] == kind)
     return still_fails
 
 
-def shrink_one(seed: int, size: int, verdict: dict, budget_s: float) -> str:
+def shrink_one(seed: int, size: int, verdict: dict, budget_s: float, exact: bool = False) -> str:
     from .shrink import shrink
-    program = generate(seed, size)
-    small = shrink(program, still_fails_like(verdict, size), budget_s,
+    program = generate(seed, size, exact)
+    small = shrink(program, still_fails_like(verdict, size, exact), budget_s,
                    log=lambda m: print(m, file=sys.stderr, flush=True))
     source = small.source()
-    v = harness.check(source, (verdict["mode"],))
-    header = (f"# Found by: python -m tests.fuzz --seed {seed} --programs 1 --size {size}\n"
-              f"# Mode: {verdict['mode']}\n"
+    v = harness.check(source, (verdict["mode"],), exact=exact)
+    header = (f"# Found by: python -m tests.fuzz --seed {seed} --programs 1 --size {size}"
+              f"{' --exact' if exact else ''}\n"
+              f"# Mode: {verdict['mode']}{' (exact)' if exact else ''}\n"
               f"# Failure when shrunk: {v['status']}: {v['detail']}\n")
     return header + source
 
@@ -226,7 +227,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     modes = tuple(args.modes.split(","))
     if args.show is not None:
-        print(generate(args.show, args.size).source(), end="")
+        print(generate(args.show, args.size, args.exact).source(), end="")
         return 0
     if args.summarize:
         with open(args.summarize) as f:
@@ -236,7 +237,8 @@ def main(argv=None):
         worker([int(s) for s in args.seeds.split(",")], args.size, modes, args.exact)
         return 0
     if args.shrink_seed is not None:
-        print(shrink_one(args.shrink_seed, args.size, json.loads(args.verdict), args.shrink_budget), end="")
+        print(shrink_one(args.shrink_seed, args.size, json.loads(args.verdict), args.shrink_budget,
+                         args.exact), end="")
         return 0
     t0 = time.time()
     log = open(args.log, "a") if args.log else None
@@ -266,7 +268,8 @@ def main(argv=None):
             print(f"shrinking seed {v['seed']} ({v['status']} in {v['mode']}) ...", flush=True)
             out = subprocess.run([sys.executable, "-m", "tests.fuzz", "--shrink-seed", str(v["seed"]),
                                   "--size", str(args.size), "--verdict", json.dumps(v),
-                                  "--shrink-budget", str(args.shrink_budget)],
+                                  "--shrink-budget", str(args.shrink_budget)] +
+                                 (["--exact"] if args.exact else []),
                                  cwd=ROOT, capture_output=True, text=True)
             if out.returncode != 0 or not out.stdout:
                 print(f"  shrinking failed (rc {out.returncode}):\n{out.stderr[-1500:]}", flush=True)

@@ -18,8 +18,9 @@ with keys split in Python, fetched values logged (``float``, ``.tolist()``, ``in
 fetched values, nested ``for`` loops with ``break``/``continue``, ``try/except/finally`` with
 exceptions raised mid-iteration (by the program and by JAX's shape checks), an exception
 that leaves ``step``, early ``return``, closures made afresh, generators, recursion,
-``jax.grad``/``value_and_grad``(``has_aux``)/``vjp``, ``jax.jit``/``vmap``/``lax`` control
-flow, list/dict mutation and Python numbers that change every turn.
+``jax.grad``/``value_and_grad``(``has_aux``)/``vjp``, ``jax.jacrev``/``jacfwd``/``hessian``/
+``checkpoint`` (inside ``grad`` too), ``jax.jit``/``vmap``/``lax`` control flow, list/dict
+mutation and Python numbers that change every turn.
 
 Values stay bounded (assignments go through ``tanh`` or a convex mix), so comparisons are
 not drowned by overflow.  No callbacks (``jax.debug.*``, ``pure_callback``, ``io_callback``)
@@ -55,10 +56,11 @@ class Env:
 
 
 class Generator:
-    def __init__(self, seed: int, size: int = 1):
+    def __init__(self, seed: int, size: int = 1, exact: bool = False):
         self.r = random.Random(seed)
         self.seed = seed
         self.size = size
+        self.exact = exact  # programs for exact runs: see jacobian()
         self.n = 0  # unique ids for names and log entries
         self.losses: list = []  # (name, kind of x, kind of y)
         self.maps: list = []  # (name, kind of x, kind of y, pure): returns kind of x
@@ -285,7 +287,9 @@ class Statements(Generator):
         if self.losses:
             table.append((8, self.grad))
         if self.maps:
-            table += [(3, self.vjp), (2, self.vmap_map)]
+            table += [(3, self.vjp), (2, self.vmap_map), (2, self.jacobian)]
+        if self.losses and not self.exact:
+            table.append((1, self.hessian))
         if self.recs:
             table.append((2, self.recursion))
         if self.jits:
@@ -512,6 +516,36 @@ class Statements(Generator):
         x = self.r.choice(POOL["M"])
         return Stmt(f"{x} = jax.vmap(lambda r: {name}(r, {y}))({x})")
 
+    def jacobian(self, env: Env) -> Stmt:
+        """jax.jacrev / jacfwd / checkpoint of a map (a function JAX traces at every call):
+        a V -> V map's Jacobian is a matrix, an S -> S map's a 0-d array.  Programs for
+        exact runs keep checkpoint only: JAX's own jaxpr of a jacrev / jacfwd / hessian,
+        evaluated op by op, differs from its eager evaluation in the last bits (plain JAX:
+        ``eval_jaxpr(make_jaxpr(jax.jacfwd(f)))`` against ``jax.jacfwd(f)``, 30 of 30
+        random functions; checkpoint and vmap 0 of 30), and terra_bc runs them so."""
+        name, kx, ky, _ = self.r.choice(self.maps)
+        x, y = self.r.choice(POOL[kx]), self.r.choice(POOL[ky])
+        k = self.uid()
+        form = self.r.randrange(4)
+        if form == 3 or kx == "M" or self.exact:
+            if self.chance(0.5):
+                return Stmt(f"{x} = 0.5 * {x} + 0.5 * jax.checkpoint(lambda p: {name}(p, {y}))({x})")
+            return Stmt(f"gc{k} = jax.grad(lambda p: jnp.sum(jax.checkpoint({name})(p, {y})))({x})\n"
+                        f"{x} = {x} - 0.05 * jnp.tanh(gc{k})")
+        jac = ("jax.jacrev", "jax.jacfwd", "jax.jacrev")[form]
+        z = self.r.choice(POOL["M" if kx == "V" else "S"])
+        return Stmt(f"j{k} = {jac}(lambda p: {name}(p, {y}))({x})\n{z} = 0.5 * {z} + 0.5 * jnp.tanh(j{k})")
+
+    def hessian(self, env: Env) -> Stmt:
+        cands = [m for m in self.losses if m[1] != "M"]
+        if not cands:
+            return self.assign(env)
+        name, kx, ky = self.r.choice(cands)
+        x, y = self.r.choice(POOL[kx]), self.r.choice(POOL[ky])
+        k = self.uid()
+        z = self.r.choice(POOL["M" if kx == "V" else "S"])
+        return Stmt(f"h{k} = jax.hessian(lambda p: {name}(p, {y}))({x})\n{z} = 0.5 * {z} + 0.5 * jnp.tanh(h{k})")
+
     def recursion(self, env: Env) -> Stmt:
         name, kind, fetches = self.r.choice(self.recs)
         x = self.r.choice(POOL[kind])
@@ -658,5 +692,6 @@ class ProgramGenerator(Statements):
         return Program(s, [head, main, tail])
 
 
-def generate(seed: int, size: int = 1) -> Program:
-    return ProgramGenerator(seed, size).program()
+def generate(seed: int, size: int = 1, exact: bool = False) -> Program:
+    """Program ``seed``; ``exact``: one for exact runs (no jacrev / jacfwd / hessian)."""
+    return ProgramGenerator(seed, size, exact).program()
