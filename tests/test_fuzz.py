@@ -32,6 +32,15 @@ def test_fixed_seed_sample_matches_eager():
     assert s["coexecuted_share"] >= 0.8, s  # the programs really ran as units
 
 
+def test_fixed_seed_sample_equals_eager_to_the_bit_op_by_op():
+    """Exact runs (segments dispatched one equation at a time): every float equal to
+    eager's, no tolerance, so a wrong value within the normal mode's 1e-5 is caught."""
+    results = run_batch(SAMPLE_SEEDS[:3], timeout=120, exact=True)
+    bad = [v for v in results if v["status"] != "ok"]
+    assert not bad, bad
+    assert summary(results)["runs_coexecuted"] >= 4, summary(results)
+
+
 # **** the comparison can fail ****
 
 PROGRAM = """
