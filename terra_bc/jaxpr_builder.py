@@ -87,6 +87,18 @@ except ImportError:  # pragma: no cover  (a JAX without them: read by taking it)
             return trace
 
 
+try:  # JAX's trace kinds, compared by class (a copy of a name would miss a subclass)
+    from jax._src.core import EvalTrace as _EVAL_TRACE
+    from jax._src.interpreters.partial_eval import DynamicJaxprTrace as _JAXPR_TRACE
+except ImportError:  # pragma: no cover
+    _EVAL_TRACE = _JAXPR_TRACE = ()
+
+
+def is_eager_trace(trace):
+    """Is ``trace`` JAX's eager one (ops evaluated as they are bound)?"""
+    return isinstance(trace, _EVAL_TRACE)
+
+
 def tracing_to_jaxpr():
     """Is JAX tracing to a jaxpr under the current trace: is it a ``DynamicJaxprTrace``
     (a jit's, a body's), or a transform's (JVP, linearize, batching) whose parents reach
@@ -95,7 +107,7 @@ def tracing_to_jaxpr():
     for _ in range(64):  # (a bound: a chain of parents never loops, but stay safe)
         if trace is None:
             return False
-        if type(trace).__name__ == "DynamicJaxprTrace":
+        if isinstance(trace, _JAXPR_TRACE):
             return True
         trace = getattr(trace, "parent_trace", None)
     return False
@@ -369,7 +381,7 @@ class _RecordingTrace(Trace):
         """Record primitives without computing them?  Only on top of eager evaluation (under
         a transform of a caller's the parent needs real values) and never where JAX checks
         every value as it is computed (debug_nans / debug_infs) or runs op by op."""
-        return self.lazy and type(self.parent).__name__ == "EvalTrace" and not (
+        return self.lazy and is_eager_trace(self.parent) and not (
             jax.config.jax_debug_nans or jax.config.jax_debug_infs or jax.config.jax_disable_jit)
 
     def unwrap_abstract(self, xs):
@@ -430,7 +442,7 @@ class _RecordingTrace(Trace):
                 return parent.process_primitive(prim, vals, params)
         with set_current_trace(parent):
             out = parent.process_primitive(prim, vals, params)
-        if type(parent).__name__ == "EvalTrace":  # (it ran eagerly: JAX compiled it)
+        if is_eager_trace(parent):  # (it ran eagerly: JAX compiled it)
             _warm_operation(prim, params, [_aval_of(a, self.avals) for a in atoms])
         if effects:
             self._note_effects(True)

@@ -124,4 +124,4 @@ def plain_trace(recording=None):
     trace = jaxpr_builder.current_trace()
     if recording is not None:
         return recording.owns_trace(trace)
-    return type(trace).__name__ == "EvalTrace"
+    return jaxpr_builder.is_eager_trace(trace)
