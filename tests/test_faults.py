@@ -33,10 +33,16 @@ pytestmark = pytest.mark.usefixtures("loop_units_on")  # (conftest.py)
 def fresh_units():
     """Each test's loops start undecided (a unit a failure made eager is forgotten), and
     compile afresh (an executable an earlier test cached for the same structure would let
-    an injected compile failure go unseen)."""
+    an injected compile failure go unseen).  Segments compile when first needed: the cost
+    model's choice to run one eagerly first rests on compile rates measured across the
+    process, so on a loaded machine, after other tests, it could leave the compile an
+    injection waits for past the last step."""
     terra_bc.reset()
     jaxpr_builder.clear_compile_cache()
+    before = terra_bc.config()["background_compile"]
+    terra_bc.config(background_compile=False)
     yield
+    terra_bc.config(background_compile=before)
     terra_bc.reset()
 
 
