@@ -7,7 +7,9 @@ co-executed share.  Programs run in worker processes (``--worker``), a batch eac
 hang (``--timeout`` per program) or a dying interpreter is recorded as a crash of that
 program and the batch goes on in a fresh worker.  With ``--shrink`` each failure is reduced
 to a small reproducer written to ``--out`` (then copy it to tests/fuzz/regressions/).
-Run from the repository root.
+With ``--exact`` terra_bc's segments run op by op and every value must equal eager's to
+the bit (harness.py).  Workers share JAX's persistent compilation cache for the run
+(``--compile-cache``).  Run from the repository root.
 """
 from __future__ import annotations
 
