@@ -377,16 +377,10 @@ def _with_inputs(it, fn, tree, leaves):
     return call, [every[i] for i in where]
 
 
-def _transform_made(fn):
-    """JAX's function inside ``fn`` if ``jax.vmap`` or a transform of
-    ``trace_rules.TRANSFORMED_FUNCTIONS`` made it, else None."""
-    return vmapped_by(fn) or made_by_transform(fn)
-
-
 def _given(fn):
     """The function ``jax.vmap`` (jacrev, jacfwd, hessian, checkpoint) was given, if ``fn``
     is what it returned."""
-    inner = _transform_made(fn)
+    inner = made_by_transform(fn)
     return None if inner is None else cells(inner).get("fun")
 
 
@@ -399,8 +393,9 @@ def _opened(it, fun):
     given, whose identity JAX's cache is keyed on."""
     if fun is None:
         return [], None
-    if _given(fun) is not None:  # (hessian: jacfwd of jacrev of the user's function)
-        leaves, rebuild = _opened(it, _given(fun))
+    given = _given(fun)
+    if given is not None:  # (hessian: jacfwd of jacrev of the user's function)
+        leaves, rebuild = _opened(it, given)
         return (leaves, lambda vals: _remade(fun, rebuild(vals))) if rebuild else ([], None)
     if isinstance(fun, functools.partial):
         leaves, tree = tree_flatten((fun.args, fun.keywords))
@@ -448,7 +443,7 @@ def _closure_opened(it, fun):
 def _remade(fn, fun):
     """JAX's function inside ``fn`` (``vmap_f``, ``jacfun``...: its axes and options as
     given), made again around ``fun``."""
-    inner = _transform_made(fn)
+    inner = made_by_transform(fn)
     code = inner.__code__
     closure = tuple(types.CellType(fun) if name == "fun" else cell
                     for name, cell in zip(code.co_freevars, inner.__closure__))
@@ -456,9 +451,9 @@ def _remade(fn, fun):
 
 
 def _name(fn):
-    inner = _transform_made(fn)
+    inner = made_by_transform(fn)
     if inner is None:
         return unwrap(fn).__qualname__
     fun = cells(inner).get("fun")
     made_by = inner.__qualname__.split(".")[0]  # (vmap, jacrev, jacfwd, checkpoint)
-    return f"{made_by}({_name(fun) if _transform_made(fun) else getattr(fun, '__qualname__', None) or type(fun).__name__})"
+    return f"{made_by}({_name(fun) if made_by_transform(fun) else getattr(fun, '__qualname__', None) or type(fun).__name__})"

@@ -110,7 +110,7 @@ def retraced_body(callee, leaves):
     JAX's own functions (``jax.vmap(jnp.dot)``) compute from their arguments alone."""
     if type(callee) is not types.FunctionType:  # (what vmap and lax return or are)
         return False
-    inner = vmapped_by(callee) or made_by_transform(callee)
+    inner = made_by_transform(callee)
     if inner is not None:
         fun = cells(inner).get("fun")
         return not _jax_function(fun) or retraced_body(fun, leaves)
@@ -134,29 +134,30 @@ def jax_caches_body(callee):
         and code.co_name not in UNCACHED_CONTROL_FLOW
 
 
-# What jax.jacrev / jacfwd / hessian and jax.checkpoint return: JAX traces the function
-# they were given (``fun``) at every call, as vmap does.
-TRANSFORMED_FUNCTIONS = ("jacfun", "fun_remat")
+# What jax.vmap, jax.jacrev / jacfwd / hessian and jax.checkpoint return: JAX traces the
+# function they were given (their cell ``fun``) at every call.
+TRANSFORMED_FUNCTIONS = ("vmap_f", "jacfun", "fun_remat")
+
+
+def _made_by(callee, names):
+    """JAX's function inside ``callee`` (through its API wrappers and a bound method) if
+    its code is JAX's and named one of ``names``, else None."""
+    inner = unwrap(getattr(callee, "__func__", callee))
+    code = getattr(inner, "__code__", None)
+    if isinstance(code, types.CodeType) and code.co_name in names \
+            and code.co_filename.startswith(JAX_DIRS):
+        return inner
+    return None
 
 
 def made_by_transform(callee):
     """JAX's function inside ``callee`` if one of TRANSFORMED_FUNCTIONS made it, or None."""
-    inner = unwrap(getattr(callee, "__func__", callee))
-    code = getattr(inner, "__code__", None)
-    if isinstance(code, types.CodeType) and code.co_name in TRANSFORMED_FUNCTIONS \
-            and code.co_filename.startswith(JAX_DIRS):
-        return inner
-    return None
+    return _made_by(callee, TRANSFORMED_FUNCTIONS)
 
 
 def vmapped_by(callee):
     """JAX's ``vmap_f`` inside ``callee`` (what ``jax.vmap`` returned), or None."""
-    inner = unwrap(getattr(callee, "__func__", callee))
-    code = getattr(inner, "__code__", None)
-    if isinstance(code, types.CodeType) and code.co_name == "vmap_f" \
-            and code.co_filename.startswith(JAX_DIRS):
-        return inner
-    return None
+    return _made_by(callee, ("vmap_f",))
 
 
 def _jax_function(fun):
