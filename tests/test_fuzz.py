@@ -4,6 +4,7 @@ reproducers of bugs it found stay fixed; and the comparison itself is shown to f
 terra_bc's outcome is wrong (a check that cannot fail proves nothing)."""
 import copy
 import glob
+import json
 import os
 import re
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from fuzz import harness
-from fuzz.__main__ import run_batch, summary
+from fuzz.__main__ import logged_verdicts, main, run_batch, summary
 from fuzz.generator import generate
 from fuzz.shrink import bodies, shrink
 
@@ -69,6 +70,30 @@ def _first_array(tree):
         if found is not None:
             return found
     return None
+
+
+def test_a_resumed_run_runs_only_the_seeds_its_log_lacks(tmp_path):
+    """``--resume``: a long run stopped early goes on where its log ends.  The log holds a
+    verdict for the first seed (made up: a mismatch, so it shows in the counts) and a line
+    a killed run cut short; only the second seed runs, and the counts cover both."""
+    first = SAMPLE_SEEDS[0]
+    log = tmp_path / "run.jsonl"
+    made_up = dict(seed=first, status="mismatch", mode="units", detail="made up", seconds=1.0,
+                   fallbacks={"units": 0}, coexecuted={"units": 1}, traced={"units": 1})
+    log.write_text(json.dumps(made_up) + "\n" + '{"seed": %d, "sta' % (first + 1))
+    assert set(logged_verdicts(str(log), [first, first + 1])) == {first}
+    out = tmp_path / "run.json"
+    rc = main(["--programs", "2", "--seed", str(first), "--modes", "units", "--log", str(log),
+               "--resume", "--json", str(out), "--compile-cache", "off"])
+    verdicts = json.loads(out.read_text())
+    assert rc == 1  # the logged mismatch still counts as a failure
+    assert verdicts["summary"]["programs"] == 2 and verdicts["summary"]["resumed"] == 1
+    assert verdicts["summary"]["mismatches"] == 1
+    assert [v["seed"] for v in verdicts["verdicts"]] == [first, first + 1]
+    assert verdicts["verdicts"][0]["detail"] == "made up"  # counted, not run again
+    assert verdicts["verdicts"][1]["status"] == "ok"
+    logged = [json.loads(line) for line in log.read_text().splitlines()[2:]]
+    assert [v["seed"] for v in logged] == [first + 1]  # only the missing seed ran
 
 
 def test_unaltered_program_is_ok():

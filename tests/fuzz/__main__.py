@@ -8,7 +8,8 @@ hang (``--timeout`` per program) or a dying interpreter is recorded as a crash o
 program and the batch goes on in a fresh worker.  With ``--shrink`` each failure is reduced
 to a small reproducer written to ``--out`` (then copy it to tests/fuzz/regressions/).
 With ``--exact`` terra_bc's segments run op by op and every value must equal eager's to
-the bit (harness.py).  Workers share JAX's persistent compilation cache for the run
+the bit (harness.py).  ``--resume`` with ``--log`` goes on with a run stopped early: seeds
+whose verdicts the log holds are counted, not run again.  Workers share JAX's persistent compilation cache for the run
 (``--compile-cache``).  Run from the repository root.
 """
 from __future__ import annotations
@@ -143,15 +144,38 @@ def summary(results: list[dict]) -> dict:
     }
 
 
+def logged_verdicts(path: str, seeds) -> dict:
+    """The verdicts a ``--log`` file already holds for ``seeds`` (the last one of a seed
+    logged twice).  A line cut short by a killed run is skipped: that seed runs again."""
+    wanted, found = set(seeds), {}
+    with open(path) as f:
+        for line in f:
+            try:
+                v = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(v, dict) and v.get("seed") in wanted:
+                found[v["seed"]] = v
+    return found
+
+
+def _last_byte(path: str) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
 def fuzz(start: int, programs: int, jobs: int = 1, size: int = 1, timeout: float = 300.0,
          modes=harness.MODES, verbose: bool = True, log=None,
-         compile_cache: str | None = None, exact: bool = False) -> list[dict]:
+         compile_cache: str | None = None, exact: bool = False, done=None) -> list[dict]:
     """Verdicts of seeds start .. start+programs-1; each is also written to ``log`` (an open
     text file, one JSON line a verdict) as it arrives, so a long run stopped early keeps
-    what it found."""
-    seeds = list(range(start, start + programs))
+    what it found.  ``done``: verdicts already found (seed -> verdict, ``--resume``); those
+    seeds are not run again and their verdicts are part of the result."""
+    done = done or {}
+    seeds = [s for s in range(start, start + programs) if s not in done]
     batches = [seeds[i::jobs] for i in range(jobs)]
-    results: list[dict] = []
+    results: list[dict] = list(done.values())
     lock = threading.Lock()
 
     def report(v):
@@ -218,6 +242,9 @@ def main(argv=None):
     ap.add_argument("--json", help="write every verdict to this file")
     ap.add_argument("--log", help="append each verdict to this file as a JSON line when it arrives")
     ap.add_argument("--summarize", help="print the counts of a --log file (a run stopped early) and exit")
+    ap.add_argument("--resume", action="store_true",
+                    help="with --log: seeds of this run already in the log are not run again, "
+                         "and the counts cover them (a long run stopped early goes on)")
     ap.add_argument("--compile-cache", default="run",
                     help="JAX persistent compilation cache the workers share: 'run' (a temporary "
                          "folder for this run, the default), a folder to keep, or 'off'")
@@ -243,19 +270,28 @@ def main(argv=None):
                          args.exact), end="")
         return 0
     t0 = time.time()
+    if args.resume and not args.log:
+        ap.error("--resume needs --log (the file holding the verdicts found so far)")
+    done = logged_verdicts(args.log, range(args.seed, args.seed + args.programs)) \
+        if args.resume and os.path.exists(args.log) else {}
+    if done:
+        print(f"resuming: {len(done)} of {args.programs} programs already in {args.log}", flush=True)
     log = open(args.log, "a") if args.log else None
+    if log is not None and log.tell() and _last_byte(args.log) != b"\n":
+        log.write("\n")  # a killed run's line cut short: the next verdict starts a line
     cache = None if args.compile_cache == "off" else \
         tempfile.mkdtemp(prefix="fuzz-jax-cache-") if args.compile_cache == "run" else args.compile_cache
     try:
         results = fuzz(args.seed, args.programs, args.jobs, args.size, args.timeout, modes, log=log,
-                       compile_cache=cache, exact=args.exact)
+                       compile_cache=cache, exact=args.exact, done=done)
     finally:
         if log is not None:
             log.close()
         if cache and args.compile_cache == "run":
             shutil.rmtree(cache, ignore_errors=True)
     s = summary(results)
-    s["wall_seconds"] = round(time.time() - t0, 1)
+    s["wall_seconds"] = round(time.time() - t0, 1)  # this invocation's: a resumed run's pieces add up
+    s["resumed"] = len(done)
     s["command"] = "python -m tests.fuzz " + " ".join(sys.argv[1:] if argv is None else argv)
     print(json.dumps(s, indent=1))
     if args.json:
