@@ -901,6 +901,42 @@ def test_branch_on_value_inside_grad():
     assert stats()["divergences"] >= 1
 
 
+def make_device_get_step(log):
+    """``jax.device_get`` of a pytree holding this iteration's values, a PRNG key, a Python
+    number and a string: NumPy arrays (read-only, as eager JAX gives them), in the same
+    structure; the host copies are then used as a program would (pickled, copied, mutated)."""
+    import pickle
+
+    def step(w, key):
+        key, sub = jax.random.split(key)
+        w = w * 1.5 + jax.random.normal(sub, w.shape) * 0.01
+        host = jax.device_get({"w": w, "mean": w.mean(), "key": key, "n": 3, "s": "tag"})
+        one = jax.device_get(w[0])
+        log.append((sorted(host), type(host["w"]).__name__, host["w"].flags.writeable,
+                    type(host["mean"]).__name__, type(host["key"]).__name__,
+                    type(one).__name__, host["n"], host["s"]))
+        copy = np.array(host["w"])
+        copy[0] += 1.0
+        log.append((pickle.loads(pickle.dumps(host))["w"].tolist(), copy.tolist(), float(one)))
+        return w, key
+    return step
+
+
+def test_device_get_of_this_iterations_values_gives_numpy_arrays():
+    start = (jnp.ones(3), jax.random.PRNGKey(0))
+    out = eager_and_terra(make_device_get_step, lambda step: chain(lambda s, _: step(*s), start, range(N)))
+    (want, log_e), (got, log_t) = out["eager"], out["terra"]
+    assert log_e[0][1] == "ndarray"
+    assert [e[:1] + e[1:] for e in log_t[::2]] == log_e[::2]  # types and structure: exact
+    for (w_t, c_t, o_t), (w_e, c_e, o_e) in zip(log_t[1::2], log_e[1::2]):
+        np.testing.assert_allclose(w_t, w_e, rtol=RTOL)
+        np.testing.assert_allclose(c_t, c_e, rtol=RTOL)
+        np.testing.assert_allclose(o_t, o_e, rtol=RTOL)
+    assert_close(got, want, "w, key")
+    s = stats()
+    assert s["iterations_coexecuted"] >= N - 3 and s["eager_fallbacks"] == 0, s
+
+
 # ----------------------------------------------------------------------------- 14. helpers
 
 def dense(x, w, b):

@@ -19,7 +19,7 @@ from ..counters import counts
 from ..jaxpr_builder import ArrayImpl, Id
 from . import autodiff, discovery, guards
 from .context import EAGER, current, leaving, thread
-from .placeholders import AT_METHODS, METHODS, eager
+from .placeholders import AT_METHODS, METHODS, Placeholder, eager
 from .settings import MEMO_IDLE_TURNS
 from .trace_rules import calls_given_function, code_of, grad_spec, is_api_wrapper, is_dl_op
 from .values import is_array
@@ -38,6 +38,10 @@ def on_site(site, callee, *args, **kwargs):
         if args and calls_given_function(callee):
             return _with_routed_function(callee, args, kwargs)
         it = current()
+        if callee is jax.device_get:  # (not an op: a fetch of each placeholder)
+            if it is None or it.opaque_depth or len(args) != 1 or kwargs:
+                return callee(*args, **kwargs)
+            return device_get(args[0])
         if it is None:  # outside any iteration: values from past iterations are concrete
             discovery.mark_caller(sys._getframe(1).f_code)
             counts["ops_eager"] += 1
@@ -76,6 +80,16 @@ def on_site(site, callee, *args, **kwargs):
     except BaseException as error:
         leaving(error)  # (an interrupt may have cut a step of the iteration short)
         raise
+
+
+def device_get(tree):
+    """``jax.device_get(tree)`` inside an iteration: each placeholder is fetched and handed to
+    JAX's own device_get (a NumPy array, as eagerly), in tree order.  JAX's device_get
+    returns a tracer as it is, and a placeholder is one to JAX: the program got the
+    placeholder back, not the NumPy array eager JAX gives."""
+    return jax.tree_util.tree_map(
+        lambda x: x._fetch("device_get", jax.device_get) if isinstance(x, Placeholder)
+        else jax.device_get(x), tree)
 
 
 def _array_methods():

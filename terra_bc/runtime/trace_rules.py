@@ -25,13 +25,14 @@ JAX_DIRS = (os.path.dirname(jax.__file__) + os.sep,)
 METADATA_FUNCTIONS = frozenset({"result_type", "promote_types", "can_cast", "issubdtype",
                                 "isdtype", "isrealobj", "iscomplexobj", "typeof"})
 # JAX functions that are Python-level utilities, not ops: tree_map(f, ...) must run f as
-# the iteration's own code (its ops are events), block_until_ready/device_get fetch.
+# the iteration's own code (its ops are events), block_until_ready fetches.  (device_get is
+# routed: JAX's own returns a tracer, and so a placeholder, as it is: dispatch.device_get.)
 NOT_OPS_FILES = (os.sep + "tree_util.py", os.sep + "tree.py")
 # JAX's configuration (jax.config.update, the State objects behind jax.enable_x64(...),
 # jax.default_device(...)): not ops; a change the program makes while an iteration is open
 # is watched where JAX makes it (tools.before_change).
 CONFIG_FILE, CONFIG_MODULE = os.sep + os.path.join("_src", "config.py"), "jax._src.config"
-NOT_OPS_NAMES = frozenset({"block_until_ready", "device_get"}) | METADATA_FUNCTIONS
+NOT_OPS_NAMES = frozenset({"block_until_ready"}) | METADATA_FUNCTIONS
 # Pytree utilities that call a function they are given (jax.tree.map(jnp.sum, grads)):
 # routed, so that such a function, when it is a DL op, is called as an op of the iteration
 # (JAX's own code, which calls it, is not rewritten).  See dispatch.on_site.
