@@ -419,8 +419,36 @@ class _RecordingTrace(Trace):
                 atoms.append(_Const(x))
         return vals, tuple(atoms)
 
+    def on_constants(self, xs) -> bool:
+        """Outside any op of the iteration, does a primitive on ``xs`` read no recorded
+        value (``x[:, None]`` on an array from outside the unit: JAX's own operator, which
+        no call site routes)?  It then runs as eager JAX runs it and gives a plain array, as
+        it does in co-execution, where no recording is current: a recorded tracer there made
+        the operators that follow JAX's (not ops of the iteration) in the traced iteration
+        only, so its co-executed turns left the path at once (a divergence and a second
+        trace for every unit computing on its constants), and leaked to the program."""
+        if self.in_op:
+            return False
+        for x in xs:
+            if type(x) is not RecTracer and isinstance(x, Tracer) and hasattr(x, "full_lower"):
+                x = x.full_lower()
+            if type(x) is RecTracer and x._trace is self and not x.const:
+                return False
+        return True
+
+    def run_on_parent(self, prim, tracers, params):
+        """``prim`` on constants, under the parent trace (see on_constants)."""
+        vals, atoms = self.unwrap(tracers)
+        with set_current_trace(self.parent):
+            out = self.parent.process_primitive(prim, vals, params)
+        if is_eager_trace(self.parent):  # (it ran eagerly: JAX compiled it)
+            _warm_operation(prim, params, [_aval_of(a, self.avals) for a in atoms])
+        return out
+
     # -- Trace interface
     def process_primitive(self, prim, tracers, params, /):
+        if self.on_constants(tracers):
+            return self.run_on_parent(prim, tracers, params)
         if prim.name == "device_put" and _places(params):
             raise PlacementRefused("device_put to a device or sharding runs eagerly")
         const = False
@@ -537,6 +565,10 @@ class _RecordingTrace(Trace):
     def stage(self, tracers, bind):
         """Stage ``bind`` into a small jaxpr (JAX's own staging rule makes the one
         custom_jvp_call / custom_vjp_call equation), run it eagerly, record its equations."""
+        if self.on_constants(tracers):
+            vals, _ = self.unwrap(tracers)
+            with set_current_trace(self.parent):
+                return list(bind(vals))
         abstract = const = False
         if self.abstract():
             atoms, avals, graph = self.unwrap_abstract(tracers)

@@ -224,6 +224,37 @@ def test_operators_on_the_array_a_loop_starts_from_are_ops_of_its_turns():
     assert type(plain) is type(jnp.ones(3)) and float(jnp.sum(plain)) == 9.0
 
 
+def test_indexing_and_numpy_calls_on_arrays_from_outside_keep_one_path():
+    """JAX work on arrays from outside the loop that no call site routes — ``X[:, None]``
+    (indexing an array is JAX's own operator), ``np.sum(x)`` (NumPy calls the array's
+    method) — gives a plain array in the traced turn as in co-executed ones: one path, no
+    divergence, and the program never holds one of terra_bc's recording tracers.  (It made
+    the operators that follow ops of co-executed turns only: every such loop left its path
+    at its second turn and was traced again.)"""
+    def run():
+        X = jnp.arange(5.0)
+        ls, out, kinds = jnp.array(0.5), [], []
+        for step in range(10):
+            d2 = (X[:, None] - X[None]) ** 2
+            total = np.sum(X * 2.0)
+            kinds.append(type(np.sum(X)).__name__)
+            K = jnp.exp(-0.5 * d2 / ls ** 2)
+            ls = ls + 0.01 * K.mean() + 0.001 * total
+            out.append(float(ls))
+        return out, kinds
+
+    want = run()
+    terra_bc.reset()
+    got = hooked(run)
+    np.testing.assert_allclose(got[0], want[0], rtol=RTOL, atol=ATOL)
+    assert got[1] == want[1], got[1]  # (jax.Array's own type, in every turn)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 8 and stats["eager_fallbacks"] == 0, stats
+    # (the first turn starts from the array made before the loop, later turns from a
+    # turn's value: that one change of ``ls`` is the only divergence there is)
+    assert stats["divergences"] <= 1 and stats["paths_recorded"] <= 2, stats
+
+
 def test_np_array_of_a_value_is_a_writable_copy_as_of_a_jax_array():
     def run():
         v = jnp.zeros(3)
