@@ -255,6 +255,32 @@ def test_indexing_and_numpy_calls_on_arrays_from_outside_keep_one_path():
     assert stats["divergences"] <= 1 and stats["paths_recorded"] <= 2, stats
 
 
+def test_a_table_from_outside_indexed_by_this_turns_value_is_an_op():
+    """``E[tok]`` and ``E[:, idx]``: an array made before the loop indexed by a value of
+    the turn (an embedding lookup by the token just chosen) is an op of the turn, as
+    indexing a placeholder is; JAX's own indexing read the placeholder's value, and the
+    loop ran eagerly ("JAX code outside the recorded ops used a value")."""
+    def run():
+        E = jax.random.normal(jax.random.PRNGKey(3), (10, 4))
+        tok, h, out = jnp.array(1), jnp.zeros(4), []
+        for step in range(10):
+            row = E[tok]
+            col = E[:, jnp.argmax(h) % 4]
+            pair = E[(tok, jnp.array(2))]
+            h = jnp.tanh(h + row + 0.1 * col[:4] + pair)
+            tok = jnp.argmax(E @ h) % 10
+            out.append(float(h.sum()))
+        return out, int(tok)
+
+    want = run()
+    terra_bc.reset()
+    got = hooked(run)
+    np.testing.assert_allclose(got[0], want[0], rtol=RTOL, atol=ATOL)
+    assert got[1] == want[1]
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 8 and stats["eager_fallbacks"] == 0, stats
+
+
 def test_np_array_of_a_value_is_a_writable_copy_as_of_a_jax_array():
     def run():
         v = jnp.zeros(3)

@@ -23,6 +23,7 @@ from ..jaxpr_builder import (ArrayImpl, Recorder, RecTracer, evaluate_segment, s
                              several_devices)
 from ..counters import counts
 from .context import EAGER, current, leaving
+from .trace_rules import is_jax_code
 
 
 class _StandIn(jax.core.Trace):
@@ -327,7 +328,9 @@ def route_array_operators(cls):
     an iteration are ops of it, as a placeholder's are: ``0.9 * mu`` is then one event
     whether ``mu`` is the array a loop's first turn starts from or a past iteration's
     placeholder (which hands its operators to its value), recorded and skipped like any
-    op.  Left to JAX, such an operator ran eagerly at every turn, its result fed to the
+    op.  Not where JAX's own code calls it (its indexing computes ``i < 0`` on an index
+    it was given): there it is part of that JAX call, which runs as a whole (an op, or work
+    on constants), and a placeholder handed back into JAX's code made the unit run eagerly.  Left to JAX, such an operator ran eagerly at every turn, its result fed to the
     graph (an optimizer's moments: a sixth of an optax step).  Outside an iteration, inside
     an op JAX runs (``opaque_depth``: JAX's own code on arrays) or in an iteration run
     eagerly, the operator is JAX's, unchanged."""
@@ -336,17 +339,43 @@ def route_array_operators(cls):
         if own is None or getattr(own, "_terra_bc_routed", False):
             continue
         setattr(cls, name, _routed(fn, own))
+    own = getattr(cls, "__getitem__", None)
+    if own is not None and not getattr(own, "_terra_bc_routed", False):
+        setattr(cls, "__getitem__", _routed_getitem(own))
 
 
 def _routed(fn, own):
     def operator_method(self, *args):
         it = current()
-        if it is None or it.opaque_depth or it.mode == EAGER:
+        if it is None or it.opaque_depth or it.mode == EAGER or is_jax_code(sys._getframe(1).f_code):
             return own(self, *args)
         return it.op(fn, (self,) + args, {})
     operator_method.__name__ = operator_method.__qualname__ = own.__name__
     operator_method._terra_bc_routed = True
     return _hook.Unseen(operator_method)
+
+
+def _routed_getitem(own):
+    """``table[i]`` on a concrete array, where the index holds a placeholder (an embedding
+    row looked up by this iteration's token): an op of the iteration, as ``placeholder[i]``
+    is.  Left to JAX, its indexing read the placeholder's value, so the unit ran eagerly.
+    An index of plain Python values and arrays stays JAX's own: work on constants
+    (``X[:, None]``, ``betas[i]`` with a changing ``i``: fed to what uses it, not guarded)."""
+    def getitem(self, index):
+        it = current()
+        if it is None or it.opaque_depth or it.mode == EAGER or not _holds_placeholder(index) \
+                or is_jax_code(sys._getframe(1).f_code):
+            return own(self, index)
+        return it.op(operator.getitem, (self, index), {})
+    getitem.__name__ = getitem.__qualname__ = "__getitem__"
+    getitem._terra_bc_routed = True
+    return _hook.Unseen(getitem)
+
+
+def _holds_placeholder(index):
+    if isinstance(index, Placeholder):
+        return True
+    return type(index) in (tuple, list) and any(isinstance(i, Placeholder) for i in index)
 
 
 for _cls in (Placeholder, _At, _AtIndex):

@@ -48,6 +48,11 @@ TRANSPARENT_WRAPPERS = frozenset({("traceback_util.py", API_WRAPPER),
                                   ("source_info_util.py", "wrapper")})
 
 
+def is_jax_code(code):
+    """Is ``code`` JAX's own (its implementation: never the program's, never rewritten)?"""
+    return code.co_filename.startswith(JAX_DIRS)
+
+
 def is_dl_op(callee):
     """Does a call of ``callee`` compute on arrays with JAX (and so belong to the graph)?"""
     try:
