@@ -43,6 +43,12 @@ Harder variants (issue 12: the four above are too kind to whole runs):
                    tokens: more cache lengths, each seen fewer times.  Aim >= 0.95x eager.
 (g) dynamic_shapes_hard  (c) with 1,024 anchors and a threshold Python draws each step from
                    [0.55, 0.75]: far wider spread of kept-box counts.  Aim >= 0.95x eager.
+(h) tables         a small denoising-diffusion training step that reads arrays made before
+                   it: the noise schedule indexed by NumPy-drawn timesteps
+                   (``alphas_bar[t]``), a sinusoidal time-embedding table, a class-embedding
+                   row looked up by a label the step computes (``E[argmax]``), pairwise
+                   distances of fixed anchor points (``A[:, None] - A[None]``); Adam in
+                   plain jnp, ``float(loss)`` every step.  Aim >= 3x eager.
 
 Checks, at the end of the race (every mode ran the same steps from the same seeds): values
 (parameters, outputs) must agree with eager's to max |got - want| / max |want| <= 1e-4 per
@@ -334,6 +340,54 @@ def make_tree(wrap, seed=0, V=50, D=64, C=5, lr=0.05, n_trees=6, depth=5):
     return run, lambda: (st["p"], st["loss"]), lambda: (st["p"], st["loss"]), log
 
 
+def make_tables(wrap, seed=0, T=100, B=64, D=2, H=128, E=16, K=8, lr=2e-3):
+    """(h) Work on arrays made before the step, indexed by values of the step: what a
+    diffusion model's training step does with its noise schedule and embedding tables."""
+    r = np.random.default_rng(800)
+    betas = jnp.linspace(1e-4, 0.02, T)
+    alphas_bar = jnp.cumprod(1.0 - betas)
+    freqs = jnp.exp(-jnp.arange(E // 2) * (math.log(1000.0) / (E // 2)))
+    t_table = jnp.concatenate([jnp.sin(jnp.arange(T)[:, None] * freqs),
+                               jnp.cos(jnp.arange(T)[:, None] * freqs)], axis=1)
+    anchors = normal(r, (K, D))
+    params = {"W1": glorot(r, D + E + K, H), "b1": jnp.zeros((H,)), "W2": glorot(r, H, H),
+              "b2": jnp.zeros((H,)), "W3": glorot(r, H, D), "cls": normal(r, (K, E), 0.1)}
+    data, log = np.random.default_rng(seed), []
+    adam = {"m": jax.tree_util.tree_map(jnp.zeros_like, params),
+            "v": jax.tree_util.tree_map(jnp.zeros_like, params), "n": 0}
+
+    def model(p, xt, t, cls):
+        d2 = jnp.sum((anchors[:, None] - anchors[None]) ** 2, -1)        # constants
+        near = jnp.exp(-jnp.sum((xt[:, None] - anchors[None]) ** 2, -1) / d2.mean())
+        h = jnp.concatenate([xt, t_table[t] + p["cls"][cls], near], 1)
+        h = jax.nn.silu(h @ p["W1"] + p["b1"])
+        h = jax.nn.silu(h @ p["W2"] + p["b2"])
+        return h @ p["W3"]
+
+    def step(p, m, v, n, x0, t, eps):
+        ab = alphas_bar[t][:, None]
+        xt = jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * eps
+        cls = jnp.argmin(jnp.sum((x0[:, None] - anchors[None]) ** 2, -1), 1)
+        loss, g = jax.value_and_grad(lambda p: jnp.mean((model(p, xt, t, cls) - eps) ** 2))(p)
+        m = {k: 0.9 * m[k] + 0.1 * g[k] for k in p}
+        v = {k: 0.999 * v[k] + 0.001 * g[k] ** 2 for k in p}
+        c1, c2 = 1 - 0.9 ** n, 1 - 0.999 ** n
+        p = {k: p[k] - lr * (m[k] / c1) / (jnp.sqrt(v[k] / c2) + 1e-8) for k in p}
+        log.append(float(loss))
+        return p, m, v, loss
+
+    st = {"p": params, "loss": None}
+
+    def run(i, f=wrap(step)):
+        x0 = (data.standard_normal((B, D)) * np.array([1.0, 0.3])).astype(np.float32)
+        t = data.integers(0, T, B)
+        eps = data.standard_normal((B, D)).astype(np.float32)
+        adam["n"] += 1
+        st["p"], adam["m"], adam["v"], st["loss"] = f(st["p"], adam["m"], adam["v"], adam["n"],
+                                                      x0, t, eps)
+    return run, lambda: (st["p"], st["loss"]), lambda: (st["p"], st["loss"]), log
+
+
 def make_greedy_decode_long(wrap, seed=0, unit="step"):
     """(f) greedy_decode, harder: 40 distinct prompts (no prompt repeats within 40 steps), a
     3-layer decoder of width 96, up to 64 new tokens: more KV-cache lengths, each seen
@@ -454,6 +508,7 @@ PROGRAMS = {
         make_greedy_decode_long, {"terra_bc": {}}, a, scale=4, prewarm=True)),
     "g": ("dynamic_shapes_hard", 0.95,
           lambda a: bench(make_dynamic_shapes_hard, {"terra_bc": {}}, a, prewarm=True)),
+    "h": ("tables", 3.0, lambda a: bench(make_tables, {"terra_bc": {}}, a)),
 }
 
 

@@ -17,6 +17,8 @@ Programs (small, so eager time is per-op dispatch and compiling, as in real smal
              control.py's harder variants: a TreeRNN over 6 random trees; 40 distinct
              prompts decoded by a bigger model; 1,024 anchors and a threshold drawn by Python
              each step.
+  tables     control.py's diffusion-like step indexing arrays made before it (its noise
+             schedule by NumPy timesteps, embedding tables by values of the step).
 
 Modes, each a fresh process (``--child``):
 
@@ -53,7 +55,7 @@ PROGRAMS = {"mlp": ("eager", "jit", "jit_warm", "terra_bc", "terra_bc_eager", "t
             "mlp_fetch": ("eager", "terra_bc", "terra_bc_eager", "terra_bc_warm")}
 # benchmarks/control.py's programs, whole: each benchmark step is one step of the program
 CONTROL = ("paths", "adaptive_lr", "dynamic_shapes", "greedy_decode", "tree",
-           "greedy_decode_long", "dynamic_shapes_hard")
+           "greedy_decode_long", "dynamic_shapes_hard", "tables")
 PROGRAMS.update({p: ("eager", "terra_bc", "terra_bc_eager") for p in CONTROL})
 SHOWN = 6      # first iterations in the table
 RTOL = 1e-4
