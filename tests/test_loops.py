@@ -281,6 +281,36 @@ def test_a_table_from_outside_indexed_by_this_turns_value_is_an_op():
     assert stats["iterations_coexecuted"] >= 8 and stats["eager_fallbacks"] == 0, stats
 
 
+def test_operators_called_by_jax_code_on_arrays_and_placeholders():
+    """``jax.tree.map(operator.sub, arrays, values)``: JAX's code calls the operator; with a
+    value of the turn among its operands it is an op of the turn, on constants alone it is
+    JAX's work on constants (and ``E[jnp.array(2)]``: JAX's indexing compares the index
+    with 0 on its own)."""
+    import operator
+
+    def run():
+        a = {"x": jnp.ones(3), "y": jnp.zeros(2)}
+        p = {"x": jnp.ones(3), "y": jnp.ones(2)}
+        E = jnp.arange(12.0).reshape(4, 3)
+        out = []
+        for step in range(8):
+            p = jax.tree.map(lambda t: jnp.tanh(t) * 1.5, p)
+            d = jax.tree.map(operator.sub, a, p)
+            e = jax.tree.map(operator.mul, a, a)
+            p = jax.tree.map(operator.add, p, d)
+            r = E[jnp.array(2)] + E[1]
+            out.append((float(p["x"].sum()), float(e["x"].sum()), float(r.sum())))
+        return out
+
+    want = run()
+    terra_bc.reset()
+    got = hooked(run)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 6 and stats["eager_fallbacks"] == 0, stats
+    assert stats["divergences"] <= 1, stats
+
+
 def test_np_array_of_a_value_is_a_writable_copy_as_of_a_jax_array():
     def run():
         v = jnp.zeros(3)

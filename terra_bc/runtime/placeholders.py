@@ -328,9 +328,11 @@ def route_array_operators(cls):
     an iteration are ops of it, as a placeholder's are: ``0.9 * mu`` is then one event
     whether ``mu`` is the array a loop's first turn starts from or a past iteration's
     placeholder (which hands its operators to its value), recorded and skipped like any
-    op.  Not where JAX's own code calls it (its indexing computes ``i < 0`` on an index
-    it was given): there it is part of that JAX call, which runs as a whole (an op, or work
-    on constants), and a placeholder handed back into JAX's code made the unit run eagerly.  Left to JAX, such an operator ran eagerly at every turn, its result fed to the
+    op.  Not where JAX's own code calls it on constants (its indexing computes ``i < 0``
+    on an index it was given): there it is part of that JAX call, which runs as a whole
+    (work on constants), and a placeholder handed back into JAX's code made the unit run
+    eagerly.  With a placeholder operand (``jax.tree.map(operator.sub, arrays,
+    placeholders)``: JAX's code calls it) it is an op, as before.  Left to JAX, such an operator ran eagerly at every turn, its result fed to the
     graph (an optimizer's moments: a sixth of an optax step).  Outside an iteration, inside
     an op JAX runs (``opaque_depth``: JAX's own code on arrays) or in an iteration run
     eagerly, the operator is JAX's, unchanged."""
@@ -347,7 +349,8 @@ def route_array_operators(cls):
 def _routed(fn, own):
     def operator_method(self, *args):
         it = current()
-        if it is None or it.opaque_depth or it.mode == EAGER or is_jax_code(sys._getframe(1).f_code):
+        if it is None or it.opaque_depth or it.mode == EAGER or (
+                is_jax_code(sys._getframe(1).f_code) and not _any_placeholder(args)):
             return own(self, *args)
         return it.op(fn, (self,) + args, {})
     operator_method.__name__ = operator_method.__qualname__ = own.__name__
@@ -363,13 +366,16 @@ def _routed_getitem(own):
     (``X[:, None]``, ``betas[i]`` with a changing ``i``: fed to what uses it, not guarded)."""
     def getitem(self, index):
         it = current()
-        if it is None or it.opaque_depth or it.mode == EAGER or not _holds_placeholder(index) \
-                or is_jax_code(sys._getframe(1).f_code):
+        if it is None or it.opaque_depth or it.mode == EAGER or not _holds_placeholder(index):
             return own(self, index)
         return it.op(operator.getitem, (self, index), {})
     getitem.__name__ = getitem.__qualname__ = "__getitem__"
     getitem._terra_bc_routed = True
     return _hook.Unseen(getitem)
+
+
+def _any_placeholder(args):
+    return any(isinstance(a, Placeholder) for a in args)
 
 
 def _holds_placeholder(index):
