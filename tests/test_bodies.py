@@ -53,6 +53,35 @@ def test_control_flow_given_a_new_function_reads_state_as_eager_does():
     assert got == want
 
 
+def numbers_in_fresh_branches(steps):
+    rs = np.random.RandomState(1)
+    w, lr, out = jnp.array([0.5, -1.0, 2.0]), 0.1, []
+    for step in range(steps):
+        k = step % 3
+        y = jax.lax.switch(k, [lambda v: v * lr, lambda v: jnp.sin(v) + lr, lambda v: v * 0 + 2.5], w)
+        z = jax.lax.cond(y.sum() > 0, lambda v: v - rs.uniform() * lr, lambda v: v + 1.0, y)
+        g = jax.grad(lambda w: jax.lax.cond(w.sum() > 0, lambda v: (v * lr) ** 2,
+                                            lambda v: v * 0.5, w).sum())(w)
+        w = w - 0.1 * (z + g)
+        lr *= 0.9
+        out.append((float(y.sum()), float(z.sum()), float(w.sum())))
+    return out
+
+
+def test_numbers_in_fresh_branches_are_fed_not_compared():
+    """``lax.switch``/``cond`` of lambdas over a learning rate that changes every call (a
+    NumPy draw in a branch, a branch returning a constant, a cond inside ``jax.grad``): the
+    numbers in the branches are fed to the op like those of a traced body's own equations,
+    so the unit keeps its paths; before, each call's new number was a new path, and the
+    unit ran eagerly after a few."""
+    steps = 3 * STEPS
+    want, got = on_and_off(numbers_in_fresh_branches, steps)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    stats = terra_bc.stats()
+    assert stats["eager_fallbacks"] == 0 and stats["iterations_coexecuted"] >= steps - 6, stats
+    assert stats["divergences"] <= 4, stats  # (switch's three branches, cond's two: paths, not numbers)
+
+
 def state_in_cached_scan(steps):
     cfg, x, out = {"s": 2.0}, jnp.ones(4), []
 

@@ -135,7 +135,9 @@ def op(it, fn, args, kwargs):
 def _lifted(closed):
     """(jaxpr, constants) of a closed jaxpr whose literals (its equations' scalar
     constants: ``x * cfg["s"]``, a NumPy scalar drawn in the body) are constants too, so
-    that they are fed, not compared: a body that draws a number at every call is one op."""
+    that they are fed, not compared: a body that draws a number at every call is one op.
+    So are those of a ``cond``'s branches (``lax.cond``/``switch`` of lambdas over a
+    learning rate that changes every call: ``_branch_literals_lifted``)."""
     jaxpr, values, lifted = closed.jaxpr, [], []
 
     def lift(v):
@@ -144,12 +146,62 @@ def _lifted(closed):
         values.append(_device_literal(v.val))
         lifted.append(Var(v.aval))
         return lifted[-1]
-    eqns = [eqn.replace(invars=[lift(v) for v in eqn.invars]) for eqn in jaxpr.eqns]
+
+    def outer(value, aval):
+        values.append(_device_literal(value))
+        lifted.append(Var(aval))
+        return lifted[-1]
+    eqns = [_branch_literals_lifted(eqn, outer) if eqn.primitive.name == "cond" else eqn
+            for eqn in jaxpr.eqns]
+    eqns = [eqn.replace(invars=[lift(v) for v in eqn.invars]) for eqn in eqns]
     outvars = [lift(v) for v in jaxpr.outvars]
     if not lifted:
         return jaxpr, list(closed.consts)
     jaxpr = jaxpr.replace(constvars=lifted + list(jaxpr.constvars), eqns=eqns, outvars=outvars)
     return jaxpr, values + list(closed.consts)
+
+
+def _branch_literals_lifted(eqn, outer):
+    """``cond`` equation ``eqn`` with the literals of its branches' own equations taken out
+    as operands: every branch gets every branch's lifted values as leading inputs (a
+    ``cond``'s branches take the same inputs) and uses its own; ``outer(value, aval)``
+    gives the outer variable each value is fed through.  Nested control flow inside a
+    branch keeps its literals (compared by value)."""
+    branches = eqn.params["branches"]
+    pieces = []
+    for branch in branches:
+        vals, new_vars = [], []
+
+        def lift(v, vals=vals, new_vars=new_vars):
+            if not isinstance(v, Literal):
+                return v
+            vals.append(v.val)
+            new_vars.append(Var(v.aval))
+            return new_vars[-1]
+        eqns = [e.replace(invars=[lift(v) for v in e.invars]) for e in branch.jaxpr.eqns]
+        pieces.append((vals, new_vars, eqns, [lift(v) for v in branch.jaxpr.outvars]))
+    if not any(vals for vals, *_ in pieces):
+        return eqn
+    new_branches = []
+    for k, (branch, (_, own, eqns, outvars)) in enumerate(zip(branches, pieces)):
+        leading = []
+        for j, (_, new_vars, _, _) in enumerate(pieces):
+            leading += own if j == k else [Var(v.aval) for v in new_vars]
+        jaxpr = branch.jaxpr.replace(invars=leading + list(branch.jaxpr.invars), eqns=eqns,
+                                     outvars=outvars,
+                                     debug_info=_with_leading_args(branch.jaxpr.debug_info, len(leading)))
+        new_branches.append(ClosedJaxpr(jaxpr, branch.consts))
+    fed = [outer(val, var.aval) for vals, new_vars, _, _ in pieces for val, var in zip(vals, new_vars)]
+    return eqn.replace(invars=[eqn.invars[0]] + fed + list(eqn.invars[1:]),
+                       params=dict(eqn.params, branches=tuple(new_branches)))
+
+
+def _with_leading_args(debug_info, n):
+    """JAX's debug info of a jaxpr given ``n`` more leading inputs (it names each input)."""
+    names = getattr(debug_info, "arg_names", None)
+    if names is None or not hasattr(debug_info, "_replace"):
+        return debug_info
+    return debug_info._replace(arg_names=("lifted",) * n + tuple(names))
 
 
 def _traced(it, call, inputs):
