@@ -9,7 +9,7 @@ import pathlib
 import terra_bc.runtime
 
 RUNTIME = pathlib.Path(terra_bc.runtime.__file__).parent
-ORDER = ["settings", "context", "placeholders", "values", "trace_rules", "events", "guards", "bodies",
+ORDER = ["settings", "context", "trace_rules", "placeholders", "values", "events", "guards", "bodies",
          "paths", "journal", "timeline", "pacing", "compiling", "launching", "coexecution", "tracing",
          "iteration", "autodiff", "units",
          "discovery", "dispatch", "tools", "report", "diff", "explain"]

@@ -4,9 +4,9 @@ One module per concern; each imports only those above it in this list:
 
   settings      limits and their environment variables
   context       the thread's open iteration (stored once, in C), modes
+  trace_rules   which callees are DL ops; what JAX's wrappers hold
   placeholders  Placeholder and its operators; eager ops on concrete values
   values        array tests, avals, fed numbers, a unit's arguments and result
-  trace_rules   which callees are DL ops; what JAX's wrappers hold
   events        typed records: input/output specs, one event class per kind
   guards        callee keys, matching, the C fast path's spec, changed numbers
   bodies        vmap / lax control-flow bodies traced by JAX again at a call, as eager does
