@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fuzz import harness
-from fuzz.__main__ import logged_verdicts, main, run_batch, summary
+from fuzz.__main__ import logged_verdicts, main, read_log, run_batch, summary
 from fuzz.generator import generate
 from fuzz.shrink import bodies, shrink
 
@@ -94,6 +94,9 @@ def test_a_resumed_run_runs_only_the_seeds_its_log_lacks(tmp_path):
     assert verdicts["verdicts"][1]["status"] == "ok"
     logged = [json.loads(line) for line in log.read_text().splitlines()[2:]]
     assert [v["seed"] for v in logged] == [first + 1]  # only the missing seed ran
+    # --summarize reads the same log, the line cut short skipped
+    assert [v["seed"] for v in read_log(str(log))] == [first, first + 1]
+    assert main(["--summarize", str(log)]) == 0
 
 
 def test_unaltered_program_is_ok():

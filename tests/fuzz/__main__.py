@@ -9,8 +9,8 @@ program and the batch goes on in a fresh worker.  With ``--shrink`` each failure
 to a small reproducer written to ``--out`` (then copy it to tests/fuzz/regressions/).
 With ``--exact`` terra_bc's segments run op by op and every value must equal eager's to
 the bit (harness.py).  ``--resume`` with ``--log`` goes on with a run stopped early: seeds
-whose verdicts the log holds are counted, not run again.  Workers share JAX's persistent compilation cache for the run
-(``--compile-cache``).  Run from the repository root.
+whose verdicts the log holds are counted, not run again.  Workers share JAX's persistent
+compilation cache for the run (``--compile-cache``).  Run from the repository root.
 """
 from __future__ import annotations
 
@@ -144,19 +144,26 @@ def summary(results: list[dict]) -> dict:
     }
 
 
-def logged_verdicts(path: str, seeds) -> dict:
-    """The verdicts a ``--log`` file already holds for ``seeds`` (the last one of a seed
-    logged twice).  A line cut short by a killed run is skipped: that seed runs again."""
-    wanted, found = set(seeds), {}
+def read_log(path: str) -> list[dict]:
+    """The verdicts a ``--log`` file holds, in order; a line cut short by a killed run (or
+    an empty one) is skipped."""
+    verdicts = []
     with open(path) as f:
         for line in f:
             try:
                 v = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(v, dict) and v.get("seed") in wanted:
-                found[v["seed"]] = v
-    return found
+            if isinstance(v, dict) and "seed" in v:
+                verdicts.append(v)
+    return verdicts
+
+
+def logged_verdicts(path: str, seeds) -> dict:
+    """The verdicts a ``--log`` file already holds for ``seeds`` (the last one of a seed
+    logged twice).  A line cut short by a killed run is skipped: that seed runs again."""
+    wanted = set(seeds)
+    return {v["seed"]: v for v in read_log(path) if v["seed"] in wanted}
 
 
 def _last_byte(path: str) -> bytes:
@@ -259,8 +266,7 @@ def main(argv=None):
         print(generate(args.show, args.size, args.exact).source(), end="")
         return 0
     if args.summarize:
-        with open(args.summarize) as f:
-            print(json.dumps(summary([json.loads(line) for line in f if line.strip()]), indent=1))
+        print(json.dumps(summary(read_log(args.summarize)), indent=1))
         return 0
     if args.worker:
         worker([int(s) for s in args.seeds.split(",")], args.size, modes, args.exact)
