@@ -332,6 +332,13 @@ def _places(params):
 
 # ----------------------------------------------------------------------------- trace
 
+def _lowered(x):
+    """``x``, or the tracer a stand-in tracer of a later stage (a placeholder) lowers to."""
+    if type(x) is not RecTracer and isinstance(x, Tracer) and hasattr(x, "full_lower"):
+        return x.full_lower()
+    return x
+
+
 class _RecordingTrace(Trace):
     """Runs each primitive under ``parent`` and appends it to ``eqns``."""
 
@@ -391,9 +398,7 @@ class _RecordingTrace(Trace):
         JAX would: what uses it is fed its value.  Inside one (the zeros of a gradient) it
         is part of the op's recorded computation."""
         atoms, avals, graph = [], [], False
-        for x in xs:
-            if type(x) is not RecTracer and isinstance(x, Tracer) and hasattr(x, "full_lower"):
-                x = x.full_lower()
+        for x in map(_lowered, xs):
             if type(x) is RecTracer and x._trace is self:
                 atoms.append(x.id)
                 avals.append(x.aval)
@@ -406,9 +411,7 @@ class _RecordingTrace(Trace):
 
     def unwrap(self, xs):
         vals, atoms = [], []
-        for x in xs:
-            if type(x) is not RecTracer and isinstance(x, Tracer) and hasattr(x, "full_lower"):
-                x = x.full_lower()  # a stand-in tracer of a later stage (a placeholder)
+        for x in map(_lowered, xs):
             if type(x) is RecTracer and x._trace is self:
                 vals.append(x.val)
                 atoms.append(x.id)
@@ -429,16 +432,12 @@ class _RecordingTrace(Trace):
         trace for every unit computing on its constants), and leaked to the program."""
         if self.in_op:
             return False
-        for x in xs:
-            if type(x) is not RecTracer and isinstance(x, Tracer) and hasattr(x, "full_lower"):
-                x = x.full_lower()
-            if type(x) is RecTracer and x._trace is self and not x.const:
-                return False
-        return True
+        return not any(type(x) is RecTracer and x._trace is self and not x.const
+                       for x in map(_lowered, xs))
 
-    def run_on_parent(self, prim, tracers, params):
-        """``prim`` on constants, under the parent trace (see on_constants)."""
-        vals, atoms = self.unwrap(tracers)
+    def run_on_parent(self, prim, vals, atoms, params):
+        """``prim`` on ``vals`` (unwrapped: ``atoms`` name them) under the parent trace,
+        noting the operation as one eager JAX has compiled where the parent is eager."""
         with set_current_trace(self.parent):
             out = self.parent.process_primitive(prim, vals, params)
         if is_eager_trace(self.parent):  # (it ran eagerly: JAX compiled it)
@@ -448,7 +447,7 @@ class _RecordingTrace(Trace):
     # -- Trace interface
     def process_primitive(self, prim, tracers, params, /):
         if self.on_constants(tracers):
-            return self.run_on_parent(prim, tracers, params)
+            return self.run_on_parent(prim, *self.unwrap(tracers), params)
         if prim.name == "device_put" and _places(params):
             raise PlacementRefused("device_put to a device or sharding runs eagerly")
         const = False
@@ -468,10 +467,7 @@ class _RecordingTrace(Trace):
             # makes it again every iteration, so it is not the graph's: not recorded.
             with set_current_trace(parent):
                 return parent.process_primitive(prim, vals, params)
-        with set_current_trace(parent):
-            out = parent.process_primitive(prim, vals, params)
-        if is_eager_trace(parent):  # (it ran eagerly: JAX compiled it)
-            _warm_operation(prim, params, [_aval_of(a, self.avals) for a in atoms])
+        out = self.run_on_parent(prim, vals, atoms, params)
         if effects:
             self._note_effects(True)
         if prim.multiple_results:

@@ -140,21 +140,13 @@ def _lifted(closed):
     learning rate that changes every call: ``_branch_literals_lifted``)."""
     jaxpr, values, lifted = closed.jaxpr, [], []
 
-    def lift(v):
-        if not isinstance(v, Literal):
-            return v
-        values.append(_device_literal(v.val))
-        lifted.append(Var(v.aval))
-        return lifted[-1]
-
     def outer(value, aval):
         values.append(_device_literal(value))
         lifted.append(Var(aval))
         return lifted[-1]
     eqns = [_branch_literals_lifted(eqn, outer) if eqn.primitive.name == "cond" else eqn
             for eqn in jaxpr.eqns]
-    eqns = [eqn.replace(invars=[lift(v) for v in eqn.invars]) for eqn in eqns]
-    outvars = [lift(v) for v in jaxpr.outvars]
+    eqns, outvars = _without_literals(eqns, jaxpr.outvars, lambda v: outer(v.val, v.aval))
     if not lifted:
         return jaxpr, list(closed.consts)
     jaxpr = jaxpr.replace(constvars=lifted + list(jaxpr.constvars), eqns=eqns, outvars=outvars)
@@ -172,14 +164,12 @@ def _branch_literals_lifted(eqn, outer):
     for branch in branches:
         vals, new_vars = [], []
 
-        def lift(v, vals=vals, new_vars=new_vars):
-            if not isinstance(v, Literal):
-                return v
+        def take(v, vals=vals, new_vars=new_vars):
             vals.append(v.val)
             new_vars.append(Var(v.aval))
             return new_vars[-1]
-        eqns = [e.replace(invars=[lift(v) for v in e.invars]) for e in branch.jaxpr.eqns]
-        pieces.append((vals, new_vars, eqns, [lift(v) for v in branch.jaxpr.outvars]))
+        eqns, outvars = _without_literals(branch.jaxpr.eqns, branch.jaxpr.outvars, take)
+        pieces.append((vals, new_vars, eqns, outvars))
     if not any(vals for vals, *_ in pieces):
         return eqn
     new_branches = []
@@ -194,6 +184,14 @@ def _branch_literals_lifted(eqn, outer):
     fed = [outer(val, var.aval) for vals, new_vars, _, _ in pieces for val, var in zip(vals, new_vars)]
     return eqn.replace(invars=[eqn.invars[0]] + fed + list(eqn.invars[1:]),
                        params=dict(eqn.params, branches=tuple(new_branches)))
+
+
+def _without_literals(eqns, outvars, take):
+    """``eqns`` and ``outvars`` with each literal among their inputs and outputs replaced by
+    ``take(literal)`` (a variable that is fed its value)."""
+    def swap(v):
+        return take(v) if isinstance(v, Literal) else v
+    return [e.replace(invars=[swap(v) for v in e.invars]) for e in eqns], [swap(v) for v in outvars]
 
 
 def _with_leading_args(debug_info, n):

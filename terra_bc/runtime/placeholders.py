@@ -332,8 +332,9 @@ def route_array_operators(cls):
     on an index it was given): there it is part of that JAX call, which runs as a whole
     (work on constants), and a placeholder handed back into JAX's code made the unit run
     eagerly.  With a placeholder operand (``jax.tree.map(operator.sub, arrays,
-    placeholders)``: JAX's code calls it) it is an op, as before.  Left to JAX, such an operator ran eagerly at every turn, its result fed to the
-    graph (an optimizer's moments: a sixth of an optax step).  Outside an iteration, inside
+    placeholders)``: JAX's code calls it) it is an op, as before.  Left to JAX, such an
+    operator ran eagerly at every turn, its result fed to the graph (an optimizer's
+    moments: a sixth of an optax step).  Outside an iteration, inside
     an op JAX runs (``opaque_depth``: JAX's own code on arrays) or in an iteration run
     eagerly, the operator is JAX's, unchanged."""
     for name, fn in ARITHMETIC.items():
@@ -379,9 +380,7 @@ def _any_placeholder(args):
 
 
 def _holds_placeholder(index):
-    if isinstance(index, Placeholder):
-        return True
-    return type(index) in (tuple, list) and any(isinstance(i, Placeholder) for i in index)
+    return isinstance(index, Placeholder) or (type(index) in (tuple, list) and _any_placeholder(index))
 
 
 for _cls in (Placeholder, _At, _AtIndex):
