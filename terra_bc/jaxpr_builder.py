@@ -1554,6 +1554,28 @@ except ImportError:  # pragma: no cover
     _TRACE_TO_JAXPR = None
 
 
+try:  # JAX's partial evaluation, which libraries call themselves (flax's nn.scan)
+    from jax._src.interpreters.partial_eval import PartialVal
+    from jax._src.interpreters.partial_eval import convert_constvars_jaxpr as _constvars_as_inputs
+    from jax._src.interpreters.partial_eval import partial_eval_jaxpr_nounits as _split_jaxpr
+    from jax._src.interpreters.partial_eval import trace_to_jaxpr_nounits as TRACE_TO_JAXPR_NOUNITS
+except ImportError:  # pragma: no cover
+    TRACE_TO_JAXPR_NOUNITS = PartialVal = None
+EVAL_JAXPR = _jax_core.eval_jaxpr  # (what jax.core.eval_jaxpr is: libraries call it)
+
+
+def split_known(jaxpr, nknown, instantiate=False):
+    """JAX's partial evaluation of ``jaxpr`` with its constant variables made its first
+    inputs, of which the first ``nknown`` are known: (the known part: known inputs -> known
+    outputs, then residuals; the unknown part: residuals, then unknown inputs -> unknown
+    outputs; which outputs are unknown; the number of residuals).  The parts are closed
+    jaxprs (``.jaxpr``, ``.consts``) under every supported JAX."""
+    flat = _constvars_as_inputs(jaxpr)
+    unknowns = [False] * nknown + [True] * (len(flat.invars) - nknown)
+    known, unknown, out_unknowns, residuals = _split_jaxpr(ClosedJaxpr(flat, []), unknowns, instantiate)
+    return known, unknown, out_unknowns, len(residuals)
+
+
 def _plain_context(ctx):
     """Was the equation recorded in the context eager JAX runs in now?  Entering its context
     (an abstract mesh among it) changes JAX's cache key for eager ``jit`` calls; only a

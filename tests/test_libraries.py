@@ -961,3 +961,91 @@ def test_haiku_dynamic_unroll_coexecutes():
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
     stats = terra_bc.stats()
     assert stats["iterations_coexecuted"] >= 5 and stats["eager_fallbacks"] == 0, stats
+
+
+def linen_rnn_training(steps):
+    """linen's nn.RNN (an nn.scan with variable_broadcast="params": flax partially
+    evaluates the cell to hoist the broadcast parameters out of the loop) inside
+    jax.value_and_grad, optax's Adam."""
+    import flax.linen as nn
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.RNN(nn.LSTMCell(8))(x)
+            return nn.Dense(1)(h[:, -1])
+
+    model = Model()
+    data = np.random.default_rng(0)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((4, 5, 3)))
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(params)
+
+    def loss_fn(params, x, y):
+        return jnp.mean((model.apply(params, x)[:, 0] - y) ** 2)
+
+    losses = []
+    for step in range(steps):
+        x = data.normal(size=(4, 5, 3)).astype(np.float32)
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, x.sum((1, 2)))
+        updates, opt_state = tx.update(grads, opt_state)
+        params = optax.apply_updates(params, updates)
+        losses.append(float(loss))
+    return losses, [np.asarray(p) for p in jax.tree_util.tree_leaves(params)]
+
+
+def test_linen_rnn_coexecutes():
+    """linen's nn.RNN ran eagerly at every turn: JAX's partial evaluation of the cell (flax
+    0.12.8) computed on this turn's parameters with no op recorded; with flax 0.12.12's
+    trace-then-eval_jaxpr, the jaxpr and debug info flax makes afresh at each call were
+    static arguments compared by identity, a new path every turn."""
+    want, got = on_and_off(linen_rnn_training, 8)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-6)
+    for w, g in zip(want[1], got[1]):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 6, stats
+    assert stats["eager_fallbacks"] == 0 and stats["divergences"] <= 1, stats
+    assert stats["shapes_reused"] > 0, stats  # (Scope.param's eval_shape inside the cell)
+
+
+def _partially_evaluated(fun, avals):
+    """JAX's own trace_to_jaxpr_nounits of ``fun`` over unknown ``avals``, as a library calls it
+    (its call site is rewritten: inside an iteration it reaches terra_bc)."""
+    from jax._src import linear_util as lu
+    from jax._src.interpreters import partial_eval as pe
+    flat = lu.wrap_init(lambda *xs: list(fun(*xs)),
+                        debug_info=jax.api_util.debug_info("test", fun, tuple(avals), {}))
+    return pe.trace_to_jaxpr_nounits(flat, [pe.PartialVal.unknown(a) for a in avals])
+
+
+def partial_evaluation_turns(steps):
+    """Each turn partially evaluates a body over the turn's value ``w``, as flax's nn.scan
+    does: what JAX gives (known values, the unknown part evaluated on ``x``, which is
+    known)."""
+    from jax._src import core
+    aval = core.ShapedArray((3,), jnp.float32)
+    x = jnp.arange(3.0)
+    out = []
+    for k in range(steps):
+        w = jnp.full(3, 0.1 * k) + 0.5
+        jaxpr, pvals, consts = _partially_evaluated(
+            lambda a: (jnp.sin(w) * 2.0, a * jnp.cos(w), w.sum()), [aval])
+        known = [np.asarray(p.get_known()) for p in pvals if p.is_known()]
+        unknown = [np.asarray(v) for v in core.eval_jaxpr(jaxpr, consts, x)]
+        out.append((known, unknown, [p.is_known() for p in pvals]))
+    return out
+
+
+def test_a_libraries_partial_evaluation_gives_what_jax_gives():
+    """Inside an iteration, JAX's partial evaluation of a body over this turn's values: the
+    outputs that do not depend on the inputs are the turn's values (an op), the others
+    unknown with the jaxpr and residuals JAX would give (evaluated here to compare)."""
+    terra_bc.reset_stats()
+    want, got = on_and_off(partial_evaluation_turns, 6)
+    for (wk, wu, wflags), (gk, gu, gflags) in zip(want, got):
+        assert gflags == wflags == [True, False, True]
+        for a, b in zip(gk + gu, wk + wu):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 3 and stats["eager_fallbacks"] == 0, stats

@@ -22,8 +22,8 @@ import numpy as np
 from jax.tree_util import tree_flatten, tree_unflatten
 
 from ..counters import counts
-from ..jaxpr_builder import (AD_ONLY_PARAMS, ArrayImpl, ClosedJaxpr, Id, Jaxpr, Literal, Var,
-                             as_fun, trace_abstractly)
+from ..jaxpr_builder import (AD_ONLY_PARAMS, TRACE_TO_JAXPR_NOUNITS, ArrayImpl, ClosedJaxpr, Id,
+                             Jaxpr, Literal, PartialVal, Var, as_fun, split_known, trace_abstractly)
 from .guards import callee_key, function_key, unsettled
 from .trace_rules import cells, grad_spec, jax_caches_body, made_by_transform, unwrap, vmapped_by
 from .values import aval_of, is_array, shape_struct
@@ -214,6 +214,77 @@ def _traced(it, call, inputs):
         return None
     finally:
         it.opaque_depth -= 1
+
+
+# ------------------------------------------------------------------ a library's partial evaluation
+#
+# Flax's ``nn.scan`` with ``variable_broadcast`` (every linen ``nn.RNN``) calls JAX's partial
+# evaluation on its body (``pe.trace_to_jaxpr_nounits``, every input unknown) to hoist what
+# does not depend on the loop out of it: the broadcast parameters, this iteration's values.
+# JAX computed those outputs on values no op recorded, and the unit ran eagerly.  Here the
+# body is traced once (its Python runs once, as under JAX), JAX splits its jaxpr by what
+# depends on the inputs, and the known part (outputs and residuals) is one op of the
+# iteration whose inputs are the body's constants, placeholders among them.
+
+
+def partial_eval(it, fun, pvals, instantiate=False):
+    """``pe.trace_to_jaxpr_nounits(fun, pvals, instantiate)`` inside iteration ``it``:
+    JAX's result (the unknown part's jaxpr over the residuals, each output's PartialVal, the
+    residuals), its known values placeholders of the iteration."""
+    __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
+    if any(pv.is_known() for pv in pvals):  # (a known input: not what libraries pass)
+        return it.op(TRACE_TO_JAXPR_NOUNITS, (fun, pvals), {"instantiate": instantiate})
+    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type)
+               for a in (pv.get_aval() for pv in pvals)]
+    traced = _traced(it, fun.call_wrapped, structs)
+    if traced is None:  # (JAX could not trace it abstractly: as JAX runs it, once more)
+        counts["bodies_untraced"] += 1
+        return it.op(TRACE_TO_JAXPR_NOUNITS, (fun, pvals), {"instantiate": instantiate})
+    jaxpr, consts = _lifted(traced[0])
+    key = TracedBody(f"partial_eval({_wrapped_name(fun)})",
+                     (jaxpr_key(jaxpr), _hashable(_tupled(instantiate))), traced[1])
+    # (JAX's split costs more than the trace; the parts are the same for the same structure)
+    known, unknown, out_unknowns, nres = it.remember(
+        ("split", key), lambda: split_known(jaxpr, len(consts), instantiate))
+    values = _known_values(it, key, known, consts)
+    known_outs, residuals = values[:len(values) - nres], values[len(values) - nres:]
+    unknown_avals = iter([v.aval for v in unknown.jaxpr.outvars])
+    known_outs = iter(known_outs)
+    out_pvals = [PartialVal.unknown(next(unknown_avals)) if u else PartialVal.known(next(known_outs))
+                 for u in out_unknowns]
+    u = unknown.jaxpr  # (its residual inputs become its constants, as JAX returns it)
+    rest = u.replace(constvars=list(u.constvars) + list(u.invars[:nres]), invars=list(u.invars[nres:]))
+    return rest, out_pvals, list(unknown.consts) + list(residuals)
+
+
+def _known_values(it, key, known, consts):
+    """The known part's outputs, computed by one op of ``it`` from the body's constants
+    (its guard key ``key``: the whole body's, which the known part is made from)."""
+    if not known.jaxpr.outvars:
+        return []
+    out_tree = jax.tree_util.tree_structure([0] * len(known.jaxpr.outvars))
+    return it.op(_Replay(known.jaxpr, len(known.consts), out_tree),
+                 tuple(known.consts) + tuple(consts), {}, key)
+
+
+def _tupled(x):
+    return tuple(x) if type(x) is list else x
+
+
+def _wrapped_name(fun):
+    """The name of the function a ``lu.WrappedFun`` wraps, for reports."""
+    return getattr(getattr(fun, "debug_info", None), "func_name", None) or "body"
+
+
+def evaluated(it, jaxpr, consts, args):
+    """``jax.core.eval_jaxpr(jaxpr, consts, *args)`` inside iteration ``it`` (flax's nn.scan
+    evaluates the loop-independent part of its body so): an op keyed by the jaxpr's
+    structure.  As an op given the jaxpr as a static argument, a jaxpr traced afresh at every
+    call was compared by identity, and every turn left its path there."""
+    n = len(jaxpr.outvars)
+    out_tree = jax.tree_util.tree_structure([0] * n)
+    key = TracedBody("eval_jaxpr", jaxpr_key(jaxpr), out_tree)
+    return it.op(_Replay(jaxpr, len(consts), out_tree), tuple(consts) + tuple(args), {}, key)
 
 
 # ------------------------------------------------------------------ vmap, traced plainly

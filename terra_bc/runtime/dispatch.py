@@ -16,8 +16,8 @@ from jax.tree_util import tree_leaves
 
 from .. import frames
 from ..counters import counts
-from ..jaxpr_builder import ArrayImpl, Id
-from . import autodiff, discovery, guards
+from ..jaxpr_builder import EVAL_JAXPR, TRACE_TO_JAXPR_NOUNITS, ArrayImpl, Id, Jaxpr
+from . import autodiff, bodies, discovery, guards
 from .context import EAGER, current, leaving, thread
 from .placeholders import AT_METHODS, METHODS, Placeholder, eager
 from .settings import MEMO_IDLE_TURNS
@@ -50,6 +50,8 @@ def on_site(site, callee, *args, **kwargs):
                 return eager(callee, args, kwargs)
             finally:
                 thread.opaque -= 1
+        if callee is jax.eval_shape and args and it.opaque_depth and it.mode != EAGER:
+            return _shapes_in_body(it, args, kwargs)
         if it.opaque_depth == 0 and it.mode != EAGER:
             if callee is jax.vjp and args and not kwargs.keys() - {"has_aux"}:
                 return autodiff.vjp(it, _python_or_one_op(args[0]), args[1:], **kwargs)
@@ -57,6 +59,11 @@ def on_site(site, callee, *args, **kwargs):
                 return autodiff.jvp(it, _python_or_one_op(args[0]), *args[1:], **kwargs)
             if callee is jax.eval_shape and args:
                 return _shapes(it, args, kwargs)
+            if callee is TRACE_TO_JAXPR_NOUNITS and len(args) == 2:
+                return bodies.partial_eval(it, *args, **kwargs)
+            if callee is EVAL_JAXPR and len(args) >= 2 and type(args[0]) is Jaxpr \
+                    and not kwargs.keys() - {"propagate_source_info"}:
+                return bodies.evaluated(it, args[0], args[1], args[2:])
         if it.opaque_depth == 0:
             if (callee is jax.grad or callee is jax.value_and_grad) and len(args) == 1:
                 return _gradient_function(it, callee, args, kwargs)
@@ -137,6 +144,23 @@ def _shapes(it, args, kwargs):
     shapes = it.remember(("eval_shape", key),
                          lambda: found.append(True) or it.op(jax.eval_shape, args, kwargs),
                          MEMO_IDLE_TURNS)  # (plain data: kept while the unit skips some turns)
+    if not found:
+        counts["shapes_reused"] += 1
+    return shapes
+
+
+def _shapes_in_body(it, args, kwargs):
+    """``jax.eval_shape(f, ...)`` inside a body JAX traces for the iteration (flax checks each
+    parameter's shape so inside the cell an ``nn.scan`` traces at every call): reused under
+    the same key as at the iteration's own level (``_shapes``); given a tracer or anything
+    but plain data, run as JAX runs it."""
+    key = guards.traced_function_key(args[0], args[1:], kwargs)
+    if key is None:
+        return jax.eval_shape(*args, **kwargs)
+    found = []
+    shapes = it.remember(("eval_shape", key),
+                         lambda: found.append(True) or jax.eval_shape(*args, **kwargs),
+                         MEMO_IDLE_TURNS)
     if not found:
         counts["shapes_reused"] += 1
     return shapes

@@ -33,6 +33,11 @@ NOT_OPS_FILES = (os.sep + "tree_util.py", os.sep + "tree.py")
 # is watched where JAX makes it (tools.before_change).
 CONFIG_FILE, CONFIG_MODULE = os.sep + os.path.join("_src", "config.py"), "jax._src.config"
 NOT_OPS_NAMES = frozenset({"block_until_ready"}) | METADATA_FUNCTIONS
+# JAX's tracing plumbing, which libraries call to trace a body themselves (flax's nn.scan:
+# debug_info, flatten_fun_nokwargs, wrap_init): it wraps functions and names arguments, and
+# never computes on an array.  As ops, the fresh objects debug_info returns were static
+# outputs compared by identity, and every turn left its path there.
+PLUMBING_FILES = (os.sep + "api_util.py", os.sep + "linear_util.py")
 # Pytree utilities that call a function they are given (jax.tree.map(jnp.sum, grads)):
 # routed, so that such a function, when it is a DL op, is called as an op of the iteration
 # (JAX's own code, which calls it, is not rewritten).  See dispatch.on_site.
@@ -78,7 +83,8 @@ def _is_dl_op(callee):
             return inner is None or _is_dl_op(inner)
         if code.co_filename.endswith(NOT_OPS_FILES):
             return _calls_given_function(code)
-        return code.co_name not in NOT_OPS_NAMES and not code.co_filename.endswith(CONFIG_FILE)
+        return code.co_name not in NOT_OPS_NAMES and not code.co_filename.endswith(
+            (CONFIG_FILE,) + PLUMBING_FILES)
     module = getattr(type(callee), "__module__", "") or ""
     return module.startswith(("jax", "jaxlib")) and module != CONFIG_MODULE and callable(callee)
 
