@@ -1562,6 +1562,10 @@ try:  # JAX's partial evaluation, which libraries call themselves (flax's nn.sca
 except ImportError:  # pragma: no cover
     TRACE_TO_JAXPR_NOUNITS = PartialVal = None
 EVAL_JAXPR = _jax_core.eval_jaxpr  # (what jax.core.eval_jaxpr is: libraries call it)
+try:
+    from jax._src.ad_checkpoint import remat_p as REMAT  # (jax.checkpoint's primitive)
+except ImportError:  # pragma: no cover
+    REMAT = None
 
 
 def split_known(jaxpr, nknown, instantiate=False):

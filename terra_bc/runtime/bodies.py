@@ -22,7 +22,7 @@ import numpy as np
 from jax.tree_util import tree_flatten, tree_unflatten
 
 from ..counters import counts
-from ..jaxpr_builder import (AD_ONLY_PARAMS, TRACE_TO_JAXPR_NOUNITS, ArrayImpl, ClosedJaxpr, Id,
+from ..jaxpr_builder import (AD_ONLY_PARAMS, REMAT, TRACE_TO_JAXPR_NOUNITS, ArrayImpl, ClosedJaxpr, Id,
                              Jaxpr, Literal, PartialVal, Var, as_fun, split_known, trace_abstractly)
 from .guards import callee_key, function_key, unsettled
 from .trace_rules import cells, grad_spec, jax_caches_body, made_by_transform, unwrap, vmapped_by
@@ -144,8 +144,9 @@ def _lifted(closed):
         values.append(_device_literal(value))
         lifted.append(Var(aval))
         return lifted[-1]
-    eqns = [_branch_literals_lifted(eqn, outer) if eqn.primitive.name == "cond" else eqn
-            for eqn in jaxpr.eqns]
+    eqns = [_branch_literals_lifted(eqn, outer) if eqn.primitive.name == "cond"
+            else _checkpoint_literals_lifted(eqn, outer) if eqn.primitive is REMAT
+            else eqn for eqn in jaxpr.eqns]
     eqns, outvars = _without_literals(eqns, jaxpr.outvars, lambda v: outer(v.val, v.aval))
     if not lifted:
         return jaxpr, list(closed.consts)
@@ -184,6 +185,27 @@ def _branch_literals_lifted(eqn, outer):
     fed = [outer(val, var.aval) for vals, new_vars, _, _ in pieces for val, var in zip(vals, new_vars)]
     return eqn.replace(invars=[eqn.invars[0]] + fed + list(eqn.invars[1:]),
                        params=dict(eqn.params, branches=tuple(new_branches)))
+
+
+def _checkpoint_literals_lifted(eqn, outer):
+    """``checkpoint`` (``jax.remat``) equation ``eqn`` with the literals of its body's own
+    equations taken out as leading operands (``outer(value, aval)``: the outer variable each
+    is fed through).  flax's ``nn.remat`` folds a number that changes at every call into
+    its RNG inside the body: compared, each call was a new path."""
+    body = eqn.params["jaxpr"]
+    vals, new_vars = [], []
+
+    def take(v):
+        vals.append(v.val)
+        new_vars.append(Var(v.aval))
+        return new_vars[-1]
+    eqns, outvars = _without_literals(body.eqns, body.outvars, take)
+    if not vals:
+        return eqn
+    body = body.replace(invars=new_vars + list(body.invars), eqns=eqns, outvars=outvars,
+                        debug_info=_with_leading_args(body.debug_info, len(new_vars)))
+    fed = [outer(val, var.aval) for val, var in zip(vals, new_vars)]
+    return eqn.replace(invars=fed + list(eqn.invars), params=dict(eqn.params, jaxpr=body))
 
 
 def _without_literals(eqns, outvars, take):
