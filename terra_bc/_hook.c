@@ -103,13 +103,28 @@ static PyObject *watch_handler = NULL;  /* runtime/tools.py on_watched() -> stil
 static Py_ssize_t mark_index = -1;      /* code extra: a rewritten code's unit mark (or NULL) */
 static THREAD_LOCAL unsigned long long dl_calls = 0; /* DL-op calls through sites */
 
+static PyTypeObject *partial_type = NULL; /* functools.partial (set at import) */
+static PyObject *str_func = NULL;
+
 /* What identifies a callee for classification, held by the site's one-entry cache: a
  * function's code (closures of one code are one kind of callee), a bound method's function,
- * a module-level builtin itself, otherwise the callee's type.  Never the callee object
- * itself: the cache would keep it (a class, a closure and all it holds) alive. */
+ * a module-level builtin itself, what a functools.partial wraps (flax calls
+ * ``partial(jnp.einsum, precision=...)``: keyed by its type, every partial at a site would
+ * share one verdict), otherwise the callee's type.  Never the callee object itself: the
+ * cache would keep it (a class, a closure and all it holds) alive. */
 static PyObject *
 callee_key(PyObject *callee)
 {
+    if (partial_type != NULL && Py_IS_TYPE(callee, partial_type)) {
+        PyObject *func = PyObject_GetAttr(callee, str_func);
+        if (func == NULL) {
+            PyErr_Clear();
+            return (PyObject *)partial_type;
+        }
+        PyObject *key = callee_key(func); /* (borrowed: the partial holds func, func its key) */
+        Py_DECREF(func);
+        return key;
+    }
     if (PyMethod_Check(callee))
         callee = PyMethod_GET_FUNCTION(callee);
     if (PyFunction_Check(callee))
@@ -1735,6 +1750,19 @@ PyInit__hook(void)
             PyErr_SetString(PyExc_RuntimeError, "no code extra index left");
             return NULL;
         }
+    }
+    if (partial_type == NULL) {
+        PyObject *functools = PyImport_ImportModule("functools");
+        PyObject *partial = functools ? PyObject_GetAttrString(functools, "partial") : NULL;
+        Py_XDECREF(functools);
+        if (partial == NULL || !PyType_Check(partial)) {
+            Py_XDECREF(partial);
+            return NULL;
+        }
+        partial_type = (PyTypeObject *)partial; /* (kept: a reference for the process) */
+        str_func = PyUnicode_InternFromString("func");
+        if (str_func == NULL)
+            return NULL;
     }
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

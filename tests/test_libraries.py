@@ -1095,3 +1095,40 @@ def test_linen_remat_coexecutes_with_one_path():
     stats = terra_bc.stats()
     assert stats["iterations_coexecuted"] >= 6 and stats["eager_fallbacks"] == 0, stats
     assert stats["divergences"] == 0, stats
+
+
+def partial_einsum_turns(steps):
+    """flax's attention computes its weights with ``einsum = functools.partial(jnp.einsum,
+    precision=...)`` made afresh at every call; one site here calls it and, in other
+    turns, a partial of a Python function of the program's own, whose Python must run."""
+    import functools
+    seen = []
+
+    def scaled(a, b, s):
+        seen.append(s)  # (Python of the program's: runs at every call)
+        return jnp.tanh(a @ b.T) * s
+
+    w = jnp.ones((4, 3))
+    out = []
+    for step in range(steps):
+        x = jnp.full((2, 3), 0.1 * step)
+        if step % 3 == 2:
+            fn = functools.partial(scaled, s=float(step))
+        else:
+            fn = functools.partial(jnp.einsum, "ij,kj->ik", precision=None)
+        y = fn(x, w)
+        out.append(float(y.sum()))
+    return out, seen
+
+
+def test_a_partial_of_a_jax_function_is_an_op_and_one_of_python_runs_as_python():
+    """A functools.partial of a JAX function is the call it stands for (an op, its guard key
+    the function's); one of the program's own function at the same site still runs its
+    Python (the site's classification is per wrapped function, not per partial type).
+    flax's partial(jnp.einsum) ran outside the recorded ops: the unit fell back."""
+    terra_bc.reset_stats()
+    want, got = on_and_off(partial_einsum_turns, 12)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    assert got[1] == want[1] == [2.0, 5.0, 8.0, 11.0]
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 6 and stats["eager_fallbacks"] == 0, stats

@@ -34,6 +34,8 @@ except ImportError:  # pragma: no cover
 def on_site(site, callee, *args, **kwargs):
     """A rewritten call site called a DL op (see ``_hook.c``)."""
     __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
+    while type(callee) is functools.partial:  # the call it stands for: one guard key
+        callee, args, kwargs = callee.func, callee.args + args, {**callee.keywords, **kwargs}
     try:
         if args and calls_given_function(callee):
             return _with_routed_function(callee, args, kwargs)

@@ -67,6 +67,8 @@ def is_dl_op(callee):
 
 
 def _is_dl_op(callee):
+    if type(callee) is functools.partial:  # (flax's partial(jnp.einsum, precision=...))
+        return _is_dl_op(callee.func)
     fn = getattr(callee, "__func__", callee)
     code = getattr(fn, "__code__", None)
     if isinstance(code, types.CodeType):  # (a class's __code__ may be a descriptor)
