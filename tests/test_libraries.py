@@ -448,6 +448,51 @@ def test_the_eval_shape_key_tells_functions_and_data_apart():
     assert key(lambda: jnp.zeros((ROWS, 2)), (), {}) is not None  # (a global, by value)
 
 
+def test_the_eval_shape_key_holds_a_linen_module_by_its_fields():
+    """A closure over a linen module (DenseGeneral's kernel_init_wrap, behind every linen
+    attention) is keyed by the module's class and field values, where it was refused and
+    traced at every call; a module that differs in any field gets another key, also one
+    changed in place (keyed by value, at every call); another object of the program's none."""
+    import flax.linen as nn
+    from terra_bc.runtime.guards import traced_function_key as key
+
+    def check(module):
+        return lambda: jnp.zeros((module.features, 2))
+    a, b = nn.Dense(3), nn.Dense(3)
+    assert key(check(a), (), {}) is not None
+    assert key(check(a), (), {}) == key(check(b), (), {})
+    assert key(check(a), (), {}) != key(check(nn.Dense(4)), (), {})
+    assert key(check(a), (), {}) != key(check(nn.Dense(3, use_bias=False)), (), {})
+    assert key(check(a), (), {}) != key(check(nn.Dense(3, kernel_init=nn.initializers.zeros)), (), {})
+    before = key(check(a), (), {})
+    a.features = 4  # (an unbound module may be changed: the key sees it)
+    assert key(check(a), (), {}) != before and key(check(a), (), {}) == key(check(nn.Dense(4)), (), {})
+    assert key(check(_Sized()), (), {}) is None
+
+
+def attention_turns(steps):
+    """A linen attention layer applied at every turn."""
+    import flax.linen as nn
+    layer = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+    x0 = jnp.ones((2, 3, 8))
+    params = layer.init(jax.random.PRNGKey(0), x0, x0)
+    out = []
+    for step in range(steps):
+        x = x0 * (0.1 * step)
+        out.append(float(layer.apply(params, x, x).sum()))
+    return out
+
+
+def test_a_linen_attentions_shape_checks_are_reused():
+    terra_bc.reset_stats()
+    want, got = on_and_off(attention_turns, 6)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 4 and stats["eager_fallbacks"] == 0, stats
+    # (four DenseGeneral kernels and biases a turn: every co-executed turn reuses them all)
+    assert stats["shapes_reused"] >= 8 * stats["iterations_coexecuted"], stats
+
+
 def test_linen_module_sized_by_a_numpy_integer_coexecutes():
     """gymnasium's action_space.n is an np.int64; as a linen Dense's features, flax's
     Scope.param checks the parameter's shape with jax.eval_shape(lambda: init(key, shape))

@@ -7,6 +7,7 @@ itself), and automatic dynamism (Python numbers that changed are fed from then o
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 import types
@@ -166,7 +167,35 @@ def _traced_key(v, depth, active):
         return (t, _traced_key(v.__func__, depth + 1, active), _traced_key(v.__self__, depth + 1, active))
     if isinstance(v, tuple) and hasattr(t, "_fields"):  # (a named tuple)
         return (t,) + tuple(_traced_key(x, depth + 1, active) for x in v)
+    fields = _frozen_fields(t)
+    if fields is not None:
+        return (t,) + tuple(_traced_key(getattr(v, f, _EMPTY_CELL), depth + 1, active)
+                            for f in fields)
     raise _NotPlain
+
+
+_fields_of = {}  # class -> the fields of its frozen instances a key holds, or None
+
+
+def _frozen_fields(t):
+    """The configuration fields of a flax linen ``Module`` class (None for other classes).
+    A linen module is its configuration: its dataclass fields (frozen once it is bound;
+    attributes made in ``setup`` derive from them), so it is keyed by its class and their
+    values, read at every call, not refused as an object that could change in place.  Its
+    ``parent`` (the module tree, its scope) and ``name`` are where it sits, not what it
+    computes; its variables are not keyed (a shape check reads none).  (``DenseGeneral``,
+    behind every linen attention, checks its kernel's shape with ``eval_shape`` of a
+    closure over the module: traced at every call, it was a third of a small transformer's
+    step.)"""
+    try:
+        return _fields_of[t]
+    except KeyError:
+        pass
+    fields = None
+    if any(c.__name__ == "Module" and c.__module__ == "flax.linen.module" for c in t.__mro__):
+        fields = tuple(f.name for f in dataclasses.fields(t) if f.name not in ("parent", "name"))
+    _fields_of[t] = fields
+    return fields
 
 
 def _function_traced_key(f, depth, active):
