@@ -113,6 +113,26 @@ def tracing_to_jaxpr():
     return False
 
 
+_CACHED_TRACES = frozenset({"jit", "closure_convert"})  # JAX caches them per function and avals
+
+
+def tracing_for_jit():
+    """Is JAX tracing a function under a cache keyed on it (a ``jit``'s, a
+    ``closure_convert``'s: this trace, or one it is nested in, a loop body inside a jitted
+    function)?  Python run there runs again only where that cache misses, never at every
+    call (``jax.experimental.ode.odeint`` closure-converts the program's function, then
+    jits the integration with it a static argument)."""
+    trace = current_trace()
+    for _ in range(64):  # (a bound: a chain of parents never loops, but stay safe)
+        if trace is None:
+            return False
+        if isinstance(trace, _JAXPR_TRACE) and getattr(getattr(getattr(
+                trace, "frame", None), "debug_info", None), "traced_for", None) in _CACHED_TRACES:
+            return True
+        trace = getattr(trace, "parent_trace", None)
+    return False
+
+
 def set_trace(trace):
     """Make ``trace`` JAX's current trace in this thread (no block to leave: a repair)."""
     if _trace_ctx is not None:

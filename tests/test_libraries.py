@@ -1177,3 +1177,72 @@ def test_a_partial_of_a_jax_function_is_an_op_and_one_of_python_runs_as_python()
     assert got[1] == want[1] == [2.0, 5.0, 8.0, 11.0]
     stats = terra_bc.stats()
     assert stats["iterations_coexecuted"] >= 6 and stats["eager_fallbacks"] == 0, stats
+
+
+def neural_ode_training(steps):
+    """jax.experimental.ode.odeint of the program's function, inside jax.value_and_grad:
+    odeint closure-converts the function and jits the integration with it (JAX runs its
+    Python only where those caches miss)."""
+    from jax.experimental.ode import odeint
+    calls = []
+
+    def dynamics(y, t, w):
+        calls.append(1)  # (Python JAX runs while tracing, under its caches)
+        return jnp.tanh(w @ y) - 0.1 * y
+
+    data = np.random.default_rng(0)
+    w = jnp.asarray(data.normal(size=(3, 3)) * 0.5, jnp.float32)
+    ts = jnp.linspace(0.0, 1.0, 4)
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(w)
+    losses = []
+    for step in range(steps):
+        y0 = jnp.asarray(data.normal(size=3), jnp.float32)
+        loss, g = jax.value_and_grad(
+            lambda w: jnp.sum((odeint(dynamics, y0, ts, w)[-1] - 0.5 * y0) ** 2))(w)
+        updates, opt_state = tx.update(g, opt_state)
+        w = optax.apply_updates(w, updates)
+        losses.append(float(loss))
+    return losses, np.asarray(w), len(calls) > 0
+
+
+def test_odeint_of_a_python_function_coexecutes():
+    """Python a library runs under JAX's jit or closure_convert caches is not run at every
+    call by eager JAX either: such an op is recorded and skipped like any other (it made
+    the unit run eagerly, as a custom rule JAX calls at every differentiation does)."""
+    terra_bc.reset_stats()
+    want, got = on_and_off(neural_ode_training, 6)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-6)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 4 and stats["eager_fallbacks"] == 0, stats
+
+
+def custom_rule_turns(steps):
+    """A custom_vjp whose rules count their calls: eager JAX runs them at every gradient."""
+    calls = {"fwd": 0, "bwd": 0}
+
+    @jax.custom_vjp
+    def clip_grad(x):
+        return x
+
+    def fwd(x):
+        calls["fwd"] += 1
+        return x, None
+
+    def bwd(_, g):
+        calls["bwd"] += 1
+        return (jnp.clip(g, -0.1, 0.1),)
+    clip_grad.defvjp(fwd, bwd)
+    w, out = jnp.ones(3), []
+    for step in range(steps):
+        g = jax.grad(lambda w: jnp.sum(clip_grad(w * step) ** 2))(w)
+        w = w - 0.1 * g
+        out.append(float(w.sum()))
+    return out, dict(calls)
+
+
+def test_a_custom_rule_jax_calls_at_every_gradient_runs_as_eagerly():
+    want, got = on_and_off(custom_rule_turns, 6)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    assert got[1] == want[1] == {"fwd": 6, "bwd": 6}

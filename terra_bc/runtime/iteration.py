@@ -21,6 +21,7 @@ from jax.tree_util import tree_leaves
 
 from .. import _hook
 from ..counters import counts
+from ..jaxpr_builder import tracing_for_jit
 from . import bodies, coexecution, context, journal, launching, timeline, tracing
 from .coexecution import retried
 from .context import COEXEC, EAGER, TRACE, UNCHANGED
@@ -115,7 +116,8 @@ class Iteration:
         """A DL op of this iteration, as its mode runs it."""
         __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
         if self.opaque_depth:  # inside an opaque op: JAX is tracing; just run it
-            self.unit.nested_calls += 1
+            if not tracing_for_jit():  # (Python JAX may run at every call: tracing.op)
+                self.unit.nested_calls += 1
             return fn(*args, **kwargs)
         mode = self.mode
         if mode == EAGER:  # past a branch point with too many variants: plain JAX

@@ -17,6 +17,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from ..scope import is_library
+
 JAX_DIRS = (os.path.dirname(jax.__file__) + os.sep,)
 # JAX functions that read only dtypes, shapes and types (what a placeholder carries as it
 # is): they run as Python, not as events to guard and skip.  (jax.eval_shape stays an op:
@@ -89,6 +91,22 @@ def _is_dl_op(callee):
             (CONFIG_FILE,) + PLUMBING_FILES)
     module = getattr(type(callee), "__module__", "") or ""
     return module.startswith(("jax", "jaxlib")) and module != CONFIG_MODULE and callable(callee)
+
+
+def custom_rules_of_the_program(callee):
+    """Is ``callee`` a ``jax.custom_vjp`` / ``custom_jvp`` function whose differentiation rules
+    are the program's own code?  Eager JAX runs those rules' Python at every gradient (their
+    effects too); recorded as an op, they ran once, when the op was recorded.  (JAX's own,
+    ``jax.nn.relu``'s, and a library's are taken as JAX takes them: traced.)"""
+    if type(callee).__name__ not in ("custom_vjp", "custom_jvp") \
+            or not type(callee).__module__.startswith("jax."):
+        return False
+    for name in ("fwd", "bwd", "jvp"):
+        code = getattr(unwrap(getattr(callee, name, None)), "__code__", None)
+        filename = getattr(code, "co_filename", None)
+        if filename is not None and not filename.startswith(JAX_DIRS) and not is_library(filename):
+            return True
+    return False
 
 
 def calls_given_function(callee):

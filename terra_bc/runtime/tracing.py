@@ -25,7 +25,8 @@ from .events import (BreakEvent, ComputedIn, EnterEvent, FeedIn, FetchEvent, OpE
                      PlaceholderIn, PlaceholderOut, StaticIn, StaticOut, key_name)
 from .placeholders import OPERATORS, Placeholder, concrete, eager
 from .settings import EARLY_LAUNCH_GAP_SECONDS, settings
-from .trace_rules import dispatched_as_is, takes_elements, traces_its_body
+from .trace_rules import (custom_rules_of_the_program, dispatched_as_is, takes_elements,
+                          traces_its_body)
 from .values import aval_of, is_array, is_number, user_line, with_arrays
 
 
@@ -212,7 +213,7 @@ def op(it, fn, key, args, kwargs):
             raise
     finally:
         it.opaque_depth -= 1
-    if it.unit.nested_calls != nested_before and not traces_its_body(fn):
+    if _runs_python_again(it, fn, nested_before):
         it.path.eager_reason = f"{key_name(key)} runs Python code JAX differentiates or calls eagerly"
     out_leaves, out_tree = tree_flatten(out)
     outs, wrapped = [], []
@@ -231,6 +232,14 @@ def op(it, fn, key, args, kwargs):
            outs=outs, fast=guards.fast_spec(key, tuple(specs), out_tree, outs, flat))
     counts["ops_traced"] += 1
     return tree_unflatten(out_tree, wrapped)
+
+
+def _runs_python_again(it, fn, nested_before):
+    """Does op ``fn`` run Python of the program's that eager JAX would run again at every
+    call (rewritten code called while it was recorded, outside a body JAX traces or caches;
+    custom differentiation rules of the program's), which a skipped op would not run?"""
+    return (it.unit.nested_calls != nested_before and not traces_its_body(fn)) \
+        or custom_rules_of_the_program(fn)
 
 
 def _refused(it, fn, key, where, tree, leaves, args, kwargs, error):
