@@ -119,6 +119,13 @@ def _compile_now(it, entry, args, why=None):
     return values
 
 
+# What JAX's C++ function caches raise for a key whose computation is still marked in
+# flight: an interrupt (KeyboardInterrupt from a signal) that landed inside such a call
+# leaves the mark, and every later call of that executable raised RecursionError.  Not the
+# program's: its segment then runs op by op, on other cache entries.
+JAX_CACHE_IN_FLIGHT = "Recursively calling"
+
+
 def _failed(it, entry, args, donate, error):
     """``entry``'s compiled segment failed: its compile (terra_bc's failure), or its run,
     where XLA reports the program's own error as its runtime error too (a callback that
@@ -129,7 +136,7 @@ def _failed(it, entry, args, donate, error):
     raises it (its unit goes on co-executing: ``launching.run``)."""
     if any(getattr(args[k], "is_deleted", lambda: False)() for k in donate):
         raise error  # (it consumed inputs given to it: nothing to run again)
-    if isinstance(error, RecursionError):
+    if isinstance(error, RecursionError) and not str(error).startswith(JAX_CACHE_IN_FLIGHT):
         raise error  # (Python's stack is spent, as eager JAX would find it: op by op too)
     try:
         values = jaxpr_builder.evaluate_segment(entry.segment, args)
