@@ -490,6 +490,22 @@ def test_memory_error_while_recording(monkeypatch, owner, name):
         assert terra_bc.stats()["iterations_coexecuted"] >= 3 or "runs eagerly:" in report, report
 
 
+def _raising_from_third_launch(error, calls):
+    """keep_executable whose executables raise ``error`` from their third launch on."""
+    real_keep = jaxpr_builder.keep_executable
+
+    def keep(segment, fn, wait_only=False):
+        exe = real_keep(segment, fn, wait_only)
+
+        def launch(*args):
+            calls.append(1)
+            if len(calls) >= 3:
+                raise error
+            return exe(*args)
+        return launch
+    return keep
+
+
 def test_a_launch_meeting_jaxs_cache_left_in_flight_runs_op_by_op(monkeypatch):
     """A KeyboardInterrupt that lands inside one of JAX's C++ function caches can leave its
     key marked in flight; every later call of that executable then raises
@@ -498,41 +514,21 @@ def test_a_launch_meeting_jaxs_cache_left_in_flight_runs_op_by_op(monkeypatch):
     runs op by op with the same values and the unit runs eagerly.  A RecursionError of a
     spent stack is still raised as it is."""
     want = training(6)
-    real_keep = jaxpr_builder.keep_executable
     calls = []
-
-    def keep_poisoned(segment, fn, wait_only=False):
-        exe = real_keep(segment, fn, wait_only)
-
-        def launch(*args):  # (from the third launch on, as a poisoned cache entry does)
-            calls.append(1)
-            if len(calls) >= 3:
-                raise RecursionError("Recursively calling <weakref at 0x1; to 'Jaxpr' at 0x2>")
-            return exe(*args)
-        return launch
-
-    monkeypatch.setattr(jaxpr_builder, "keep_executable", keep_poisoned)
+    monkeypatch.setattr(jaxpr_builder, "keep_executable", _raising_from_third_launch(
+        RecursionError("Recursively calling <weakref at 0x1; to 'Jaxpr' at 0x2>"), calls))
     with terra_bc.enabled():
         got = training(6)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
     assert len(calls) >= 3 and terra_bc.stats()["eager_fallbacks"] >= 1
 
+    monkeypatch.undo()
     terra_bc.reset()
     jaxpr_builder.clear_compile_cache()
     calls.clear()
-
-    def keep_deep(segment, fn, wait_only=False):
-        exe = real_keep(segment, fn, wait_only)
-
-        def launch(*args):
-            calls.append(1)
-            if len(calls) >= 3:
-                raise RecursionError("maximum recursion depth exceeded")
-            return exe(*args)
-        return launch
-
-    monkeypatch.setattr(jaxpr_builder, "keep_executable", keep_deep)
+    monkeypatch.setattr(jaxpr_builder, "keep_executable", _raising_from_third_launch(
+        RecursionError("maximum recursion depth exceeded"), calls))
     with pytest.raises(RecursionError, match="maximum recursion depth"):
         with terra_bc.enabled():
             training(6)
