@@ -103,11 +103,16 @@ def tracing_to_jaxpr():
     """Is JAX tracing to a jaxpr under the current trace: is it a ``DynamicJaxprTrace``
     (a jit's, a body's), or a transform's (JVP, linearize, batching) whose parents reach
     one (``jax.jacrev`` of a function, traced as a body)?"""
+    return _enclosing_trace(lambda trace: isinstance(trace, _JAXPR_TRACE))
+
+
+def _enclosing_trace(test):
+    """Does ``test`` hold for the current trace or one of the traces it is nested in?"""
     trace = current_trace()
     for _ in range(64):  # (a bound: a chain of parents never loops, but stay safe)
         if trace is None:
             return False
-        if isinstance(trace, _JAXPR_TRACE):
+        if test(trace):
             return True
         trace = getattr(trace, "parent_trace", None)
     return False
@@ -122,15 +127,8 @@ def tracing_for_jit():
     function)?  Python run there runs again only where that cache misses, never at every
     call (``jax.experimental.ode.odeint`` closure-converts the program's function, then
     jits the integration with it a static argument)."""
-    trace = current_trace()
-    for _ in range(64):  # (a bound: a chain of parents never loops, but stay safe)
-        if trace is None:
-            return False
-        if isinstance(trace, _JAXPR_TRACE) and getattr(getattr(getattr(
-                trace, "frame", None), "debug_info", None), "traced_for", None) in _CACHED_TRACES:
-            return True
-        trace = getattr(trace, "parent_trace", None)
-    return False
+    return _enclosing_trace(lambda trace: isinstance(trace, _JAXPR_TRACE) and getattr(getattr(
+        getattr(trace, "frame", None), "debug_info", None), "traced_for", None) in _CACHED_TRACES)
 
 
 def set_trace(trace):

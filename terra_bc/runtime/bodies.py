@@ -161,16 +161,7 @@ def _branch_literals_lifted(eqn, outer):
     gives the outer variable each value is fed through.  Nested control flow inside a
     branch keeps its literals (compared by value)."""
     branches = eqn.params["branches"]
-    pieces = []
-    for branch in branches:
-        vals, new_vars = [], []
-
-        def take(v, vals=vals, new_vars=new_vars):
-            vals.append(v.val)
-            new_vars.append(Var(v.aval))
-            return new_vars[-1]
-        eqns, outvars = _without_literals(branch.jaxpr.eqns, branch.jaxpr.outvars, take)
-        pieces.append((vals, new_vars, eqns, outvars))
+    pieces = [_literals_taken(branch.jaxpr) for branch in branches]
     if not any(vals for vals, *_ in pieces):
         return eqn
     new_branches = []
@@ -193,19 +184,27 @@ def _checkpoint_literals_lifted(eqn, outer):
     is fed through).  flax's ``nn.remat`` folds a number that changes at every call into
     its RNG inside the body: compared, each call was a new path."""
     body = eqn.params["jaxpr"]
-    vals, new_vars = [], []
-
-    def take(v):
-        vals.append(v.val)
-        new_vars.append(Var(v.aval))
-        return new_vars[-1]
-    eqns, outvars = _without_literals(body.eqns, body.outvars, take)
+    vals, new_vars, eqns, outvars = _literals_taken(body)
     if not vals:
         return eqn
     body = body.replace(invars=new_vars + list(body.invars), eqns=eqns, outvars=outvars,
                         debug_info=_with_leading_args(body.debug_info, len(new_vars)))
     fed = [outer(val, var.aval) for val, var in zip(vals, new_vars)]
     return eqn.replace(invars=fed + list(eqn.invars), params=dict(eqn.params, jaxpr=body))
+
+
+def _literals_taken(jaxpr):
+    """(the values of ``jaxpr``'s own literals, a new variable for each, its equations and
+    outputs reading those variables instead): what a nested body's literals become when
+    they are fed as leading operands."""
+    vals, new_vars = [], []
+
+    def take(v):
+        vals.append(v.val)
+        new_vars.append(Var(v.aval))
+        return new_vars[-1]
+    eqns, outvars = _without_literals(jaxpr.eqns, jaxpr.outvars, take)
+    return vals, new_vars, eqns, outvars
 
 
 def _without_literals(eqns, outvars, take):
@@ -263,12 +262,14 @@ def partial_eval(it, fun, pvals, instantiate=False):
         counts["bodies_untraced"] += 1
         return it.op(TRACE_TO_JAXPR_NOUNITS, (fun, pvals), {"instantiate": instantiate})
     jaxpr, consts = _lifted(traced[0])
-    key = TracedBody(f"partial_eval({_wrapped_name(fun)})",
-                     (jaxpr_key(jaxpr), _hashable(_tupled(instantiate))), traced[1])
+    name = f"partial_eval({_wrapped_name(fun)})"
+    structure = (jaxpr_key(jaxpr), _hashable(_tupled(instantiate)))
     # (JAX's split costs more than the trace; the parts are the same for the same structure)
     known, unknown, out_unknowns, nres = it.remember(
-        ("split", key), lambda: split_known(jaxpr, len(consts), instantiate))
-    values = _known_values(it, key, known, consts)
+        ("split", name, structure), lambda: split_known(jaxpr, len(consts), instantiate))
+    # (the known part's op is guarded by the whole body's structure, which it is made from)
+    values = _jaxpr_op(it, known.jaxpr, known.consts, consts, name, structure) \
+        if known.jaxpr.outvars else []
     known_outs, residuals = values[:len(values) - nres], values[len(values) - nres:]
     unknown_avals = iter([v.aval for v in unknown.jaxpr.outvars])
     known_outs = iter(known_outs)
@@ -277,16 +278,6 @@ def partial_eval(it, fun, pvals, instantiate=False):
     u = unknown.jaxpr  # (its residual inputs become its constants, as JAX returns it)
     rest = u.replace(constvars=list(u.constvars) + list(u.invars[:nres]), invars=list(u.invars[nres:]))
     return rest, out_pvals, list(unknown.consts) + list(residuals)
-
-
-def _known_values(it, key, known, consts):
-    """The known part's outputs, computed by one op of ``it`` from the body's constants
-    (its guard key ``key``: the whole body's, which the known part is made from)."""
-    if not known.jaxpr.outvars:
-        return []
-    out_tree = jax.tree_util.tree_structure([0] * len(known.jaxpr.outvars))
-    return it.op(_Replay(known.jaxpr, len(known.consts), out_tree),
-                 tuple(known.consts) + tuple(consts), {}, key)
 
 
 def _tupled(x):
@@ -303,10 +294,15 @@ def evaluated(it, jaxpr, consts, args):
     evaluates the loop-independent part of its body so): an op keyed by the jaxpr's
     structure.  As an op given the jaxpr as a static argument, a jaxpr traced afresh at every
     call was compared by identity, and every turn left its path there."""
-    n = len(jaxpr.outvars)
-    out_tree = jax.tree_util.tree_structure([0] * n)
-    key = TracedBody("eval_jaxpr", jaxpr_key(jaxpr), out_tree)
-    return it.op(_Replay(jaxpr, len(consts), out_tree), tuple(consts) + tuple(args), {}, key)
+    return _jaxpr_op(it, jaxpr, consts, args, "eval_jaxpr", jaxpr_key(jaxpr))
+
+
+def _jaxpr_op(it, jaxpr, consts, args, name, structure):
+    """The list of ``jaxpr``'s outputs on ``consts`` (its constant variables) and ``args``,
+    computed by one op of ``it`` named ``name`` and guarded by ``structure``."""
+    out_tree = jax.tree_util.tree_structure([0] * len(jaxpr.outvars))
+    return it.op(_Replay(jaxpr, len(consts), out_tree), tuple(consts) + tuple(args), {},
+                 TracedBody(name, structure, out_tree))
 
 
 # ------------------------------------------------------------------ vmap, traced plainly

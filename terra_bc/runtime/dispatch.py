@@ -142,13 +142,7 @@ def _shapes(it, args, kwargs):
         key = guards.traced_function_key(args[0], args[1:], kwargs)
     if key is None:
         return it.op(jax.eval_shape, args, kwargs)
-    found = []  # (made afresh, not reused)
-    shapes = it.remember(("eval_shape", key),
-                         lambda: found.append(True) or it.op(jax.eval_shape, args, kwargs),
-                         MEMO_IDLE_TURNS)  # (plain data: kept while the unit skips some turns)
-    if not found:
-        counts["shapes_reused"] += 1
-    return shapes
+    return _remembered_shapes(it, key, lambda: it.op(jax.eval_shape, args, kwargs))
 
 
 def _shapes_in_body(it, args, kwargs):
@@ -159,10 +153,14 @@ def _shapes_in_body(it, args, kwargs):
     key = guards.traced_function_key(args[0], args[1:], kwargs)
     if key is None:
         return jax.eval_shape(*args, **kwargs)
-    found = []
-    shapes = it.remember(("eval_shape", key),
-                         lambda: found.append(True) or jax.eval_shape(*args, **kwargs),
-                         MEMO_IDLE_TURNS)
+    return _remembered_shapes(it, key, lambda: jax.eval_shape(*args, **kwargs))
+
+
+def _remembered_shapes(it, key, make):
+    """The shapes ``make()`` found for ``key`` in this unit's recent iterations, else made."""
+    found = []  # (made afresh, not reused)
+    shapes = it.remember(("eval_shape", key), lambda: found.append(True) or make(),
+                         MEMO_IDLE_TURNS)  # (plain data: kept while the unit skips some turns)
     if not found:
         counts["shapes_reused"] += 1
     return shapes

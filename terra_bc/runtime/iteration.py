@@ -116,7 +116,8 @@ class Iteration:
         """A DL op of this iteration, as its mode runs it."""
         __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
         if self.opaque_depth:  # inside an opaque op: JAX is tracing; just run it
-            if not tracing_for_jit():  # (Python JAX may run at every call: tracing.op)
+            # (read by a recording only: Python JAX may run at every call, tracing.op)
+            if self.mode == TRACE and not tracing_for_jit():
                 self.unit.nested_calls += 1
             return fn(*args, **kwargs)
         mode = self.mode
