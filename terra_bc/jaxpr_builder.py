@@ -377,6 +377,7 @@ class _RecordingTrace(Trace):
         self.effect_eqns = []    # indexes of the equations with effects (callbacks, prints)
         self.ran_effects = None  # a set the indexes of effectful equations run now go to
         self.meshes = {}         # equation index -> the abstract mesh it was bound under (_append)
+        self.quiet = set()       # indexes of equations kept only where needed (Recorder.quiet)
 
     # -- helpers
     def new(self, val, aval=None, const=False):
@@ -716,6 +717,7 @@ class Recorder:
         copy.abstract_eqns = trace.abstract_eqns[:bisect.bisect_left(trace.abstract_eqns, stop)]
         copy.effect_eqns = trace.effect_eqns[:bisect.bisect_left(trace.effect_eqns, stop)]
         copy.meshes = {k: m for k, m in trace.meshes.items() if k < stop}
+        copy.quiet = {k for k in trace.quiet if k < stop}
         return new
 
     def adopt(self, id, value) -> RecTracer:
@@ -734,6 +736,22 @@ class Recorder:
         marked = self._live().abstract_eqns
         return bisect.bisect_left(marked, stop) - bisect.bisect_left(marked, start)
 
+    def quiet(self, start, stop):
+        """Equations [start, stop) are kept in a segment only where a kept one needs them,
+        their effects left out: a function jax.vmap batched as one recorded op (which
+        has the effects, batched) was recorded there on one example."""
+        trace = self._live()
+        trace.quiet.update(range(start, stop))
+        trace.effect_eqns = [k for k in trace.effect_eqns if not start <= k < stop]
+
+    def depends(self, id, sources, start, stop) -> bool:
+        """Is value ``id`` computed, by equations [start, stop), from any of ``sources``?"""
+        reached = set(sources)
+        for _, _, atoms, outs in self._live().eqns[start:stop]:
+            if any(a in reached for a in atoms if isinstance(a, int)):
+                reached.update(outs)
+        return id in reached
+
     def effects_in(self, start, stop) -> list:
         """The indexes of equations [start, stop) that have effects (callbacks, prints)."""
         marked = self._live().effect_eqns
@@ -748,6 +766,12 @@ class Recorder:
     def abstract(self) -> bool:
         """Does it record abstractly now (compute_values with lazy=True)?"""
         return self._trace is not None and self._trace.lazy
+
+    def can_be_abstract(self) -> bool:
+        """Would it record abstractly if asked (compute_values with lazy=True)?"""
+        trace = self._live()
+        return trace.lazy or (trace.compute is not None and is_eager_trace(trace.parent) and not (
+            jax.config.jax_debug_nans or jax.config.jax_debug_infs or jax.config.jax_disable_jit))
 
     @contextlib.contextmanager
     def recording_op(self):
@@ -962,7 +986,7 @@ def _build_segment(trace, out_ids, start, stop, skip=frozenset(), pure=False):
 
 
 def _build_segment_nogc(trace, out_ids, start, stop, skip, pure):
-    eqns, avals, literals, meshes = trace.eqns, trace.avals, trace.literals, trace.meshes
+    eqns, avals, literals, meshes, quiet = trace.eqns, trace.avals, trace.literals, trace.meshes, trace.quiet
     # Dead-code elimination, backwards: keep an equation if an output is needed or it
     # has effects (a debug print or callback must still happen when replayed).
     needed = set(out_ids)
@@ -972,7 +996,7 @@ def _build_segment_nogc(trace, out_ids, start, stop, skip, pure):
         if k in skip:  # (what it computed is read as an input)
             continue
         effs = _effects(prim, params, avals, atoms)
-        if effs and not pure or any(o in needed for o in outs):
+        if effs and not pure and k not in quiet or any(o in needed for o in outs):
             kept.append((prim, params, atoms, outs, effs))
             kept_meshes.append(meshes.get(k, _UNSET))
             needed.update(a for a in atoms if isinstance(a, int))

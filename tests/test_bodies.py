@@ -32,8 +32,8 @@ def test_numpy_draw_inside_vmap_is_fresh_each_call_and_fed():
     assert len(set(want)) == STEPS  # (a stale draw would repeat)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     stats = terra_bc.stats()
-    assert stats["bodies_traced"] == STEPS
-    # the draw is a constant of the traced body, fed like an array: no new path per draw
+    assert stats["vmaps_recorded"] == STEPS and stats["bodies_traced"] == 0
+    # the draw is fed like an array Python hands an op: no new path per draw
     assert stats["divergences"] == 0 and stats["iterations_coexecuted"] >= STEPS - 2, stats
 
 
@@ -201,28 +201,30 @@ def test_grad_of_a_vmap_closing_over_the_differentiated_parameters():
 
 
 def concrete_value_read_in_vmap(steps):
-    scale, x, out = jnp.asarray(2.0), jnp.ones((2, 3)), []
+    scale, x, out, runs = jnp.asarray(2.0), jnp.ones((2, 3)), [], []
     for _ in range(steps):
         def f(r):
             # eager: jnp.sum of an unmapped array inside the vmap is computed, concrete
+            runs.append(1)
             k = 3 if float(jnp.sum(scale)) > 1 else 4
             return r * k
         x = jax.vmap(f)(x) * 0.5
         out.append(float(x.sum()))
-    return out
+    return out, len(runs)
 
 
-def test_a_body_jax_cannot_trace_abstractly_runs_as_given():
-    # (recorded as the op it was before bodies were traced: its Python runs while tracing,
-    # and a second time in the iteration that traces it; docs/coexecution.md, limits)
+def test_an_unmapped_value_read_inside_vmap_is_computed_once_as_eagerly():
+    # (the vmapped function's Python runs as code of the iteration: the fetch computes the
+    # unmapped value, once per call as eagerly; runtime/vmapping.py)
     want, got = on_and_off(concrete_value_read_in_vmap, 4)
-    assert got == want
-    assert terra_bc.stats()["bodies_untraced"] > 0
+    assert got == want and want[1] == 4
+    stats = terra_bc.stats()
+    assert stats["vmaps_recorded"] == 4 and stats["bodies_untraced"] == 0, stats
 
 
 def per_example_gradients(steps, variant):
-    """vmap of (value_and_)grad of a loss, traced plainly (bodies._vmap_plan); the loss
-    draws NumPy noise, so a stale trace would repeat it."""
+    """vmap of (value_and_)grad of a loss, its Python run as code of the iteration
+    (runtime/vmapping.py); the loss draws NumPy noise, so a stale trace would repeat it."""
     rs = np.random.RandomState(2)
     w = jnp.ones(3) * 0.5
     xs = jnp.asarray(rs.randn(5, 3), jnp.float32)
@@ -241,7 +243,7 @@ def per_example_gradients(steps, variant):
             g = g + 0.0 * v[:, None] + 0.0 * aux[:, None]
         elif variant == "keywords_out_axes":
             g = jax.vmap(jax.grad(loss), in_axes=(None, 0), out_axes=1)(w, xs, y=ys).T
-        else:  # a dict in_axes: not a plain plan, traced whole
+        else:  # a dict in_axes
             g = jax.vmap(lambda d: jax.grad(loss)(w, d["x"], d["y"]), in_axes=({"x": 0, "y": 0},))(
                 {"x": xs, "y": ys})
         w = w - 0.1 * jnp.mean(g, 0)
@@ -256,8 +258,9 @@ def test_per_example_gradients_equal_eager(variant):
     want, got = on_and_off(per_example_gradients, STEPS, variant)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     stats = terra_bc.stats()
-    assert stats["bodies_traced"] == STEPS and stats["eager_fallbacks"] == 0, stats
-    assert stats["divergences"] == 0 and stats["iterations_coexecuted"] >= STEPS - 2, stats
+    assert stats["vmaps_recorded"] == STEPS and stats["bodies_traced"] == 0, stats
+    assert stats["eager_fallbacks"] == 0 and stats["divergences"] == 0, stats
+    assert stats["iterations_coexecuted"] >= STEPS - 2, stats
 
 
 def body_runs(steps):

@@ -20,6 +20,7 @@ One module per concern; each imports only those above it in this list:
   tracing       tracing mode: ops recorded as events of a new path
   iteration     Iteration: enter, ops (the mode switch), fetch, diverge, finish
   autodiff      jax.grad / value_and_grad / vjp / jvp of user code
+  vmapping      jax.vmap of user code: its Python run on one example, the piece batched
   units         Unit, ``@terra_bc.function``
   discovery     loop units and function units found without decoration
   dispatch      on_site: where rewritten call sites send DL-op calls

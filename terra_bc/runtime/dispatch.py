@@ -17,7 +17,7 @@ from jax.tree_util import tree_leaves
 from .. import frames
 from ..counters import counts
 from ..jaxpr_builder import EVAL_JAXPR, TRACE_TO_JAXPR_NOUNITS, ArrayImpl, Id, Jaxpr
-from . import autodiff, bodies, discovery, guards
+from . import autodiff, bodies, discovery, guards, vmapping
 from .context import EAGER, current, leaving, thread
 from .placeholders import AT_METHODS, METHODS, Placeholder, eager
 from .settings import MEMO_IDLE_TURNS
@@ -66,6 +66,9 @@ def on_site(site, callee, *args, **kwargs):
             if callee is EVAL_JAXPR and len(args) >= 2 and type(args[0]) is Jaxpr \
                     and not kwargs.keys() - {"propagate_source_info"}:
                 return bodies.evaluated(it, args[0], args[1], args[2:])
+            made = vmapping.plan(it, callee, args, kwargs)
+            if made is not None:
+                return vmapping.call(it, made, args, kwargs, _called_as_at_a_site)
         if it.opaque_depth == 0:
             if (callee is jax.grad or callee is jax.value_and_grad) and len(args) == 1:
                 return _gradient_function(it, callee, args, kwargs)
@@ -89,6 +92,15 @@ def on_site(site, callee, *args, **kwargs):
     except BaseException as error:
         leaving(error)  # (an interrupt may have cut a step of the iteration short)
         raise
+
+
+def _called_as_at_a_site(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` as a rewritten call site makes it: a DL op (a function
+    jax.grad made) through ``on_site``, Python code as it is (its own sites route)."""
+    __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
+    if is_dl_op(fn):
+        return on_site(None, fn, *args, **kwargs)
+    return fn(*args, **kwargs)
 
 
 def device_get(tree):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import time
 
+import jax
+
 from jax.tree_util import tree_leaves
 
 from .. import _hook
@@ -38,7 +40,7 @@ class Iteration:
                  "env", "seg_start", "tracers", "live", "opaque_depth", "recording",
                  "grad_depth", "memo", "memo_lasting", "was_routing", "hook_was_enabled", "program_trace", "trace_launches",
                  "abandoning", "started", "effects_ran", "last_op_at", "failed", "config", "ended",
-                 "settled_depth")
+                 "settled_depth", "batching")
 
     def __init__(self, unit, mode, path):
         self.unit, self.mode, self.path = unit, mode, path
@@ -55,6 +57,7 @@ class Iteration:
         self.recording = None   # the Recorder entered for this iteration (tracing)
         self.grad_depth = 0     # > 0 while a differentiated function's Python runs
         self.settled_depth = 0  # > 0 while an op runs eagerly outside the recording (tracing)
+        self.batching = []      # the vmap calls whose Python runs now (vmapping.Batching)
         self.memo = {}          # see remember
         self.memo_lasting = {}  # key -> iterations its entry may go unasked (remember)
         self.was_routing = self.hook_was_enabled = UNCHANGED  # the thread before it (context)
@@ -182,8 +185,9 @@ class Iteration:
         if self.grad_depth:
             raise RuntimeError(
                 "terra_bc: JAX code it does not record (a library function or jax_array[x]) "
-                "received a value inside a differentiated function on a path not seen while "
-                "tracing; its gradient cannot be computed. Run this function without terra_bc.")
+                "received a value inside a differentiated or vmapped function on a path not "
+                "seen while tracing; its gradient or batch cannot be computed. Run this "
+                "function without terra_bc.")
         launching.launch(self, self.path.events[self.pos - 1].mark if self.pos else 0, [ph._id])
         return self.env[ph._id]
 
@@ -191,6 +195,9 @@ class Iteration:
     def fetch(self, ph, kind, convert):
         """Python needs the value of ``ph`` (``kind``: the conversion): a fetch event."""
         counts["fetches"] += 1
+        batching = self.batching and self.batched(ph)
+        if batching:
+            return batched_fetch(self, ph, batching.size, kind, convert)
         if journal.fetches or timeline.on:
             value = self._watched_fetch(ph, kind, convert)
         else:
@@ -198,6 +205,20 @@ class Iteration:
         if self.mode == TRACE:  # (what the traced path's branch decided on, for reports)
             tracing.note_fetched(self.path, value)
         return value
+
+    def batched(self, ph):
+        """The vmap call whose Python runs now (``vmapping.Batching``) from whose one
+        example's values ``ph`` is computed, or None.  Eagerly it is a batched tracer."""
+        rec = self.path.recorder
+        if self.mode == TRACE:
+            stop = rec.mark()
+        else:
+            stop = self.path.events[self.pos - 1].mark if self.pos else 0
+        for b in reversed(self.batching):
+            if ph._id in b.example_ids or (
+                    ph._id >= b.nvals and rec.depends(ph._id, b.example_ids, b.start, stop)):
+                return b
+        return None
 
     def _watched_fetch(self, ph, kind, convert):
         """A fetch logged (``log="fetches"``) or timed (a timeline is recording)."""
@@ -248,7 +269,7 @@ class Iteration:
         # Traced abstractly, the rest of the iteration records the new path from its start:
         # the prefix not launched yet is computed with it (one segment, the one the path's
         # later iterations launch) rather than alone (a segment used once).
-        abstract = not to_eager and self.unit.traces_abstractly()
+        abstract = not to_eager and (self.unit.traces_abstractly() or bool(self.batching))
         if not abstract:
             launching.launch(self, stop, [p._id for p in alive])
         if pos == 0:  # nothing co-executed: an iteration traced (or run eagerly) from its start
@@ -312,7 +333,8 @@ class Iteration:
         rec = self.recording = self.path.recorder
         rec.__enter__()
         rec.note_ran_effects(self.effects_ran)
-        rec.compute_values(launching.computer(self), lazy=self.unit.traces_abstractly())
+        rec.compute_values(launching.computer(self),  # (inside a vmap: see vmapping.plan)
+                           lazy=self.unit.traces_abstractly() or bool(self.batching))
 
     def _path_ending_here(self):
         """Co-execution ended before this path did: the recorded path that ends here, or a
@@ -373,3 +395,20 @@ class Iteration:
         old parameters included, until the cycle collector runs, and no buffer could be
         donated: launching.donatable.)"""
         self.env, self.live, self.tracers = {}, [], {}
+
+
+def batched_fetch(it, ph, size, kind, convert):
+    """Python asks for a value that eager JAX would hold as a batched tracer (inside
+    ``jax.vmap``): what ``convert`` does with one, found on a stand-in of its aval: JAX's
+    own error for a conversion (``float``, ``bool``, ``np.asarray``), the tracer's text for
+    printing.  One example's value is never shown."""
+    if kind == "ready":  # (block_until_ready: the array itself)
+        return ph
+    got, aval = [], ph.aval
+    with tracing.outside_recording(it):
+        jax.eval_shape(jax.vmap(lambda v: got.append(convert(v))),
+                       jax.ShapeDtypeStruct((size,) + aval.shape, aval.dtype))
+    if kind in ("repr", "str", "format"):
+        return got[0]
+    raise TypeError(f"terra_bc: a value computed inside jax.vmap from its mapped arguments "
+                    f"was read ({kind}); eager JAX holds a batched tracer there")

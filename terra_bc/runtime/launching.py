@@ -255,7 +255,7 @@ def compute_recorded(it, tracers):
         launch(it, rec.mark(), need)
         counts["trace_launches"] += 1
         it.trace_launches += 1
-        if it.trace_launches >= LAZY_LAUNCHES:
+        if it.trace_launches >= LAZY_LAUNCHES and not it.batching:  # (see vmapping.plan)
             it.unit.abstract_tracing = False
             rec.compute_values(computer(it), lazy=False)
         give_values(it)

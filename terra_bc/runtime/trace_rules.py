@@ -310,6 +310,19 @@ def code_of(fun):
     return code if isinstance(code, types.CodeType) else None
 
 
+# JAX's decorator that only names a scope for the code it wraps (``jax.named_scope`` used as
+# a decorator: Equinox's modules' ``__call__``): the wrapped code runs as the call.
+NAME_SCOPE_FILE = os.sep + "source_info_util.py"
+
+
+def through_name_scopes(fn):
+    """``fn`` without the ``named_scope`` decorators around it."""
+    while hasattr(fn, "__wrapped__") and getattr(
+            getattr(fn, "__code__", None), "co_filename", "").endswith(NAME_SCOPE_FILE):
+        fn = fn.__wrapped__
+    return fn
+
+
 def body_key(fun):
     """The guard key of a function whose body runs as code of the iteration (grad, vjp): its
     code.  Its closure (a fresh lambda over this step's batch), a partial's arguments or a

@@ -246,6 +246,8 @@ def _refused(it, fn, key, where, tree, leaves, args, kwargs, error):
     """An op the recorder refused runs eagerly: a graph break, or (inside a differentiated
     function, where a gradient cannot flow through an eager op) the unit runs eagerly."""
     __tracebackhide__ = True  # (terra_bc's wrapper: pytest and IPython hide the frame)
+    if it.batching and any(guards.unsettled(x, it) and it.batched(x) is not None for x in leaves):
+        raise error  # (eagerly a batched tracer: JAX refuses it as it refused the recording)
     if it.grad_depth:
         it.path.eager_reason = f"{key_name(key)} failed under recording ({type(error).__name__})"
         return settled_eager(it, fn, args, kwargs)
