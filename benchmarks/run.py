@@ -59,7 +59,8 @@ LIBRARY_JIT = {"lib_optax_mlp": "jax.jit", "lib_nnx_cnn": "nnx.jit",
                "lib_linen_cnn": "jax.jit", "lib_equinox_mlp": "eqx.filter_jit",
                "lib_haiku_mlp": "jax.jit", "lib_dqn_cartpole": "jax.jit",
                "lib_dqn_cleanrl": "jax.jit", "lib_dpsgd_mlp": "jax.jit",
-               "lib_linen_rnn": "jax.jit", "lib_linen_transformer": "jax.jit"}
+               "lib_linen_rnn": "jax.jit", "lib_linen_transformer": "jax.jit",
+               "lib_equinox_cnn": "eqx.filter_jit"}
 LIBRARY_PROGRAMS = list(LIBRARY_JIT)
 ALL_PROGRAMS = PROGRAMS + LIBRARY_PROGRAMS
 RTOL = 1e-4  # compiled paths may reassociate float sums; see docs/examples.md
