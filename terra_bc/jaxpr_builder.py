@@ -378,6 +378,7 @@ class _RecordingTrace(Trace):
         self.ran_effects = None  # a set the indexes of effectful equations run now go to
         self.meshes = {}         # equation index -> the abstract mesh it was bound under (_append)
         self.quiet = set()       # indexes of equations kept only where needed (Recorder.quiet)
+        self.quiet_values = set()  # the ids those equations make
 
     # -- helpers
     def new(self, val, aval=None, const=False):
@@ -718,6 +719,7 @@ class Recorder:
         copy.effect_eqns = trace.effect_eqns[:bisect.bisect_left(trace.effect_eqns, stop)]
         copy.meshes = {k: m for k, m in trace.meshes.items() if k < stop}
         copy.quiet = {k for k in trace.quiet if k < stop}
+        copy.quiet_values = {i for i in trace.quiet_values if i < num_values}
         return new
 
     def adopt(self, id, value) -> RecTracer:
@@ -742,7 +744,13 @@ class Recorder:
         has the effects, batched) was recorded there on one example."""
         trace = self._live()
         trace.quiet.update(range(start, stop))
+        trace.quiet_values.update(o for _, _, _, outs in trace.eqns[start:stop] for o in outs)
         trace.effect_eqns = [k for k in trace.effect_eqns if not start <= k < stop]
+
+    def quiet_values(self) -> set:
+        """The ids of the values quiet equations make (one example's, inside a vmap): no
+        launch computes them for Python, which eager JAX would have given batched tracers."""
+        return self._live().quiet_values
 
     def depends(self, id, sources, start, stop) -> bool:
         """Is value ``id`` computed, by equations [start, stop), from any of ``sources``?"""

@@ -144,3 +144,47 @@ def test_a_callback_inside_vmap_is_called_for_every_example():
     assert want[:4] == [1.0, 5.0, 9.0, 21.0], want[:4]
     assert got == want
     assert terra_bc.stats()["vmaps_recorded"] == 4
+
+
+def nnx_ensemble(steps):
+    """An ensemble made by nnx.vmap and called through it (NNX's own jax.vmap inside), trained
+    with nnx.value_and_grad and nnx.Optimizer: the per-example Variables NNX makes inside
+    outlive the call in NNX's caches."""
+    from flax import nnx
+    import optax
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.l1, self.l2 = nnx.Linear(4, 16, rngs=rngs), nnx.Linear(16, 1, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(jax.nn.relu(self.l1(x)))
+
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap
+    def make(rngs):
+        return MLP(rngs)
+
+    @nnx.vmap(in_axes=(0, None))
+    def forward(m, x):
+        return m(x)
+    model = make(nnx.Rngs(0))
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    rs, out = np.random.RandomState(0), []
+    for _ in range(steps):
+        x = jnp.asarray(rs.randn(8, 4), jnp.float32)
+        y = jnp.sin(x.sum(1, keepdims=True))
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((forward(m, x) - y[None]) ** 2))(model)
+        opt.update(model, grads)
+        out.append(float(loss))
+    return out
+
+
+def test_an_nnx_vmap_ensemble_computes_no_example_for_python():
+    want, got = on_and_off(nnx_ensemble, STEPS)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    stats = terra_bc.stats()
+    # (NNX keeps the one-example Variables it made: computing them for it made each path's
+    # segment differ, and its second path ran eagerly until compiling paid)
+    assert stats["vmaps_recorded"] >= STEPS and stats["eager_fallbacks"] == 0, stats
+    assert stats["compiles"] == 1 and stats["segments_eager"] == 0, stats

@@ -371,9 +371,9 @@ class Iteration:
             return
         if self.mode == TRACE:
             alive = launching.alive(self)
-            self.path.escaping |= {p._id for p in alive if p._val is None}
             rec = self.path.recorder
-            unvalued = {t.id for t in rec.unvalued()}
+            self.path.escaping |= {p._id for p in alive if p._val is None} - rec.quiet_values()
+            unvalued = {t.id for t in rec.unvalued()} - rec.quiet_values()
             # Values recorded abstractly that Python still holds, effects recorded to happen
             # in a segment:
             if unvalued or launching.pending_effects(self, self.seg_start, rec.mark()):

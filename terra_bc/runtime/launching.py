@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import jax
 
 from .. import jaxpr_builder
-from ..jaxpr_builder import set_current_trace
+from ..jaxpr_builder import Recorder, set_current_trace
 from ..counters import counts
 from . import compiling, journal, pacing, timeline
 from .context import EAGER, TRACE
@@ -60,12 +60,15 @@ def launch(it, stop, need, alive_now=None, final=False):
     the iteration's last launch (no other path can be taken after it)."""
     if stop > it.seg_start:
         if it.mode == TRACE:  # the path goes on being recorded: no plan is final yet
-            produced = it.path.recorder.wiring(it.seg_start, stop)[1]
-            outputs = tuple(sorted(produced & (held(it) | set(need) | it.path.escaping)))
+            rec = it.path.recorder
+            produced = rec.wiring(it.seg_start, stop)[1]
+            outputs = tuple(sorted(produced & ((held(it) - rec.quiet_values()) | set(need)
+                                               | it.path.escaping)))
             required = later = None  # (a traced iteration donates nothing)
         else:
             produced, reads_after = it.path.plan(it.seg_start, stop)
             kept = {p._id for p in (alive(it) if alive_now is None else alive_now)}
+            kept -= it.path.recorder.quiet_values()  # (see Recorder.quiet_values)
             required = produced & (reads_after | set(need) | it.path.escaping)
             later = required | kept
             outputs = tuple(sorted(produced & later))
@@ -310,12 +313,13 @@ def recover(it, traced=False):
 def settle(it, alive_now=None):
     """Every live placeholder takes its concrete value and leaves the iteration (one no
     launch computed gets a LateValue, see run)."""
-    env = it.env
+    env, quiet = it.env, it.path.recorder.quiet_values()
     for p in alive(it) if alive_now is None else alive_now:
         if p._val is None:
             if type(p._rec) is LateValue:
                 continue  # (computed if read: see stop_launching)
-            if p._rec is not None:
+            if p._rec is not None and not (p._id in quiet and p._id not in env and
+                                           Recorder.known_value(p._rec, MISS) is MISS):
                 p._val = p._rec.val
             elif p._id in env:
                 p._val = env[p._id]

@@ -157,7 +157,8 @@ def call(it, made, args, kwargs, dispatch):
     batched = named(functools.partial(_batched, it, piece), "vmap_batched")
     result = it.op(batched, (tuple(leaves[k] for k in mapped), others), {}, ("vmap-apply", begin, key))
     if it.mode == TRACE:  # (the batched op computes what the call returns)
-        it.path.recorder.quiet(piece.start, piece.end)
+        first = begin - 2 * len(mapped) - 1  # (the event before the slices and their copies)
+        it.path.recorder.quiet(it.path.events[first].mark if first >= 0 else 0, piece.end)
     counts["vmaps_recorded"] += 1
     return result
 
