@@ -302,6 +302,8 @@ def _key_text(key):
         return key or ""
     if isinstance(key, tuple) and len(key) > 1 and isinstance(key[0], str):
         body = key[1]
+        if type(body) is int:  # ("vjp-apply", begin event, the begin's key): name the body
+            return key_name(key)
         body = body.co_qualname if isinstance(body, types.CodeType) else key_name(body)
         return f"{key[0]} of {body}"
     return key_name(key)
