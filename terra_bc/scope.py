@@ -224,6 +224,12 @@ def in_scope(filename, scope):
     return kind == LIBRARY and library_in_scope(top)
 
 
+def in_package(filename):
+    """Is ``filename`` a file of an installed library's package (not code from ``exec``)?"""
+    kind, top = classify(filename)
+    return kind == LIBRARY and top is not None
+
+
 def is_library(filename):
     """Library code: rewritten, but its loops and functions never become units."""
     return classify(filename)[0] != USER

@@ -443,6 +443,18 @@ def test_scopes():
         terra_bc.set_scope("everything")
 
 
+def test_an_installed_librarys_module_and_class_bodies_are_left_alone():
+    """They run once, at import or class creation, never inside a unit; its functions are
+    rewritten.  Code from exec and the user's module bodies are as before."""
+    import optax  # (a library in scope: its distribution requires jax)
+    from terra_bc import frames
+    assert not frames.in_scope(compile("x = 1", optax.__file__, "exec"), "user")
+    assert not frames.in_scope(compile("x = 1", optax.__file__, "exec"), "all")
+    assert frames.in_scope(optax.adam.__code__, "user")
+    assert frames.in_scope(compile("f()", "<stdin>", "exec"), "user")
+    assert frames.in_scope(compile("f()", "<string>", "exec"), "all")
+
+
 def test_stats_keys():
     s = terra_bc.stats()
     for key in ("code_objects_rewritten", "sites_executed", "code_objects_refused",
