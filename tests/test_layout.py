@@ -11,7 +11,7 @@ import terra_bc.runtime
 RUNTIME = pathlib.Path(terra_bc.runtime.__file__).parent
 ORDER = ["settings", "context", "trace_rules", "placeholders", "values", "events", "guards", "bodies",
          "paths", "journal", "timeline", "pacing", "compiling", "launching", "coexecution", "tracing",
-         "iteration", "autodiff", "units",
+         "iteration", "autodiff", "vmapping", "units",
          "discovery", "dispatch", "tools", "report", "diff", "explain"]
 MAX_FUNCTION_LINES = 60
 

@@ -66,8 +66,7 @@ def on_site(site, callee, *args, **kwargs):
             if callee is EVAL_JAXPR and len(args) >= 2 and type(args[0]) is Jaxpr \
                     and not kwargs.keys() - {"propagate_source_info"}:
                 return bodies.evaluated(it, args[0], args[1], args[2:])
-            made = vmapping.plan(it, callee, args, kwargs)
-            if made is not None:
+            if (made := vmapping.plan(it, callee, args, kwargs)) is not None:  # jax.vmap(f)
                 return vmapping.call(it, made, args, kwargs, _called_as_at_a_site)
         if it.opaque_depth == 0:
             if (callee is jax.grad or callee is jax.value_and_grad) and len(args) == 1:
