@@ -190,8 +190,7 @@ def _batched(it, piece, mapped, others):
 def _refused_as_jax_refuses(it, made, leaves, axes, tree):
     """Raise the error jax.vmap raises for these axes and arguments (sizes that differ, an
     axis out of range, a number mapped), by running its checks on a stand-in of their avals."""
-    structs = [jax.ShapeDtypeStruct(x.shape, x.dtype) if is_array(x) else x for x in leaves]
-    args, kwargs = tree_unflatten(tree, structs)
+    args, kwargs = tree_unflatten(tree, [shape_struct(x) if is_array(x) else x for x in leaves])
 
     def stand_in(*a, **k):
         return None
