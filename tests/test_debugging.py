@@ -474,6 +474,34 @@ def test_a_segment_shows_its_jaxpr_and_source_lines_on_request():
     assert f"test_debugging.py:{line + 2}" in text and f"test_debugging.py:{line + 3}" in text
 
 
+def test_a_segment_serving_a_narrower_request_is_listed_once():
+    """Which values Python holds at a launch varies (the cyclic collector frees a library's
+    reference cycles when it runs): a later launch asking fewer outputs of the same
+    equations is served by the wider segment, kept under that request too (Path.segment).
+    explain() lists each segment once, with the outputs it computes."""
+    from terra_bc.runtime.units import unit_of
+
+    @terra_bc.function
+    def step(x):
+        y = jnp.tanh(x) * 2.0
+        z = jnp.sin(y)
+        float(jnp.sum(z))                    # a launch: y, z and the sum are held or read
+        return y + z
+
+    for k in range(3):
+        step(jnp.arange(4.0) + k)
+    path = unit_of(step, "test").paths[0]
+    (start, stop, outputs, skip), wide = next(iter(path.segments.items()))
+    assert len(outputs) >= 2
+    served = path.segment(start, stop, outputs[:1], skip)  # as launching.run asks
+    assert served is wide and len(path.segments) == 3
+    text = str(terra_bc.explain(step))
+    assert text.count(f"segment [{start}, {stop}):") == 1, text
+    assert f"{len(outputs)} outputs" in text
+    listed = terra_bc.explain(step).units[0].paths[0].segments
+    assert [(s.start, s.stop) for s in listed] == [(start, stop), (stop, path.recorder.mark())]
+
+
 def test_guard_keys_print_as_names_in_reasons():
     """explain()'s reasons name a transform's key by its kind and the user's function
     (before: the repr of a tuple holding a code object, cut at 40 characters)."""

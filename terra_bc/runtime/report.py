@@ -236,18 +236,20 @@ def _path_report(unit, name, n, path, nodes):
     made = {}  # value id -> (what made it, where): a fetch names its value's op
     events = tuple(_event_report(ev, nodes.setdefault(id(ev), len(nodes)), made)
                    for ev in path.events)
-    segments = tuple(_segment_report(key, entry, path) for key, entry in path.segments.items())
+    # (A segment computing more outputs serves other requests too, kept under their keys
+    # (Path.segment): each segment is reported once, with the outputs it computes.)
+    entries = {id(entry): entry for entry in path.segments.values()}.values()
+    segments = tuple(_segment_report(entry, path) for entry in entries)
     return PathReport(shown_location(name), n + 1, events, path.recorder.mark(), parent,
                       shared, segments, path.eager_reason)
 
 
-def _segment_report(key, entry, path):
-    start, stop, outs, _ = key  # (and the effects skipped)
-    seg = entry.segment
+def _segment_report(entry, path):
+    start, stop, seg = entry.start, entry.stop, entry.segment
     lines = tuple((ev.mark, shown_location(ev.where)) for ev in path.events
                   if ev.kind != "fetch" and start < ev.mark <= stop)
     return SegmentReport(start, stop, tuple(map(_op_name, seg.jaxpr.eqns)),
-                         len(seg.inputs), len(outs), compiling.state(entry), seg.jaxpr, lines)
+                         len(seg.inputs), len(seg.outputs), compiling.state(entry), seg.jaxpr, lines)
 
 
 def _op_name(eqn):
