@@ -20,7 +20,7 @@ RUNTIME_KEYS = ("iterations_traced", "iterations_coexecuted", "divergences", "ea
                 "ops_traced", "ops_eager", "paths_recorded", "trace_launches",
                 "compiles_background", "compiles_skipped", "segments_eager", "early_launches",
                 "early_launches_dropped", "buffers_donated", "shapes_reused", "bodies_traced", "bodies_untraced",
-                "vmaps_recorded")
+                "vmaps_recorded", "calls_idle")
 # Floats, rounded to ms: compile time (any thread), and time Python was blocked by compiles.
 SECONDS_KEYS = ("compile_seconds", "compile_wait_seconds")
 

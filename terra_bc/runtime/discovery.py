@@ -125,7 +125,7 @@ def _on_loop(mark, token, exiting):
         counts["eager_fallbacks"] += 1
         journal.fallback(unit, unit.eager_reason)
         return False
-    if unit.warming_up():
+    if unit.runs_plainly():
         return False
     it, _ = unit.begin((), {})
     thread.loop = LoopTurn(mark, token, it, first=first)
@@ -208,7 +208,7 @@ def on_call(unit, token, state):
         return None
     if context.current() is not None or thread.opaque or unit.eager_reason or context.eager_only():
         return None
-    if unit.warming_up(plain_calls=1) or not plain_trace():  # a unit from the 2nd call
+    if unit.runs_plainly(plain_calls=1) or not plain_trace():  # a unit from the 2nd call
         return None
     it, _ = unit.begin((), {})
     it.auto = True

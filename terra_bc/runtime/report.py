@@ -212,7 +212,7 @@ def unit_report(unit, name):
     """A snapshot of ``unit`` (shown as ``name``)."""
     frozen = f"; no new paths: {unit.frozen}" if unit.frozen else ""
     state = (f"runs eagerly: {unit.eager_reason}" if unit.eager_reason
-             else f"{len(unit.paths)} path(s){frozen}")
+             else f"{len(unit.paths)} path(s){frozen}{unit.idle_state()}")
     nodes = {}  # id(Event) -> node number: paths share the Event objects of their prefix
     paths = tuple(_path_report(unit, name, n, path, nodes) for n, path in enumerate(unit.paths))
     return UnitReport(shown_location(name), state, unit.compiles, unit.eager_launches,

@@ -49,6 +49,11 @@ LOG_CATEGORIES = ("divergences", "compiles", "fallbacks", "fetches")
 
 RETRACE_WINDOW = 8     # a unit that traced a new path in each of its last 8 calls is frozen
 MIN_UNIT_OPS = 4       # a function unit recording fewer DL ops costs more than it saves
+# A unit none of whose paths records an equation (each DL op runs eagerly: a step the
+# program jits itself) idles after this many such iterations: its calls run plainly for a
+# span of calls (doubling from the first to the last), then one is an iteration again.
+IDLE_AFTER = 3
+IDLE_SPANS = (16, 4096)
 LAZY_LAUNCHES = 6      # a traced iteration reading recorded values this often records eagerly
 COMPILE_SECONDS_PER_EQUATION = 0.005  # expected compile time per equation until measured
 COMPILE_SECONDS_MIN = 0.05   # ... and at least this (a 26-equation MLP step: 0.19 s, 2-core CPU)

@@ -21,7 +21,7 @@ from . import compiling, context, journal, launching, timeline
 from .context import COEXEC, TRACE
 from .iteration import Iteration
 from .paths import Path
-from .settings import RETRACE_WINDOW, settings
+from .settings import IDLE_AFTER, IDLE_SPANS, RETRACE_WINDOW, settings
 from .values import PACKAGE_DIR, eager_value
 
 all_units = weakref.WeakSet()  # for explain() and reset()
@@ -45,6 +45,9 @@ class Unit:
         self.nested_calls = 0   # routed calls made while an opaque op ran (see tracing.op)
         self.recent = collections.deque(maxlen=RETRACE_WINDOW)  # did each recent call trace?
         self.calls = 0          # calls so far, for settings["warmup"]
+        self.empty_calls = 0    # iterations in a row after which no path had an equation
+        self.idle_left = 0      # calls still to run plainly (see note_emptiness)
+        self.idle_span = IDLE_SPANS[0]  # ... the next time it idles
         self.compiles = 0       # segments compiled for it (settings["max_compiles"])
         self.eager_launches = 0  # segment launches run eagerly, not compiled (compiling.py)
         self.memo = {}          # what recent iterations remembered (Iteration.remember)
@@ -74,10 +77,43 @@ class Unit:
     def __repr__(self):
         return f"<Unit {self.name}: {len(self.paths)} path(s)>"
 
-    def warming_up(self, plain_calls=0):
-        """Count a call; is it one of the first ``warmup`` (+ plain_calls) run plainly?"""
+    def runs_plainly(self, plain_calls=0):
+        """Count a call; does it run plainly (not as an iteration)?  The first ``warmup``
+        (+ ``plain_calls``) calls do, and those of an idle unit (``note_emptiness``)."""
         self.calls += 1
-        return self.calls <= settings["warmup"] + plain_calls
+        if self.calls <= settings["warmup"] + plain_calls:
+            return True
+        if self.idle_left:
+            self.idle_left -= 1
+            counts["calls_idle"] += 1
+            return True
+        return False
+
+    def note_emptiness(self):
+        """After an iteration: a unit none of whose paths records an equation (each DL op
+        of its iterations runs eagerly: a step the program jits itself, ops JAX would not
+        record) gains nothing from co-execution and still pays for matching each op.  After
+        IDLE_AFTER such iterations in a row its calls run plainly for ``idle_span`` calls,
+        then one is an iteration again: a new path may record (a loop whose updates begin
+        once its replay buffer fills).  Each such iteration that finds it still empty
+        doubles the span (up to IDLE_SPANS[1])."""
+        if not self.paths:
+            return
+        if any(p.recorder.mark() for p in self.paths):
+            self.empty_calls, self.idle_span = 0, IDLE_SPANS[0]
+            return
+        self.empty_calls += 1
+        if self.empty_calls >= IDLE_AFTER:
+            self.idle_left = self.idle_span
+            self.idle_span = min(2 * self.idle_span, IDLE_SPANS[1])
+            self.empty_calls = IDLE_AFTER - 1  # (one more empty iteration idles it again)
+
+    def idle_state(self):
+        """How the unit idles, if it does (explain())."""
+        if not self.idle_left:
+            return ""
+        return (f"; idle: no path records an equation (each DL op runs eagerly), "
+                f"{self.idle_left} more call(s) run plainly")
 
     def traces_abstractly(self):
         """Record the next trace abstractly?  That compiles the path it records as it goes,
@@ -117,7 +153,7 @@ class Unit:
             counts["eager_fallbacks"] += 1
             journal.fallback(self, why)
             return self.fn(*args, **kwargs)
-        if self.eager_reason or self.warming_up():
+        if self.eager_reason or self.runs_plainly():
             if self.eager_reason:
                 counts["eager_fallbacks"] += 1
                 journal.fallback(self, self.eager_reason)
@@ -261,6 +297,7 @@ class Unit:
         # Tracing costs more than eager: a unit that keeps making new paths makes no more;
         # where Python leaves its recorded paths, the rest of the iteration runs eagerly.
         self.recent.append(it.mode == TRACE)
+        self.note_emptiness()
         if len(self.recent) == RETRACE_WINDOW and all(self.recent):
             self.frozen = self.frozen or (f"traced new paths in {sum(self.recent)} of its last "
                                           f"{RETRACE_WINDOW} calls (its path or shapes change)")
@@ -308,6 +345,7 @@ class Unit:
         self.dynamic, self.static, self.reused, self.memo, self.memo_left = set(), set(), set(), {}, {}
         self.recent.clear()
         self.compiles = self.eager_launches = self.nested_calls = 0
+        self.empty_calls, self.idle_left, self.idle_span = 0, 0, IDLE_SPANS[0]
         self.abstract_tracing = True
         self.eager_reason = None
         self.journal.clear()
