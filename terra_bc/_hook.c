@@ -86,6 +86,7 @@ typedef struct {
     PyObject *seen_key; /* the last callee's key and whether it is a DL op (a one-entry cache) */
     int seen_dl;
     int offered;        /* routed once for the runtime to see its function (function units) */
+    unsigned long long dl_count; /* calls whose callee was a DL op (routed or not) */
 } SiteObject;
 
 /* The runtime's attach point: inside a unit iteration (per thread), calls of DL ops go to
@@ -481,6 +482,7 @@ should_route(SiteObject *self, PyObject *callee, int hide)
     if (!self->seen_dl)
         return 0;
     dl_calls++;
+    self->dl_count++;
     if (call_handler != NULL && !self->offered) {
         /* once per site: the runtime sees which function calls DL ops (function units) */
         self->offered = 1;
@@ -719,6 +721,7 @@ site_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->count = 0;
     self->seen_key = NULL;
     self->seen_dl = 0;
+    self->dl_count = 0;
     return (PyObject *)self;
 }
 
@@ -740,6 +743,8 @@ static PyMemberDef site_members[] = {
     {"key", T_OBJECT, offsetof(SiteObject, key), READONLY,
      "(filename, qualname, first line, offset of the call instruction)"},
     {"count", T_ULONGLONG, offsetof(SiteObject, count), READONLY, "calls made through this site"},
+    {"dl_count", T_ULONGLONG, offsetof(SiteObject, dl_count), READONLY,
+     "calls whose callee was a DL op while the runtime was attached"},
     {"unpacking", T_INT, offsetof(SiteObject, unpacking), READONLY,
      "true for f(*args, **kwargs) sites, called as site(f, args[, kwargs])"},
     {NULL},
@@ -1656,6 +1661,22 @@ set_unit_mark(PyObject *mod, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* Frames of `code` run its original code from now on (frames running the rewritten code
+ * go on with it: each holds its own reference).  SetExtra releases the replacement. */
+static PyObject *
+revert(PyObject *mod, PyObject *code)
+{
+    if (!PyCode_Check(code)) {
+        PyErr_SetString(PyExc_TypeError, "revert takes a code object");
+        return NULL;
+    }
+    if (CODE_SET_EXTRA(code, extra_index, Py_NewRef(Py_None)) < 0) {
+        Py_DECREF(Py_None);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 set_watch_handler(PyObject *mod, PyObject *fn)
 {
@@ -1690,6 +1711,8 @@ static PyMethodDef methods[] = {
     {"set_call_handler", set_call_handler, METH_O,
      "set_call_handler(fn): fn(mark, token, state) for calls of marked code (0: begins, "
      "returns a token or None; 1: returned; 2: raised)."},
+    {"revert", revert, METH_O,
+     "revert(code): frames of `code` begin with its original code from now on."},
     {"set_unit_mark", set_unit_mark, METH_VARARGS,
      "set_unit_mark(code, mark): calls of rewritten `code` go through the call handler (None: no more)."},
     {"set_watch_handler", set_watch_handler, METH_O,

@@ -14,7 +14,7 @@ counts = Counter()
 
 # Keys always present in stats(), by the stage that counts them.
 FRAME_KEYS = ("code_objects_rewritten", "code_objects_refused", "code_objects_left_alone",
-              "call_sites_rewritten")
+              "call_sites_rewritten", "code_objects_reverted")
 RUNTIME_KEYS = ("iterations_traced", "iterations_coexecuted", "divergences", "eager_fallbacks",
                 "compiles", "segments_launched", "fetches", "feeds", "ops_skipped",
                 "ops_traced", "ops_eager", "paths_recorded", "trace_launches",

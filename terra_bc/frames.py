@@ -21,6 +21,7 @@ PACKAGE_DIR = scope.PACKAGE_DIR
 SCOPES = ("user", "all")
 
 _rewritten = weakref.WeakSet()  # code objects we made: never rewrite them again
+_library_sites = weakref.WeakKeyDictionary()  # library code -> its rewritten code's sites
 _state = threading.local()
 _scope = "user"
 
@@ -63,12 +64,35 @@ def transform(code):
         counts["code_objects_left_alone"] += 1
         return None
     _rewritten.add(result.code)
+    if scope.is_library(code.co_filename):
+        _library_sites[code] = result.sites
     counts["code_objects_rewritten"] += 1
     counts["call_sites_rewritten"] += len(result.sites)
     return result.code
 
 
 _hook.set_callback(transform)
+
+
+def revert_unrouted(min_runs):
+    """Library code that has run ``min_runs`` times or more (its busiest site's count)
+    without one of its sites calling a DL op runs its original code from now on: a library's
+    pure-Python machinery (Flax NNX's graph split and merge, Equinox's filtering) paid the
+    rewritten call's cost on every call (1.5-2x on call-heavy Python) for nothing.  The
+    functions it calls keep their own rewritten code, so their DL ops are still routed.
+    Code whose sites did call one is never checked again.  A DL op that reverted code calls
+    later is JAX's own call: on a placeholder it fetches the value (correct, not skipped).
+    Returns how many code objects were reverted."""
+    reverted = 0
+    for code, sites in list(_library_sites.items()):
+        if any(site.dl_count for site in sites):
+            del _library_sites[code]
+        elif max((site.count for site in sites), default=0) >= min_runs:
+            _hook.revert(code)
+            del _library_sites[code]
+            reverted += 1
+    counts["code_objects_reverted"] += reverted
+    return reverted
 
 
 def set_scope(name):

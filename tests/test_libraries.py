@@ -119,6 +119,76 @@ def test_library_installed_outside_site_dirs_is_a_library(tmp_path):
     assert decisions == "code False None"  # rewritten, no loop marks; left alone
 
 
+def test_library_code_that_calls_no_dl_op_runs_its_original_code(tmp_path):
+    """A library's pure-Python machinery (a graph walk) runs its original code once it has
+    run without calling a DL op (frames.revert_unrouted); code that calls DL ops stays
+    rewritten.  Reverted code that calls a DL op later (from step 30 on) still gives eager
+    JAX's values: JAX's own call, on a placeholder, fetches it."""
+    pkg = tmp_path / "graphlike"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent("""
+        import jax.numpy as jnp
+
+        def walk(tree):
+            return [tree[k] for k in sorted(tree)]
+
+        def apply(tree, x):
+            for w in walk(tree):
+                x = jnp.tanh(x @ w)
+            return x
+
+        def late(x, step):
+            if max(step, 0) >= 30:  # (a call each run: its site counts the runs)
+                return jnp.sin(x) * 2.0
+            return x
+    """))
+    info = tmp_path / "graphlike-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: graphlike\nVersion: 1.0\n"
+                                   "Requires-Dist: jax>=0.4\n")
+    (info / "top_level.txt").write_text("graphlike\n")
+    (info / "RECORD").write_text("graphlike/__init__.py,,\n")
+    script = tmp_path / "prog.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        import jax.numpy as jnp
+        import graphlike
+
+        def main():
+            params = {"a": jnp.eye(4) * 0.9, "b": jnp.ones((4, 4)) * 0.1}
+            x, losses = jnp.linspace(0.0, 1.0, 8).reshape(2, 4), []
+            for step in range(40):
+                y = graphlike.late(graphlike.apply(params, x), step)
+                loss = jnp.mean(y ** 2)
+                params = {k: w - 0.01 * loss * w for k, w in params.items()}
+                losses.append(round(float(loss), 6))
+            print(losses, round(float(jnp.sum(params["a"])), 6))
+            if "terra_bc" in sys.modules:
+                import terra_bc
+                from terra_bc import _hook
+                s = terra_bc.stats()
+                print(s["code_objects_reverted"], s["eager_fallbacks"], s["iterations_coexecuted"],
+                      *(type(_hook.cached_decision(f.__code__)).__name__
+                        for f in (graphlike.walk, graphlike.apply, graphlike.late)), file=sys.stderr)
+
+        main()
+    """))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+    plain = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    for revert, want in (("1", "NoneType code NoneType"), ("0", "code code code")):
+        out = subprocess.run([sys.executable, "-m", "terra_bc", str(script)],
+                             env=dict(env, TERRA_BC_REVERT_LIBRARY_CODE=revert),
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout == plain.stdout
+        reverted, fallbacks, coexecuted, *decisions = out.stderr.strip().splitlines()[-1].split()
+        assert " ".join(decisions) == want, out.stderr[-2000:]
+        assert (int(reverted) >= 2) == (revert == "1") and fallbacks == "0", out.stderr[-2000:]
+        assert int(coexecuted) >= 30, out.stderr[-2000:]
+
+
 # ------------------------------------------------------------------ optax
 
 def optax_training(steps):

@@ -35,6 +35,9 @@ settings = {
     # A co-executed segment may reuse the buffers of inputs nothing reads afterwards (the
     # old parameters of `params = update(params, grads)`): launching.donatable.
     "donate": os.environ.get("TERRA_BC_DONATE", "1") != "0",
+    # Library code whose calls never reached a DL op in its first runs runs its original
+    # code from then on (frames.revert_unrouted).
+    "revert_library_code": os.environ.get("TERRA_BC_REVERT_LIBRARY_CODE", "1") != "0",
     # Segments run op by op, one eager JAX dispatch an equation, never compiled: their
     # values are then eager JAX's to the bit wherever the recorded equations are the ones
     # eager JAX runs (a check of results, docs/reliability.md; far slower).
@@ -54,6 +57,9 @@ MIN_UNIT_OPS = 4       # a function unit recording fewer DL ops costs more than 
 # span of calls (doubling from the first to the last), then one is an iteration again.
 IDLE_AFTER = 3
 IDLE_SPANS = (16, 4096)
+# Library code is checked for reverting (frames.revert_unrouted) when the iterations ended
+# in this process reach REVERT_FIRST, then each time they double; it needs this many runs.
+REVERT_FIRST, REVERT_MIN_RUNS = 8, 8
 LAZY_LAUNCHES = 6      # a traced iteration reading recorded values this often records eagerly
 COMPILE_SECONDS_PER_EQUATION = 0.005  # expected compile time per equation until measured
 COMPILE_SECONDS_MIN = 0.05   # ... and at least this (a 26-equation MLP step: 0.19 s, 2-core CPU)

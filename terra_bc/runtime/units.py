@@ -15,17 +15,19 @@ import time
 import warnings
 import weakref
 
-from .. import _hook
+from .. import _hook, frames
 from ..counters import counts
 from . import compiling, context, journal, launching, timeline
 from .context import COEXEC, TRACE
 from .iteration import Iteration
 from .paths import Path
-from .settings import IDLE_AFTER, IDLE_SPANS, RETRACE_WINDOW, settings
+from .settings import (IDLE_AFTER, IDLE_SPANS, RETRACE_WINDOW, REVERT_FIRST, REVERT_MIN_RUNS,
+                       settings)
 from .values import PACKAGE_DIR, eager_value
 
 all_units = weakref.WeakSet()  # for explain() and reset()
 _serials = itertools.count()   # units in the order they were made (explain() lists them so)
+_ended = [0, REVERT_FIRST]     # iterations ended in this process; the count of the next check
 
 
 class Unit:
@@ -298,6 +300,7 @@ class Unit:
         # where Python leaves its recorded paths, the rest of the iteration runs eagerly.
         self.recent.append(it.mode == TRACE)
         self.note_emptiness()
+        _check_library_code()
         if len(self.recent) == RETRACE_WINDOW and all(self.recent):
             self.frozen = self.frozen or (f"traced new paths in {sum(self.recent)} of its last "
                                           f"{RETRACE_WINDOW} calls (its path or shapes change)")
@@ -352,6 +355,18 @@ class Unit:
         self.fallbacks_noted.clear()
         if self.mark is not None and self.mark.state < 0:
             self.mark.state = 0  # (a loop run as plain Python since: undecided again)
+
+
+def _check_library_code():
+    """After an iteration: when REVERT_FIRST have ended in this process, then each time
+    that count doubles, library code that ran without calling a DL op runs its original
+    code from then on (``frames.revert_unrouted``; few checks, each a pass over the
+    rewritten library code)."""
+    _ended[0] += 1
+    if _ended[0] >= _ended[1]:
+        _ended[1] *= 2
+        if settings["revert_library_code"]:
+            frames.revert_unrouted(REVERT_MIN_RUNS)
 
 
 def _leave(it):
