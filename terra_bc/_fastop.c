@@ -8,6 +8,9 @@
  *     (callee, number of positional args, per-arg specs, output id, output aval,
  *      keyword names or None)
  *
+ * (an output id of None: the op's one output is a static value, given as the "aval": a
+ * placement a placeholder's ``x.sharding`` answers with one device)
+ *
  * (the arguments: the positional ones, then the keyword ones in call order) with per-arg specs (0, id) a placeholder of this iteration, (1, value) a static value,
  * (2, id, aval, type) a fed Python number or array.  Anything else (other keyword names,
  * several outputs, closures, NumPy inputs, a failed check) returns the MISS sentinel and the
@@ -200,7 +203,9 @@ terra_fast_op(PyObject *it, PyObject *fn, PyObject *const *args, Py_ssize_t narg
             Py_DECREF(next);
             goto done;
         }
-    result = new_placeholder(it, PyTuple_GET_ITEM(fast, 3), PyTuple_GET_ITEM(fast, 4), live);
+    /* (an output id of None: the op's recorded static value, as the general path gives it) */
+    result = PyTuple_GET_ITEM(fast, 3) == Py_None ? Py_NewRef(PyTuple_GET_ITEM(fast, 4))
+        : new_placeholder(it, PyTuple_GET_ITEM(fast, 3), PyTuple_GET_ITEM(fast, 4), live);
     if (result == NULL) {
         Py_DECREF(next);
         goto done;

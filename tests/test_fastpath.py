@@ -61,6 +61,28 @@ def test_an_equal_static_made_afresh_matches():
     assert fast_skipped() >= 3 * (N - 1), s
 
 
+def test_an_op_with_a_static_output_is_skipped_in_c():
+    """With one device a placeholder's ``x.sharding`` is an op whose output is a static
+    value (Flax NNX reads it at every Variable update): skipped in C, the recorded value
+    handed back as the general path hands it."""
+    def step(x):
+        h = jnp.tanh(x) * 2.0
+        same = h.sharding == x.sharding     # two ops with a static output each
+        return jnp.sum(h) if same else jnp.sum(x)
+
+    xs = [jnp.full((3, 4), 0.1 * i) for i in range(N)]
+    want = [step(x) for x in xs]
+    terra_bc.reset_stats()
+    unit = terra_bc.function(step)
+    got = [unit(x) for x in xs]
+    close(got, want)
+    s = terra_bc.stats()
+    # tanh, mul, h.sharding, x.sharding (the argument is a placeholder too), sum: on each
+    # of the N - 1 co-executed calls, all in C.
+    assert s["divergences"] == 0 and s["iterations_coexecuted"] == N - 1, s
+    assert fast_skipped() == 5 * (N - 1) == s["ops_skipped"], s
+
+
 def test_numbers_of_another_type_take_the_general_path():
     """A float was fed where an int (or a bool) now comes: C says MISS; eager's values."""
     def step(x, s):

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..jaxpr_builder import Id
 from .events import (ComputedIn, FastSpec, FeedIn, PlaceholderIn, PlaceholderOut, StaticIn,
-                     key_name)
+                     StaticOut, key_name)
 from .placeholders import STABLE, Placeholder
 from .settings import settings
 from .values import aval_of, is_array, is_number, same
@@ -338,12 +338,14 @@ def fast_spec(key, specs, out_tree, outs, flat):
     """What the C fast path checks for an op event, or None where only the general path can
     match it (an argument that is not one leaf, several outputs, a graph break's input)."""
     if flat is None or out_tree.num_leaves != 1 or out_tree.num_nodes != 1 or not outs \
-            or type(outs[0]) is not PlaceholderOut \
+            or type(outs[0]) not in (PlaceholderOut, StaticOut) \
             or any(type(spec) not in _FAST_CODES for spec in specs):
         return None
     nargs, names = flat
     # specs follow JAX's flattening of (args, kwargs): keywords in sorted name order.
     by_name = dict(zip(sorted(names), specs[nargs:]))
     in_call_order = specs[:nargs] + tuple(by_name[k] for k in names)
+    out = outs[0]  # (a static output: its value in the aval's place, no id: _fastop.c)
+    out_id, out_aval = (out.id, out.aval) if type(out) is PlaceholderOut else (None, out.value)
     return FastSpec(key, nargs, tuple((_FAST_CODES[type(s)],) + tuple(s) for s in in_call_order),
-                    outs[0].id, outs[0].aval, names or None)
+                    out_id, out_aval, names or None)
