@@ -82,15 +82,20 @@ def revert_unrouted(min_runs):
     functions it calls keep their own rewritten code, so their DL ops are still routed.
     Code whose sites did call one is never checked again.  A DL op that reverted code calls
     later is JAX's own call: on a placeholder it fetches the value (correct, not skipped).
-    Returns how many code objects were reverted."""
+    Returns how many code objects were reverted.  Never raises: a failure here leaves the
+    rest rewritten, logged once."""
     reverted = 0
-    for code, sites in list(_library_sites.items()):
-        if any(site.dl_count for site in sites):
-            del _library_sites[code]
-        elif max((site.count for site in sites), default=0) >= min_runs:
-            _hook.revert(code)
-            del _library_sites[code]
-            reverted += 1
+    try:
+        for code, sites in list(_library_sites.items()):
+            if any(site.dl_count for site in sites):
+                del _library_sites[code]
+            elif max((site.count for site in sites), default=0) >= min_runs:
+                _hook.revert(code)
+                del _library_sites[code]
+                reverted += 1
+    except Exception:  # a bug of ours must never break the user's program
+        log.warning("terra_bc could not revert library code; it stays rewritten", exc_info=True)
+        _library_sites.clear()
     counts["code_objects_reverted"] += reverted
     return reverted
 

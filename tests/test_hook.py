@@ -490,3 +490,27 @@ def test_a_trace_function_never_sees_terra_bc_frames():
         terra_bc.config(loops=False, functions=False)
     assert hooked == plain and plain
     assert not [e for e in hooked if "terra_bc" in e[0]]
+
+
+def test_a_failure_while_reverting_library_code_stays_out_of_the_program(monkeypatch, caplog):
+    """frames.revert_unrouted runs at the end of a user's iteration: whatever goes wrong
+    in it is logged, and the library code stays rewritten (as transform's errors are)."""
+    from terra_bc import _hook, frames
+
+    def library_like(x):
+        return len(x)
+
+    def broken(code):
+        raise RuntimeError("revert failed")
+
+    saved = dict(frames._library_sites)  # (the library code this process rewrote so far)
+    frames._library_sites.clear()
+    try:
+        frames._library_sites[library_like.__code__] = [_hook.Site(("lib.py", "f", 1, 0))]
+        monkeypatch.setattr(frames._hook, "revert", broken)
+        with caplog.at_level("WARNING", logger="terra_bc"):
+            assert frames.revert_unrouted(0) == 0
+        assert "could not revert library code" in caplog.text
+        assert library_like.__code__ not in frames._library_sites
+    finally:
+        frames._library_sites.update(saved)
