@@ -30,9 +30,6 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.run import (LIBRARY_JIT, checksums_match, child_env, command,  # noqa: E402
                             parse_output, run_process, steady_state)
 
-MODES = {"plain": "jit", "terra_bc": None}
-
-
 def _command(program, mode, steps):
     if mode == "plain":
         return command(program, "jit", steps)

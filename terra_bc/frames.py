@@ -49,7 +49,8 @@ def transform(code):
         if code.co_flags & UNTOUCHED_FLAGS or not in_scope(code, _scope):
             counts["code_objects_left_alone"] += 1
             return None
-        result = rewrite(code, loops=not scope.is_library(code.co_filename))
+        library = scope.is_library(code.co_filename)  # (no loop marks; maybe reverted later)
+        result = rewrite(code, loops=not library)
     except Unsupported as e:
         counts["code_objects_refused"] += 1
         log.debug("terra_bc leaves %s (%s:%d) unmodified: %s",
@@ -64,7 +65,7 @@ def transform(code):
         counts["code_objects_left_alone"] += 1
         return None
     _rewritten.add(result.code)
-    if scope.is_library(code.co_filename):
+    if library:
         _library_sites[code] = result.sites
     counts["code_objects_rewritten"] += 1
     counts["call_sites_rewritten"] += len(result.sites)
