@@ -10,7 +10,9 @@
              device: eager, jax.jit without and with donate_argnums, terra_bc with donation
              (default) and without (TERRA_BC_DONATE=0).  Peak RSS (ru_maxrss) minus the RSS
              once the parameters exist, and the bytes of the arrays alive after each step
-             (jax.live_arrays: the parameters, once nothing holds the old ones).
+             (jax.live_arrays: the parameters, once nothing holds the old ones).  On a
+             device whose allocator reports it (GPU: Device.memory_stats()), also the peak
+             device bytes in use minus those in use once the parameters exist.
 
     python benchmarks/distributed.py [--only a,b] [--steps 100] [--repeats 3] [--json out.json]
 """
@@ -119,6 +121,13 @@ def rss_mib():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def device_bytes(key):
+    """The first local device's allocator statistic key, or None where it keeps none (CPU)."""
+    import jax
+    stats = jax.local_devices()[0].memory_stats()
+    return stats.get(key) if stats else None
+
+
 def memory_one(mode, steps=6, layers=8, width=2048):
     """One mode's peak memory, in this (fresh) process."""
     import resource
@@ -163,6 +172,7 @@ def memory_one(mode, steps=6, layers=8, width=2048):
     live = []
 
     base = rss_mib()
+    device_base = device_bytes("bytes_in_use")
     if mode.startswith("terra_bc"):
         terra_bc.enable()
         terra_bc.set_loops(True)
@@ -177,6 +187,9 @@ def memory_one(mode, steps=6, layers=8, width=2048):
     out = {"mode": mode, "peak_over_params_mib": round(peak - base, 1),
            "live_mib_after_each_step": live,
            "params_mib": layers * width * width * 4 / 2**20, "losses": losses}
+    if device_base is not None:
+        out["device_peak_over_params_mib"] = round(
+            (device_bytes("peak_bytes_in_use") - device_base) / 2**20, 1)
     if mode.startswith("terra_bc"):
         s = terra_bc.stats()
         out["stats"] = {k: s[k] for k in ("iterations_coexecuted", "buffers_donated", "eager_fallbacks")}
@@ -198,10 +211,12 @@ def memory():
     for r in rows.values():
         if want and "losses" in r:
             r["same_losses"] = bool(max(abs(a - b) for a, b in zip(r.pop("losses"), want)) < 1e-4)
-    jd = rows.get("jit_donate", {}).get("peak_over_params_mib")
-    td = rows.get("terra_bc", {}).get("peak_over_params_mib")
-    if jd and td:
-        rows["terra_bc/jit_donate"] = round(td / jd, 2)
+    for key, ratio in (("peak_over_params_mib", "terra_bc/jit_donate"),
+                       ("device_peak_over_params_mib", "device terra_bc/jit_donate")):
+        jd = rows.get("jit_donate", {}).get(key)
+        td = rows.get("terra_bc", {}).get(key)
+        if jd and td:
+            rows[ratio] = round(td / jd, 2)
     return rows
 
 
@@ -221,7 +236,8 @@ def main():
         return
     results = {}
     if "a" in args.only:  # (its own process: the device count is set before JAX starts)
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   JAX_PLATFORMS="cpu")  # simulated devices, also where a GPU is present
         done = subprocess.run([sys.executable, HERE, "--sharded-child", "--steps", str(args.steps),
                                "--repeats", str(args.repeats)], env=env, capture_output=True,
                               text=True, timeout=900)
