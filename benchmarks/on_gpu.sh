@@ -31,11 +31,11 @@ export BENCH_DEVICE=$($py -c "import sys; sys.path.insert(0, '.'); from benchmar
 step 60 $py -c "import jax, flax, optax, equinox, terra_bc; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'equinox', equinox.__version__); print(jax.devices())"
 step 110 $py benchmarks/coexec.py --steps 100 --repeats 3 --mem-iters 2000 --json "$out/coexec.json"
 step 80 $py benchmarks/distributed.py --only b --json "$out/memory.json"
-step 90 $py -m pytest -q -x -p no:cacheprovider tests/test_coexec.py tests/test_donation.py
+[ "${TESTS:-1}" = 0 ] || step 90 $py -m pytest -q -x -p no:cacheprovider tests/test_coexec.py tests/test_donation.py
 # One program per invocation, merged into one file: a program cut off by the deadline loses
 # only itself.
-for program in lib_optax_mlp lib_nnx_cnn lib_linen_cnn lib_equinox_mlp lib_dpsgd_mlp \
-               dropblock bert_cls gpt2 resnet dcgan music_transformer bert_qa sdpoint faster_rcnn yolov3; do
+for program in ${PROGRAMS:-lib_optax_mlp lib_nnx_cnn lib_linen_cnn lib_equinox_mlp lib_dpsgd_mlp \
+               dropblock bert_cls gpt2 resnet dcgan music_transformer bert_qa sdpoint faster_rcnn yolov3}; do
     left=$((deadline - SECONDS))
     if [ "$left" -lt 40 ]; then echo "== deadline: $program not run" | tee -a "$log"; continue; fi
     step "$left" $py -m benchmarks --programs "$program" --steps 20 --repeats 1 \

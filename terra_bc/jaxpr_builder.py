@@ -883,7 +883,8 @@ class Segment:
     ``key`` (structural cache key used by compile_segment); ``sizes``: what the runtime
     learnt of its inputs' sizes, once (launching.input_bytes); ``meshes``: None, or per
     equation the abstract mesh it was recorded under (``_UNSET``: the default)."""
-    __slots__ = ("jaxpr", "inputs", "outputs", "key", "sizes", "meshes", "operations", "warmed")
+    __slots__ = ("jaxpr", "inputs", "outputs", "key", "sizes", "meshes", "operations", "warmed",
+                 "dispatchers")
 
     def __init__(self, jaxpr, inputs, outputs, key, meshes=None):
         self.jaxpr = jaxpr
@@ -894,6 +895,7 @@ class Segment:
         self.meshes = meshes
         self.operations = None  # its distinct operations (operations_of), once asked
         self.warmed = False     # run eagerly once: JAX holds an executable for each operation
+        self.dispatchers = None  # per equation, how evaluate_segment runs it (_dispatchers)
 
     def __repr__(self):
         return (f"Segment(inputs={self.inputs}, outputs={self.outputs}, "
@@ -1488,12 +1490,16 @@ def evaluate_segment(segment: Segment, args):
     env = dict(zip(jaxpr.constvars, closed.consts))
     env.update(zip(jaxpr.invars, args))
     meshes = segment.meshes or itertools.repeat(_UNSET)
-    for eqn, mesh in zip(jaxpr.eqns, meshes):
+    dispatchers = segment.dispatchers or _dispatchers(segment)
+    for eqn, mesh, dispatch in zip(jaxpr.eqns, meshes, dispatchers):
         prim = eqn.primitive
         ins = [a.val if isinstance(a, Literal) else env[a] for a in eqn.invars]
         try:
             # (where JAX bound it as it was recorded: its executable)
-            out = _bind(eqn, ins) if mesh is _UNSET else _bind_on_mesh(eqn, ins, mesh)
+            if dispatch is not None and _plain_context(eqn.ctx):
+                out = dispatch(*ins)
+            else:
+                out = _bind(eqn, ins) if mesh is _UNSET else _bind_on_mesh(eqn, ins, mesh)
         except _NAN_FOUND as e:
             # (jax_debug_nans / jax_debug_infs: what JAX's API raises for it, where a
             # primitive bound from outside it reports JAX's internal error)
@@ -1505,6 +1511,16 @@ def evaluate_segment(segment: Segment, args):
     if not segment.warmed:
         _note_warm(segment)
     return [a.val if isinstance(a, Literal) else env[a] for a in jaxpr.outvars]
+
+
+def _dispatchers(segment):
+    """Per equation of ``segment``: the dispatch object of a jit equation outside any mesh
+    (``_jit_dispatcher``: a few µs a call where binding it costs ~20), else None (bind)."""
+    meshes = segment.meshes or itertools.repeat(_UNSET)
+    found = segment.dispatchers = [
+        _jit_dispatcher(eqn) if eqn.primitive.name in ("jit", "pjit") and mesh is _UNSET else None
+        for eqn, mesh in zip(_inner(segment.jaxpr).eqns, meshes)]
+    return found
 
 
 def _bind(eqn, ins):
@@ -1683,9 +1699,73 @@ def _one_jit_call(closed):
             or list(eqn.outvars) != list(jaxpr.outvars):
         return None
 
+    dispatcher = _jit_dispatcher(eqn)
+    if dispatcher is not None:
+        return dispatcher
+
     def call(*args):
         return eqn.primitive.bind(*args, **eqn.params)
     return call
+
+
+# Binding a jit equation on arrays runs JAX's impl rule for it, which builds JAX's C++
+# dispatch object for the call anew each time: ~20 µs of Python, more than the rest of a
+# launch.  The same object made once per equation dispatches in a few µs and finds the
+# executables JAX keeps for the user's own calls (its global dispatch cache is keyed by the
+# function JAX makes of the equation's jaxpr, and by the parameters).  Made only where JAX's
+# impl rule takes exactly the parameters this reads (else: bind, as before).
+_JIT_IMPL_PARAMS = ("jaxpr", "in_shardings", "out_shardings", "in_layouts", "out_layouts",
+                    "donated_invars", "ctx_mesh", "name", "keep_unused", "inline",
+                    "compiler_options_kvs")
+
+
+def _jit_dispatcher(eqn):
+    """A callable equal to binding ``eqn`` (a jit equation) on concrete arguments, returning
+    its outputs' list; None where it cannot be made on this JAX."""
+    params = eqn.params
+    if set(params) != set(_JIT_IMPL_PARAMS) or not _jit_impl_known():
+        return None
+    try:
+        from jax._src import pjit as jit_impl, tree_util
+        from jax._src.interpreters import pxla
+        fun = jit_impl._get_jaxpr_as_fun(*(params[k] for k in _JIT_IMPL_PARAMS))
+        donated = tuple(k for k, d in enumerate(params["donated_invars"]) if d)
+        key = pxla.JitGlobalCppCacheKeys(
+            donate_argnums=donated, donate_argnames=None, device=None, backend=None,
+            in_shardings_treedef=None, in_shardings_leaves=params["in_shardings"],
+            out_shardings_treedef=None, out_shardings_leaves=params["out_shardings"],
+            in_layouts_treedef=None, in_layouts_leaves=params["in_layouts"],
+            out_layouts_treedef=None, out_layouts_leaves=params["out_layouts"])
+        run_python, fastpath = jit_impl._pjit_call_impl_python, jit_impl._get_fastpath_data
+        rebuild, tree_structure = jit_impl._need_to_rebuild_with_fdo, tree_util.tree_structure
+        jaxpr, prim = params["jaxpr"], eqn.primitive
+
+        def on_miss(*args, **kwargs):
+            if any(isinstance(a, Tracer) for a in args):  # (under a transformation: bind)
+                return prim.bind(*args, **params), None, False
+            # (What JAX's own miss does: run it, and give the object what it keeps for the
+            # next call.  Binding concrete values here would re-enter this cache entry.)
+            out, compiled, profiler, const_args = run_python(*args, **params)
+            data = fastpath(compiled, tree_structure(out), args, out, jaxpr.effects,
+                            jaxpr.consts, profiler, const_args)
+            return out, data, rebuild(profiler)
+        return jit_impl._jax.pjit(
+            params["name"], fun, on_miss, [], [], key, tree_util.dispatch_registry,
+            pxla.cc_shard_arg, jit_impl._get_cpp_global_cache(key.contains_explicit_attributes))
+    except Exception:  # (another JAX: bind serves)
+        return None
+
+
+@functools.cache
+def _jit_impl_known():
+    """Does JAX's impl rule for jit equations take the parameters _jit_dispatcher reads?"""
+    import inspect
+    try:
+        from jax._src import pjit as jit_impl
+        names = tuple(inspect.signature(jit_impl._pjit_call_impl).parameters)
+    except Exception:
+        return False
+    return names == ("args",) + _JIT_IMPL_PARAMS
 
 
 def compile_count() -> int:

@@ -322,6 +322,48 @@ def test_a_step_the_user_jitted_is_not_compiled_again():
     assert not _segments_holding_a_jitted_lambda()
 
 
+def test_a_segment_of_one_jitted_call_is_dispatched_without_binding_or_compiling():
+    """A segment that is one call of a jitted function (here `jnp.tanh`, which JAX jits)
+    is launched through a JAX dispatch object made once per segment, not by binding the
+    call (which builds one anew at each launch: ~20 µs of Python), and that object finds
+    the executable JAX compiled for the program's own eager call: no XLA compile."""
+    from terra_bc import jaxpr_builder
+    from terra_bc.runtime.units import all_units
+
+    def turn(w):
+        return jnp.tanh(w)
+
+    w0 = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    plain = w0
+    for _ in range(10):
+        plain = turn(plain)  # (JAX compiles tanh here, as the program runs it eagerly)
+    compiles = []
+
+    def on_event(event, seconds, **kwargs):
+        if event.endswith("backend_compile_duration"):
+            compiles.append(seconds)
+
+    unit = terra_bc.function(turn)
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        got = w0
+        for _ in range(10):
+            got = unit(got)
+        got = np.asarray(got)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    np.testing.assert_allclose(got, np.asarray(plain), rtol=RTOL)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= 8 and stats["eager_fallbacks"] == 0, stats
+    assert compiles == [], f"{len(compiles)} XLA compile(s) under terra_bc"
+    one_call = [entry.segment for u in list(all_units) for p in u.paths
+                for entry in p.segments.values() if len(entry.segment.jaxpr.jaxpr.eqns) == 1]
+    assert one_call, "no segment of the one jitted call was recorded"
+    if jaxpr_builder._jit_impl_known():  # (a JAX whose impl rule it knows: not a bind)
+        made = jaxpr_builder._one_jit_call(one_call[0].jaxpr)
+        assert type(made).__name__ == "PjitFunction", type(made)
+
+
 def _segments_holding_a_jitted_lambda():
     from terra_bc.runtime.units import all_units
     return [e for u in list(all_units) for p in u.paths for entry in p.segments.values()
