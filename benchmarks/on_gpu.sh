@@ -24,6 +24,12 @@ step() {  # step SECONDS COMMAND...: run it under a time limit, its output to th
     echo "== $(date +%T) rc=$rc" | tee -a "$log"
 }
 
+# A machine that cannot reach a package index lacks what pip would install: wheels put in
+# .whl/ beside this checkout (`pip download --no-deps bytecode -d .whl`) are installed first.
+if ! $py -c "import bytecode" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+    $py -m pip install -q --no-index --no-deps --target /tmp/on_gpu_site .whl/*.whl >>"$log" 2>&1
+    export PYTHONPATH=$PYTHONPATH:/tmp/on_gpu_site
+fi
 # The extension is built where the project was checked out; build it here if it does not load.
 $py -c "import terra_bc._hook" 2>/dev/null || $py setup.py -q build_ext --inplace >>"$log" 2>&1
 step 20 nvidia-smi -L
