@@ -503,7 +503,36 @@ def bench_overhead(args):
         out.update(eager_routed_cost(x, args.repeats))
     except Exception as e:
         out["routed_error"] = err(e)
+    try:
+        out.update(eager_segment_cost(k, x))
+    except Exception as e:
+        out["eager_segment_error"] = err(e)
     return out
+
+
+def eager_segment_cost(k, x, iterations=10):
+    """A new unit of the K-op step as background compile leaves it at first: its segment
+    runs its equations eagerly until compiling pays (compiling._until_it_pays).  Median of
+    iterations 2..1+iterations, counted as eager runs, against the same Python run eagerly.
+    (On a shape of its own: the K-op segment compiled above would serve it.)"""
+    x = jnp.concatenate([x, x])
+    unit = terra_function(make_many_ops_step(k))
+    sync(unit(x))  # (the traced iteration)
+    before = terra_stats()
+    times = []
+    for _ in range(iterations):
+        t0 = time.perf_counter()
+        sync(unit(x))
+        times.append(time.perf_counter() - t0)
+    eager_runs = terra_stats().get("segments_eager", 0) - before.get("segments_eager", 0)
+    plain = make_many_ops_step(k)
+    eager_times = []
+    for _ in range(iterations):
+        t0 = time.perf_counter()
+        sync(plain(x))
+        eager_times.append(time.perf_counter() - t0)
+    return {"eager_segment_iter_s": statistics.median(times), "eager_segment_runs": eager_runs,
+            "eager_segment_plain_s": statistics.median(eager_times)}
 
 
 def eager_routed_cost(x, repeats, calls=2000):
@@ -648,6 +677,12 @@ def report(res):
             add(f"    eager op through a routed site: {fmt(e['routed_eager_op_us'], ' us')} against "
                 f"{fmt(e['eager_op_us'], ' us')} plain: +{fmt(e['routed_extra_us'], ' us')} "
                 f"(+{fmt(e['routed_kw_extra_us'], ' us')} with a keyword argument)")
+        if e.get("eager_segment_error"):
+            add(f"    ERROR (eager segment) {e['eager_segment_error']}")
+        elif "eager_segment_iter_s" in e:
+            add(f"    K-op segment run eagerly (before compiling pays; {e['eager_segment_runs']} "
+                f"eager runs in 10 iterations): {fmt(e['eager_segment_iter_s'] * 1e3, ' ms')} an "
+                f"iteration, the same Python eagerly {fmt(e['eager_segment_plain_s'] * 1e3, ' ms')}")
     for k, v in res.get("section_errors", {}).items():
         add(f"ERROR in section {k}: {v}")
     return "\n".join(lines)
