@@ -5,6 +5,12 @@
 #
 #   bash benchmarks/on_gpu.sh OUT_DIR
 #
+# A machine with no package index lacks what the project needs beyond its image (seen on
+# an H200 image: bytecode; for the Haiku and DQN programs also dm-haiku, jmp, gymnasium,
+# farama-notifications): put their wheels in .whl/ first, e.g.
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl bytecode==0.19.1
+# TESTS=0 skips the tests; PROGRAMS="a b" runs those programs; DEADLINE (s) ends the programs.
+#
 # Writes OUT_DIR/log.txt (versions, device, every step's output), coexec.json (engine
 # benchmark), memory.json (peak device memory with donation), programs.json/.md (library
 # programs, then the ten programs, as many as DEADLINE allows).
