@@ -70,6 +70,7 @@ def _site_dirs():
 STDLIB_DIRS = _stdlib_dirs()
 SITE_DIRS = _site_dirs()
 _by_dir = {}          # directory -> (kind, top-level package)
+_by_file = {}         # file name -> the same (classify runs at every routed Python call)
 _wants_jax = {}       # top-level package -> does its distribution require jax?
 _distributions = None  # top-level package -> distribution names (read once)
 
@@ -88,6 +89,9 @@ def set_lists(include=None, exclude=None):
 def classify(filename):
     """(kind, top-level package) of the file a code object comes from: kind is USER,
     LIBRARY or NEVER_REWRITTEN."""
+    found = _by_file.get(filename)
+    if found is not None:
+        return found
     if filename.startswith("<"):
         # Typed-in code is the user's; other pseudo-files (<string> from exec, dataclass and
         # namedtuple methods, <frozen ...>) belong to libraries, which we cannot name.
@@ -96,6 +100,7 @@ def classify(filename):
     found = _by_dir.get(directory)
     if found is None:
         found = _by_dir[directory] = _classify_dir(os.path.realpath(directory) + os.sep)
+    _by_file[filename] = found
     return found
 
 
