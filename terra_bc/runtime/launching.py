@@ -121,7 +121,8 @@ def run(it, start, stop, outputs, required=None, later=None, final=False):
     skip = _happened(it, effects)
     entry = it.path.segment(start, stop, outputs, skip, required)
     seg = entry.segment
-    if later is not None and not set(outputs).issubset(seg.outputs):  # (see LateValue)
+    if later is not None and list(outputs) != seg.outputs and not set(outputs).issubset(seg.outputs):
+        # (a segment made for other outputs serves: see LateValue)
         later = None
     if unit.compiles > settings["max_compiles"]:
         unit.compiled_too_often()
