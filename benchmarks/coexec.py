@@ -19,7 +19,10 @@ them alike; times are medians over repeats, measured in steady state after warm-
              step under terra_bc, and its growth.
 (e) overhead Python-side cost per skipped site: a unit of K=200 cheap jnp ops on tiny arrays
              with no fetch; (time per co-executed iteration - time of the same computation as
-             one jax.jit call) / K.  And the cost of a 1-op unit per segment launched.
+             one jax.jit call) / K.  And the cost of a 1-op unit per segment launched, and
+             of eager runs of a new segment before compiling it pays.
+(f) small    (a) at widths 4-8-8-2, batch 2: computing costs next to nothing, so the step
+             time is Python and dispatch (what a GPU shows of terra_bc's per-step Python).
 
 Every terra_bc run is checked against eager (values, rtol 1e-4) and reports terra_bc.stats(),
 so a "fast" number from an engine that silently ran eagerly (or wrongly) is visible as such.
@@ -218,8 +221,7 @@ def check_against_eager(make_eager, make_terra, params, batches, n=8):
 
 # ------------------------------------------------------------------ (a) jit-compatible MLP
 
-def bench_mlp(args):
-    sizes, batch = (32, 128, 128, 10), 64
+def bench_mlp(args, sizes=(32, 128, 128, 10), batch=64):
     params = init_params(0, sizes)
     batches = make_batches(1, 16, batch, sizes[0], sizes[-1])
     out = {"shape": f"MLP {sizes}, batch {batch}, value_and_grad + SGD"}
@@ -582,10 +584,13 @@ def report(res):
         f"{res['device']}, steps={res['args']['steps']}, repeats={res['args']['repeats']}")
     if res.get("terra_bc_import_error"):
         add(f"  terra_bc import failed: {res['terra_bc_import_error']}")
-    a = res.get("a_mlp")
-    if a:
+    for key, title in (("a_mlp", "(a) jit-compatible step"),
+                       ("f_small", "(f) the same step where computing costs next to nothing")):
+        a = res.get(key)
+        if not a:
+            continue
         add("")
-        add(f"(a) jit-compatible step: {a.get('shape')}")
+        add(f"{title}: {a.get('shape')}")
         add(f"    {'mode':<10}{'steps/s':>12}")
         for m in ("eager", "jit", "terra_bc"):
             e = a.get("errors", {}).get(m) or (a.get("terra_bc_error") if m == "terra_bc" else None)
@@ -688,9 +693,15 @@ def report(res):
     return "\n".join(lines)
 
 
+def bench_small(args):
+    """(a) at widths 4-8-8-2, batch 2: the step is its Python and dispatch alone, as on a
+    device that computes it in no time (a GPU) terra_bc's per-step Python shows in full."""
+    return bench_mlp(args, sizes=(4, 8, 8, 2), batch=2)
+
+
 SECTIONS = {"a": ("a_mlp", bench_mlp), "b": ("b_dropout", bench_dropout),
             "c": ("c_warmup", bench_warmup), "d": ("d_memory", bench_memory),
-            "e": ("e_overhead", bench_overhead)}
+            "e": ("e_overhead", bench_overhead), "f": ("f_small", bench_small)}
 
 
 def main(argv=None):
@@ -702,14 +713,14 @@ def main(argv=None):
                    help="(c) iterations timed one by one from the first")
     p.add_argument("--mem-iters", type=int, default=10_000)
     p.add_argument("--k", type=int, default=200, help="(e) ops per unit")
-    p.add_argument("--only", default="abcde", help="sections to run, e.g. 'ab' or 'a,c'")
+    p.add_argument("--only", default="abcdef", help="sections to run, e.g. 'ab' or 'a,c'")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
 
     res = {"python": platform.python_version(), "jax": jax.__version__,
            "device": str(jax.devices()[0]), "cpus": os.cpu_count(), "args": vars(args),
            "terra_bc_import_error": TERRA_IMPORT_ERROR, "section_errors": {}}
-    for letter in "abcde":
+    for letter in "abcdef":
         if letter not in args.only:
             continue
         key, fn = SECTIONS[letter]
