@@ -676,21 +676,25 @@ def report(res):
                 f"{fmt(e.get('segments_per_iteration'))} segments/iteration -> "
                 f"{fmt(e.get('cost_per_segment_launch_us'), ' us')} per segment launch "
                 f"(whole iteration cost / launches)")
-        if e.get("routed_error"):
-            add(f"    ERROR (routed eager op) {e['routed_error']}")
-        elif "routed_extra_us" in e:
-            add(f"    eager op through a routed site: {fmt(e['routed_eager_op_us'], ' us')} against "
-                f"{fmt(e['eager_op_us'], ' us')} plain: +{fmt(e['routed_extra_us'], ' us')} "
-                f"(+{fmt(e['routed_kw_extra_us'], ' us')} with a keyword argument)")
-        if e.get("eager_segment_error"):
-            add(f"    ERROR (eager segment) {e['eager_segment_error']}")
-        elif "eager_segment_iter_s" in e:
-            add(f"    K-op segment run eagerly (before compiling pays; {e['eager_segment_runs']} "
-                f"eager runs in 10 iterations): {fmt(e['eager_segment_iter_s'] * 1e3, ' ms')} an "
-                f"iteration, the same Python eagerly {fmt(e['eager_segment_plain_s'] * 1e3, ' ms')}")
+        line_or_error(add, e, "routed", "routed_extra_us", lambda: (
+            f"    eager op through a routed site: {fmt(e['routed_eager_op_us'], ' us')} against "
+            f"{fmt(e['eager_op_us'], ' us')} plain: +{fmt(e['routed_extra_us'], ' us')} "
+            f"(+{fmt(e['routed_kw_extra_us'], ' us')} with a keyword argument)"))
+        line_or_error(add, e, "eager_segment", "eager_segment_iter_s", lambda: (
+            f"    K-op segment run eagerly (before compiling pays; {e['eager_segment_runs']} "
+            f"eager runs in 10 iterations): {fmt(e['eager_segment_iter_s'] * 1e3, ' ms')} an "
+            f"iteration, the same Python eagerly {fmt(e['eager_segment_plain_s'] * 1e3, ' ms')}"))
     for k, v in res.get("section_errors", {}).items():
         add(f"ERROR in section {k}: {v}")
     return "\n".join(lines)
+
+
+def line_or_error(add, res, part, done_key, line):
+    """Report ``part`` of a section: its error, or ``line()`` where it ran."""
+    if res.get(f"{part}_error"):
+        add(f"    ERROR ({part}) {res[f'{part}_error']}")
+    elif done_key in res:
+        add(line())
 
 
 def bench_small(args):
