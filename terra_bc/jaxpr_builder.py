@@ -1758,14 +1758,24 @@ def _jit_dispatcher(eqn):
 
 @functools.cache
 def _jit_impl_known():
-    """Does JAX's impl rule for jit equations take the parameters _jit_dispatcher reads?"""
+    """Do JAX's impl rule for jit equations, and the pieces of it _jit_dispatcher calls, take
+    the parameters it passes?  (Else a changed JAX would fail inside a launch.)"""
     import inspect
     try:
         from jax._src import pjit as jit_impl
-        names = tuple(inspect.signature(jit_impl._pjit_call_impl).parameters)
+
+        def names(fn):
+            return tuple(inspect.signature(fn).parameters)
+        return (names(jit_impl._pjit_call_impl) == ("args",) + _JIT_IMPL_PARAMS
+                and names(jit_impl._pjit_call_impl_python) == ("args",) + _JIT_IMPL_PARAMS
+                and names(jit_impl._get_fastpath_data) == _FASTPATH_PARAMS
+                and names(jit_impl._need_to_rebuild_with_fdo) == ("pgle_profiler",))
     except Exception:
         return False
-    return names == ("args",) + _JIT_IMPL_PARAMS
+
+
+_FASTPATH_PARAMS = ("executable", "out_tree", "args_flat", "out_flat", "effects",
+                    "consts_for_constvars", "pgle_profiler", "const_args")
 
 
 def compile_count() -> int:
