@@ -442,6 +442,22 @@ def time_chain(step, x, n, repeats):
     return statistics.median(times)
 
 
+def compiled_unit(step, x, warmup):
+    """``step`` as a unit, run ``warmup`` times on ``x`` with its segment compiled at its
+    first launch.  (With background compile it runs eagerly until compiling pays, and on a
+    GPU that lasted past the timed iterations: (e) then timed eager runs of the segment,
+    not skipped sites.)"""
+    kept = terra_bc.config()["background_compile"]
+    terra_bc.config(background_compile=False)
+    try:
+        unit = terra_function(step)
+        for _ in range(warmup):
+            sync(unit(x))
+    finally:
+        terra_bc.config(background_compile=kept)
+    return unit
+
+
 def bench_overhead(args):
     out = {}
     k, n = args.k, max(50, args.steps)
@@ -452,17 +468,7 @@ def bench_overhead(args):
     out["jit_call_s"] = time_chain(jitted, x, n, args.repeats)
     out["eager_iter_s"] = time_chain(make_many_ops_step(k), x, max(5, n // 10), args.repeats)
     try:
-        # (Compiled at its first launch: with background compile the segment runs eagerly
-        # until compiling pays, and on a GPU that was past the timed iterations, so the
-        # figure was the cost of eager runs of the segment, not of skipped sites.)
-        kept = terra_bc.config()["background_compile"]
-        terra_bc.config(background_compile=False)
-        try:
-            unit = terra_function(make_many_ops_step(k))
-            for _ in range(args.warmup):
-                sync(unit(x))
-        finally:
-            terra_bc.config(background_compile=kept)
+        unit = compiled_unit(make_many_ops_step(k), x, args.warmup)
         terra_reset()
         before = terra_stats()
         t = time_chain(unit, x, n, args.repeats)
@@ -481,14 +487,7 @@ def bench_overhead(args):
     out["jit_1op_call_s"] = time_chain(one_jit, x, n, args.repeats)
     out["eager_1op_s"] = time_chain(make_one_op_step(), x, n, args.repeats)
     try:
-        kept = terra_bc.config()["background_compile"]
-        terra_bc.config(background_compile=False)
-        try:
-            unit1 = terra_function(make_one_op_step())
-            for _ in range(args.warmup):
-                sync(unit1(x))
-        finally:
-            terra_bc.config(background_compile=kept)
+        unit1 = compiled_unit(make_one_op_step(), x, args.warmup)
         terra_reset()
         before = terra_stats()
         t1 = time_chain(unit1, x, n, args.repeats)
