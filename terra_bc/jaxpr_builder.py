@@ -1548,6 +1548,11 @@ except ImportError:  # (a JAX that keys eager jit by no such context: nothing to
     _MESH, _UNSET = None, object()
 
 
+def mesh_context():
+    """The abstract mesh context JAX gives the avals it makes now (None where JAX has none)."""
+    return None if _MESH is None else _MESH.value
+
+
 def _mesh_now():
     """The empty abstract mesh JAX's autodiff sets for this thread, if it is set now, else
     ``_UNSET`` (the default; a program's own mesh is left to the program's context, where

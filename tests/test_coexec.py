@@ -357,6 +357,38 @@ def test_numpy_dropout_mask_inside_grad_and_float_logging():
         "a frozen mask should change the losses after step 1"
 
 
+def make_numpy_buffer_step():
+    scale = np.ones(4, np.float64)  # one NumPy buffer the step writes into, as a host-side loop does
+
+    def step(x, k):
+        scale[:] = k                           # Python writes into the buffer,
+        y = x * scale                          # an op reads it (a fed NumPy array),
+        scale[:] = -1.0                        # and Python writes it again before any launch
+        z = jnp.asarray(scale, jnp.float32)    # the identity on a fed float64 array: Python gets it back
+        w = (y + z) / np.float64(2.0)          # a NumPy scalar operand
+        m = jnp.where(np.arange(4) % 2 == 0, w, 0.0)  # a NumPy mask
+        return m, z
+    return step
+
+
+def test_numpy_values_fed_to_ops_are_read_as_they_were_at_the_op():
+    """A NumPy array an op reads is kept as it was at the op (Python may write into it before
+    the segment is launched), and a fed array Python gets back (an identity op) is the
+    device array eager JAX returns, of the recorded dtype."""
+    x = jnp.arange(4.0)
+    step = make_numpy_buffer_step()
+    want = [step(x, k) for k in range(1, N + 1)]
+    terra_bc.reset_stats()
+    step = terra_bc.function(make_numpy_buffer_step())
+    got = [step(x, k) for k in range(1, N + 1)]
+    s = stats()
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert_close(g, w, f"iteration {k}")
+        assert isinstance(g[1], jax.Array) and g[1].dtype == jnp.float32, type(g[1])
+    assert_coexecuted(s)
+    assert s["divergences"] == 0 and s["iterations_coexecuted"] >= N - 1, s
+
+
 # ----------------------------------------------------------------------------- 4. print
 
 def make_printing_step():
@@ -808,6 +840,36 @@ def test_python_scalar_learning_rate_is_learned_as_a_feed():
     s = stats()
     assert s["iterations_coexecuted"] >= n // 2, s
     assert s["compiles"] <= 3, s
+
+
+def test_a_number_new_each_iteration_fed_at_many_positions_is_left_to_jit():
+    """A Python number fed at several positions of one launch but new at every iteration (a
+    bias correction ``1 - b1 ** t`` applied to each parameter) is converted by jit, as a
+    number seen once is (making its device array costs more); a number that comes back in
+    later launches (a constant learning rate) is made a device array once.  Values equal
+    eager's."""
+    from terra_bc.runtime import values
+
+    def make():
+        def step(ws, t, lr):
+            c = 1 - 0.9 ** t
+            return [w - lr * (w / c) for w in ws]
+        return step
+    ws0 = [jnp.full(3, float(i + 1)) for i in range(4)]
+    want, ws = [], ws0
+    for t in range(1, N + 1):
+        ws = make()(ws, t, 0.01)
+        want.append(ws)
+    values._device_numbers.clear()
+    step, got, ws = terra_bc.function(make()), [], ws0
+    for t in range(1, N + 1):
+        ws = step(ws, t, 0.01)
+        got.append(ws)
+    assert_close(got, want, "parameters")
+    made = {key[2] for key, v in values._device_numbers.items() if isinstance(v, jax.Array)}
+    assert 0.01 in made, values._device_numbers
+    assert not made & {1 - 0.9 ** t for t in range(1, N + 1)}, made
+    assert_coexecuted(stats())
 
 
 # ----------------------------------------------------------------------------- 13. NumPy in grad

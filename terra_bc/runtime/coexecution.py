@@ -18,7 +18,7 @@ from ..counters import counts
 from . import guards, launching
 from .events import FetchEvent, PlaceholderIn, PlaceholderOut
 from .placeholders import Placeholder, concrete
-from .settings import EARLY_LAUNCH_GAP_SECONDS, settings
+from .settings import EARLY_LAUNCH_GAP_SECONDS, NUMPY_COPY_MAX_BYTES, settings
 from .values import with_arrays
 
 
@@ -64,19 +64,32 @@ def paths_here(it):
     yield from it.path.others_sharing(it.unit.paths, it.pos)
 
 
-def bind(it, feeds):
-    """Values Python hands to the graph this iteration: (id, value) pairs.  A NumPy array
-    becomes the device array a traced iteration's feed made of it (``Recorder.input``):
-    where an op is the identity on its input (``jnp.asarray(numpy_array, jnp.float32)`` of
-    a float64 array is, once fed), the value Python gets is the feed itself, and it was
-    the float64 NumPy array behind a float32 placeholder."""
+def bind(it, feeds, outs=None):
+    """Values Python hands to the graph this iteration: (id, value) pairs.  A NumPy value
+    stays a NumPy value (a small array, copied: Python may write into it before the
+    launch): the launch that reads it transfers it, as ``jax.jit`` transfers a NumPy
+    argument (~2 us in C++, where ``jax.device_put`` costs ~35 us in Python).  Not a value
+    Python gets back as a placeholder (``outs``, the event's output specs; None: every feed,
+    as the unit's arguments and a gradient's inputs are): that one becomes the device array
+    a traced iteration's feed made of it (``Recorder.input``).  Where an op is the identity
+    on its input (``jnp.asarray(numpy_array, jnp.float32)`` of a float64 array is, once
+    fed) the value Python gets is the feed itself, and it was the float64 NumPy array
+    behind a float32 placeholder."""
+    env = it.env
     for id, x in feeds:
         if type(x) is Placeholder:
             x = concrete(x)
         elif isinstance(x, (np.ndarray, np.generic)):
-            x = jax.device_put(x)  # (the transfer the segment's launch would make)
-        it.env[id] = x
+            if outs is None or _handed_back(id, outs) or x.nbytes > NUMPY_COPY_MAX_BYTES:
+                x = jax.device_put(x)  # (the transfer the segment's launch would make)
+            elif type(x) is np.ndarray:
+                x = x.copy()
+        env[id] = x
     counts["feeds"] += len(feeds)
+
+
+def _handed_back(id, outs):
+    return any(type(s) is PlaceholderOut and s.id == id for s in outs)
 
 
 def outputs(it, specs):
@@ -117,7 +130,7 @@ def op(it, fn, key, args, kwargs):
     it.pos += 1
     if ev.kind == "eager":
         return graph_break(it, ev, fn, tree, leaves)
-    bind(it, feeds)
+    bind(it, feeds, ev.outs)
     counts["ops_skipped"] += 1
     out = tree_unflatten(ev.out_tree, outputs(it, ev.outs))
     if ev.launch:

@@ -10,6 +10,7 @@ arrays launched segments return (and to the values Python fed).
 from __future__ import annotations
 
 import math
+import itertools
 import sys
 import time
 from contextlib import nullcontext
@@ -27,6 +28,7 @@ from .values import MISS, NUMBER_TYPES, ArrayImpl, device_number
 _LIVE_REFS = 3  # sys.getrefcount(p) of a placeholder only it.live holds, inside alive()
 DONATE_MIN_BUFFER = 1 << 16  # smaller inputs are not checked (each check costs ~1 us)
 NONE = frozenset()  # (no input donated, no effect happened)
+_launch_numbers = itertools.count(1)  # (values.device_number: seen again in another launch?)
 
 
 def alive(it):
@@ -139,7 +141,8 @@ def run(it, start, stop, outputs, required=None, later=None, final=False):
     # (While recording, the segment runs under the trace the recording runs eager work on.)
     with nullcontext() if it.recording is None else set_current_trace(it.recording.parent_trace()):
         x64 = jax.config.jax_enable_x64
-        args = [device_number(v, x64) if type(v) in NUMBER_TYPES else v
+        launch_number = next(_launch_numbers)
+        args = [device_number(v, x64, launch_number) if type(v) in NUMBER_TYPES else v
                 for v in map(env.__getitem__, seg.inputs)]
         dead = NONE
         if later is not None and (seg.sizes or input_bytes(seg))[2] >= DONATE_MIN_BYTES:

@@ -70,6 +70,8 @@ IN_FLIGHT = 2  # unfinished launches where several devices run them (pacing.py; 
 MEMO_IDLE_TURNS = 4  # iterations eval_shape's shapes stay remembered unasked (Iteration.remember)
 EARLY_LAUNCH_GAP_SECONDS = 0.0005  # Python work between an op and a read worth overlapping
 DEVICE_NUMBERS = 4096  # fed Python numbers kept as device arrays (values.device_number)
+NUMPY_COPY_MAX_BYTES = 1 << 16  # a fed NumPy array this small is copied, a larger one transferred
+NUMPY_AVALS = 1024  # NumPy values' avals remembered (values.aval_of)
 
 
 def update(changes):

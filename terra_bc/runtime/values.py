@@ -14,7 +14,7 @@ import numpy as np
 from .. import jaxpr_builder
 from ..jaxpr_builder import ArrayImpl, RecTracer
 from .placeholders import Placeholder, concrete
-from .settings import DEVICE_NUMBERS
+from .settings import DEVICE_NUMBERS, NUMPY_AVALS
 
 MISS = object()  # "not found" where None is a value (and the C fast path's miss sentinel)
 NUMBER_TYPES = frozenset({int, float})
@@ -39,11 +39,27 @@ def is_number(x):
     return type(x) in (int, float, complex)
 
 
+_numpy_avals = {}  # (array or scalar, shape, dtype, x64, abstract mesh) -> a NumPy value's aval
+
+
 def aval_of(x):
     # jax.Arrays, placeholders and recorded tracers carry their (interned) aval: reading it is
-    # ~30x cheaper than jax.typeof, which NumPy arrays and Python numbers need.
+    # ~30x cheaper than jax.typeof, which NumPy arrays and Python numbers need.  A NumPy
+    # value's aval is remembered by what jax.typeof makes it of (a mask fed every step:
+    # ~3 us a guard otherwise).
     aval = getattr(x, "aval", None)
-    return aval if aval is not None else jax.typeof(x)
+    if aval is not None:
+        return aval
+    t = type(x)
+    if t is np.ndarray or isinstance(x, np.generic):
+        key = (t is np.ndarray, x.shape, x.dtype, jax.config.jax_enable_x64, jaxpr_builder.mesh_context())
+        aval = _numpy_avals.get(key)
+        if aval is None:
+            if len(_numpy_avals) >= NUMPY_AVALS:
+                _numpy_avals.clear()
+            aval = _numpy_avals[key] = jax.typeof(x)
+        return aval
+    return jax.typeof(x)
 
 
 def shape_struct(x):
@@ -74,30 +90,34 @@ def user_line():
     return f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame else "?"
 
 
-_device_numbers = {}  # (x64, type, value[, sign of a zero]) -> its device array, None: seen once
+_device_numbers = {}  # (x64, type, value[, sign of a zero]) -> its device array, or the launch
+                      # (a number) it was first seen in
 
 
-def device_number(x, x64):
+def device_number(x, x64, launch):
     """A fed Python number that comes back (a learning rate) as the weakly typed device array
     JAX would make of it, made once: jit converts a Python number argument at every call
-    (~2.5 us each).  A number seen for the first time (a step counter) is left to jit:
-    making an array costs more than jit's conversion."""
+    (~2.5 us each).  A number seen for the first time (a step counter), or seen again only
+    in the same ``launch`` (a bias correction ``1 - b1 ** t`` fed to each parameter's update:
+    a new value every step, at many positions) is left to jit: making an array costs
+    ~35 us, more than jit's conversions."""
     key = (x64, type(x), x, math.copysign(1.0, x)) if x == 0 else (x64, type(x), x)
-    value = _device_numbers.get(key, MISS)
-    if value is not MISS and value is not None:
+    value = _device_numbers.get(key)
+    if type(value) is ArrayImpl:
         return value
-    made = None
-    if value is None:  # seen before: it comes back, so make its array (once)
+    if value is None or value == launch:
+        made = launch
+    else:  # seen in an earlier launch: it comes back, so make its array (once)
         try:
             made = jax.device_put(x)  # (a transfer: jnp.asarray would compile a conversion)
         except Exception:  # (an int too large for the default int type: jit will say so)
             return x
         if type(made) is not ArrayImpl:  # under a JAX transformation: not a constant
             return x
-    if len(_device_numbers) >= DEVICE_NUMBERS:  # numbers that change every step: bounded
+    if value is None and len(_device_numbers) >= DEVICE_NUMBERS:  # numbers that change: bounded
         _device_numbers.clear()
     _device_numbers[key] = made
-    return x if made is None else made
+    return x if made is launch else made
 
 
 # ------------------------------------------------------------------ a unit's arguments and result
