@@ -379,6 +379,7 @@ class _RecordingTrace(Trace):
         self.meshes = {}         # equation index -> the abstract mesh it was bound under (_append)
         self.quiet = set()       # indexes of equations kept only where needed (Recorder.quiet)
         self.quiet_values = set()  # the ids those equations make
+        self.aliases = {}        # id -> (id of the same value made later, its equation): Recorder.alias
 
     # -- helpers
     def new(self, val, aval=None, const=False):
@@ -720,6 +721,7 @@ class Recorder:
         copy.meshes = {k: m for k, m in trace.meshes.items() if k < stop}
         copy.quiet = {k for k in trace.quiet if k < stop}
         copy.quiet_values = {i for i in trace.quiet_values if i < num_values}
+        copy.aliases = {i: made for i, made in trace.aliases.items() if made[1] < stop}
         return new
 
     def adopt(self, id, value) -> RecTracer:
@@ -746,6 +748,19 @@ class Recorder:
         trace.quiet.update(range(start, stop))
         trace.quiet_values.update(o for _, _, _, outs in trace.eqns[start:stop] for o in outs)
         trace.effect_eqns = [k for k in trace.effect_eqns if not start <= k < stop]
+
+    def alias(self, pairs, since):
+        """Each (old, new) of ``pairs``: value ``new``, made by an equation recorded from
+        ``since`` on, is value ``old`` computed again (a differentiated forward's values,
+        which its linearization computes too).  A segment that holds ``new``'s equation
+        reads ``new`` wherever it reads ``old`` after it, and gives it for ``old``: the
+        equations that made ``old`` are then dead there, and the forward is computed once
+        (XLA does not merge the two: a custom_jvp rule computes its value its own way)."""
+        trace = self._live()
+        made = {o: k for k in range(since, len(trace.eqns)) for o in trace.eqns[k][3]}
+        for old, new in pairs:
+            if new in made and old != new:
+                trace.aliases[old] = (new, made[new])
 
     def quiet_values(self) -> set:
         """The ids of the values quiet equations make (one example's, inside a vmap): no
@@ -997,9 +1012,17 @@ def _build_segment(trace, out_ids, start, stop, skip=frozenset(), pure=False):
 
 def _build_segment_nogc(trace, out_ids, start, stop, skip, pure):
     eqns, avals, literals, meshes, quiet = trace.eqns, trace.avals, trace.literals, trace.meshes, trace.quiet
+    # A value made again later in the segment (Recorder.alias) is read there from then on.
+    aliases = {i: new for i, (new, k) in trace.aliases.items() if start <= k < stop} \
+        if trace.aliases else None
+    if aliases:
+        made_at = {new: k for new, k in trace.aliases.values()}
+        read_outs = [aliases.get(o, o) for o in out_ids]
+    else:
+        read_outs = out_ids
     # Dead-code elimination, backwards: keep an equation if an output is needed or it
     # has effects (a debug print or callback must still happen when replayed).
-    needed = set(out_ids)
+    needed = set(read_outs)
     kept, kept_meshes = [], []
     for k in range(stop - 1, start - 1, -1):
         prim, params, atoms, outs = eqns[k]
@@ -1007,6 +1030,8 @@ def _build_segment_nogc(trace, out_ids, start, stop, skip, pure):
             continue
         effs = _effects(prim, params, avals, atoms)
         if effs and not pure and k not in quiet or any(o in needed for o in outs):
+            if aliases:
+                atoms = tuple(_alias_read(a, k, aliases, made_at) for a in atoms)
             kept.append((prim, params, atoms, outs, effs))
             kept_meshes.append(meshes.get(k, _UNSET))
             needed.update(a for a in atoms if isinstance(a, int))
@@ -1062,7 +1087,7 @@ def _build_segment_nogc(trace, out_ids, start, stop, skip, pure):
         key_eqns.append((prim, _params_key(params, prim), tuple(ins_key),
                          tuple(avals[o] for o in outs)))
     outvars, key_outs = [], []
-    for o in out_ids:
+    for o in read_outs:
         v, k = read(o)
         outvars.append(v)
         key_outs.append(k)
@@ -1072,6 +1097,16 @@ def _build_segment_nogc(trace, out_ids, start, stop, skip, pure):
            tuple(key_outs))
     on_meshes = tuple(kept_meshes) if any(m is not _UNSET for m in kept_meshes) else None
     return Segment(closed, inputs, list(out_ids), key, on_meshes)
+
+
+def _alias_read(a, k, aliases, made_at):
+    """The value equation ``k`` reads for atom ``a``: the later copy of it (Recorder.alias)
+    where that copy is made before ``k``."""
+    if type(a) is int:
+        new = aliases.get(a)
+        if new is not None and made_at[new] < k:
+            return new
+    return a
 
 
 # ----------------------------------------------------------------------------- structural keys

@@ -299,6 +299,68 @@ def test_fed_numbers_keep_their_value_and_sign():
     assert_coexecuted(stats(), n=len(scales), min_coexec=5)
 
 
+def make_aux_step(lr=0.1):
+    def loss_fn(params, x, labels):
+        h = x
+        for W, b in params[:-1]:
+            h = jnp.tanh(h @ W + b)
+        W, b = params[-1]
+        logits = h @ W + b
+        probs = jax.nn.softmax(logits)  # a custom_jvp rule: its linearization computes it its own way
+        return -jnp.mean(jnp.log(probs[jnp.arange(len(labels)), labels])), logits
+
+    def step(params, x, labels):
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, labels)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        new = [(W - lr * dW, b - lr * db) for (W, b), (dW, db) in zip(params, grads)]
+        return new, loss, logits, accuracy
+    return step
+
+
+def count_primitive(jaxpr, name):
+    """Equations of primitive ``name`` in ``jaxpr``, counted inside nested jaxprs too."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == name
+        for v in eqn.params.values():
+            inner = getattr(v, "jaxpr", v)
+            if hasattr(inner, "eqns"):
+                n += count_primitive(inner, name)
+    return n
+
+
+def test_a_gradients_aux_output_is_computed_by_its_linearized_forward_once(monkeypatch):
+    """value_and_grad(..., has_aux=True): the aux (logits kept for a metric) comes from the
+    forward JAX linearizes, as eager's does, so the launched segment computes the forward
+    once: as many matrix products as jax.jit's step (it computed the forward twice: the
+    recorded one for the aux, the linearized one for the gradient).  Values equal eager's."""
+    from terra_bc.runtime import compiling
+    sizes, rng = (4, 16, 16, 3), np.random.default_rng(5)
+    params0 = mlp_params(6, sizes)
+    batches = [(randn(rng, 8, 4), jnp.asarray(rng.integers(0, 3, 8).astype(np.int32))) for _ in range(N)]
+
+    def run(step):
+        params, out = params0, []
+        for x, labels in batches:
+            params, loss, logits, acc = step(params, x, labels)
+            out.append((params, loss, logits, acc))
+        return out
+    want = run(make_aux_step())
+    launched = []
+    run_segment = compiling.run
+    monkeypatch.setattr(compiling, "run", lambda it, entry, args, donate=(): (
+        launched.append(entry.segment), run_segment(it, entry, args, donate))[1])
+    terra_bc.reset_stats()
+    got = run(terra_bc.function(make_aux_step()))
+    assert_close(got, want, "params, loss, logits, accuracy")
+    s = stats()
+    assert_coexecuted(s)
+    x, labels = batches[0]
+    jitted = count_primitive(jax.make_jaxpr(make_aux_step())(params0, x, labels).jaxpr, "dot_general")
+    step_segment = max(launched, key=lambda seg: count_primitive(seg.jaxpr.jaxpr, "dot_general"))
+    assert count_primitive(step_segment.jaxpr.jaxpr, "dot_general") == jitted, step_segment.jaxpr
+
+
 # ----------------------------------------------------------------------------- 3. dropout
 
 def make_dropout_step(rng, draws, log=None, lr=0.1):

@@ -143,15 +143,14 @@ def _trace_grad(it, spec, start, diff, out):
     if type(value) is not Placeholder or value._it is not it or value._rec is None:
         raise TypeError("terra_bc: the differentiated function must return a scalar array")
     rec = it.path.recorder
-    seg = rec.segment([value._id], start, rec.mark(), pure=True)  # (effects stay in the forward)
+    stop = rec.mark()
     diff_ids = [p._id for _, phs in diff for p in phs]
-    outputs_of = _function_of(seg, [tracing.tracer(it, i) for i in seg.inputs], diff_ids)
     primals = [tracing.tracer(it, i) for i in diff_ids]
+    held = _forward_values_held(it, start, stop, value._id)
     it.opaque_depth += 1
     try:
         with rec.recording_op():
-            value_t, vjp = jax.vjp(lambda *xs: outputs_of(*xs)[0], *primals)
-            flat = vjp(jnp.ones_like(value_t))
+            value_t, flat = _differentiated(it, start, stop, value._id, held, diff_ids, primals)
     finally:
         it.opaque_depth -= 1
     grads, k = [], 0
@@ -165,6 +164,40 @@ def _trace_grad(it, spec, start, diff, out):
                    outs=tuple(PlaceholderOut(p._id, p.aval) for p in out_leaves))
     counts["ops_traced"] += 1
     return _grad_result(spec, value, grads, aux)
+
+
+def _forward_values_held(it, start, stop, value_id):
+    """Ids of the values the forward (equations [start, stop)) made that Python holds (an
+    aux output, logits kept for metrics): later work reads them."""
+    made = it.path.recorder.wiring(start, stop)[1]
+    return sorted({p._id for p in launching.alive(it)} & made - {value_id})
+
+
+def _differentiated(it, start, stop, value_id, held, diff_ids, primals):
+    """(value, flat gradients) of the recorded forward [start, stop), recorded.  The values
+    of ``held`` are computed by the linearized forward too and taken from there
+    (``Recorder.alias``): eager JAX's value_and_grad returns its aux from that forward, and
+    a segment then computes the forward once, where it computed it twice (BERT classifier:
+    56 matrix products against jax.jit's 42).  A forward JAX cannot linearize with them (a
+    callback behind a metric) is differentiated for its value alone, as before."""
+    rec = it.path.recorder
+    if held:
+        since = rec.mark()
+        try:
+            seg = rec.segment([value_id] + held, start, stop, pure=True)
+            outputs_of = _function_of(seg, [tracing.tracer(it, i) for i in seg.inputs], diff_ids)
+            value_t, vjp, again = jax.vjp(lambda *xs: (lambda outs: (outs[0], outs[1:]))(outputs_of(*xs)),
+                                          *primals, has_aux=True)
+            flat = vjp(jnp.ones_like(value_t))
+        except Exception:  # (its equations recorded so far are read by nothing: dead code)
+            pass
+        else:
+            rec.alias([(i, t.id) for i, t in zip(held, again) if rec.owns(t)], since)
+            return value_t, flat
+    seg = rec.segment([value_id], start, stop, pure=True)  # (effects stay in the forward)
+    outputs_of = _function_of(seg, [tracing.tracer(it, i) for i in seg.inputs], diff_ids)
+    value_t, vjp = jax.vjp(lambda *xs: outputs_of(*xs)[0], *primals)
+    return value_t, vjp(jnp.ones_like(value_t))
 
 
 def _refused_as_jax_refuses(it, spec, diff_args, out_aval=None):
