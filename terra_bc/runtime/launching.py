@@ -140,12 +140,15 @@ def run(it, start, stop, outputs, required=None, later=None, final=False):
     t0 = time.perf_counter() if timeline.on else 0.0
     # (While recording, the segment runs under the trace the recording runs eager work on.)
     with nullcontext() if it.recording is None else set_current_trace(it.recording.parent_trace()):
-        x64 = jax.config.jax_enable_x64
-        launch_number = next(_launch_numbers)
-        args = [device_number(v, x64, launch_number) if type(v) in NUMBER_TYPES else v
-                for v in map(env.__getitem__, seg.inputs)]
+        args = list(map(env.__getitem__, seg.inputs))
+        sizes = seg.sizes or input_bytes(seg)
+        if sizes[3]:  # (a fed Python number is a weakly typed scalar input)
+            x64, launch_number = jax.config.jax_enable_x64, next(_launch_numbers)
+            for k in sizes[3]:
+                if type(args[k]) in NUMBER_TYPES:
+                    args[k] = device_number(args[k], x64, launch_number)
         dead = NONE
-        if later is not None and (seg.sizes or input_bytes(seg))[2] >= DONATE_MIN_BYTES:
+        if later is not None and sizes[2] >= DONATE_MIN_BYTES:
             dead = donatable(it, seg, args, later, final)
         for k in dead:  # (nothing reads them again: let go of them as the segment runs)
             del env[seg.inputs[k]]
@@ -196,7 +199,7 @@ def donatable(it, seg, args, later, final=False):
     iteration's ``final`` launch; only inputs of ``DONATE_MIN_BUFFER`` bytes or more, and
     only where they hold ``DONATE_MIN_BYTES`` at least (the donating executable is compiled
     once more).  Counted in ``buffers_donated``."""
-    sizes, big, _ = input_bytes(seg)
+    sizes, big, _, _ = input_bytes(seg)
     if not settings["donate"] or not final and any(it.path.others_sharing(it.unit.paths, it.pos)):
         return NONE
     env, fed, inputs = it.env, {}, seg.inputs
@@ -224,14 +227,16 @@ def donatable(it, seg, args, later, final=False):
 
 def input_bytes(seg):
     """(The bytes of each input of ``seg``, from their avals: ``Array.nbytes`` costs
-    microseconds; the positions of those of ``DONATE_MIN_BUFFER`` or more; their sum),
-    kept on the segment."""
+    microseconds; the positions of those of ``DONATE_MIN_BUFFER`` or more; their sum; the
+    positions of weakly typed scalars, the only ones a fed Python number can take), kept on
+    the segment."""
     found = seg.sizes
     if found is None:
-        sizes = tuple(math.prod(a.shape) * getattr(a.dtype, "itemsize", 0)
-                      for a in seg.jaxpr.in_avals)
+        avals = seg.jaxpr.in_avals
+        sizes = tuple(math.prod(a.shape) * getattr(a.dtype, "itemsize", 0) for a in avals)
         big = tuple(k for k, n in enumerate(sizes) if n >= DONATE_MIN_BUFFER)
-        found = seg.sizes = (sizes, big, sum(sizes[k] for k in big))
+        weak = tuple(k for k, a in enumerate(avals) if not a.shape and getattr(a, "weak_type", False))
+        found = seg.sizes = (sizes, big, sum(sizes[k] for k in big), weak)
     return found
 
 
