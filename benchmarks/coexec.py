@@ -23,6 +23,8 @@ them alike; times are medians over repeats, measured in steady state after warm-
              of eager runs of a new segment before compiling it pays.
 (f) small    (a) at widths 4-8-8-2, batch 2: computing costs next to nothing, so the step
              time is Python and dispatch (what a GPU shows of terra_bc's per-step Python).
+(g) aux      (a) as a classifier: value_and_grad(..., has_aux=True) returns the logits, which
+             the step reads again for an accuracy (softmax cross-entropy: custom_jvp rules).
 
 Every terra_bc run is checked against eager (values, rtol 1e-4) and reports terra_bc.stats(),
 so a "fast" number from an engine that silently ran eagerly (or wrongly) is visible as such.
@@ -153,6 +155,23 @@ def make_mlp_step(lr=LR):
     return step
 
 
+def make_aux_step(lr=LR):
+    def loss_fn(params, x, y):
+        h = x
+        for W, b in params[:-1]:
+            h = jnp.tanh(h @ W + b)
+        W, b = params[-1]
+        logits = h @ W + b
+        return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * jax.nn.softmax(y), -1)), logits
+
+    def step(params, x, y):
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(y, -1))
+        new = [(W - lr * dW, b - lr * db) for (W, b), (dW, db) in zip(params, grads)]
+        return new, (loss, accuracy)
+    return step
+
+
 def make_dropout_step(rng, log, lr=LR, p=0.1):
     def loss_fn(params, x, y):
         h = x
@@ -221,14 +240,15 @@ def check_against_eager(make_eager, make_terra, params, batches, n=8):
 
 # ------------------------------------------------------------------ (a) jit-compatible MLP
 
-def bench_mlp(args, sizes=(32, 128, 128, 10), batch=64):
+def bench_mlp(args, sizes=(32, 128, 128, 10), batch=64, make_step=make_mlp_step,
+              what="value_and_grad + SGD"):
     params = init_params(0, sizes)
     batches = make_batches(1, 16, batch, sizes[0], sizes[-1])
-    out = {"shape": f"MLP {sizes}, batch {batch}, value_and_grad + SGD"}
-    modes = [Mode("eager", make_mlp_step(), params),
-             Mode("jit", jax.jit(make_mlp_step()), params)]
+    out = {"shape": f"MLP {sizes}, batch {batch}, {what}"}
+    modes = [Mode("eager", make_step(), params),
+             Mode("jit", jax.jit(make_step()), params)]
     try:
-        modes.append(Mode("terra_bc", terra_function(make_mlp_step()), params))
+        modes.append(Mode("terra_bc", terra_function(make_step()), params))
     except Exception as e:
         out["terra_bc_error"] = err(e)
     terra_reset()
@@ -243,7 +263,7 @@ def bench_mlp(args, sizes=(32, 128, 128, 10), batch=64):
     out["jit/eager"] = j / e if j and e else None
     try:
         out["terra_bc_max_rel_diff_vs_eager"] = check_against_eager(
-            make_mlp_step, lambda: terra_function(make_mlp_step()), params, batches)
+            make_step, lambda: terra_function(make_step()), params, batches)
     except Exception as e:
         out["terra_bc_check_error"] = err(e)
     return out
@@ -584,7 +604,8 @@ def report(res):
     if res.get("terra_bc_import_error"):
         add(f"  terra_bc import failed: {res['terra_bc_import_error']}")
     for key, title in (("a_mlp", "(a) jit-compatible step"),
-                       ("f_small", "(f) the same step where computing costs next to nothing")):
+                       ("f_small", "(f) the same step where computing costs next to nothing"),
+                       ("g_aux", "(g) a classifier step whose gradient returns its logits (has_aux)")):
         a = res.get(key)
         if not a:
             continue
@@ -702,9 +723,17 @@ def bench_small(args):
     return bench_mlp(args, sizes=(4, 8, 8, 2), batch=2)
 
 
+def bench_aux(args):
+    """(a) as a classifier whose value_and_grad returns its logits (has_aux) for an accuracy:
+    the forward's values Python holds come from the forward JAX linearizes (Recorder.alias)."""
+    return bench_mlp(args, make_step=make_aux_step,
+                     what="value_and_grad(has_aux=True) + accuracy from the logits + SGD")
+
+
 SECTIONS = {"a": ("a_mlp", bench_mlp), "b": ("b_dropout", bench_dropout),
             "c": ("c_warmup", bench_warmup), "d": ("d_memory", bench_memory),
-            "e": ("e_overhead", bench_overhead), "f": ("f_small", bench_small)}
+            "e": ("e_overhead", bench_overhead), "f": ("f_small", bench_small),
+            "g": ("g_aux", bench_aux)}
 
 
 def main(argv=None):
@@ -716,14 +745,14 @@ def main(argv=None):
                    help="(c) iterations timed one by one from the first")
     p.add_argument("--mem-iters", type=int, default=10_000)
     p.add_argument("--k", type=int, default=200, help="(e) ops per unit")
-    p.add_argument("--only", default="abcdef", help="sections to run, e.g. 'ab' or 'a,c'")
+    p.add_argument("--only", default="abcdefg", help="sections to run, e.g. 'ab' or 'a,c'")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
 
     res = {"python": platform.python_version(), "jax": jax.__version__,
            "device": str(jax.devices()[0]), "cpus": os.cpu_count(), "args": vars(args),
            "terra_bc_import_error": TERRA_IMPORT_ERROR, "section_errors": {}}
-    for letter in "abcdef":
+    for letter in "abcdefg":
         if letter not in args.only:
             continue
         key, fn = SECTIONS[letter]
