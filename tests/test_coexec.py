@@ -361,6 +361,36 @@ def test_a_gradients_aux_output_is_computed_by_its_linearized_forward_once(monke
     assert count_primitive(step_segment.jaxpr.jaxpr, "dot_general") == jitted, step_segment.jaxpr
 
 
+def test_a_python_exponent_is_baked_and_fed_once_it_changes(monkeypatch):
+    """``x ** 2``: the exponent is baked, so JAX makes it a multiplication (integer_pow), as
+    eager and jax.jit do; fed, it was a general power whose derivative selects on x == 0.
+    An exponent that changes between iterations is fed from then on (one divergence)."""
+    from terra_bc.runtime import compiling
+
+    def make():
+        def step(w, x, n):
+            loss = lambda w: jnp.mean((x @ w - 1.0) ** 2) + jnp.mean(jnp.abs(w) ** n)
+            return jax.value_and_grad(loss)(w)
+        return step
+    rng = np.random.default_rng(9)
+    w, x = randn(rng, 4, 3), randn(rng, 8, 4)
+    exponents = [3, 3, 3, 4, 5, 6, 7]
+    want = [make()(w, x, n) for n in exponents]
+    launched = []
+    run_segment = compiling.run
+    monkeypatch.setattr(compiling, "run", lambda it, entry, args, donate=(): (
+        launched.append(entry.segment), run_segment(it, entry, args, donate))[1])
+    terra_bc.reset_stats()
+    step = terra_bc.function(make())
+    got = [step(w, x, n) for n in exponents]
+    assert_close(got, want, "loss, gradient")
+    s = stats()
+    assert s["iterations_coexecuted"] >= len(exponents) - 3 and s["divergences"] <= 2, s
+    last = launched[-1].jaxpr.jaxpr
+    assert count_primitive(last, "integer_pow") >= 1, last   # x ** 2, baked
+    assert count_primitive(last, "pow") >= 1, last           # ** n, fed once it changed
+
+
 # ----------------------------------------------------------------------------- 3. dropout
 
 def make_dropout_step(rng, draws, log=None, lr=0.1):

@@ -296,9 +296,13 @@ ARITHMETIC = {}  # "__mul__" -> the callable a placeholder's (and an array's) x 
 
 def install_methods(cls):
     """Give ``cls`` (Placeholder) its operators, array properties and methods.  Returns the
-    callables its arithmetic operators record: Python numbers given to those are fed, not
+    callables its arithmetic operators record whose Python-number operands are fed, not
     baked in (they change often and are never needed static; an index given to
-    ``__getitem__`` or the digits given to ``__round__`` are)."""
+    ``__getitem__`` or the digits given to ``__round__`` are).  Not ``x ** n``'s exponent:
+    JAX makes ``x ** 2`` a multiplication (``integer_pow``) where the exponent is a Python
+    int, and a fed one a general power, ``exp(n * log(x))``, whose derivative adds a
+    ``select`` for ``x == 0`` (a layer norm's variance: 33 of them in a BERT step).  A
+    baked exponent that changes is fed from then on (automatic dynamism)."""
     arithmetic = {}
     for name in BINARY:
         fn = getattr(operator, name, None) or getattr(operator, name + "_", None) or divmod
@@ -315,9 +319,8 @@ def install_methods(cls):
     for name in METHOD_NAMES:
         setattr(cls, name, _method_of(METHODS[name], name))
     ARITHMETIC.update(arithmetic)
-    fed_operands = frozenset(arithmetic.values())
-    STABLE.update(fed_operands)
-    return fed_operands
+    STABLE.update(arithmetic.values())
+    return frozenset(fn for name, fn in arithmetic.items() if name != "__pow__")
 
 
 OPERATORS = install_methods(Placeholder)  # (see Iteration tracing: operands fed)
