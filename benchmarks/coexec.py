@@ -141,13 +141,17 @@ def make_batches(seed, count, batch, din, dout):
 # ------------------------------------------------------------------ the step functions
 # Factories: each mode gets its own fresh function object.
 
+def mlp_outputs(params, x):
+    h = x
+    for W, b in params[:-1]:
+        h = jnp.tanh(h @ W + b)
+    W, b = params[-1]
+    return h @ W + b
+
+
 def make_mlp_step(lr=LR):
     def loss_fn(params, x, y):
-        h = x
-        for W, b in params[:-1]:
-            h = jnp.tanh(h @ W + b)
-        W, b = params[-1]
-        return jnp.mean((h @ W + b - y) ** 2)
+        return jnp.mean((mlp_outputs(params, x) - y) ** 2)
 
     def step(params, x, y):
         loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
@@ -157,11 +161,7 @@ def make_mlp_step(lr=LR):
 
 def make_aux_step(lr=LR):
     def loss_fn(params, x, y):
-        h = x
-        for W, b in params[:-1]:
-            h = jnp.tanh(h @ W + b)
-        W, b = params[-1]
-        logits = h @ W + b
+        logits = mlp_outputs(params, x)
         return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * jax.nn.softmax(y), -1)), logits
 
     def step(params, x, y):

@@ -168,13 +168,17 @@ def test_pure_mlp_forward_loss():
 
 # ----------------------------------------------------------------------------- 2. training
 
+def mlp_outputs(params, x):
+    h = x
+    for W, b in params[:-1]:
+        h = jnp.tanh(h @ W + b)
+    W, b = params[-1]
+    return h @ W + b
+
+
 def make_train_step(lr=0.1):
     def loss_fn(params, x, y):
-        h = x
-        for W, b in params[:-1]:
-            h = jnp.tanh(h @ W + b)
-        W, b = params[-1]
-        return jnp.mean((h @ W + b - y) ** 2)
+        return jnp.mean((mlp_outputs(params, x) - y) ** 2)
 
     def step(params, x, y):
         loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
@@ -301,11 +305,7 @@ def test_fed_numbers_keep_their_value_and_sign():
 
 def make_aux_step(lr=0.1):
     def loss_fn(params, x, labels):
-        h = x
-        for W, b in params[:-1]:
-            h = jnp.tanh(h @ W + b)
-        W, b = params[-1]
-        logits = h @ W + b
+        logits = mlp_outputs(params, x)
         probs = jax.nn.softmax(logits)  # a custom_jvp rule: its linearization computes it its own way
         return -jnp.mean(jnp.log(probs[jnp.arange(len(labels)), labels])), logits
 
