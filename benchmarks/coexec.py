@@ -19,8 +19,9 @@ them alike; times are medians over repeats, measured in steady state after warm-
              step under terra_bc, and its growth.
 (e) overhead Python-side cost per skipped site: a unit of K=200 cheap jnp ops on tiny arrays
              with no fetch; (time per co-executed iteration - time of the same computation as
-             one jax.jit call) / K.  And the cost of a 1-op unit per segment launched, and
-             of eager runs of a new segment before compiling it pays.
+             one jax.jit call) / K.  And the cost of a 1-op unit per segment launched, of
+             eager runs of a new segment before compiling it pays, and of 30 ops with a
+             NumPy scalar operand (the general path) against a Python float's.
 (f) small    (a) at widths 4-8-8-2, batch 2: computing costs next to nothing, so the step
              time is Python and dispatch (what a GPU shows of terra_bc's per-step Python).
 (g) aux      (a) as a classifier: value_and_grad(..., has_aux=True) returns the logits, which
@@ -528,7 +529,32 @@ def bench_overhead(args):
         out.update(eager_segment_cost(k, x))
     except Exception as e:
         out["eager_segment_error"] = err(e)
+    try:
+        out.update(numpy_operand_cost(x, n, args))
+    except Exception as e:
+        out["numpy_operand_error"] = err(e)
     return out
+
+
+def make_numpy_operand_step(operand, ops=30):
+    def step(x):
+        for _ in range(ops):
+            x = x / operand
+        return x
+    return step
+
+
+def numpy_operand_cost(x, n, args, ops=30):
+    """A unit of 30 ops each dividing by a NumPy scalar (np.sqrt's float64: the general
+    path, fed at every op and transferred by the launch) against the same with a Python
+    float (the C fast path): per iteration, and eager's."""
+    found = {"numpy_operand_ops": ops}
+    for name, operand in (("numpy", np.sqrt(np.float64(1.5))), ("float", float(np.sqrt(1.5)))):
+        unit = compiled_unit(make_numpy_operand_step(operand, ops), x, args.warmup)
+        found[f"{name}_operand_iter_s"] = time_chain(unit, x, n, args.repeats)
+    found["numpy_operand_eager_s"] = time_chain(make_numpy_operand_step(np.sqrt(np.float64(1.5)), ops),
+                                                x, max(5, n // 10), args.repeats)
+    return found
 
 
 def eager_segment_cost(k, x, iterations=10):
@@ -700,6 +726,11 @@ def report(res):
             f"    eager op through a routed site: {fmt(e['routed_eager_op_us'], ' us')} against "
             f"{fmt(e['eager_op_us'], ' us')} plain: +{fmt(e['routed_extra_us'], ' us')} "
             f"(+{fmt(e['routed_kw_extra_us'], ' us')} with a keyword argument)"))
+        line_or_error(add, e, "numpy_operand", "numpy_operand_iter_s", lambda: (
+            f"    {e['numpy_operand_ops']} ops dividing by a NumPy scalar: terra_bc "
+            f"{fmt(e['numpy_operand_iter_s'] * 1e6, ' us')} an iteration (a Python float: "
+            f"{fmt(e['float_operand_iter_s'] * 1e6, ' us')}; eager "
+            f"{fmt(e['numpy_operand_eager_s'] * 1e6, ' us')})"))
         line_or_error(add, e, "eager_segment", "eager_segment_iter_s", lambda: (
             f"    K-op segment run eagerly (before compiling pays; {e['eager_segment_runs']} "
             f"eager runs in 10 iterations): {fmt(e['eager_segment_iter_s'] * 1e3, ' ms')} an "
