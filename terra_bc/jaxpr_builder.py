@@ -1013,13 +1013,9 @@ def _build_segment(trace, out_ids, start, stop, skip=frozenset(), pure=False):
 def _build_segment_nogc(trace, out_ids, start, stop, skip, pure):
     eqns, avals, literals, meshes, quiet = trace.eqns, trace.avals, trace.literals, trace.meshes, trace.quiet
     # A value made again later in the segment (Recorder.alias) is read there from then on.
-    aliases = {i: new for i, (new, k) in trace.aliases.items() if start <= k < stop} \
+    aliases = {i: made for i, made in trace.aliases.items() if start <= made[1] < stop} \
         if trace.aliases else None
-    if aliases:
-        made_at = {new: k for new, k in trace.aliases.values()}
-        read_outs = [aliases.get(o, o) for o in out_ids]
-    else:
-        read_outs = out_ids
+    read_outs = [aliases[o][0] if o in aliases else o for o in out_ids] if aliases else out_ids
     # Dead-code elimination, backwards: keep an equation if an output is needed or it
     # has effects (a debug print or callback must still happen when replayed).
     needed = set(read_outs)
@@ -1031,7 +1027,7 @@ def _build_segment_nogc(trace, out_ids, start, stop, skip, pure):
         effs = _effects(prim, params, avals, atoms)
         if effs and not pure and k not in quiet or any(o in needed for o in outs):
             if aliases:
-                atoms = tuple(_alias_read(a, k, aliases, made_at) for a in atoms)
+                atoms = tuple(_alias_read(a, k, aliases) for a in atoms)
             kept.append((prim, params, atoms, outs, effs))
             kept_meshes.append(meshes.get(k, _UNSET))
             needed.update(a for a in atoms if isinstance(a, int))
@@ -1099,13 +1095,13 @@ def _build_segment_nogc(trace, out_ids, start, stop, skip, pure):
     return Segment(closed, inputs, list(out_ids), key, on_meshes)
 
 
-def _alias_read(a, k, aliases, made_at):
+def _alias_read(a, k, aliases):
     """The value equation ``k`` reads for atom ``a``: the later copy of it (Recorder.alias)
     where that copy is made before ``k``."""
     if type(a) is int:
-        new = aliases.get(a)
-        if new is not None and made_at[new] < k:
-            return new
+        made = aliases.get(a)
+        if made is not None and made[1] < k:
+            return made[0]
     return a
 
 

@@ -184,20 +184,27 @@ def _differentiated(it, start, stop, value_id, held, diff_ids, primals):
     if held:
         since = rec.mark()
         try:
-            seg = rec.segment([value_id] + held, start, stop, pure=True)
-            outputs_of = _function_of(seg, [tracing.tracer(it, i) for i in seg.inputs], diff_ids)
-            value_t, vjp, again = jax.vjp(lambda *xs: (lambda outs: (outs[0], outs[1:]))(outputs_of(*xs)),
-                                          *primals, has_aux=True)
-            flat = vjp(jnp.ones_like(value_t))
+            value_t, flat, again = _vjp(it, start, stop, [value_id] + held, diff_ids, primals)
         except Exception:  # (its equations recorded so far are read by nothing: dead code)
             pass
         else:
             rec.alias([(i, t.id) for i, t in zip(held, again) if rec.owns(t)], since)
             return value_t, flat
-    seg = rec.segment([value_id], start, stop, pure=True)  # (effects stay in the forward)
+    value_t, flat, _ = _vjp(it, start, stop, [value_id], diff_ids, primals)
+    return value_t, flat
+
+
+def _vjp(it, start, stop, out_ids, diff_ids, primals):
+    """(first output, its flat gradients, the other outputs) of the recorded forward
+    [start, stop) computing ``out_ids``, differentiated with respect to ``diff_ids``."""
+    seg = it.path.recorder.segment(out_ids, start, stop, pure=True)  # (effects stay in the forward)
     outputs_of = _function_of(seg, [tracing.tracer(it, i) for i in seg.inputs], diff_ids)
-    value_t, vjp = jax.vjp(lambda *xs: outputs_of(*xs)[0], *primals)
-    return value_t, vjp(jnp.ones_like(value_t))
+
+    def value_and_rest(*xs):
+        outs = outputs_of(*xs)
+        return outs[0], outs[1:]
+    value_t, vjp, rest = jax.vjp(value_and_rest, *primals, has_aux=True)
+    return value_t, vjp(jnp.ones_like(value_t)), rest
 
 
 def _refused_as_jax_refuses(it, spec, diff_args, out_aval=None):

@@ -9,8 +9,8 @@ arrays launched segments return (and to the values Python fed).
 """
 from __future__ import annotations
 
-import math
 import itertools
+import math
 import sys
 import time
 from contextlib import nullcontext
