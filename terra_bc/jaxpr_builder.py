@@ -1489,6 +1489,15 @@ def cold_operations(segment: Segment, among=None) -> int:
     return len(cold) if among is None else len(cold & among)
 
 
+def cold_operations_in(segments) -> int:
+    """How many distinct operations of ``segments`` no eager run has compiled yet."""
+    ops = set()
+    for segment in segments:
+        if not segment.warmed:
+            ops |= operations_of(segment)
+    return len(ops - _warm)
+
+
 def _warm_operation(prim, params, in_avals):
     """An operation the recording ran eagerly as it recorded it (see operations_of)."""
     _remember_warm((_operation(prim, _params_key(params, prim), in_avals, _mesh_now()),))

@@ -255,6 +255,27 @@ def _first_path(it):
     return not any(p is not it.path for p in it.unit.paths)
 
 
+def eager_trace_costs_more(path, stop):
+    """Would a trace leaving ``path`` at equation ``stop`` cost more recorded eagerly-valued
+    than abstractly?  Recorded eagerly-valued, its operations run eagerly as they are
+    recorded, and eager JAX compiles each the first time it runs; recorded abstractly, its
+    values come from its segment, compiled (or run eagerly where ``Choice`` says so).
+    Where ``path``'s own operations never ran eagerly (its segments were compiled) and a
+    first compile of each costs more than compiling one of its segments, the new path,
+    made mostly of the same operations, is recorded abstractly whatever
+    ``Unit.traces_abstractly`` says (that rule is for paths that do not come back: a path
+    whose segments ran eagerly has few cold operations, and traces as it says).  A
+    detector whose box counts change each step spent 4 s of its 10 in traces compiling
+    operations one by one."""
+    segments = [e.segment for e in path.segments.values() if e.stop > stop]
+    if not segments:
+        return False
+    seconds, ops = _first_runs
+    per_op = seconds / ops if ops >= 20 else EAGER_FIRST_RUN_SECONDS
+    cold = jaxpr_builder.cold_operations_in(segments)
+    return cold * per_op > max(expected_compile_seconds(s) for s in segments)
+
+
 class Choice(NamedTuple):
     """Run a new segment eagerly, or compile it.  Eager JAX compiles each operation
     (primitive, parameters, input avals) the first time it runs, whatever path runs it:

@@ -24,7 +24,7 @@ from jax.tree_util import tree_leaves
 from .. import _hook
 from ..counters import counts
 from ..jaxpr_builder import tracing_for_jit
-from . import bodies, coexecution, context, journal, launching, timeline, tracing
+from . import bodies, coexecution, compiling, context, journal, launching, timeline, tracing
 from .coexecution import retried
 from .context import COEXEC, EAGER, TRACE, UNCHANGED
 from .events import FetchEvent
@@ -269,13 +269,15 @@ class Iteration:
         # Traced abstractly, the rest of the iteration records the new path from its start:
         # the prefix not launched yet is computed with it (one segment, the one the path's
         # later iterations launch) rather than alone (a segment used once).
-        abstract = not to_eager and (self.unit.traces_abstractly() or bool(self.batching))
+        abstract = not to_eager and (self.unit.traces_abstractly() or bool(self.batching)
+                                     or compiling.eager_trace_costs_more(old, stop))
         if not abstract:
             launching.launch(self, stop, [p._id for p in alive])
         if pos == 0:  # nothing co-executed: an iteration traced (or run eagerly) from its start
             counts["iterations_coexecuted"] -= 1
         where = self._note_divergence(failed, "ran the rest eagerly" if to_eager
-                                      else f"traced new path {len(self.unit.paths) + 1}")
+                                      else f"traced new path {len(self.unit.paths) + 1}"
+                                      + ("" if abstract else " eagerly-valued"))
         if to_eager:
             self.mode = EAGER
             counts["eager_fallbacks"] += 1
@@ -291,7 +293,7 @@ class Iteration:
             p._rec = self.tracers[p._id] = (new.recorder.adopt(p._id, value) if value is not MISS
                                             else new.recorder.adopt_abstract(p._id))
         self.path, self.mode, self.fork_stop, self.left = new, TRACE, stop, old
-        self.start_recording()
+        self.start_recording(abstract)
 
     def abort(self, error):
         """``error`` stopped terra_bc's own code in this iteration, maybe half-way through a
@@ -327,14 +329,16 @@ class Iteration:
                      self.path.events, journal.did(*failed) if failed else None, where, then)
         return where
 
-    def start_recording(self):
+    def start_recording(self, abstract=None):
         """Record this iteration's ops into its path (tracing): abstractly where the unit
-        allows it, each value computed when read (launching.compute_recorded)."""
+        allows it (or ``abstract`` says), each value computed when read
+        (launching.compute_recorded)."""
         rec = self.recording = self.path.recorder
         rec.__enter__()
         rec.note_ran_effects(self.effects_ran)
-        rec.compute_values(launching.computer(self),  # (inside a vmap: see vmapping.plan)
-                           lazy=self.unit.traces_abstractly() or bool(self.batching))
+        if abstract is None:
+            abstract = self.unit.traces_abstractly() or bool(self.batching)
+        rec.compute_values(launching.computer(self), lazy=abstract)  # (vmap: vmapping.plan)
 
     def _path_ending_here(self):
         """Co-execution ended before this path did: the recorded path that ends here, or a
