@@ -12,8 +12,8 @@
  * placement a placeholder's ``x.sharding`` answers with one device)
  *
  * (the arguments: the positional ones, then the keyword ones in call order) with per-arg specs (0, id) a placeholder of this iteration, (1, value) a static value,
- * (2, id, aval, type) a fed Python number or array.  Anything else (other keyword names,
- * several outputs, closures, NumPy inputs, a failed check) returns the MISS sentinel and the
+ * (2, id, aval, type) a fed Python number, NumPy scalar or array.  Anything else (other
+ * keyword names, several outputs, closures, NumPy arrays, a failed check) returns the MISS sentinel and the
  * runtime's general path decides, re-checking from scratch.  Objects are read through the
  * slot offsets of the runtime's own classes (Iteration, Path, OpEvent and Placeholder
  * declare __slots__), which set_fast_path() looks up when the runtime is imported.
@@ -30,7 +30,7 @@ static unsigned long long fast_skipped = 0, fast_feeds = 0;
 
 static struct {
     int ready;
-    PyTypeObject *placeholder, *event, *iteration, *path, *array;
+    PyTypeObject *placeholder, *event, *iteration, *path, *array, *numpy_scalar;
     PyObject *stand_in, *coexec, *miss, *aval_name;
     Py_ssize_t ph_trace, ph_aval, ph_it, ph_id, ph_rec, ph_val;
     Py_ssize_t ev_fast;
@@ -111,6 +111,13 @@ match_arg(PyObject *it, PyObject *x, PyObject *spec, PyObject **value, int *ran_
     }
     /* a feed: a Python number of the recorded type, or an array of the recorded aval */
     if (t == &PyLong_Type || t == &PyFloat_Type) {
+        *value = x;
+        return (PyObject *)t == PyTuple_GET_ITEM(spec, 3);
+    }
+    /* A NumPy scalar (np.float32(0.5), np.sqrt(64.0)): immutable, bound as it is (the
+     * launch transfers it, as coexecution.bind keeps it); of the recorded type, its aval is
+     * the recorded one (the path's configuration, x64 included, is guarded at its enter). */
+    if (PyType_IsSubtype(t, F.numpy_scalar)) {
         *value = x;
         return (PyObject *)t == PyTuple_GET_ITEM(spec, 3);
     }
@@ -267,7 +274,7 @@ get_object(PyObject *config, const char *key, PyObject **out)
 }
 
 /* set_fast_path({"placeholder": ..., "event": ..., "iteration": ..., "path": ...,
- * "array": ..., "stand_in": ..., "coexec": ..., "miss": ...}) */
+ * "array": ..., "numpy_scalar": ..., "stand_in": ..., "coexec": ..., "miss": ...}) */
 static PyObject *
 set_fast_path(PyObject *mod, PyObject *config)
 {
@@ -278,7 +285,8 @@ set_fast_path(PyObject *mod, PyObject *config)
     F.ready = 0;  /* (again if the runtime module is reloaded: its classes are new) */
     if (get_type(config, "placeholder", &F.placeholder) < 0 || get_type(config, "event", &F.event) < 0
         || get_type(config, "iteration", &F.iteration) < 0 || get_type(config, "path", &F.path) < 0
-        || get_type(config, "array", &F.array) < 0 || get_object(config, "stand_in", &F.stand_in) < 0
+        || get_type(config, "array", &F.array) < 0 || get_type(config, "numpy_scalar", &F.numpy_scalar) < 0
+        || get_object(config, "stand_in", &F.stand_in) < 0
         || get_object(config, "coexec", &F.coexec) < 0 || get_object(config, "miss", &F.miss) < 0)
         return NULL;
     PyObject *ph = (PyObject *)F.placeholder, *it = (PyObject *)F.iteration;

@@ -217,3 +217,41 @@ def test_a_call_that_fails_to_start_leaves_the_thread_as_it_was(monkeypatch):
         close(jnp.sum(x) * 2.0, 6.0)
         close(unit(x + 1), step(x + 1))
         close(unit(x + 2), step(x + 2))
+
+
+def test_numpy_scalar_operands_are_skipped_in_c():
+    """A NumPy scalar the step computes and feeds to an op (``x / np.sqrt(d)``) is matched
+    in C by its type and bound as it is; one of another type (a Python float where an
+    np.float32 was recorded) is a different input, which the general path decides.  An
+    identity op handing the fed scalar back (``jnp.asarray`` of a float64 to float32, once
+    fed) stays on the general path: Python gets eager's device array from it."""
+    scales = np.linspace(1.0, 3.5, N + 2).astype(np.float32)
+    calls = [0]
+
+    def step(x, as_float=False):
+        k = calls[0]
+        calls[0] += 1
+        s = float(scales[k]) if as_float else scales[k]    # np.float32
+        t = np.sqrt(np.float64(2.0 + k))                    # np.float64
+        h = jnp.tanh(x) / s
+        h = h * t + jnp.asarray(s)                          # asarray: the identity too
+        back = jnp.asarray(t, jnp.float32)                  # the identity on the fed value
+        return jnp.sum(h * h), back
+
+    x = jnp.linspace(0.0, 1.0, 12).reshape(3, 4)
+    want = [step(x) for _ in range(N)] + [step(x, True)]
+    calls[0] = 0
+    terra_bc.reset_stats()
+    unit = terra_bc.function(step)
+    got = [unit(x) for _ in range(N)]
+    s = terra_bc.stats()
+    in_c = fast_skipped()
+    got.append(unit(x, True))
+    close(got, want)
+    for _, back in got:
+        assert isinstance(back, jax.Array) and back.dtype == jnp.float32, type(back)
+    assert s["divergences"] == 0 and s["iterations_coexecuted"] == N - 1, s
+    # tanh, div, mul, add, mul, sum in C; the two asarray (identities) on the general path.
+    assert in_c == 6 * (N - 1), (in_c, s)
+    assert s["ops_skipped"] == 8 * (N - 1), s
+    assert fast_skipped() < in_c + 6, "a float where np.float32 was recorded matched in C"

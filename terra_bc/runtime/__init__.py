@@ -33,6 +33,8 @@ One module per concern; each imports only those above it in this list:
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .. import _hook, scope
 from . import journal
 from . import settings as _settings
@@ -64,7 +66,7 @@ def install():
     _hook.set_watch_handler(on_watched)
     watch_config()
     _hook.set_fast_path({"placeholder": Placeholder, "event": OpEvent, "iteration": Iteration,
-                         "path": Path, "array": ArrayImpl, "stand_in": STAND_IN,
+                         "path": Path, "array": ArrayImpl, "numpy_scalar": np.generic, "stand_in": STAND_IN,
                          "coexec": COEXEC, "miss": MISS})
     route_array_operators(ArrayImpl)
 

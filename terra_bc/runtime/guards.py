@@ -341,11 +341,14 @@ def fast_spec(key, specs, out_tree, outs, flat):
             or type(outs[0]) not in (PlaceholderOut, StaticOut) \
             or any(type(spec) not in _FAST_CODES for spec in specs):
         return None
+    out = outs[0]  # (a static output: its value in the aval's place, no id: _fastop.c)
+    if type(out) is PlaceholderOut and any(
+            type(s) is FeedIn and s.id == out.id and issubclass(s.type, np.generic) for s in specs):
+        return None  # (an identity op hands the NumPy scalar back: bind makes it an array)
     nargs, names = flat
     # specs follow JAX's flattening of (args, kwargs): keywords in sorted name order.
     by_name = dict(zip(sorted(names), specs[nargs:]))
     in_call_order = specs[:nargs] + tuple(by_name[k] for k in names)
-    out = outs[0]  # (a static output: its value in the aval's place, no id: _fastop.c)
     out_id, out_aval = (out.id, out.aval) if type(out) is PlaceholderOut else (None, out.value)
     return FastSpec(key, nargs, tuple((_FAST_CODES[type(s)],) + tuple(s) for s in in_call_order),
                     out_id, out_aval, names or None)
