@@ -554,6 +554,19 @@ def test_the_eval_shape_key_tells_functions_and_data_apart():
         return recursive  # (a function closing over itself)
     assert key(recursive, (), {}) == key(recursive, (), {})
 
+    # Classes and modules are keys by identity, themselves; a class whose metaclass
+    # defines == is held by identity too (its == is never asked).
+    assert key(make(int, (2,)), (), {}) != key(make(float, (2,)), (), {})
+    assert key(make(np, (2,)), (), {}) == key(make(np, (2,)), (), {}) != key(make(jnp, (2,)), (), {})
+
+    class AllEqual(type):
+        def __eq__(cls, other):
+            return True
+        __hash__ = type.__hash__
+    a, b = AllEqual("A", (), {}), AllEqual("B", (), {})
+    assert key(make(a, (2,)), (), {}) != key(make(b, (2,)), (), {})
+    assert key(make(a, (2,)), (), {}) == key(make(a, (2,)), (), {})
+
     held = _Sized()
     assert key(lambda: jnp.zeros((held.rows, 2)), (), {}) is None  # (could change in place)
     assert key(make(1, (2, 3)), (held,), {}) is None

@@ -133,19 +133,28 @@ class _NotPlain(Exception):
 
 
 _PLAIN = (int, float, str, bool, complex, type(None), bytes, np.dtype, np.generic)
+_PLAIN_EXACT = frozenset({int, float, str, bool, complex, type(None), bytes})
+# Classes (of metaclass ``type``) and modules are keys themselves: their hash and == are
+# identity, as Id's, without Id's Python-level __hash__ (a linen parameter's key holds ~24
+# of them; the key is made and hashed at every call).
+_ITSELF = frozenset({type, types.ModuleType, types.FunctionType})
 _BY_IDENTITY = (type, types.ModuleType, types.BuiltinFunctionType)
 
 
 def _traced_key(v, depth, active):
     t = type(v)
-    if isinstance(v, _PLAIN):
+    if t in _PLAIN_EXACT:  # (the common case first: a set lookup, not nine isinstance checks)
+        return (t, v)
+    if t is type or t is types.ModuleType:
+        return v
+    if t is not types.FunctionType and t is not tuple and isinstance(v, _PLAIN):
         return (t, v)
     if depth > _TRACED_KEY_DEPTH:
         raise _NotPlain
-    if t in (tuple, list):
-        return (t,) + tuple(_traced_key(x, depth + 1, active) for x in v)
+    if t is tuple or t is list:
+        return (t, *[_traced_key(x, depth + 1, active) for x in v])
     if t is dict:
-        return (t,) + tuple((k, _traced_key(x, depth + 1, active)) for k, x in v.items())
+        return (t, *[(k, _traced_key(x, depth + 1, active)) for k, x in v.items()])
     if t is frozenset:
         return (t, frozenset(_traced_key(x, depth + 1, active) for x in v))
     if t is types.FunctionType:
@@ -166,11 +175,10 @@ def _traced_key(v, depth, active):
     if t is types.MethodType:
         return (t, _traced_key(v.__func__, depth + 1, active), _traced_key(v.__self__, depth + 1, active))
     if isinstance(v, tuple) and hasattr(t, "_fields"):  # (a named tuple)
-        return (t,) + tuple(_traced_key(x, depth + 1, active) for x in v)
+        return (t, *[_traced_key(x, depth + 1, active) for x in v])
     fields = _frozen_fields(t)
     if fields is not None:
-        return (t,) + tuple(_traced_key(getattr(v, f, _EMPTY_CELL), depth + 1, active)
-                            for f in fields)
+        return (t, *[_traced_key(getattr(v, f, _EMPTY_CELL), depth + 1, active) for f in fields])
     raise _NotPlain
 
 
@@ -200,13 +208,12 @@ def _frozen_fields(t):
 
 def _function_traced_key(f, depth, active):
     g = f.__globals__
-    cells = tuple(_traced_key(_cell_value(c), depth + 1, active) for c in f.__closure__ or ())
-    # A function the code reads as a global is taken by identity (a rebinding is seen, the
-    # globals that function reads in turn are not): keying whole modules' worth of helpers
-    # cost ~300 us an eval_shape, more than tracing it again.
-    reads = tuple((name, Id(value) if type(value) is types.FunctionType
-                   else _traced_key(value, depth + 1, active))
-                  for name, value in ((n, g[n]) for n in _global_names(f.__code__) if n in g))
+    cells = tuple([_traced_key(_cell_value(c), depth + 1, active) for c in f.__closure__ or ()])
+    # A function the code reads as a global is taken by identity, as itself (a rebinding is
+    # seen, the globals that function reads in turn are not): keying whole modules' worth of
+    # helpers cost ~300 us an eval_shape, more than tracing it again.
+    reads = tuple([(name, value if type(value) in _ITSELF else _traced_key(value, depth + 1, active))
+                   for name, value in [(n, g[n]) for n in _global_names(f.__code__) if n in g]])
     return (f.__code__, _traced_key(f.__defaults__, depth + 1, active),
             _traced_key(f.__kwdefaults__, depth + 1, active), cells, reads)
 
