@@ -264,9 +264,9 @@ def eager_trace_costs_more(path, stop):
     first compile of each costs more than compiling one of its segments, the new path,
     made mostly of the same operations, is recorded abstractly whatever
     ``Unit.traces_abstractly`` says (that rule is for paths that do not come back: a path
-    whose segments ran eagerly has few cold operations, and traces as it says).  A
-    detector whose box counts change each step spent 4 s of its 10 in traces compiling
-    operations one by one."""
+    whose segments ran eagerly has few cold operations, and traces as it says).  The
+    detector of benchmarks/control.py (c), whose box count changes each step: whole run
+    9.5-9.9 s before this, 5.9-6.1 s after (30 steps, 2-core CPU)."""
     segments = [e.segment for e in path.segments.values() if e.stop > stop]
     if not segments:
         return False
