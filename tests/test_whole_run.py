@@ -345,18 +345,21 @@ def slice_step(x, w, n):
     return jnp.sum(jnp.cos(tail) * tail + jnp.exp(-tail))
 
 
-@pytest.mark.parametrize("rule", [True, False])
-def test_a_trace_leaving_a_compiled_path_records_abstractly(monkeypatch, rule):
+@pytest.mark.parametrize("mode", ["rule", "no rule", "setting off"])
+def test_a_trace_leaving_a_compiled_path_records_abstractly(monkeypatch, mode):
     """A unit whose paths have not come back traces new ones eagerly-valued (shapes that
     keep changing: Unit.traces_abstractly), each operation run eagerly as it is recorded.
     Where the path it leaves was compiled, none of its operations ran eagerly, so each would
     compile one by one: the new path is recorded abstractly instead
-    (compiling.eager_trace_costs_more).  ``rule=False`` switches that off: the same calls
-    then trace eagerly-valued (the check fails without the rule).  Values equal eager."""
+    (compiling.eager_trace_costs_more).  "no rule" switches that off: the same calls then
+    trace eagerly-valued (the check fails without the rule).  With abstract tracing off
+    (the setting) every trace is eagerly-valued, the rule included.  Values equal eager."""
     from terra_bc.runtime import compiling, journal
     monkeypatch.setattr(compiling, "_rate", [0.0, 0])  # (the prior: not the suite's rate)
-    if not rule:
+    if mode == "no rule":
         monkeypatch.setattr(compiling, "eager_trace_costs_more", lambda path, stop: False)
+    if mode == "setting off":
+        terra_bc.config(abstract_tracing=False)
     r = np.random.default_rng(12)
     x = jnp.asarray(r.normal(size=(6, 5)), jnp.float32)
     w = jnp.asarray(r.normal(size=(5, 5)) * 0.5, jnp.float32)
@@ -367,11 +370,14 @@ def test_a_trace_leaving_a_compiled_path_records_abstractly(monkeypatch, rule):
     core = unit.__terra_bc_unit__
     thens = [rec.then for rec in core.journal if isinstance(rec, journal.Diverged)]
     assert len(thens) == 4 and len(core.paths) == 5 and not core.traces_abstractly(), thens
+    eager_valued = [t.endswith("eagerly-valued") for t in thens]
+    if mode == "setting off":
+        assert eager_valued == [True] * 4, thens
+        return
     # The first two new paths trace abstractly under either rule (few paths yet); the
     # unit's history then says eagerly-valued, unless the path left was compiled.
     assert thens[:2] == ["traced new path 2", "traced new path 3"], thens
-    eager_valued = [t.endswith("eagerly-valued") for t in thens[2:]]
-    assert eager_valued == ([False, False] if rule else [True, True]), thens
+    assert eager_valued[2:] == ([False, False] if mode == "rule" else [True, True]), thens
 
 
 def test_placement_of_a_value_recorded_abstractly_needs_no_launch():

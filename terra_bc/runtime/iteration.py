@@ -24,7 +24,7 @@ from jax.tree_util import tree_leaves
 from .. import _hook
 from ..counters import counts
 from ..jaxpr_builder import tracing_for_jit
-from . import bodies, coexecution, compiling, context, journal, launching, timeline, tracing
+from . import bodies, coexecution, context, journal, launching, timeline, tracing
 from .coexecution import retried
 from .context import COEXEC, EAGER, TRACE, UNCHANGED
 from .events import FetchEvent
@@ -269,8 +269,7 @@ class Iteration:
         # Traced abstractly, the rest of the iteration records the new path from its start:
         # the prefix not launched yet is computed with it (one segment, the one the path's
         # later iterations launch) rather than alone (a segment used once).
-        abstract = not to_eager and (self.unit.traces_abstractly() or bool(self.batching)
-                                     or compiling.eager_trace_costs_more(old, stop))
+        abstract = not to_eager and (self.unit.traces_abstractly(old, stop) or bool(self.batching))
         if not abstract:
             launching.launch(self, stop, [p._id for p in alive])
         if pos == 0:  # nothing co-executed: an iteration traced (or run eagerly) from its start

@@ -117,16 +117,21 @@ class Unit:
         return (f"; idle: no path records an equation (each DL op runs eagerly), "
                 f"{self.idle_left} more call(s) run plainly")
 
-    def traces_abstractly(self):
+    def traces_abstractly(self, leaving=None, stop=0):
         """Record the next trace abstractly?  That compiles the path it records as it goes,
         which pays where paths come back: the first trace, and new paths of a unit at
         least half of whose paths came back.  Not in a unit that has read values too often
         while tracing, nor in one whose paths mostly never came back (shapes that change
         every call: a growing cache): its traces record eagerly-valued, and a path's
-        segments run eagerly until compiling them pays (compiling.py)."""
+        segments run eagerly until compiling them pays (compiling.py).  Except a trace
+        leaving path ``leaving`` at equation ``stop`` (a divergence) where recording
+        eagerly-valued would compile that path's operations one by one
+        (``compiling.eager_trace_costs_more``)."""
+        if not (settings["abstract_tracing"] and self.abstract_tracing):
+            return False
         n = len(self.paths)
-        return (settings["abstract_tracing"] and self.abstract_tracing
-                and (n < 2 or 2 * len(self.reused) >= n))
+        return (n < 2 or 2 * len(self.reused) >= n
+                or leaving is not None and compiling.eager_trace_costs_more(leaving, stop))
 
     def tracing_mode(self):
         """How the next trace records, and why (for explain())."""
