@@ -270,10 +270,15 @@ def eager_trace_costs_more(path, stop):
     segments = [e.segment for e in path.segments.values() if e.stop > stop]
     if not segments:
         return False
-    seconds, ops = _first_runs
-    per_op = seconds / ops if ops >= 20 else EAGER_FIRST_RUN_SECONDS
     cold = jaxpr_builder.cold_operations_in(segments)
-    return cold * per_op > max(expected_compile_seconds(s) for s in segments)
+    return cold * first_run_seconds() > max(expected_compile_seconds(s) for s in segments)
+
+
+def first_run_seconds():
+    """What an operation's first eager run costs (its compile), as measured on this
+    process's eager runs once 20 have been, a prior until then."""
+    seconds, ops = _first_runs
+    return seconds / ops if ops >= 20 else EAGER_FIRST_RUN_SECONDS
 
 
 class Choice(NamedTuple):
@@ -314,8 +319,7 @@ def choice(it, entry):
             for e in p.segments.values():
                 known |= jaxpr_builder.operations_of(e.segment)
         shared = jaxpr_builder.cold_operations(seg, among=known) / cold
-    seconds, ops = _first_runs
-    per_op = seconds / ops if ops >= 20 else EAGER_FIRST_RUN_SECONDS
+    per_op = first_run_seconds()
     compile_s = expected_compile_seconds(seg)
     eager = cold * per_op < compile_s * (1 + len(others) * shared)
     return Choice(eager, cold, per_op, compile_s, len(others), shared)

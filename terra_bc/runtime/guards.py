@@ -134,9 +134,10 @@ class _NotPlain(Exception):
 
 _PLAIN = (int, float, str, bool, complex, type(None), bytes, np.dtype, np.generic)
 _PLAIN_EXACT = frozenset({int, float, str, bool, complex, type(None), bytes})
-# Classes (of metaclass ``type``) and modules are keys themselves: their hash and == are
-# identity, as Id's, without Id's Python-level __hash__ (a linen parameter's key holds ~24
-# of them; the key is made and hashed at every call).
+# Classes (of metaclass ``type``), modules and the functions a traced function reads as
+# globals are keys themselves: their hash and == are identity, as Id's, without Id's
+# Python-level __hash__ (a linen parameter's key holds ~24 of them; the key is made and
+# hashed at every call).  (A function met elsewhere is keyed by its code and closure.)
 _ITSELF = frozenset({type, types.ModuleType, types.FunctionType})
 _BY_IDENTITY = (type, types.ModuleType, types.BuiltinFunctionType)
 
