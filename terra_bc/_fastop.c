@@ -12,7 +12,8 @@
  * placement a placeholder's ``x.sharding`` answers with one device)
  *
  * (the arguments: the positional ones, then the keyword ones in call order) with per-arg specs (0, id) a placeholder of this iteration, (1, value) a static value,
- * (2, id, aval, type) a fed Python number, NumPy scalar or array.  Anything else (other
+ * (2, id, aval, type) a fed Python number, NumPy scalar or array, (3, value) a tuple of
+ * static values (compared element by element, types included).  Anything else (other
  * keyword names, several outputs, closures, NumPy arrays, a failed check) returns the MISS sentinel and the
  * runtime's general path decides, re-checking from scratch.  Objects are read through the
  * slot offsets of the runtime's own classes (Iteration, Path, OpEvent and Placeholder
@@ -79,6 +80,35 @@ still_at(PyObject *it, PyObject *path, Py_ssize_t pos)
         && pos_obj != NULL && PyLong_CheckExact(pos_obj) && PyLong_AsSsize_t(pos_obj) == pos;
 }
 
+/* Is x the static value `want`, or equal to it with the same types all through?  `want`
+ * is a plain tuple (guards.fast_spec made it: of ints, floats, bools, strings, None,
+ * Ellipsis, slices and such tuples), so its comparisons run no code of the program's.
+ * Mirrors the general path, which flattens the tuple and compares each leaf (values.same).
+ * 1 yes, 0 no (an error is cleared), -1 an interrupt came (it is left set). */
+static int
+same_statics(PyObject *x, PyObject *want)
+{
+    if (x == want)
+        return 1;
+    if (Py_TYPE(x) != Py_TYPE(want))
+        return 0;
+    if (PyTuple_CheckExact(want)) {
+        Py_ssize_t n = PyTuple_GET_SIZE(want);
+        if (PyTuple_GET_SIZE(x) != n)
+            return 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int same = same_statics(PyTuple_GET_ITEM(x, i), PyTuple_GET_ITEM(want, i));
+            if (same != 1)
+                return same;
+        }
+        return 1;
+    }
+    int same = PyObject_RichCompareBool(x, want, Py_EQ);
+    if (same < 0)
+        return terra_interrupted() ? -1 : 0;
+    return same;
+}
+
 /* Does argument x match its per-arg spec?  1 yes (a feed: *value is what to bind), 0 no
  * (a pending Python error is cleared), -1 an interrupt came (it is left set: the op's call
  * raises it), and *ran_python tells whether Python code ran. */
@@ -108,6 +138,12 @@ match_arg(PyObject *it, PyObject *x, PyObject *spec, PyObject **value, int *ran_
         if (same < 0 && terra_interrupted())
             return -1;  /* (an interrupt in __eq__: the op's call raises it) */
         return same == 1;
+    }
+    if (kind == 3) {  /* a tuple of static values (an axis tuple, an index, strides) */
+        /* (-1: an interrupt in a comparison: the op's call raises it; an element of x may
+         * be the program's object, a slice's bound, whose __eq__ is its code) */
+        *ran_python = 1;
+        return same_statics(x, PyTuple_GET_ITEM(spec, 1));
     }
     /* a feed: a Python number of the recorded type, or an array of the recorded aval */
     if (t == &PyLong_Type || t == &PyFloat_Type) {

@@ -255,3 +255,37 @@ def test_numpy_scalar_operands_are_skipped_in_c():
     assert in_c == 6 * (N - 1), (in_c, s)
     assert s["ops_skipped"] == 8 * (N - 1), s
     assert fast_skipped() < in_c + 6, "a float where np.float32 was recorded matched in C"
+
+
+def test_static_tuples_and_none_are_checked_in_c():
+    """An op whose argument is a plain tuple of static values (an axis tuple, an index with
+    slices, a shape, nested pad widths) or None is skipped in C: the tuple is compared
+    element by element, types included, as the general path compares its leaves.  A tuple
+    that differs in a value, in a type (an np.int64 where an int was recorded) or in its
+    nesting, and None where a value was recorded, take the general path (a divergence),
+    with eager's values."""
+    def step(x, shape=(2, 6), col=1, axis=None, pad=((1, 0), (0, 2))):
+        h = jnp.tanh(x)[:, col]                   # an index tuple: (slice(None), col)
+        s = jnp.sum(jnp.reshape(x, shape), axis=(0, 1))
+        m = jnp.mean(jnp.pad(x, pad), axis=axis)  # nested tuples; None
+        return jnp.sum(h) + s + m
+
+    x = jnp.linspace(0.0, 1.0, 12).reshape(3, 4)
+    variants = [{}, {"shape": (3, 4)}, {"col": np.int64(1)}, {"axis": 0},
+                {"pad": (1, 0)}, {"pad": ((1, 0), (0, 3))}, {"col": -1}]
+    want = [step(x) for _ in range(N)] + [step(x, **v) for v in variants[1:]]
+    terra_bc.reset_stats()
+    unit = terra_bc.function(step)
+    got = [unit(x) for _ in range(N)]
+    s = terra_bc.stats()
+    in_c = fast_skipped()
+    # tanh, getitem, reshape, sum, pad, mean, sum, add, add: all in C once traced.
+    assert s["divergences"] == 0 and s["iterations_coexecuted"] == N - 1, s
+    assert in_c == s["ops_skipped"] == 9 * (N - 1), (in_c, s)
+    for v in variants[1:]:
+        got.append(unit(x, **v))
+    close(got, want)
+    for g, w in zip(got[N:], want[N:]):
+        assert g.shape == w.shape, (g.shape, w.shape)
+    # each variant leaves the path, none matched in C
+    assert terra_bc.stats()["divergences"] == len(variants) - 1, terra_bc.stats()

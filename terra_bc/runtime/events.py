@@ -50,8 +50,9 @@ class StaticOut(NamedTuple):
 
 class FastSpec(NamedTuple):
     """What the C fast path checks for a plain op event (``_fastop.c``): per-arg specs are
-    plain tuples (0, id) / (1, value) / (2, id, aval, type) for the positional then the
-    keyword arguments in call order.  ``out_id`` None: the one output is a static value
+    plain tuples (0, id) / (1, value) / (2, id, aval, type) / (3, a tuple of static values,
+    compared element by element with their types) for the positional then the keyword
+    arguments in call order.  ``out_id`` None: the one output is a static value
     (``out_aval`` holds it: a placeholder's ``x.sharding`` with one device)."""
     callee: object
     nargs: int

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import operator
 import types
 
@@ -333,30 +334,78 @@ _FAST_CODES = {PlaceholderIn: 0, StaticIn: 1, FeedIn: 2}
 
 
 def flat_call(args, kwargs, leaves):
-    """(number of positional args, keyword names) if each argument is one leaf, else None."""
-    if len(leaves) != len(args) + len(kwargs) or not all(map(operator.is_, leaves, args)):
-        return None
+    """(number of positional args, keyword names, per argument in JAX's flattening order
+    (the positional ones, then the keywords by sorted name) its first leaf, its number of
+    leaves and, for one that is not a leaf itself, its value) where each argument is one
+    leaf, None or a plain tuple of static values (``_static_leaves``); else None."""
+    spans, k, n_leaves = [], 0, len(leaves)
     names = tuple(kwargs)
-    if not all(map(operator.is_, leaves[len(args):], [kwargs[k] for k in sorted(names)])):
-        return None
-    return len(args), names
+    for x in itertools.chain(args, [kwargs[name] for name in sorted(names)]):
+        if k < n_leaves and leaves[k] is x:
+            spans.append((k, 1, _LEAF))
+            k += 1
+            continue
+        n = 0 if x is None else _static_leaves(x) if type(x) is tuple else -1
+        if n < 0:
+            return None
+        spans.append((k, n, x))
+        k += n
+    return (len(args), names, tuple(spans)) if k == n_leaves else None
+
+
+_LEAF = object()  # (flat_call: the argument is its own leaf)
+_STATIC_TYPES = frozenset({int, float, bool, str, type(None), type(Ellipsis)})
+
+
+def _static_leaves(x, depth=0):
+    """The number of leaves of a plain tuple of ints, floats, bools, strings, None,
+    Ellipsis, slices of ints and such tuples (an index, an axis tuple, strides), whose
+    comparisons run no code of the program's (``_fastop.c``, same_statics); -1 for any
+    other value."""
+    n = 0
+    for e in x:
+        t = type(e)
+        if t is tuple and depth < 4:
+            k = _static_leaves(e, depth + 1)
+            if k < 0:
+                return -1
+            n += k
+        elif t is slice:
+            if not all(type(b) is int or b is None for b in (e.start, e.stop, e.step)):
+                return -1
+            n += 1
+        elif t in _STATIC_TYPES:
+            n += e is not None  # (None is an empty node of JAX's pytrees, not a leaf)
+        else:
+            return -1
+    return n
 
 
 def fast_spec(key, specs, out_tree, outs, flat):
     """What the C fast path checks for an op event, or None where only the general path can
     match it (an argument that is not one leaf, several outputs, a graph break's input)."""
     if flat is None or out_tree.num_leaves != 1 or out_tree.num_nodes != 1 or not outs \
-            or type(outs[0]) not in (PlaceholderOut, StaticOut) \
-            or any(type(spec) not in _FAST_CODES for spec in specs):
+            or type(outs[0]) not in (PlaceholderOut, StaticOut):
         return None
+    per_arg = []
+    nargs, names, spans = flat
+    for start, n, value in spans:
+        if value is _LEAF:
+            spec = specs[start]
+            if type(spec) not in _FAST_CODES:
+                return None
+            per_arg.append((_FAST_CODES[type(spec)],) + tuple(spec))
+        elif all(type(spec) is StaticIn for spec in specs[start:start + n]):
+            # (a tuple whose numbers are fed, automatic dynamism's, takes the general path)
+            per_arg.append((1, None) if value is None else (3, value))
+        else:
+            return None
     out = outs[0]  # (a static output: its value in the aval's place, no id: _fastop.c)
     if type(out) is PlaceholderOut and any(
             type(s) is FeedIn and s.id == out.id and issubclass(s.type, np.generic) for s in specs):
         return None  # (an identity op hands the NumPy scalar back: bind makes it an array)
-    nargs, names = flat
     # specs follow JAX's flattening of (args, kwargs): keywords in sorted name order.
-    by_name = dict(zip(sorted(names), specs[nargs:]))
-    in_call_order = specs[:nargs] + tuple(by_name[k] for k in names)
+    by_name = dict(zip(sorted(names), per_arg[nargs:]))
+    in_call_order = per_arg[:nargs] + [by_name[k] for k in names]
     out_id, out_aval = (out.id, out.aval) if type(out) is PlaceholderOut else (None, out.value)
-    return FastSpec(key, nargs, tuple((_FAST_CODES[type(s)],) + tuple(s) for s in in_call_order),
-                    out_id, out_aval, names or None)
+    return FastSpec(key, nargs, tuple(in_call_order), out_id, out_aval, names or None)
