@@ -269,7 +269,7 @@ class Iteration:
         # Traced abstractly, the rest of the iteration records the new path from its start:
         # the prefix not launched yet is computed with it (one segment, the one the path's
         # later iterations launch) rather than alone (a segment used once).
-        abstract = not to_eager and (self.unit.traces_abstractly(old, stop) or bool(self.batching))
+        abstract = not to_eager and self._records_abstractly(old, stop)
         if not abstract:
             launching.launch(self, stop, [p._id for p in alive])
         if pos == 0:  # nothing co-executed: an iteration traced (or run eagerly) from its start
@@ -336,8 +336,14 @@ class Iteration:
         rec.__enter__()
         rec.note_ran_effects(self.effects_ran)
         if abstract is None:
-            abstract = self.unit.traces_abstractly() or bool(self.batching)
-        rec.compute_values(launching.computer(self), lazy=abstract)  # (vmap: vmapping.plan)
+            abstract = self._records_abstractly()
+        rec.compute_values(launching.computer(self), lazy=abstract)
+
+    def _records_abstractly(self, leaving=None, stop=0):
+        """Does a trace starting now (leaving path ``leaving`` at ``stop``) record
+        abstractly: as its unit says (Unit.traces_abstractly), and always inside a vmap
+        (see vmapping.plan)."""
+        return self.unit.traces_abstractly(leaving, stop) or bool(self.batching)
 
     def _path_ending_here(self):
         """Co-execution ended before this path did: the recorded path that ends here, or a
