@@ -264,6 +264,27 @@ def test_a_corrupted_cache_entry_is_ignored_with_a_warning(tmp_path):
     assert "Warning" in again.stderr
 
 
+def test_concurrent_runs_share_a_cache_folder(tmp_path):
+    # Two processes of the same program start together on an empty cache folder: both
+    # compile and write the same entries (JAX writes each under a temporary name, then
+    # renames it); both print what a run alone prints, and a third run loads every entry.
+    alone = run_program(tmp_path, tmp_path / "alone")
+    cache = tmp_path / "cache"
+    path = tmp_path / "prog.py"
+    env = dict(os.environ, TERRA_BC_CACHE_DIR=str(cache), PYTHONPATH=ROOT)
+    procs = [subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        assert out == alone.stdout
+        assert "Warning" not in err, err
+    kept = entries(cache)
+    assert any("terra_bc__step__p1__" in k for k in kept), kept
+    assert run_program(tmp_path, cache).stdout == alone.stdout
+    assert entries(cache) == kept      # nothing compiled anew
+
+
 def test_cache_dir_setting_points_jax_at_the_folder(tmp_path):
     before = jax.config.jax_compilation_cache_dir
     try:
