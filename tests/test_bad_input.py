@@ -386,3 +386,37 @@ def test_a_gradient_jax_refuses_raises_jaxs_error_at_every_turn(case, transform)
     eager, hooked = both(program)
     assert all(isinstance(s, str) and "grad" in s.lower() for s in eager[0]), eager
     assert hooked == eager
+
+
+# ------------------------------------------------------------------ a jax.Array's own queries
+
+def test_buffer_queries_answer_as_a_jax_array_does_from_code_not_rewritten():
+    # jax.core.Tracer refuses these (a tracer has no buffer); a placeholder is a Tracer, so
+    # code the rewriter does not see (operator.methodcaller, eval, a library) met JAX's
+    # ConcretizationTypeError, and `weak_type` was an AttributeError (found by a hunt of
+    # plain JAX programs, 2026-12-01).
+    import operator
+
+    def program():
+        x = jnp.arange(3.0)
+        seen = []
+        for t in range(4):
+            y = x * (t + 1)
+            z = jnp.sin(y)
+            w = y + 1
+            w.copy_to_host_async()
+            d = jnp.cos(w)
+            d.delete()
+            seen.append((
+                y.weak_type, (y * 2.0).weak_type, str(y.device), y.is_fully_addressable,
+                len(y.global_shards), y.on_device_size_in_bytes(), y.nbytes,
+                operator.methodcaller("is_deleted")(y), operator.methodcaller("is_ready")(z) in (True, False),
+                eval("y.addressable_data(0)").tolist(), eval("y.tobytes()") == np.asarray(y).tobytes(),
+                operator.attrgetter("is_fully_addressable")(z), str(eval("y.format"))[:6],
+                float(z.clone().sum()), d.is_deleted(), float(w.sum())))
+        return seen
+
+    eager, hooked = both(program)
+    assert hooked == eager
+    assert coexecuted() > 0
+    assert terra_bc.stats()["eager_fallbacks"] == 0

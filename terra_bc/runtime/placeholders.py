@@ -139,7 +139,10 @@ class Placeholder(jax.core.Tracer):
     sharding = property(lambda self: self._placement("sharding"))
     committed = property(lambda self: self._placement("committed"))
     is_fully_replicated = property(lambda self: self._placement("is_fully_replicated"))
+    is_fully_addressable = property(lambda self: self._placement("is_fully_addressable"))
     addressable_shards = property(lambda self: self._placement("addressable_shards"))
+    device = property(lambda self: self._placement("device"))
+    weak_type = property(lambda self: self.aval.weak_type)  # (part of the guarded aval)
 
     def devices(self):
         if several_devices():
@@ -324,6 +327,33 @@ def install_methods(cls):
 
 
 OPERATORS = install_methods(Placeholder)  # (see Iteration tracing: operands fed)
+
+# What a jax.Array says of its buffer.  jax.core.Tracer defines these to refuse (a tracer has
+# no buffer), so a placeholder answers them itself, from its value: a fetch (launched, and
+# waited for only where the answer reads the data).  Without them, code the rewriter does
+# not see (`operator.methodcaller("is_deleted")`, a library's check) met JAX's
+# ConcretizationTypeError where eager JAX answers.
+BUFFER_METHODS = ("is_deleted", "delete", "is_ready", "block_until_ready", "copy_to_host_async",
+                  "on_device_size_in_bytes", "unsafe_buffer_pointer", "addressable_data",
+                  "tobytes", "clone", "platform")
+BUFFER_PROPERTIES = ("global_shards", "traceback", "format")
+
+
+def _buffer_method(name):
+    def method(self, *args, **kwargs):
+        return self._fetch(name, lambda v: getattr(v, name)(*args, **kwargs))
+    return named(method, name)
+
+
+def _buffer_property(name):
+    return property(lambda self: self._fetch(name, lambda v: getattr(v, name)))
+
+
+for _name in BUFFER_METHODS:
+    if _name not in vars(Placeholder):
+        setattr(Placeholder, _name, _buffer_method(_name))
+for _name in BUFFER_PROPERTIES:
+    setattr(Placeholder, _name, _buffer_property(_name))
 
 
 def route_array_operators(cls):
