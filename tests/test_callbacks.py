@@ -236,3 +236,29 @@ def test_callbacks_while_tracing_eagerly_valued():
         terra_bc.config(abstract_tracing=True)
     assert values(got) == values(want)
     np.testing.assert_allclose(w_got, w_want, rtol=1e-5)
+
+
+def callbacks_then_python_after_a_barrier(steps):
+    """A callback with an array, then ``jax.effects_barrier()``, then Python's own side
+    effect: the callback's entry comes first, as eagerly (found by a hunt of library
+    programs, 2026-12-01: the barrier came before the segment holding the callback was
+    launched, so it waited for nothing)."""
+    log = []
+    x = jnp.ones(3)
+    for step in range(steps):
+        x = x * 2.0
+        jax.debug.callback(lambda v: log.append(("callback", v)), x.sum())
+        jax.effects_barrier()
+        log.append(("python", step))
+        log.append(("read", float(x.sum())))
+    return log, x
+
+
+def test_effects_barrier_runs_the_callbacks_recorded_so_far():
+    (want, x_want), (got, x_got) = run_both(callbacks_then_python_after_a_barrier, STEPS)
+    assert [tag for tag, _ in want][:3] == ["callback", "python", "read"]
+    assert values(got) == values(want)
+    np.testing.assert_allclose(x_got, x_want, rtol=1e-5)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= STEPS - 2
+    assert stats["eager_fallbacks"] == 0

@@ -44,6 +44,10 @@ def on_site(site, callee, *args, **kwargs):
             if it is None or it.opaque_depth or len(args) != 1 or kwargs:
                 return callee(*args, **kwargs)
             return device_get(args[0])
+        if callee is jax.effects_barrier and it is not None and not it.opaque_depth \
+                and not args and not kwargs:  # (not an op: the effects recorded so far run)
+            it.effects_barrier()
+            return callee()
         if it is None:  # outside any iteration: values from past iterations are concrete
             discovery.mark_caller(sys._getframe(1).f_code)
             counts["ops_eager"] += 1

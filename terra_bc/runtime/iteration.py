@@ -27,7 +27,7 @@ from ..jaxpr_builder import tracing_for_jit
 from . import bodies, coexecution, context, journal, launching, timeline, tracing
 from .coexecution import retried
 from .context import COEXEC, EAGER, TRACE, UNCHANGED
-from .events import FetchEvent
+from .events import Event, FetchEvent
 from .guards import callee_key, config_key
 from .placeholders import Placeholder, concrete, eager
 from .trace_rules import builds_array_from, makes_transform, retraced_body
@@ -246,6 +246,27 @@ class Iteration:
             launching.launch(self, ev.mark, [ph._id])
             return self.env[ph._id]
         return concrete(ph)
+
+    @retried
+    def effects_barrier(self):
+        """``jax.effects_barrier()`` in the iteration: the callbacks and prints recorded and
+        not run yet happen now, as eager JAX's had by then (a segment runs them where the
+        program reads a value or ends, docs/coexecution.md): the equations holding them
+        launch here, and JAX then waits for them.  A "barrier" event, so co-executed
+        iterations launch at the same point."""
+        if self.mode == TRACE:
+            tracing.append(self, Event, "barrier", "effects_barrier")
+            stop = self.path.recorder.mark()
+        elif self.mode == COEXEC:
+            ev = coexecution.next_event(self, "barrier", "effects_barrier")
+            self.pos += 1
+            stop = ev.mark
+        else:
+            return
+        if launching.pending_effects(self, self.seg_start, stop):
+            launching.launch(self, stop, ())
+            if self.mode == TRACE:
+                launching.give_values(self)
 
     # -- paths
     def diverge(self, failed=()):
