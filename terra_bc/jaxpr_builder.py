@@ -1393,16 +1393,24 @@ def jit_segment(segment: Segment, name=SEGMENT_NAME):
 
 
 _donating = {}  # (Segment.key, layout, donated) -> executable, or None: not ours
+_donating_only = set()  # Segment.key of segments compiled donating and not otherwise yet
 
 
-def run_donating(segment: Segment, args, dead, name=SEGMENT_NAME):
+def compiled_donating(segment: Segment) -> bool:
+    """Was ``segment``'s structure compiled only as a donating executable (by a traced
+    launch: ``launching.traced_later``), so a launch that donates otherwise needs its plain
+    executable?"""
+    return segment.key in _donating_only
+
+
+def run_donating(segment: Segment, args, dead, name=SEGMENT_NAME, compile=True):
     """Run ``segment`` on ``args`` letting it reuse the buffers of the inputs at positions
     ``dead`` (nothing reads them afterwards: ``launching.donatable``) for its outputs, as
     ``jax.jit(..., donate_argnums=...)`` does; None (nothing run) where it cannot: the
     segment is a call of the user's own jitted function, or no output can take a donated
     buffer.  An array fed at several positions (a parameter read by the loss and by its
     update) is passed once: a buffer cannot be donated and read as another argument.  Each
-    new executable counts as a compile."""
+    new executable counts as a compile; ``compile=False``: None unless it exists."""
     firsts, layout, reduced = {}, [], []
     for k, a in enumerate(args):
         if k in dead and id(a) in firsts:
@@ -1415,7 +1423,11 @@ def run_donating(segment: Segment, args, dead, name=SEGMENT_NAME):
     key = (segment.key, tuple(layout), tuple(firsts.values()))
     fn = _donating.get(key, _donating)
     if fn is _donating:
+        if not compile:
+            return None
         fn = _donating[key] = _donating_executable(segment, key[1], key[2], reduced, name)
+        if fn is not None and segment.key not in _compiled:
+            _donating_only.add(segment.key)
     return None if fn is None else fn(*reduced)
 
 
@@ -1449,6 +1461,7 @@ def keep_executable(segment: Segment, fn, wait_only=False):
     count it as a compile; its first call is timed (``_timed_first_call``)."""
     fn = _timed_first_call(fn, wait_only)
     _compiled[segment.key] = fn
+    _donating_only.discard(segment.key)
     _cache_stats["compiles"] += 1
     counts["compiles"] += 1
     return fn

@@ -158,8 +158,9 @@ def test_an_early_launch_that_overlaps_nothing_is_dropped_and_donation_follows()
     # (1 early launch, unless a thread switch stretched the next gap too: then it is dropped
     # at the first read that comes at once)
     assert 1 <= s["early_launches"] <= 3, shown
-    # every co-executed step that did not launch early donates its three parameters
-    assert s["buffers_donated"] == 3 * (7 - s["early_launches"]), shown
+    # the traced step and every co-executed step that did not launch early donate their
+    # three parameters
+    assert s["buffers_donated"] == 3 + 3 * (7 - s["early_launches"]), shown
 
 
 @pytest.mark.parametrize("program", [keeps_history, reads_old_after_update, closes_over_old,
@@ -193,3 +194,55 @@ def test_donation_can_be_switched_off():
     finally:
         terra_bc.config(donate=True)
     assert s["buffers_donated"] == 0 and s["iterations_coexecuted"] >= 6, s
+
+
+def test_the_traced_turn_donates_too_and_the_step_compiles_once():
+    """The first turn is traced: its launch at ``float(loss)`` reuses the old parameters'
+    buffers as the later turns' do (the first turn set the peak: old and new parameters at
+    once), and its executable is the donating one the later turns launch, so the step
+    compiles once where it compiled twice (plain for the traced turn, donating after)."""
+    def sgd_once(steps=8):  # (a step of its own: no executable of another test serves)
+        p, losses = init(), []
+        for _ in range(steps):
+            loss, g = jax.value_and_grad(lambda q, x: loss_fn(q, x) * 2.0)(p, X)
+            p = [a - 0.05 * b for a, b in zip(p, g)]
+            losses.append(float(loss))
+        return losses, p
+
+    s = run_both(sgd_once)
+    assert s["iterations_traced"] == 1 and s["iterations_coexecuted"] == 7, s
+    assert s["eager_fallbacks"] == 0, s
+    assert s["buffers_donated"] == 3 * 8, s
+    assert s["compiles"] == 1, s
+
+
+def vjp_of_arrays_only_the_vjp_holds(steps=6):
+    """A ``jax.vjp`` whose primals nothing but the vjp holds, with a launch between the
+    forward and its backward: the backward reads the primals, so nothing may be donated
+    there (a donated one would raise "Array has been deleted")."""
+    store, out = [init() for _ in range(steps)], []
+    for _ in range(steps):
+        y, f_vjp = jax.vjp(lambda q: loss_fn(q, X), store.pop())
+        out.append(float(y))
+        (g,) = f_vjp(jnp.ones(()))
+        out.append(float(jnp.sum(g[0])))
+    return out
+
+
+def grad_of_arrays_only_the_grad_holds(steps=6):
+    """The same with ``value_and_grad``: its backward is recorded at its end, before the
+    read, so the launch at the read may reuse the primals' buffers."""
+    store, out = [init() for _ in range(steps)], []
+    for _ in range(steps):
+        loss, g = jax.value_and_grad(loss_fn)(store.pop(), X)
+        out.append(float(loss))
+        out.append(float(jnp.sum(g[0])))
+    return out
+
+
+def test_a_traced_turn_donates_nothing_a_later_backward_reads():
+    s = run_both(vjp_of_arrays_only_the_vjp_holds)
+    assert s["iterations_coexecuted"] >= 4 and s["eager_fallbacks"] == 0, s
+    s = run_both(grad_of_arrays_only_the_grad_holds)
+    assert s["iterations_coexecuted"] >= 4 and s["eager_fallbacks"] == 0, s
+    assert s["buffers_donated"] >= 3, s

@@ -89,6 +89,14 @@ def run(it, entry, args, donate=()):
             return exe(*args)
         except Exception as error:
             return _failed(it, entry, args, donate, error)
+    if donate:  # (the traced launch compiled it donating these: docs/distributed.md)
+        try:
+            values = jaxpr_builder.run_donating(entry.segment, args, donate,
+                                                journal.segment_name(it, entry), compile=False)
+        except Exception as error:
+            return _failed(it, entry, args, donate, error)
+        if values is not None:
+            return values
     if it.abandoning:  # (its unit is not the repeating level: this graph does not come back)
         if "compiles" in journal.logged:
             journal.say("compiles", "%s runs eagerly: its unit is not the repeating level",
@@ -97,26 +105,43 @@ def run(it, entry, args, donate=()):
         return jaxpr_builder.evaluate_segment(entry.segment, args)
     if not compiles_later(it, entry):
         try:
-            return _compile_now(it, entry, args)
+            return _compile_now(it, entry, args, donate=donate)
         except Exception as error:
-            return _failed(it, entry, args, (), error)
+            return _failed(it, entry, args, donate, error)
     return _until_it_pays(it, entry, args)
 
 
-def _compile_now(it, entry, args, why=None):
-    """Compile ``entry``'s segment on this thread (its first call) and run it."""
+def _compile_now(it, entry, args, why=None, donate=()):
+    """Compile ``entry``'s segment on this thread (its first call) and run it; ``donate``:
+    as the executable reusing those inputs' buffers (a traced launch's: ``run``), where
+    an output can take them."""
     # (No executable of its structure exists, checked by run: this makes one.)
+    if donate:
+        t0 = time.perf_counter()
+        name = journal.segment_name(it, entry)
+        values = jaxpr_builder.run_donating(entry.segment, args, donate, name)
+        if values is not None:
+            reused = len({id(args[k]) for k in donate})
+            _noted_now(it, entry, why, f", reusing {reused} input buffer(s)")
+            _measured(entry.segment, time.perf_counter() - t0)
+            if timeline.on:
+                timeline.add(name, "compile", t0, "on the calling thread")
+            return values
     entry.exe = jaxpr_builder.keep_executable(
         entry.segment, jaxpr_builder.jit_segment(entry.segment, journal.segment_name(it, entry)))
-    it.unit.note_compile()
-    journal.note(it.unit, journal.Compiled, journal.path_number(it.unit, it.path), entry.start,
-                 entry.stop, "now, on the calling thread", why or _why_now(it, entry))
+    _noted_now(it, entry, why)
     t0 = time.perf_counter()  # (its first call compiles it)
     values = entry.exe(*args)
     _measured(entry.segment, time.perf_counter() - t0)
     if timeline.on:
         timeline.add(journal.segment_name(it, entry), "compile", t0, "on the calling thread")
     return values
+
+
+def _noted_now(it, entry, why, how=""):
+    it.unit.note_compile()
+    journal.note(it.unit, journal.Compiled, journal.path_number(it.unit, it.path), entry.start,
+                 entry.stop, "now, on the calling thread" + how, why or _why_now(it, entry))
 
 
 # What JAX's C++ function caches raise for a key whose computation is still marked in
@@ -242,6 +267,8 @@ def compiles_later(it, entry):
     choice depends on timing, and processes that chose differently would run different
     collectives (docs/distributed.md)."""
     if not settings["background_compile"] or pacing.several_processes():
+        return False
+    if jaxpr_builder.compiled_donating(entry.segment):  # (its traced launch's, donating)
         return False
     if not entry.cold:
         return it.recording is None

@@ -22,6 +22,7 @@ from ..jaxpr_builder import Recorder, set_current_trace
 from ..counters import counts
 from . import compiling, journal, pacing, timeline
 from .context import EAGER, TRACE
+from .events import BeginEvent
 from .settings import DONATE_MIN_BYTES, LAZY_LAUNCHES, settings
 from .values import MISS, NUMBER_TYPES, ArrayImpl, device_number
 
@@ -64,9 +65,10 @@ def launch(it, stop, need, alive_now=None, final=False):
         if it.mode == TRACE:  # the path goes on being recorded: no plan is final yet
             rec = it.path.recorder
             produced = rec.wiring(it.seg_start, stop)[1]
-            outputs = tuple(sorted(produced & ((held(it) - rec.quiet_values()) | set(need)
+            kept = held(it)
+            outputs = tuple(sorted(produced & ((kept - rec.quiet_values()) | set(need)
                                                | it.path.escaping)))
-            required = later = None  # (a traced iteration donates nothing)
+            required, later = None, traced_later(it, kept, need)
         else:
             produced, reads_after = it.path.plan(it.seg_start, stop)
             kept = {p._id for p in (alive(it) if alive_now is None else alive_now)}
@@ -95,6 +97,25 @@ def _launched(it, entry, args, dead, effects):
         raise
     finally:
         it.opaque_depth -= 1
+
+
+def traced_later(it, kept, need):
+    """What a launch of a traced iteration must not donate: the values later work may read
+    (``kept``: what Python holds, ``held``; ``need``; values read after the iteration);
+    None where it donates nothing.  What the rest of the path reads is not recorded yet, but
+    it can only read what Python holds: a fed array it passes again is one it holds (the
+    reference count in ``donatable`` sees it), a value of the recording one whose placeholder
+    or tracer it holds.  Except where terra_bc reads recorded values itself later: inside a
+    differentiated function's Python (the gradient is recorded from its forward at its end),
+    a ``jax.vjp`` / ``jvp`` / ``vmap`` forward applied or batched later, inside an opaque op;
+    and on a unit's second or later path, whose iteration may still move to another path
+    (recomputing a value from the feeds).  The first turn of ``params = update(params,
+    grads)`` then reuses the old parameters' buffers as every later turn does."""
+    if (not settings["donate"] or it.grad_depth or it.opaque_depth or it.batching
+            or any(p is not it.path for p in it.unit.paths)
+            or any(type(ev) is BeginEvent and ev.kind != "grad-begin" for ev in it.path.events)):
+        return None
+    return kept | set(need) | it.path.escaping
 
 
 def pending_effects(it, start, stop):
@@ -190,15 +211,16 @@ def stop_launching(it, effects, error):
 
 
 def donatable(it, seg, args, later, final=False):
-    """Positions of the inputs of a co-executed launch whose buffers nothing can read
+    """Positions of the inputs of a launch whose buffers nothing can read
     afterwards, so the segment may reuse them (the old parameters of ``params =
     update(params, grads)``): a ``jax.Array`` held by nothing but this launch (no Python
-    reference, no placeholder; ``it.env`` and ``args`` hold it once per position it is fed
-    at), read by no equation after it (``later``), on a path no other recorded path shares
-    at this point (moving to one could recompute a value from it), unless this is the
-    iteration's ``final`` launch; only inputs of ``DONATE_MIN_BUFFER`` bytes or more, and
-    only where they hold ``DONATE_MIN_BYTES`` at least (the donating executable is compiled
-    once more).  Counted in ``buffers_donated``."""
+    reference, no placeholder; ``it.env``, ``args`` and, while tracing, the feed's tracer
+    hold it once per position it is fed at), read by no equation after it (``later``: the
+    path's plan, or ``traced_later``), on a path no other recorded path shares at this point
+    (moving to one could recompute a value from it), unless this is the iteration's
+    ``final`` launch; only inputs of ``DONATE_MIN_BUFFER`` bytes or more, and only where
+    they hold ``DONATE_MIN_BYTES`` at least (the donating executable is one more compile,
+    except a traced launch's: the segment's first).  Counted in ``buffers_donated``."""
     sizes, big, _, _ = input_bytes(seg)
     if not settings["donate"] or not final and any(it.path.others_sharing(it.unit.paths, it.pos)):
         return NONE
@@ -216,7 +238,8 @@ def donatable(it, seg, args, later, final=False):
         v = args[k]  # references: it.env and args once per position, v, getrefcount's
         # argument, and pacing's (the last steps' outputs it will wait for)
         paced = pacing.holds(v) if pacing.needed() else 0
-        if sys.getrefcount(v) == 2 * len(positions) + 2 + paced:
+        traced = len(positions) if it.mode == TRACE else 0  # (each feed's tracer: tracing.feed)
+        if sys.getrefcount(v) == 2 * len(positions) + 2 + paced + traced:
             dead.update(positions)
             size += sizes[k]
     if size < DONATE_MIN_BYTES:  # (a donating executable is one more compile)
