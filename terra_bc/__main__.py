@@ -7,6 +7,8 @@ code, not here), with the frame hook enabled unless ``--off`` (for A/B compariso
 from __future__ import annotations
 
 import atexit
+import builtins
+import importlib.machinery
 import io
 import json
 import os
@@ -14,6 +16,7 @@ import runpy
 import signal
 import sys
 import types
+import zipfile
 
 USAGE = ("usage: python -m terra_bc [--scope user|all] [--include PKG] [--exclude PKG] [--stats] "
          "[--off] [--no-loops] [--no-functions] [--cache-dir DIR] (script.py | -m module) [args ...]")
@@ -90,10 +93,18 @@ def run_script(path, args):
         sys.exit(2)
     sys.argv[:] = [path, *args]
     sys.path[0] = os.path.dirname(os.path.realpath(path))
+    # (CPython makes the script's __file__, and so its tracebacks' file names, absolute)
+    path = os.path.abspath(path)
     main = types.ModuleType("__main__")
-    main.__dict__.update(__file__=path, __cached__=None, __builtins__=__builtins__)
+    main.__dict__.update(__file__=path, __cached__=None, __builtins__=builtins,
+                         __loader__=importlib.machinery.SourceFileLoader("__main__", path))
     sys.modules["__main__"] = main
-    code = compile(source, path, "exec", dont_inherit=True)
+    try:
+        code = compile(source, path, "exec", dont_inherit=True)
+    except SyntaxError as e:  # (reported as the interpreter reports it: no frames of ours)
+        e.__traceback__ = None
+        sys.excepthook(type(e), e, None)
+        sys.exit(1)
     return code, main.__dict__
 
 
@@ -134,7 +145,11 @@ def main(argv):
     if opts["include"] or opts["exclude"]:
         terra_bc.config(include=sorted(terra_bc.config()["include"] + opts["include"]),
                         exclude=sorted(terra_bc.config()["exclude"] + opts["exclude"]))
-    if kind == "script":
+    if kind == "script" and (os.path.isdir(target) or zipfile.is_zipfile(target)):
+        # (a folder or zip archive with a __main__.py: the interpreter runs its __main__)
+        kind, sys.argv[:] = "archive", [target, *args]
+        sys.path[0] = os.path.abspath(target)
+    elif kind == "script":
         code, namespace = run_script(target, args)
     else:
         sys.argv[:] = [target, *args]  # runpy puts the module's path in argv[0]
@@ -146,6 +161,8 @@ def main(argv):
     try:
         if kind == "script":
             exec(code, namespace)
+        elif kind == "archive":
+            runpy._run_module_as_main("__main__", alter_argv=False)
         else:
             runpy._run_module_as_main(target, alter_argv=True)
     except SystemExit:

@@ -25,6 +25,9 @@ SCRIPT = textwrap.dedent('''
             inner()
         if mode == "interrupt":
             raise KeyboardInterrupt
+        if mode == "file":
+            print("file", __file__, os.path.isabs(__file__), type(__loader__).__name__,
+                  type(__builtins__).__name__)
 ''')
 
 
@@ -62,6 +65,50 @@ def test_script_behaves_like_python(script, mode):
     assert without_stats(hooked.stderr) == plain.stderr.rstrip("\n")
     stats = stats_of(hooked.stderr)
     assert stats["code_objects_rewritten"] >= 2 and stats["sites_executed"] >= 5
+
+
+@pytest.mark.parametrize("mode", ["file", "raise"])
+def test_a_script_named_by_a_relative_path_behaves_like_python(script, mode):
+    # __file__ and traceback file names absolute, as CPython makes them (since 3.9).
+    plain = run([script.name, mode], cwd=script.parent)
+    hooked = run(["-m", "terra_bc", script.name, mode], cwd=script.parent)
+    assert hooked.returncode == plain.returncode
+    assert hooked.stdout == plain.stdout
+    assert hooked.stderr == plain.stderr
+
+
+def test_a_syntax_error_is_reported_as_python_reports_it(tmp_path):
+    (tmp_path / "bad.py").write_text("x = 1\ny = (1,\n")
+    plain = run(["bad.py"], cwd=tmp_path)
+    hooked = run(["-m", "terra_bc", "bad.py"], cwd=tmp_path)
+    assert plain.returncode == hooked.returncode == 1
+    assert hooked.stderr == plain.stderr
+    assert "Traceback" not in hooked.stderr
+
+
+@pytest.mark.parametrize("archive", [False, True])
+def test_a_folder_or_zip_with_a_main_runs_as_python_runs_it(tmp_path, archive):
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "__main__.py").write_text(SCRIPT)
+    target = "app"
+    if archive:
+        import zipfile
+        with zipfile.ZipFile(tmp_path / "app.zip", "w") as z:
+            z.write(app / "__main__.py", "__main__.py")
+        target = "app.zip"
+    plain = run([target, "x"], cwd=tmp_path)
+    hooked = run(["-m", "terra_bc", target, "x"], cwd=tmp_path)
+    assert plain.returncode == hooked.returncode == 0, hooked.stderr
+    assert hooked.stdout == plain.stdout and "result 33" in plain.stdout
+
+
+def test_import_auto_gives_the_script_the_builtins_module(tmp_path):
+    (tmp_path / "prog.py").write_text("import terra_bc.auto\n"
+                                      "print(type(__builtins__).__name__, __builtins__.len([1, 2]))\n")
+    out = run(["prog.py"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "module 2\n"
 
 
 def test_expected_exit_codes(script):

@@ -79,7 +79,14 @@ class Placeholder(jax.core.Tracer):
         return self.aval.shape[0]
 
     def __iter__(self):
+        if not self.aval.shape:  # (raised by iter() itself, as a jax.Array raises it)
+            raise TypeError("iteration over a 0-d array")
         return (self[i] for i in range(len(self)))
+
+    def __reversed__(self):
+        # (a jax.Array has none: reversed() takes len() and indexing, and a 0-d one raises
+        # len()'s TypeError; jax.core.Tracer's indexes the 0-d value and raises IndexError)
+        return (self[i] for i in reversed(range(len(self))))
 
     __hash__ = None
 
