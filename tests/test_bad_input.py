@@ -420,3 +420,25 @@ def test_buffer_queries_answer_as_a_jax_array_does_from_code_not_rewritten():
     assert hooked == eager
     assert coexecuted() > 0
     assert terra_bc.stats()["eager_fallbacks"] == 0
+
+
+def test_iterating_a_0d_value_raises_what_a_jax_array_raises():
+    # (found by a hunt of Python features, 2026-12-01: list() of a 0-d placeholder said
+    # "len() of unsized object", reversed() raised IndexError where jax.Array raises TypeError)
+    def program():
+        s, seen = jnp.array(1.0), []
+        for _ in range(4):
+            s = s + 1
+            for f in (list, reversed, iter):
+                try:
+                    f(s)
+                    seen.append((f.__name__, "no error"))
+                except Exception as e:
+                    seen.append((f.__name__, type(e).__name__, str(e)))
+            v = jnp.arange(3.0) * s
+            seen.append([float(a) for a in reversed(v)] + [float(a) for a in v])
+        return seen
+
+    eager, hooked = both(program)
+    assert hooked == eager
+    assert coexecuted() > 0
