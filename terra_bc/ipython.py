@@ -9,6 +9,7 @@ Imported only by ``load_ipython_extension``: ``import terra_bc`` never imports I
 """
 from __future__ import annotations
 
+import ast
 import html
 from typing import NamedTuple
 
@@ -52,20 +53,31 @@ def cell_stats(before, after):
 class TerraMagics(Magics):
     @cell_magic("terra_bc")
     def terra_bc(self, line, cell):
-        """Run the cell under terra_bc (loop and function units on), then show its stats."""
+        """Run the cell under terra_bc (loop and function units on) and show its stats.
+        The cell runs as this cell's own code, as ``%%time`` runs it: its last expression's
+        value is this cell's (``Out[n]``) and an error it raises is this cell's (the
+        notebook stops there).  Run as a cell of its own (``run_cell``), its error was
+        shown but the cell succeeded, and its value was stored as the cell before's."""
+        __tracebackhide__ = True  # (IPython shows the cell's frames, not the magic's)
+        shell = self.shell
+        source = shell.transform_cell(cell)
+        # (named as this cell: IPython has advanced the count past it already)
+        name = shell.compile.cache(source, shell.execution_count - 1, raw_code=cell)
+        tree = shell.compile.ast_parse(source, filename=name)
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Expression(tree.body.pop().value)
         was = terra_bc.is_enabled()
         before = terra_bc.stats()
         terra_bc.enable(loops=True, functions=True)
-        # Run as this cell, not the next: IPython names a cell's code after the execution
-        # count (``Cell In[5]``), which this cell has already advanced.
-        self.shell.execution_count -= 1
         try:
-            self.shell.run_cell(cell, store_history=False)
+            exec(shell.compile(tree, name, "exec"), shell.user_ns)
+            value = None if last is None else eval(shell.compile(last, name, "eval"), shell.user_ns)
         finally:
-            self.shell.execution_count += 1
             if not was:
                 terra_bc.disable()
-        display(cell_stats(before, terra_bc.stats()))
+            display(cell_stats(before, terra_bc.stats()))
+        return value
 
 
 def load_ipython_extension(shell):

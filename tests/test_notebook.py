@@ -489,3 +489,24 @@ def test_the_debugging_notebook_runs_and_shows_each_feature(tmp_path):
     assert figure["image/png"] and "Figure" in figure["text/plain"]
     reset = outputs_of(nb, "terra_bc.reset(step)")[0]["stdout"]
     assert "0 paths after reset" in reset and "1 path after one call" in reset
+
+
+def test_a_terra_bc_cell_keeps_its_own_value_and_its_own_error():
+    # (found by a hunt of entry points, 2026-12-01: run as a nested cell, a %%terra_bc
+    # cell's value was stored as Out of the cell before it, and its error was shown but the
+    # cell succeeded, so "Run All" and nbclient went on past it)
+    probe = textwrap.dedent('''
+        from IPython.testing.globalipapp import start_ipython
+        ip = start_ipython()
+        ip.run_cell("%load_ext terra_bc", store_history=True)
+        ip.run_cell("x = 1\\nx + 1", store_history=True)
+        r = ip.run_cell("%%terra_bc\\ns = 0\\nfor i in range(4):\\n    s = s + i\\ns * 7", store_history=True)
+        print("VALUE", r.result, r.execution_count, sorted(ip.user_ns["Out"].items()))
+        r = ip.run_cell("%%terra_bc\\nraise ValueError('boom')", store_history=True)
+        print("ERROR", type(r.error_in_exec).__name__, r.success)
+    ''')
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode == 0, out.stderr
+    lines = [l for l in out.stdout.splitlines() if l.startswith(("VALUE", "ERROR"))]
+    assert lines == ["VALUE 42 3 [(2, 2), (3, 42)]", "ERROR ValueError False"], out.stdout
