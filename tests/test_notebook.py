@@ -510,3 +510,25 @@ def test_a_terra_bc_cell_keeps_its_own_value_and_its_own_error():
     assert out.returncode == 0, out.stderr
     lines = [l for l in out.stdout.splitlines() if l.startswith(("VALUE", "ERROR"))]
     assert lines == ["VALUE 42 3 [(2, 2), (3, 42)]", "ERROR ValueError False"], out.stdout
+
+
+@pytest.mark.usefixtures("loop_units_on")
+def test_reset_inside_a_loop_unit_takes_effect_when_its_turn_ends():
+    # (found by a hunt of entry points, 2026-12-01: under python -m terra_bc the loop is a
+    # unit, and terra_bc.reset() in its body raised RuntimeError where python runs on)
+    from conftest import on_and_off
+
+    def train():
+        w, out = jnp.ones(3), []
+        for i in range(6):
+            w = w * 0.9
+            if i == 3:
+                terra_bc.reset()
+            out.append(float(w.sum()))
+        return out
+
+    plain, hooked = on_and_off(train)
+    np.testing.assert_allclose(hooked, plain, rtol=1e-6)
+    s = terra_bc.stats()
+    # traced at its first turn, and again at the turn after the reset
+    assert s["iterations_traced"] == 2 and s["iterations_coexecuted"] == 4, s

@@ -66,6 +66,7 @@ class Unit:
         self.taker = None       # the thread that last tried to take it (see untake)
         self.copies = {}        # thread id -> that thread's copy (see claim)
         self.origin = None      # the unit this one is a thread's copy of
+        self.reset_pending = False  # terra_bc.reset() came while an iteration was open
 
     def compiled_too_often(self):
         """launching.run: its compiles passed max_compiles (variants keep needing new
@@ -282,6 +283,8 @@ class Unit:
             if self.holder is not None:
                 self.holder = None
                 self.busy.release()
+            if self.reset_pending:  # (terra_bc.reset() while it ran)
+                self.reset()
 
     def _end(self, it, ok, abandon):
         try:
@@ -344,9 +347,14 @@ class Unit:
             raise error
 
     def reset(self):
-        """Forget what the unit learned from its calls: its next call traces afresh."""
+        """Forget what the unit learned from its calls: its next call traces afresh.  A unit
+        with an iteration open (``terra_bc.reset()`` in a loop's body, where the loop is a
+        unit; another thread's) forgets when that iteration ends (``end``): the iteration
+        goes on on its path, as the program's Python goes on."""
         if self.busy.locked():  # (in this thread or another)
-            raise RuntimeError(f"terra_bc.reset: unit {self.name} is running (an iteration is open)")
+            self.reset_pending = True
+            return
+        self.reset_pending = False
         for copy in list(self.copies.values()):
             copy.reset()
         self.paths, self.last_path, self.frozen = [], None, None
