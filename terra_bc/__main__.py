@@ -15,6 +15,7 @@ import os
 import runpy
 import signal
 import sys
+import threading
 import types
 import zipfile
 
@@ -133,6 +134,19 @@ def _user_traceback(tb):
     return kept[0] if kept else None
 
 
+def _thread_excepthook(hook):
+    """``threading.excepthook`` showing a thread's uncaught exception as the main thread's
+    is shown (``_user_traceback``: the program's frames, not terra_bc's)."""
+    def excepthook(args):
+        tb = args.exc_traceback
+        if tb is not None and args.exc_value is not None:
+            tb = _user_traceback(tb) or tb
+            args.exc_value.__traceback__ = tb
+            args = threading.ExceptHookArgs((args.exc_type, args.exc_value, tb, args.thread))
+        return hook(args)
+    return excepthook
+
+
 def main(argv):
     opts, (kind, target), args = parse(argv)
     import terra_bc
@@ -158,6 +172,7 @@ def main(argv):
         terra_bc.set_loops(opts["loops"])
         terra_bc.set_functions(opts["functions"])
         terra_bc.enable(threads=True)  # (threads the program starts run with it too)
+        threading.excepthook = _thread_excepthook(threading.excepthook)
     try:
         if kind == "script":
             exec(code, namespace)

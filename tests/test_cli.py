@@ -185,3 +185,28 @@ def test_cache_dir_keeps_the_runs_executables(tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == kept
     missing = run(["-m", "terra_bc", "--cache-dir"], tmp_path)  # no folder given
     assert missing.returncode == 2 and "--cache-dir needs a folder" in missing.stderr
+
+
+def test_a_threads_uncaught_error_shows_the_programs_frames_not_ours(tmp_path):
+    # (found by a hunt of entry points, 2026-12-01: threading.excepthook printed nine
+    # terra_bc frames between the program's line and JAX's)
+    (tmp_path / "prog.py").write_text(textwrap.dedent('''
+        import threading
+        import jax.numpy as jnp
+        def work():
+            w = jnp.ones(3)
+            for i in range(5):
+                w = w * 1.1
+                if i == 3:
+                    w = w @ jnp.ones((4, 4))
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+        print("joined")
+    '''))
+    plain = run(["prog.py"], cwd=tmp_path)
+    hooked = run(["-m", "terra_bc", "prog.py"], cwd=tmp_path)
+    assert plain.returncode == hooked.returncode == 0
+    assert hooked.stdout == plain.stdout == "joined\n"
+    assert "terra_bc" not in hooked.stderr
+    assert hooked.stderr == plain.stderr
