@@ -442,3 +442,33 @@ def test_iterating_a_0d_value_raises_what_a_jax_array_raises():
     eager, hooked = both(program)
     assert hooked == eager
     assert coexecuted() > 0
+
+
+def test_a_leaked_tracer_raises_at_its_op_as_eagerly():
+    # (found by a hunt of Python features, 2026-12-01: an lru_cache kept a jitted function's
+    # intermediate; recorded, the op raised at the next read, after Python had gone on)
+    import functools
+
+    def program():
+        @functools.lru_cache
+        def ones(n):
+            return jnp.ones(n)
+
+        @jax.jit
+        def f(x):
+            return x * ones(3)
+
+        x, log = jnp.ones(3), []
+        try:
+            for i in range(3):
+                y = f(x)
+                log.append(("before", i))
+                z = y * ones(3)  # a leaked tracer
+                log.append(("after", i))
+                log.append(float(z.sum()))
+        except Exception as e:
+            log.append(type(e).__name__)
+        return log
+
+    eager, hooked = both(program)
+    assert eager == hooked == [("before", 0), "UnexpectedTracerError"]

@@ -23,7 +23,7 @@ from jax.tree_util import tree_leaves
 
 from .. import _hook
 from ..counters import counts
-from ..jaxpr_builder import tracing_for_jit
+from ..jaxpr_builder import RecTracer, tracing_for_jit
 from . import bodies, coexecution, context, journal, launching, timeline, tracing
 from .coexecution import retried
 from .context import COEXEC, EAGER, TRACE, UNCHANGED
@@ -32,6 +32,10 @@ from .guards import callee_key, config_key
 from .placeholders import Placeholder, concrete, eager
 from .trace_rules import builds_array_from, makes_transform, retraced_body
 from .values import MISS, arrays_in, is_array, user_line
+
+
+def _foreign_tracer(x):
+    return isinstance(x, jax.core.Tracer) and type(x) is not Placeholder and type(x) is not RecTracer
 
 
 class Iteration:
@@ -136,6 +140,16 @@ class Iteration:
             if out is not MISS:
                 return out
         leaves = tree_leaves((args, kwargs))
+        if any(map(_foreign_tracer, leaves)):
+            # A tracer no trace of this iteration made: one a trace that has ended leaked
+            # (a jitted function's intermediate kept by an lru_cache).  Eager JAX raises
+            # UnexpectedTracerError at this op; recorded, the error came at the next read,
+            # after the program's Python had gone on.  Run as eager JAX runs it.
+            self.opaque_depth += 1
+            try:
+                return eager(fn, args, kwargs)
+            finally:
+                self.opaque_depth -= 1
         has_array = any(map(is_array, leaves))
         # (Python JAX runs at every call.  Given no array, a body may still close over this
         # iteration's values: lax.while_loop(lambda n: n * jnp.sum(p) < 100, ..., 1.0).)
