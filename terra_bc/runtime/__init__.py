@@ -69,6 +69,13 @@ def install():
                          "path": Path, "array": ArrayImpl, "numpy_scalar": np.generic, "stand_in": STAND_IN,
                          "coexec": COEXEC, "miss": MISS})
     route_array_operators(ArrayImpl)
+    # Our frames are not the program's: JAX names the program's line, not ours, where it
+    # says where a value was made (a leaked tracer's message, source info of equations),
+    # and leaves ours out of the tracebacks it filters, as it does for Flax's.
+    from jax._src import source_info_util, traceback_util
+    if scope.PACKAGE_DIR not in source_info_util._exclude_paths:
+        source_info_util.register_exclusion(scope.PACKAGE_DIR)
+        traceback_util.register_exclusion(scope.PACKAGE_DIR)
 
 
 install()
