@@ -1393,24 +1393,16 @@ def jit_segment(segment: Segment, name=SEGMENT_NAME):
 
 
 _donating = {}  # (Segment.key, layout, donated) -> executable, or None: not ours
-_donating_only = set()  # Segment.key of segments compiled donating and not otherwise yet
 
 
-def compiled_donating(segment: Segment) -> bool:
-    """Was ``segment``'s structure compiled only as a donating executable (by a traced
-    launch: ``launching.traced_later``), so a launch that donates otherwise needs its plain
-    executable?"""
-    return segment.key in _donating_only
-
-
-def run_donating(segment: Segment, args, dead, name=SEGMENT_NAME, compile=True):
+def run_donating(segment: Segment, args, dead, name=SEGMENT_NAME):
     """Run ``segment`` on ``args`` letting it reuse the buffers of the inputs at positions
     ``dead`` (nothing reads them afterwards: ``launching.donatable``) for its outputs, as
     ``jax.jit(..., donate_argnums=...)`` does; None (nothing run) where it cannot: the
     segment is a call of the user's own jitted function, or no output can take a donated
     buffer.  An array fed at several positions (a parameter read by the loss and by its
     update) is passed once: a buffer cannot be donated and read as another argument.  Each
-    new executable counts as a compile; ``compile=False``: None unless it exists."""
+    new executable counts as a compile."""
     firsts, layout, reduced = {}, [], []
     for k, a in enumerate(args):
         if k in dead and id(a) in firsts:
@@ -1423,11 +1415,7 @@ def run_donating(segment: Segment, args, dead, name=SEGMENT_NAME, compile=True):
     key = (segment.key, tuple(layout), tuple(firsts.values()))
     fn = _donating.get(key, _donating)
     if fn is _donating:
-        if not compile:
-            return None
         fn = _donating[key] = _donating_executable(segment, key[1], key[2], reduced, name)
-        if fn is not None and segment.key not in _compiled:
-            _donating_only.add(segment.key)
     return None if fn is None else fn(*reduced)
 
 
@@ -1456,14 +1444,16 @@ def _aliasable(segment, avals, positions):
     return tuple(usable)
 
 
-def keep_executable(segment: Segment, fn, wait_only=False):
+def keep_executable(segment: Segment, fn, wait_only=False, lazy=False):
     """Cache ``fn`` (from ``jit_segment``) as the executable of ``segment``'s structure and
-    count it as a compile; its first call is timed (``_timed_first_call``)."""
-    fn = _timed_first_call(fn, wait_only)
+    count it as a compile; its first call is timed (``_timed_first_call``).  ``lazy``: not
+    compiled yet, and maybe never (a segment compiled as its donating executable, whose
+    launches that donate otherwise would compile this at their first call): counted then."""
+    fn = _timed_first_call(fn, wait_only, counted=not lazy)
     _compiled[segment.key] = fn
-    _donating_only.discard(segment.key)
-    _cache_stats["compiles"] += 1
-    counts["compiles"] += 1
+    if not lazy:
+        _cache_stats["compiles"] += 1
+        counts["compiles"] += 1
     return fn
 
 
@@ -1724,15 +1714,19 @@ def _named(fun, name):
     return segment
 
 
-def _timed_first_call(jitted, wait_only=False):
+def _timed_first_call(jitted, wait_only=False, counted=True):
     """``jitted``, whose first call (where JAX traces it, and lowers and compiles it unless
     that was done ahead: ``wait_only``) blocks the calling thread: its duration is added to
-    ``compile_wait_seconds`` and, where it compiled, to ``compile_seconds``."""
+    ``compile_wait_seconds`` and, where it compiled, to ``compile_seconds``; and, unless
+    ``counted`` already, one to ``compiles``."""
     first = [True]
 
     def call(*args):
         if first[0]:
             first[0] = False
+            if not counted:
+                _cache_stats["compiles"] += 1
+                counts["compiles"] += 1
             t0 = time.perf_counter()
             try:
                 return jitted(*args)

@@ -89,14 +89,6 @@ def run(it, entry, args, donate=()):
             return exe(*args)
         except Exception as error:
             return _failed(it, entry, args, donate, error)
-    if donate:  # (the traced launch compiled it donating these: docs/distributed.md)
-        try:
-            values = jaxpr_builder.run_donating(entry.segment, args, donate,
-                                                journal.segment_name(it, entry), compile=False)
-        except Exception as error:
-            return _failed(it, entry, args, donate, error)
-        if values is not None:
-            return values
     if it.abandoning:  # (its unit is not the repeating level: this graph does not come back)
         if "compiles" in journal.logged:
             journal.say("compiles", "%s runs eagerly: its unit is not the repeating level",
@@ -121,6 +113,10 @@ def _compile_now(it, entry, args, why=None, donate=()):
         name = journal.segment_name(it, entry)
         values = jaxpr_builder.run_donating(entry.segment, args, donate, name)
         if values is not None:
+            # (the plain executable, compiled where a launch donates otherwise: at its
+            # first call, counted then)
+            entry.exe = jaxpr_builder.keep_executable(
+                entry.segment, jaxpr_builder.jit_segment(entry.segment, name), lazy=True)
             reused = len({id(args[k]) for k in donate})
             _noted_now(it, entry, why, f", reusing {reused} input buffer(s)")
             _measured(entry.segment, time.perf_counter() - t0)
@@ -267,8 +263,6 @@ def compiles_later(it, entry):
     choice depends on timing, and processes that chose differently would run different
     collectives (docs/distributed.md)."""
     if not settings["background_compile"] or pacing.several_processes():
-        return False
-    if jaxpr_builder.compiled_donating(entry.segment):  # (its traced launch's, donating)
         return False
     if not entry.cold:
         return it.recording is None
