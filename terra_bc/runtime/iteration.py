@@ -140,11 +140,13 @@ class Iteration:
             if out is not MISS:
                 return out
         leaves = tree_leaves((args, kwargs))
-        if any(map(_foreign_tracer, leaves)):
-            # A tracer no trace of this iteration made: one a trace that has ended leaked
-            # (a jitted function's intermediate kept by an lru_cache).  Eager JAX raises
-            # UnexpectedTracerError at this op; recorded, the error came at the next read,
-            # after the program's Python had gone on.  Run as eager JAX runs it.
+        if any(map(_foreign_tracer, leaves)) and context.plain_trace(self.recording):
+            # A tracer no trace of this iteration made, and no JAX transform of a caller's
+            # under way (that one's tracers are handled where the iteration leaves its
+            # paths: diverge): one a trace that has ended leaked (a jitted function's
+            # intermediate kept by an lru_cache).  Eager JAX raises UnexpectedTracerError at
+            # this op; recorded, the error came at the next read, after the program's
+            # Python had gone on.  Run as eager JAX runs it.
             self.opaque_depth += 1
             try:
                 return eager(fn, args, kwargs)
