@@ -470,3 +470,26 @@ def test_jnp_asarray_of_this_iterations_value_inside_a_body():
     np.testing.assert_allclose(got, want, rtol=1e-6)
     stats = terra_bc.stats()
     assert stats["iterations_coexecuted"] >= STEPS - 2 and stats["eager_fallbacks"] == 0, stats
+
+
+def grads_of_jitted_functions(steps):
+    f = jax.jit(lambda w, x: jnp.sum(jnp.tanh(w * x) ** 2))
+    g = jax.jit(lambda w, k: (jnp.sum(w ** k), w.mean()), static_argnums=1)
+    w, out = jnp.linspace(0.1, 1.0, 4), []
+    for i in range(steps):
+        loss, gw = jax.value_and_grad(f)(w, 1.5)
+        (val, mean), gk = jax.value_and_grad(g, has_aux=True)(w, 2)
+        w = w - 0.1 * jax.grad(f)(w, 0.5) - 0.01 * gk
+        out.append((float(loss), float(val), float(mean), float(w.sum()), float(gw.sum())))
+    return out
+
+
+def test_grad_of_a_jitted_function_is_one_op_of_the_iteration():
+    """``jax.grad(jax.jit(loss))``: the jitted function's Python is JAX's to trace; called as
+    it is it handed back an array of its own and the traced turn raised "the differentiated
+    function must return a scalar array" (found by a hunt of dynamic programs, 2026-12-01).
+    It is one op of the iteration, differentiated as recorded."""
+    want, got = on_and_off(grads_of_jitted_functions, STEPS)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    stats = terra_bc.stats()
+    assert stats["iterations_coexecuted"] >= STEPS - 2 and stats["eager_fallbacks"] == 0, stats

@@ -21,7 +21,7 @@ from . import autodiff, bodies, discovery, guards, vmapping
 from .context import EAGER, current, leaving, thread
 from .placeholders import AT_METHODS, METHODS, Placeholder, eager
 from .settings import MEMO_IDLE_TURNS
-from .trace_rules import calls_given_function, code_of, grad_spec, is_api_wrapper, is_dl_op
+from .trace_rules import calls_given_function, code_of, grad_spec, is_api_wrapper, is_dl_op, is_jitted
 from .values import is_array
 
 
@@ -40,14 +40,8 @@ def on_site(site, callee, *args, **kwargs):
         if args and calls_given_function(callee):
             return _with_routed_function(callee, args, kwargs)
         it = current()
-        if callee is jax.device_get:  # (not an op: a fetch of each placeholder)
-            if it is None or it.opaque_depth or len(args) != 1 or kwargs:
-                return callee(*args, **kwargs)
-            return device_get(args[0])
-        if callee is jax.effects_barrier and it is not None and not it.opaque_depth \
-                and not args and not kwargs:  # (not an op: the effects recorded so far run)
-            it.effects_barrier()
-            return callee()
+        if callee is jax.device_get or callee is jax.effects_barrier:
+            return _not_an_op(it, callee, args, kwargs)
         if it is None:  # outside any iteration: values from past iterations are concrete
             discovery.mark_caller(sys._getframe(1).f_code)
             counts["ops_eager"] += 1
@@ -97,6 +91,18 @@ def on_site(site, callee, *args, **kwargs):
         raise
 
 
+def _not_an_op(it, callee, args, kwargs):
+    """``jax.device_get(tree)``: a fetch of each placeholder; ``jax.effects_barrier()``: the
+    callbacks recorded so far run, then JAX waits for them (``Iteration.effects_barrier``)."""
+    if it is None or it.opaque_depth:
+        return callee(*args, **kwargs)
+    if callee is jax.device_get and len(args) == 1 and not kwargs:
+        return device_get(args[0])
+    if callee is jax.effects_barrier and not args and not kwargs:
+        it.effects_barrier()
+    return callee(*args, **kwargs)
+
+
 def _called_as_at_a_site(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` as a rewritten call site makes it: a DL op (a function
     jax.grad made) through ``on_site``, Python code as it is (its own sites route)."""
@@ -135,10 +141,13 @@ def _python_or_one_op(fun):
     """A function differentiated inside an iteration runs as code of the iteration, its ops
     events.  One whose Python is not rewritten (code from ``exec`` such as an IPython
     ``%%time`` cell, an installed package out of scope) would hand JAX our placeholders
-    directly: it runs as one op of the iteration instead, recorded as JAX runs it."""
-    code = code_of(fun)
-    if code is None or frames.runs_rewritten(code):
-        return fun
+    directly: it runs as one op of the iteration instead, recorded as JAX runs it.  So does
+    a jitted function (``jax.grad(jax.jit(loss))``): its Python is JAX's to trace, and
+    called as it is it handed back an array of its own, not a value of the iteration."""
+    if not is_jitted(fun):
+        code = code_of(fun)
+        if code is None or frames.runs_rewritten(code):
+            return fun
 
     def one_op(*args, **kwargs):
         return current().op(fun, args, kwargs)

@@ -120,12 +120,18 @@ def _calls_given_function(code):
             and code.co_filename.endswith(NOT_OPS_FILES))
 
 
+def is_jitted(callee):
+    """A function ``jax.jit`` (or ``jax.pmap``) made: JAX traces its Python, once per
+    signature."""
+    return type(callee).__name__ in ("PjitFunction", "PmapFunction")
+
+
 def traces_its_body(callee):
     """Opaque DL ops whose Python body JAX itself only traces (jit, vmap, lax control flow,
     eval_shape, shard_map, pmap): the Python they run is JAX's business, not code of the
     iteration.  (Eager JAX runs a shard_map body op by op at every call; terra_bc stages it
     once per path, as jax.jit of the caller would: docs/distributed.md.)"""
-    if type(callee).__name__ in ("PjitFunction", "PmapFunction"):
+    if is_jitted(callee):
         return True
     code = getattr(unwrap(getattr(callee, "__func__", callee)), "__code__", None)
     return code is not None and ("control_flow" in code.co_filename
