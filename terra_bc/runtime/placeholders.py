@@ -32,6 +32,7 @@ class _StandIn(jax.core.Trace):
 
 STAND_IN = _StandIn()
 DEFER = object()  # see Placeholder.__jax_array__
+_ARRAY_REVERSES = "__reversed__" in vars(ArrayImpl)  # (see Placeholder.__reversed__)
 STABLE = set()    # terra_bc's own callees that close over constants: their own guard keys
 
 
@@ -84,8 +85,11 @@ class Placeholder(jax.core.Tracer):
         return (self[i] for i in range(len(self)))
 
     def __reversed__(self):
-        # (a jax.Array has none: reversed() takes len() and indexing, and a 0-d one raises
-        # len()'s TypeError; jax.core.Tracer's indexes the 0-d value and raises IndexError)
+        # (jax.core.Tracer's indexes a 0-d value: an IndexError.  A jax.Array of a JAX that
+        # defines no __reversed__ (0.10) goes through len(); a later one's raises as iter)
+        if not self.aval.shape:
+            raise TypeError("iteration over a 0-d array" if _ARRAY_REVERSES else
+                            "len() of unsized object")
         return (self[i] for i in reversed(range(len(self))))
 
     __hash__ = None
