@@ -1292,7 +1292,19 @@ def _kind(t):
 # ----------------------------------------------------------------------------- compile
 
 SEGMENT_NAME = "terra_bc_segment"  # an executable's name where none is given
+# (Segment.key, JAX's trace context) -> executable.  Equal equations lower differently under
+# another configuration (jax_threefry_partitionable: another random bits algorithm, the same
+# jaxpr), and a jax.jit function kept from before the change ran its old lowering.
 _compiled = {}
+try:
+    from jax._src.config import trace_context as _trace_context
+except ImportError:  # pragma: no cover
+    def _trace_context():
+        return None
+
+
+def _exe_key(segment: Segment):
+    return segment.key, _trace_context()
 _cache_stats = {"compiles": 0, "hits": 0}  # since the process started (never reset)
 
 
@@ -1376,13 +1388,14 @@ def compile_segment(segment: Segment, on_compile=None, name=SEGMENT_NAME):
 def cached_executable(segment: Segment):
     """The executable already made for a segment of ``segment``'s structure, else None.  A
     segment that is one call of a jitted function runs that call (no compile of ours)."""
-    fn = _compiled.get(segment.key)
+    key = _exe_key(segment)
+    fn = _compiled.get(key)
     if fn is not None:
         _cache_stats["hits"] += 1
         return fn
     fn = _one_jit_call(segment.jaxpr)
     if fn is not None:
-        _compiled[segment.key] = fn
+        _compiled[key] = fn
     return fn
 
 
@@ -1392,7 +1405,7 @@ def jit_segment(segment: Segment, name=SEGMENT_NAME):
     return jax.jit(_named(as_fun(segment.jaxpr), name))
 
 
-_donating = {}  # (Segment.key, layout, donated) -> executable, or None: not ours
+_donating = {}  # (_exe_key, layout, donated) -> executable, or None: not ours
 
 
 def run_donating(segment: Segment, args, dead, name=SEGMENT_NAME):
@@ -1412,7 +1425,7 @@ def run_donating(segment: Segment, args, dead, name=SEGMENT_NAME):
             firsts[id(a)] = len(reduced)
         layout.append(len(reduced))
         reduced.append(a)
-    key = (segment.key, tuple(layout), tuple(firsts.values()))
+    key = (_exe_key(segment), tuple(layout), tuple(firsts.values()))
     fn = _donating.get(key, _donating)
     if fn is _donating:
         fn = _donating[key] = _donating_executable(segment, key[1], key[2], reduced, name)
@@ -1450,7 +1463,7 @@ def keep_executable(segment: Segment, fn, wait_only=False, lazy=False):
     compiled yet, and maybe never (a segment compiled as its donating executable, whose
     launches that donate otherwise would compile this at their first call): counted then."""
     fn = _timed_first_call(fn, wait_only, counted=not lazy)
-    _compiled[segment.key] = fn
+    _compiled[_exe_key(segment)] = fn
     if not lazy:
         _cache_stats["compiles"] += 1
         counts["compiles"] += 1

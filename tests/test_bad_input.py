@@ -472,3 +472,27 @@ def test_a_leaked_tracer_raises_at_its_op_as_eagerly():
 
     eager, hooked = both(program)
     assert eager == hooked == [("before", 0), "UnexpectedTracerError"]
+
+
+def test_a_configuration_change_between_loops_lowers_their_equal_segments_afresh():
+    # (found by a hunt of configuration edges, 2026-12-01: jax_threefry_partitionable changes
+    # how random bits lower, not the jaxpr; the second loop's segment, equal to the first's,
+    # ran the executable lowered before the change: the first loop's random numbers again)
+    def program():
+        saved = jax.config.jax_threefry_partitionable
+        key, out = jax.random.key(0), []
+        try:
+            jax.config.update("jax_threefry_partitionable", True)
+            for i in range(4):
+                out.append(jax.random.randint(jax.random.fold_in(key, i), (3,), 0, 100).tolist())
+            jax.config.update("jax_threefry_partitionable", False)
+            for i in range(4):  # (another loop: its own unit, the same equations)
+                out.append(jax.random.randint(jax.random.fold_in(key, i), (3,), 0, 100).tolist())
+        finally:
+            jax.config.update("jax_threefry_partitionable", saved)
+        return out
+
+    eager, hooked = both(program)
+    assert hooked == eager
+    assert eager[:4] != eager[4:]  # (the two settings draw different numbers)
+    assert coexecuted() > 0
