@@ -496,3 +496,21 @@ def test_a_configuration_change_between_loops_lowers_their_equal_segments_afresh
     assert hooked == eager
     assert eager[:4] != eager[4:]  # (the two settings draw different numbers)
     assert coexecuted() > 0
+
+
+def test_asarray_of_a_changing_python_number_is_an_array_in_every_turn():
+    # (found by a hunt of scientific programs, 2026-12-01: jnp.asarray(k) of a fed number is
+    # the identity on the feed, and co-executed turns handed Python the number itself:
+    # repr() printed 1.5, np.asarray gave float64, .item() raised AttributeError)
+    def program():
+        out = []
+        for it in range(5):
+            a = jnp.asarray(it * 1.5)
+            b = jnp.asarray(it)
+            out.append((repr(a), str(np.asarray(a).dtype), a.item(), a.tolist(),
+                        repr(b), str(np.asarray(b).dtype), b.item(), float(a + b)))
+        return out
+
+    eager, hooked = both(program)
+    assert hooked == eager
+    assert coexecuted() > 0

@@ -19,7 +19,7 @@ from . import guards, launching
 from .events import FetchEvent, PlaceholderIn, PlaceholderOut
 from .placeholders import Placeholder, concrete
 from .settings import EARLY_LAUNCH_GAP_SECONDS, NUMPY_COPY_MAX_BYTES, settings
-from .values import with_arrays
+from .values import NUMBER_TYPES, with_arrays
 
 
 class Divergence(Exception):
@@ -84,6 +84,11 @@ def bind(it, feeds, outs=None):
                 x = jax.device_put(x)  # (the transfer the segment's launch would make)
             elif type(x) is np.ndarray:
                 x = x.copy()
+        elif type(x) in NUMBER_TYPES and outs is not None and _handed_back(id, outs):
+            # (``jnp.asarray(k)`` of a fed Python number is the identity on it: Python gets
+            # the feed itself, which must be the weakly typed array the traced iteration's
+            # feed made, Recorder.input; a launch turns a fed number into one itself)
+            x = jax.device_put(x)
         env[id] = x
     counts["feeds"] += len(feeds)
 

@@ -21,7 +21,7 @@ from .events import (ComputedIn, FastSpec, FeedIn, PlaceholderIn, PlaceholderOut
                      StaticOut, key_name)
 from .placeholders import STABLE, Placeholder
 from .settings import settings
-from .values import aval_of, is_array, is_number, same
+from .values import NUMBER_TYPES, aval_of, is_array, is_number, same
 
 
 # ------------------------------------------------------------------ callee keys
@@ -402,8 +402,9 @@ def fast_spec(key, specs, out_tree, outs, flat):
             return None
     out = outs[0]  # (a static output: its value in the aval's place, no id: _fastop.c)
     if type(out) is PlaceholderOut and any(
-            type(s) is FeedIn and s.id == out.id and issubclass(s.type, np.generic) for s in specs):
-        return None  # (an identity op hands the NumPy scalar back: bind makes it an array)
+            type(s) is FeedIn and s.id == out.id and (issubclass(s.type, np.generic)
+                                                      or s.type in NUMBER_TYPES) for s in specs):
+        return None  # (an identity op hands the fed scalar back: bind makes it an array)
     # specs follow JAX's flattening of (args, kwargs): keywords in sorted name order.
     by_name = dict(zip(sorted(names), per_arg[nargs:]))
     in_call_order = per_arg[:nargs] + [by_name[k] for k in names]
