@@ -1296,16 +1296,20 @@ SEGMENT_NAME = "terra_bc_segment"  # an executable's name where none is given
 # another configuration (jax_threefry_partitionable: another random bits algorithm, the same
 # jaxpr), and a jax.jit function kept from before the change ran its old lowering.
 _compiled = {}
+_cache_stats = {"compiles": 0, "hits": 0}  # since the process started (never reset)
+
 try:
-    from jax._src.config import trace_context as _trace_context
+    from jax._src.config import trace_context
 except ImportError:  # pragma: no cover
-    def _trace_context():
-        return None
+    def trace_context():
+        """What JAX keys its own caches on (its configuration), where it does not say."""
+        config = jax.config
+        return (config.jax_enable_x64, config.jax_default_device, config.jax_default_matmul_precision,
+                config.jax_numpy_dtype_promotion, config.jax_numpy_rank_promotion)
 
 
 def _exe_key(segment: Segment):
-    return segment.key, _trace_context()
-_cache_stats = {"compiles": 0, "hits": 0}  # since the process started (never reset)
+    return segment.key, trace_context()
 
 
 # ----------------------------------------------------------------------------- trace state

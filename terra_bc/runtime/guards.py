@@ -13,10 +13,9 @@ import itertools
 import operator
 import types
 
-import jax
 import numpy as np
 
-from ..jaxpr_builder import Id
+from ..jaxpr_builder import Id, trace_context
 from .events import (ComputedIn, FastSpec, FeedIn, PlaceholderIn, PlaceholderOut, StaticIn,
                      StaticOut, key_name)
 from .placeholders import STABLE, Placeholder
@@ -268,16 +267,7 @@ def config_key():
     (``jax._src.config.trace_context``: x64, the default device, matmul precision, dtype
     promotion, meshes...).  A path recorded under another one is not reused: with
     ``jax_enable_x64`` turned on, ``jnp.sum`` of int32 values gives an int64."""
-    return _trace_context()
-
-
-try:
-    from jax._src.config import trace_context as _trace_context
-except ImportError:  # pragma: no cover
-    def _trace_context():
-        config = jax.config
-        return (config.jax_enable_x64, config.jax_default_device, config.jax_default_matmul_precision,
-                config.jax_numpy_dtype_promotion, config.jax_numpy_rank_promotion)
+    return trace_context()
 
 
 # ------------------------------------------------------------------ matching
