@@ -108,29 +108,25 @@ def _compile_now(it, entry, args, why=None, donate=()):
     as the executable reusing those inputs' buffers (a traced launch's: ``run``), where
     an output can take them."""
     # (No executable of its structure exists, checked by run: this makes one.)
-    if donate:
-        t0 = time.perf_counter()
-        name = journal.segment_name(it, entry)
-        values = jaxpr_builder.run_donating(entry.segment, args, donate, name)
-        if values is not None:
-            # (the plain executable, compiled where a launch donates otherwise: at its
-            # first call, counted then)
-            entry.exe = jaxpr_builder.keep_executable(
-                entry.segment, jaxpr_builder.jit_segment(entry.segment, name), lazy=True)
-            reused = len({id(args[k]) for k in donate})
-            _noted_now(it, entry, why, f", reusing {reused} input buffer(s)")
-            _measured(entry.segment, time.perf_counter() - t0)
-            if timeline.on:
-                timeline.add(name, "compile", t0, "on the calling thread")
-            return values
-    entry.exe = jaxpr_builder.keep_executable(
-        entry.segment, jaxpr_builder.jit_segment(entry.segment, journal.segment_name(it, entry)))
-    _noted_now(it, entry, why)
-    t0 = time.perf_counter()  # (its first call compiles it)
-    values = entry.exe(*args)
+    name = journal.segment_name(it, entry)
+    t0 = time.perf_counter()
+    values = jaxpr_builder.run_donating(entry.segment, args, donate, name) if donate else None
+    if values is not None:
+        # (the plain executable, compiled where a launch donates otherwise: at its first
+        # call, counted then)
+        entry.exe = jaxpr_builder.keep_executable(
+            entry.segment, jaxpr_builder.jit_segment(entry.segment, name), lazy=True)
+        reused = len({id(args[k]) for k in donate})
+        _noted_now(it, entry, why, f", reusing {reused} input buffer(s)")
+    else:
+        entry.exe = jaxpr_builder.keep_executable(entry.segment,
+                                                  jaxpr_builder.jit_segment(entry.segment, name))
+        _noted_now(it, entry, why)
+        t0 = time.perf_counter()  # (its first call compiles it)
+        values = entry.exe(*args)
     _measured(entry.segment, time.perf_counter() - t0)
     if timeline.on:
-        timeline.add(journal.segment_name(it, entry), "compile", t0, "on the calling thread")
+        timeline.add(name, "compile", t0, "on the calling thread")
     return values
 
 

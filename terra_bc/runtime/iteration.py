@@ -130,11 +130,7 @@ class Iteration:
         mode = self.mode
         if mode == EAGER:  # past a branch point with too many variants: plain JAX
             counts["ops_eager"] += 1
-            self.opaque_depth += 1
-            try:
-                return eager(fn, args, kwargs)
-            finally:
-                self.opaque_depth -= 1
+            return self._eager_op(fn, args, kwargs)
         if mode == COEXEC:  # a plain op event: checked and skipped in C (_fastop.c)
             out = _hook.fast_op(self, fn, args, kwargs)
             if out is not MISS:
@@ -147,11 +143,7 @@ class Iteration:
             # intermediate kept by an lru_cache).  Eager JAX raises UnexpectedTracerError at
             # this op; recorded, the error came at the next read, after the program's
             # Python had gone on.  Run as eager JAX runs it.
-            self.opaque_depth += 1
-            try:
-                return eager(fn, args, kwargs)
-            finally:
-                self.opaque_depth -= 1
+            return self._eager_op(fn, args, kwargs)
         has_array = any(map(is_array, leaves))
         # (Python JAX runs at every call.  Given no array, a body may still close over this
         # iteration's values: lax.while_loop(lambda n: n * jnp.sum(p) < 100, ..., 1.0).)
@@ -172,6 +164,14 @@ class Iteration:
         if mode == TRACE:
             return tracing.op(self, fn, key, args, kwargs)
         return self._matched_op(fn, key, args, kwargs)
+
+    def _eager_op(self, fn, args, kwargs):
+        """``fn`` run as eager JAX runs it: its inner calls are JAX's, not ops of ours."""
+        self.opaque_depth += 1
+        try:
+            return eager(fn, args, kwargs)
+        finally:
+            self.opaque_depth -= 1
 
     @retried
     def _matched_op(self, fn, key, args, kwargs):

@@ -344,9 +344,9 @@ OPERATORS = install_methods(Placeholder)  # (see Iteration tracing: operands fed
 # waited for only where the answer reads the data).  Without them, code the rewriter does
 # not see (`operator.methodcaller("is_deleted")`, a library's check) met JAX's
 # ConcretizationTypeError where eager JAX answers.
-BUFFER_METHODS = ("is_deleted", "delete", "is_ready", "block_until_ready", "copy_to_host_async",
+BUFFER_METHODS = ("is_deleted", "delete", "is_ready", "copy_to_host_async",
                   "on_device_size_in_bytes", "unsafe_buffer_pointer", "addressable_data",
-                  "tobytes", "clone", "platform")
+                  "tobytes", "clone", "platform")  # (block_until_ready: its own, above)
 BUFFER_PROPERTIES = ("global_shards", "traceback", "format")
 
 
@@ -361,8 +361,7 @@ def _buffer_property(name):
 
 
 for _name in BUFFER_METHODS:
-    if _name not in vars(Placeholder):
-        setattr(Placeholder, _name, _buffer_method(_name))
+    setattr(Placeholder, _name, _buffer_method(_name))
 for _name in BUFFER_PROPERTIES:
     setattr(Placeholder, _name, _buffer_property(_name))
 
